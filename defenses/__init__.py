@@ -1,0 +1,16 @@
+"""Defenses: base class, registry and the built-in defenses.
+
+Third-party defenses register through the ``advbench.defenses`` entry-point group.
+"""
+from __future__ import annotations
+
+from benchmark.registry import Registry
+from defenses.base import Defense, StepOutput
+
+DEFENSES: Registry = Registry("defense", "advbench.defenses", Defense)
+register_defense = DEFENSES.register
+
+# built-ins, imported for their registration side effect; order = table/listing order
+from defenses import st, at  # noqa: E402,F401
+
+__all__ = ["DEFENSES", "Defense", "StepOutput", "register_defense"]

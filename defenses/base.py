@@ -1,0 +1,147 @@
+"""The ``Defense`` interface: a defense supplies its model head, training attack and loss.
+
+The harness (``benchmark.train``) owns data, optimizer, schedule, epochs and checkpoints, so
+every defense gets the same budget. A defense never calls ``backward()`` or ``step()``.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attacks.base import Attack, Objective, ThreatModel, ce_objective
+from benchmark import models
+from benchmark.data import DataInfo
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one training step hands back to the harness.
+
+    Attributes:
+        loss: scalar with graph; the harness calls backward and steps the optimizer.
+        metrics: loss parts (detached scalars), averaged per epoch and logged.
+        logits: logits on the step's main inputs (for the running training accuracy).
+    """
+
+    loss: Tensor
+    metrics: Mapping[str, Tensor] = field(default_factory=dict)
+    logits: Optional[Tensor] = None
+
+
+class Defense(abc.ABC):
+    """One training method. Subclasses document paper, loss and hyperparameters.
+
+    Class attributes:
+        name: registry name (set by ``@register_defense``).
+        paper: citation shown by ``advbench list defenses``.
+        default_hparams: the method's own hyperparameters (the allow-list, with defaults).
+        dataset_hparams: per-dataset overrides from the method's paper.
+        arch_hparams: per-architecture overrides (e.g. MART's β for ResNet-18).
+        requires: names of defenses whose trained model (same dataset/arch/profile/seed) this
+            one needs; the harness trains or reuses them and passes them to :meth:`setup`.
+        randomized: stochastic at inference (AutoAttack's "rand" version, repeated evaluation).
+
+    Args:
+        hparams: the fully merged hyperparameters (protocol + method).
+        threat: the training threat model (ε from the protocol).
+        num_classes: number of classes.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    default_hparams: ClassVar[Mapping[str, Any]] = {}
+    dataset_hparams: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    arch_hparams: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    requires: ClassVar[tuple[str, ...]] = ()
+    randomized: ClassVar[bool] = False
+
+    def __init__(self, hparams: Mapping[str, Any], *, threat: ThreatModel,
+                 num_classes: int) -> None:
+        self.hparams = dict(hparams)
+        self.threat = threat
+        self.num_classes = num_classes
+        self._train_attack: Optional[Attack] = None
+
+    # ---------------------------------------------------------------- model
+    def make_head(self, feature_dim: int, num_classes: int) -> nn.Module:
+        """The classifier on penultimate features; default a linear layer."""
+        return nn.Linear(feature_dim, num_classes)
+
+    def make_neck(self, map_channels: int, num_classes: int) -> Optional[nn.Module]:
+        """Optional shape-preserving module on the backbone's last feature maps."""
+        return None
+
+    def build_model(self, arch: str, info: DataInfo) -> models.Network:
+        """Backbone of ``arch`` with this defense's head and neck."""
+        backbone = models.create_backbone(arch, info.in_channels)
+        return models.Network(backbone, self.make_head(backbone.feature_dim, info.num_classes),
+                              mean=info.mean, std=info.std,
+                              neck=self.make_neck(backbone.map_channels, info.num_classes))
+
+    # ---------------------------------------------------------------- training
+    def attack_for_training(self) -> Attack:
+        """The training attack: PGD-l∞ of the protocol (steps and step size from hparams)."""
+        from attacks.pgd import PGD
+
+        return PGD(self.threat, steps=int(self.hparams["train_attack_steps"]),
+                   step_size=float(self.hparams["train_step_size"]))
+
+    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, *,
+                    loss: Optional[Objective] = None) -> Tensor:
+        """x' from the training attack (model in eval mode while it runs, then restored)."""
+        if self._train_attack is None:
+            self._train_attack = self.attack_for_training()
+        return self._train_attack(model, x, y, loss=loss)
+
+    @abc.abstractmethod
+    def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
+                      step: int) -> StepOutput:
+        """Compute the training loss on one mini-batch (model in train mode)."""
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        """Hook run by the harness before each epoch (e.g. renormalise prototypes)."""
+
+    def setup(self, helpers: Mapping[str, nn.Module]) -> None:
+        """Receive trained models of the defenses named in ``requires`` (eval mode, frozen)."""
+
+    # ---------------------------------------------------------------- evaluation
+    def objective(self) -> Objective:
+        """Per-sample training objective as a function of x' (the adaptive attack's loss).
+
+        Returns ``loss(model, x_adv, x, y) -> Tensor[N]``; default cross-entropy on x'.
+        """
+        return ce_objective
+
+    def class_centers(self, model: nn.Module) -> Optional[Tensor]:
+        """Class centres for feature-space metrics: classifier weights by default."""
+        head = getattr(model, "head", None)
+        weight = getattr(head, "weight", None)
+        return weight.detach() if isinstance(weight, Tensor) else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Defense-private training state that is not part of the model (default none)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+def kl_per_sample(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+    """KL(p ‖ q) per sample, summed over classes, from logits (p = softmax(p_logits))."""
+    logp = F.log_softmax(p_logits, dim=1)
+    return (logp.exp() * (logp - F.log_softmax(q_logits, dim=1))).sum(1)
+
+
+def accuracy_metric(logits: Tensor, y: Tensor) -> Tensor:
+    return (logits.detach().argmax(1) == y).float().mean()
+
+
+def detached(**parts: Tensor) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in parts.items()}
+
+
