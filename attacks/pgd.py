@@ -44,7 +44,7 @@ class PGD(Attack):
     """PGD with uniform random start in the l∞, l2 or l1 ball (see module docstring)."""
 
     description = "projected gradient descent, l∞/l2/l1 (Madry et al. 2018)"
-    supported_norms = frozenset(Norm)
+    supported_norms = frozenset({Norm.LINF, Norm.L2})
     default_hparams = {"steps": 20, "step_size": None, "random_start": "uniform",
                        "init_std": 0.001, "restarts": 1, "l1_sparsity": 0.99}
 

@@ -1,0 +1,111 @@
+"""Public test kit: checks every defense and attack must pass (plugin authors call these too).
+
+Example (in a plugin's own tests)::
+
+    from benchmark.testing import check_defense
+    def test_my_defense():
+        check_defense(MyDefense)
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from attacks.base import Attack, Norm, ThreatModel, lp_norms
+from benchmark.config import merge_hparams, profile_defaults
+from benchmark.data import DataInfo
+
+TINY_INFO = DataInfo("synthetic", 10, 3, 8, (0.5,) * 3, (0.25,) * 3, "cifar", crop_pad=1)
+MNIST_INFO = DataInfo("mnist-like", 10, 1, 28, (0.1307,), (0.3081,), "mnist", flip=False)
+
+
+def make_defense(cls: type, *, info: DataInfo = TINY_INFO,
+                 hparams: Optional[Mapping[str, Any]] = None) -> Any:
+    """Instantiate a defense with the cpu profile's protocol values (+ overrides)."""
+    base = profile_defaults("cpu", info.scale, info.name)
+    base.update({"train_attack_steps": 2, "train_step_size": 2 / 255})
+    hp = merge_hparams(base, cls.default_hparams, user=hparams)
+    return cls(hp, threat=ThreatModel(Norm.LINF, float(hp["eps"])), num_classes=info.num_classes)
+
+
+def check_defense(cls: type, *, archs: Iterable[str] = ("tiny",), info: DataInfo = TINY_INFO,
+                  hparams: Optional[Mapping[str, Any]] = None,
+                  helpers: Optional[Mapping[str, nn.Module]] = None, batch: int = 8) -> None:
+    """Assert the Defense contract on each architecture.
+
+    Checks: the model maps [0,1] inputs to N×K logits; ``features`` gives N×d; the training step
+    returns a finite scalar loss with grad and never steps the optimizer itself; two optimizer
+    steps run and change the weights; the model's train flag survives the step (the attack
+    restores modes); eval forward is deterministic (unless ``randomized``); defense and model
+    state round-trip through ``state_dict``.
+    """
+    torch.manual_seed(0)
+    for arch in archs:
+        defense = make_defense(cls, info=info, hparams=hparams)
+        model = defense.build_model(arch, info)
+        if cls.requires:
+            defense.setup(helpers or {r: defense.build_model(arch, info).eval()
+                                      for r in cls.requires})
+        x = torch.rand(batch, info.in_channels, info.image_size, info.image_size)
+        y = torch.arange(batch) % info.num_classes
+        model.eval()
+        with torch.no_grad():
+            logits, feats = model(x), model.features(x)
+            assert logits.shape == (batch, info.num_classes), f"{arch}: logits {logits.shape}"
+            assert feats.dim() == 2 and feats.shape[0] == batch, f"{arch}: features {feats.shape}"
+            if not cls.randomized:
+                assert torch.equal(model(x), logits), f"{arch}: eval forward not deterministic"
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        before = copy.deepcopy(model.state_dict())
+        for step in range(2):
+            model.train()
+            defense.on_epoch_start(model, 0)
+            out = defense.training_step(model, x, y, epoch=0, step=step)
+            assert model.training, f"{cls.name}: training_step left the model in eval mode"
+            assert out.loss.dim() == 0 and torch.isfinite(out.loss), f"{arch}: loss {out.loss}"
+            assert out.loss.requires_grad, f"{cls.name}: loss has no graph"
+            if step == 0:
+                assert all(p.grad is None for p in model.parameters()), \
+                    f"{cls.name}: training_step must not call backward()"
+            for k, v in out.metrics.items():
+                assert torch.as_tensor(v).numel() == 1, f"metric {k} is not a scalar"
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+        after = model.state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before), "weights did not change"
+        clone = defense.build_model(arch, info)
+        clone.load_state_dict(after)
+        clone.eval(), model.eval()
+        with torch.no_grad():
+            assert torch.allclose(clone(x), model(x)), f"{arch}: state_dict does not round-trip"
+        other = make_defense(cls, info=info, hparams=hparams)
+        other.load_state_dict(defense.state_dict())
+        obj = defense.objective()(model, x, x, y)
+        assert obj.shape == (batch,), f"{cls.name}: objective must be per-sample, got {obj.shape}"
+
+
+def check_attack(cls: type, *, norms: Optional[Iterable[Norm]] = None, eps: float = 8 / 255,
+                 hparams: Optional[Mapping[str, Any]] = None, model: Optional[nn.Module] = None,
+                 batch: int = 6) -> None:
+    """Assert the Attack contract: shape kept, x' in [0,1] and in the ball, mode restored,
+    seeded runs deterministic."""
+    torch.manual_seed(0)
+    if model is None:
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    x = torch.rand(batch, 3, 8, 8)
+    y = torch.arange(batch) % 10
+    for norm in norms or cls.supported_norms:
+        e = eps if norm is Norm.LINF else (0.5 if norm is Norm.L2 else 2.0)
+        atk: Attack = cls(ThreatModel(norm, e), seed=1, **(hparams or {}))
+        model.train()
+        x_adv = atk(model, x, y)
+        assert model.training, f"{cls.name}: model mode not restored"
+        assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        assert (lp_norms(x_adv - x, norm) <= e * (1 + 1e-5) + 1e-6).all()
+        again = cls(ThreatModel(norm, e), seed=1, **(hparams or {}))(model, x, y)
+        assert torch.equal(x_adv, again), f"{cls.name}: seeded runs differ"
