@@ -1,0 +1,123 @@
+"""The training loop: resume equivalence (in-process and after kill -9), NaN guard, loading."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmark import load_model
+from benchmark.config import resolve_run_config
+from benchmark.data import load_dataset
+from benchmark.errors import CheckpointError, TrainingError
+from benchmark.store import RunStore, read_jsonl
+from benchmark.train import train_run
+
+FAST = {"epochs": 4, "lr_milestones": [3], "train_attack_steps": 2, "val_attack_steps": 2,
+        "batch_size": 64}
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "ckpt_last.pt", weights_only=True)["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs"
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
+    data = load_dataset("synthetic")
+    cfg = resolve_run_config("at", "synthetic", arch="tiny", user_hparams=FAST)
+    full = train_run(cfg, data, RunStore(tmp_path / "a"), progress=False)
+    store_b = RunStore(tmp_path / "b")
+    part = train_run(cfg, data, store_b, progress=False, stop_after=2)
+    assert not (part / "TRAINED").exists() and len(read_jsonl(part / "train_log.jsonl")) == 2
+    torch.manual_seed(123)  # a different global RNG state must not matter after resume
+    resumed = train_run(cfg, data, store_b, progress=False)
+    assert (resumed / "TRAINED").exists()
+    assert_same_weights(full, resumed)
+    la, lb = read_jsonl(full / "train_log.jsonl"), read_jsonl(resumed / "train_log.jsonl")
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+
+
+def test_rerun_skips_finished_work(tmp_path: Path) -> None:
+    data = load_dataset("synthetic")
+    cfg = resolve_run_config("st", "synthetic", arch="tiny", user_hparams=FAST)
+    run = train_run(cfg, data, RunStore(tmp_path), progress=False)
+    stamp = (run / "ckpt_last.pt").stat().st_mtime_ns
+    train_run(cfg, data, RunStore(tmp_path), progress=False)
+    assert (run / "ckpt_last.pt").stat().st_mtime_ns == stamp
+    cfg_json = json.loads((run / "config.json").read_text())
+    assert cfg_json["run_id"] == cfg.run_id and cfg_json["env"]["torch"] == torch.__version__
+    assert cfg_json["hparams"]["epochs"] == 4 and "provenance" in cfg_json["data"]
+
+
+def test_kill_minus_nine_then_resume_matches(tmp_path: Path) -> None:
+    hp = json.dumps({**FAST, "epochs": 30, "lr_milestones": [25]})
+    cmd = [sys.executable, "-m", "benchmark.cli", "-q", "train", "--defense", "at", "--dataset",
+           "synthetic", "--arch", "tiny", "--hparams", hp, "--no-progress", "--device", "cpu"]
+    ref = subprocess.run(cmd + ["--runs-dir", str(tmp_path / "ref")], capture_output=True,
+                         text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    ref_dir = Path(ref.stdout.strip().splitlines()[-1])
+
+    runs = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + ["--runs-dir", str(runs)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    logs: list = []
+    while time.time() < deadline and proc.poll() is None:
+        logs = list(runs.glob("*/*/*/train_log.jsonl"))
+        if logs and len(read_jsonl(logs[0])) >= 3:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_dir = logs[0].parent
+    assert not (run_dir / "TRAINED").exists()
+    done_before = len(read_jsonl(run_dir / "train_log.jsonl"))
+    assert 3 <= done_before < 30
+    again = subprocess.run(cmd + ["--runs-dir", str(runs)], capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert (run_dir / "TRAINED").exists()
+    assert len(read_jsonl(run_dir / "train_log.jsonl")) in (30, 31)  # an epoch may be logged twice
+    assert_same_weights(ref_dir, run_dir)
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path: Path) -> None:
+    data = load_dataset("synthetic")
+    cfg = resolve_run_config("st", "synthetic", arch="tiny",
+                             user_hparams={**FAST, "lr": 1e30, "epochs": 3})
+    with pytest.raises(TrainingError, match="loss became"):
+        train_run(cfg, data, RunStore(tmp_path), progress=False)
+    assert not (RunStore(tmp_path).run_dir(cfg) / "TRAINED").exists()
+
+
+def test_load_model_gives_eval_logits_on_unit_inputs(tmp_path: Path) -> None:
+    data = load_dataset("synthetic")
+    cfg = resolve_run_config("at", "synthetic", arch="tiny", user_hparams=FAST)
+    run = train_run(cfg, data, RunStore(tmp_path), progress=False)
+    model = load_model(run)
+    assert not model.training
+    x = data.test.x[:16].float() / 255
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (16, 10) and torch.equal(out, model(x))
+    last = load_model(run / "ckpt_last.pt")
+    assert set(last.state_dict()) == set(model.state_dict())
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path)
+    (tmp_path / "x.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path / "x.pt")
