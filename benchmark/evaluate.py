@@ -1,32 +1,49 @@
 """Evaluation: per-sample robust flags for (checkpoint, attack) pairs, written as rows.
 
 Flags, not accuracies, are the primary output (AutoAttack's ``EvaluationState``): every
-evaluation stores ``flags/<eval_key>.pt`` with per-sample clean and robust booleans, so worst
-cases over attacks can be recomputed without rerunning anything. Only samples the model
-classifies correctly are attacked.
+evaluation stores ``flags/<eval_key>.pt`` with per-sample ``clean`` and ``robust`` booleans
+and ``adv_ce`` (CE of the model at x'; x' = x for points misclassified clean), so worst cases
+over attacks can be recomputed without rerunning anything. Only samples the model classifies
+correctly are attacked. Rows (``eval/<eval_key>.json``, ``"kind": "attack"``) record the
+attack's resolved hyperparameters, ε (float and ``"8/255"``), the test points used and the
+wall time; an existing row is reused unless ``force``.
+
+Long attacks resume: after a finished batch (at most every ``save_every_s`` seconds) the flags
+so far go to ``flags/<eval_key>.partial.pt``; a rerun continues from there. Each batch seeds
+its attack afresh, so a resumed evaluation gives the same flags as an uninterrupted one.
+
+The ``ensemble`` column is evaluation-level logic: members already stored for the same run,
+checkpoint and points are read back, missing ones run as a cascade on the still-robust points
+(see :mod:`attacks.ensemble`). A checkpoint file outside a run folder is evaluated into
+``--out`` (default ``<file stem>-eval/`` beside it), keyed by the file's content hash.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from attacks.base import Attack, Objective
+from attacks.ensemble import WorstCase
 from benchmark.checkpoint import model_from_checkpoint, read_checkpoint, resolve_checkpoint
-from benchmark.config import DEFAULT_N_EXAMPLES, stable_hash
-from benchmark.data import Data, load_dataset
+from benchmark.config import DEFAULT_N_EXAMPLES, RunConfig, stable_hash
+from benchmark.data import Data, DataInfo, load_dataset
 from benchmark.errors import UsageError
-from benchmark.protocols import AttackSpec
+from benchmark.protocols import AttackSpec, parse_eps_list, resolve_specs
 from benchmark.store import (atomic_torch_save, atomic_write_json, code_version, environment, now,
                              read_json, safe_torch_load)
 
 logger = logging.getLogger(__name__)
 SCHEMA = 1
+ATTACK_SEED = 0
 
 
 def check_model(model: nn.Module, x: Tensor, *, randomized: bool = False) -> None:
@@ -44,103 +61,281 @@ def check_model(model: nn.Module, x: Tensor, *, randomized: bool = False) -> Non
 
 
 @torch.no_grad()
+def predict(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Per-sample (correctness, cross-entropy) of the model on (x, y), on the CPU."""
+    flags, ces = [], []
+    for i in range(0, len(y), batch_size):
+        out = model(x[i:i + batch_size])
+        flags.append((out.argmax(1) == y[i:i + batch_size]).cpu())
+        ces.append(F.cross_entropy(out.float(), y[i:i + batch_size], reduction="none").cpu())
+    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool), \
+        torch.cat(ces) if ces else torch.zeros(0)
+
+
 def predict_flags(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> Tensor:
     """Per-sample correctness of the model on (x, y)."""
-    return torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
-                      for i in range(0, len(y), batch_size)]).cpu()
+    return predict(model, x, y, batch_size)[0]
+
+
+def attack_points(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, *, clean: Tensor,
+                  clean_ce: Tensor, batch_size: int = 256, loss: Optional[Objective] = None,
+                  progress: bool = False, desc: str = "", partial: Optional[Path] = None,
+                  save_every_s: float = 60.0,
+                  stats: Optional[dict[str, Any]] = None) -> tuple[Tensor, Tensor]:
+    """Attack the samples flagged in ``clean``; return per-sample (robust flags, CE at x').
+
+    Samples not in ``clean`` are not attacked: robust False, CE = ``clean_ce``. With
+    ``partial``, progress is saved there and resumed from it (deleted when finished); the
+    seconds spent before a resume go to ``stats["resumed_wall_s"]``.
+    """
+    flags, ce = clean.clone(), clean_ce.clone().float()
+    todo = torch.nonzero(clean).flatten()
+    starts = list(range(0, len(todo), batch_size))
+    first, t0, before = 0, time.monotonic(), 0.0
+    last_save = t0
+    if partial is not None and partial.exists():
+        state = safe_torch_load(partial)
+        if torch.equal(state["clean"], clean) and state["batch_size"] == batch_size:
+            first, flags, ce = int(state["done"]), state["robust"], state["adv_ce"]
+            before = float(state.get("wall_s", 0.0))
+            if stats is not None:
+                stats["resumed_wall_s"] = before
+            logger.info("resuming %s at batch %d/%d", desc or attack.name, first, len(starts))
+    for b in tqdm(range(first, len(starts)), desc=desc or attack.name, leave=False,
+                  disable=not progress, unit="batch", initial=first, total=len(starts)):
+        idx = todo[starts[b]:starts[b] + batch_size]
+        xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
+        x_adv = attack(model, xb, yb, loss=loss)
+        with torch.no_grad():
+            out = model(x_adv)
+            flags[idx] = (out.argmax(1) == yb).cpu()
+            ce[idx] = F.cross_entropy(out.float(), yb, reduction="none").cpu()
+        if partial is not None and (b + 1 < len(starts)) and \
+                time.monotonic() - last_save >= save_every_s:
+            atomic_torch_save(partial, {"clean": clean, "batch_size": batch_size, "done": b + 1,
+                                        "robust": flags, "adv_ce": ce,
+                                        "wall_s": before + time.monotonic() - t0})
+            last_save = time.monotonic()
+    if partial is not None:
+        partial.unlink(missing_ok=True)
+    return flags, ce
 
 
 def robust_flags(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, *,
                  clean: Optional[Tensor] = None, batch_size: int = 256,
                  loss: Optional[Objective] = None, progress: bool = False,
                  desc: str = "") -> Tensor:
-    """Per-sample robustness: True iff the sample is correct clean and under ``attack``.
-
-    Only samples in ``clean`` (computed if not given) are attacked; the rest are False.
-    """
-    if clean is None:
-        clean = predict_flags(model, x, y, batch_size)
-    flags = clean.clone()
-    todo = torch.nonzero(clean).flatten()
-    for i in tqdm(range(0, len(todo), batch_size), desc=desc or attack.name, leave=False,
-                  disable=not progress, unit="batch"):
-        idx = todo[i:i + batch_size]
-        xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
-        x_adv = attack(model, xb, yb, loss=loss)
-        with torch.no_grad():
-            flags[idx] = (model(x_adv).argmax(1) == yb).cpu()
-    return flags
+    """Per-sample robustness: True iff the sample is correct clean and under ``attack``."""
+    pred, ce = predict(model, x, y, batch_size)
+    return attack_points(model, attack, x, y, clean=pred if clean is None else clean,
+                         clean_ce=ce, batch_size=batch_size, loss=loss, progress=progress,
+                         desc=desc)[0]
 
 
-def eval_key(run_id: str, checkpoint: str, spec: AttackSpec, n_examples: int) -> str:
+def effective_n(spec: AttackSpec, profile: str, n_examples: Optional[int]) -> Optional[int]:
+    """Test points for a spec: an explicit ``n_examples``, else the profile's default capped
+    by the spec's cap for that profile (None = the whole test set)."""
+    if n_examples is not None:
+        return int(n_examples)
+    n, cap = DEFAULT_N_EXAMPLES.get(profile), spec.caps.get(profile)
+    return cap if n is None else n if cap is None else min(n, cap)
+
+
+def eval_key(run_id: str, checkpoint: str, spec: AttackSpec, n_examples: Optional[int]) -> str:
     return stable_hash({"run_id": run_id, "checkpoint": checkpoint, **spec.key(),
-                        "n_examples": n_examples})
+                        "n_examples": -1 if n_examples is None else n_examples})
+
+
+def adapt_spec(spec: AttackSpec, randomized: bool) -> AttackSpec:
+    """AutoAttack's ``rand`` version for randomised defenses."""
+    if randomized and spec.attack == "autoattack" and \
+            spec.hparams.get("version", "standard") == "standard":
+        return spec.with_hparams(version="rand")
+    return spec
+
+
+def expected_keys(cfg: RunConfig, checkpoints: Sequence[str], specs: Sequence[AttackSpec],
+                  n_examples: Optional[int]) -> list[str]:
+    """The eval keys :func:`evaluate_run` writes for a run config (job-state detection)."""
+    from defenses import DEFENSES
+    randomized = DEFENSES.get(cfg.defense).randomized
+    return [eval_key(cfg.run_id, w, adapt_spec(s, randomized),
+                     effective_n(s, cfg.profile, n_examples)) for w in checkpoints for s in specs]
+
+
+@dataclass
+class Target:
+    """A loaded checkpoint and where its rows go."""
+
+    model: nn.Module
+    defense: Any
+    cfg: RunConfig
+    info: DataInfo
+    ckpt_path: Path
+    epoch: int
+    out_dir: Path
+    checkpoint: str  # "best" / "last", or "file-<sha>" for a foreign checkpoint file
+    config: Mapping[str, Any]
+
+
+def open_target(path: Path | str, checkpoint: str = "best", *,
+                out_dir: Optional[Path | str] = None) -> Target:
+    """Load a run folder's checkpoint, or any advbench checkpoint file.
+
+    Raises:
+        CheckpointError: missing, foreign or corrupt checkpoint.
+    """
+    path = Path(path)
+    if path.is_file() and path.name in ("ckpt_best.pt", "ckpt_last.pt") and \
+            (path.parent / "config.json").exists():
+        path, checkpoint = path.parent, path.name[5:-3]
+    ckpt_path = resolve_checkpoint(path, checkpoint)
+    ckpt = read_checkpoint(ckpt_path)
+    model, defense, cfg, info = model_from_checkpoint(ckpt)
+    if path.is_dir():
+        out = path
+        config = read_json(path / "config.json") if (path / "config.json").exists() else {}
+    else:
+        checkpoint = "file-" + hashlib.sha256(ckpt_path.read_bytes()).hexdigest()[:12]
+        out = Path(out_dir) if out_dir else path.parent / f"{path.stem}-eval"
+        config = {}
+    return Target(model, defense, cfg, info, ckpt_path, int(ckpt.get("epoch", 0)), out,
+                  checkpoint, config)
 
 
 def evaluate_run(run_dir: Path | str, specs: Sequence[AttackSpec], *, checkpoint: str = "best",
                  n_examples: Optional[int] = None, device: str = "cpu", batch_size: int = 256,
                  data: Optional[Data] = None, data_dir: Optional[Path] = None,
-                 force: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """Evaluate one checkpoint of a run folder under each spec; write and return the rows.
+                 force: bool = False, progress: bool = True,
+                 out_dir: Optional[Path | str] = None) -> list[dict[str, Any]]:
+    """Evaluate one checkpoint (run folder or checkpoint file) under each spec; write rows.
 
-    Existing rows are reused unless ``force``. The first ``n_examples`` test points are used
-    (default: the profile's, e.g. 1000 for ``cpu``, all for ``paper``).
+    Existing rows are reused unless ``force``. Each spec uses the first
+    :func:`effective_n` test points (profile default, e.g. 1000 for ``cpu``, capped per spec).
     """
     from benchmark.train import resolve_device
 
-    run_dir = Path(run_dir)
     dev = resolve_device(device)
-    ckpt_path = resolve_checkpoint(run_dir, checkpoint)
-    ckpt = read_checkpoint(ckpt_path)
-    model, defense, cfg, info = model_from_checkpoint(ckpt)
-    model.to(dev)
-    if n_examples is None:
-        n_examples = DEFAULT_N_EXAMPLES.get(cfg.profile)
-    config = read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
-    rows, pending = [], []
+    t = open_target(run_dir, checkpoint, out_dir=out_dir)
+    t.model.to(dev)
+    rows: list[Optional[dict[str, Any]]] = []
+    pending = []
     for spec in specs:
-        n = n_examples if n_examples is not None else -1
-        key = eval_key(cfg.run_id, checkpoint, spec, n)
-        path = run_dir / "eval" / f"{key}.json"
+        spec = adapt_spec(spec, t.defense.randomized)
+        n = effective_n(spec, t.cfg.profile, n_examples)
+        key = eval_key(t.cfg.run_id, t.checkpoint, spec, n)
+        path = t.out_dir / "eval" / f"{key}.json"
         if path.exists() and not force:
             rows.append(read_json(path))
         else:
-            pending.append((spec, key, path))
+            pending.append((len(rows), spec, n, key, path))
+            rows.append(None)
     if not pending:
-        return rows
+        return [r for r in rows if r is not None]
     if data is None:
-        data = load_dataset(cfg.dataset, data_dir)
-    if data.info.num_classes != info.num_classes:
-        raise UsageError(f"checkpoint has {info.num_classes} classes, dataset {data.info.name} "
+        data = load_dataset(t.cfg.dataset, data_dir)
+    if data.info.num_classes != t.info.num_classes:
+        raise UsageError(f"checkpoint has {t.info.num_classes} classes, dataset {data.info.name} "
                          f"has {data.info.num_classes}")
-    x, y = data.test.floats(dev)
-    if n_examples is not None:
-        x, y = x[:n_examples], y[:n_examples]
-    check_model(model, x[:8], randomized=defense.randomized)
-    clean = predict_flags(model, x, y, batch_size)
-    for spec, key, path in pending:
-        attack = spec.build(seed=0)
-        objective = defense.objective() if spec.attack == "adaptive" else None
+    x_all, y_all = data.test.floats(dev)
+    check_model(t.model, x_all[:8], randomized=t.defense.randomized)
+    n_max = max((len(y_all) if n is None else min(n, len(y_all))) for _, _, n, _, _ in pending)
+    clean_all, ce_all = predict(t.model, x_all[:n_max], y_all[:n_max], batch_size)
+    for slot, spec, n, key, path in pending:
+        m = len(y_all) if n is None else min(n, len(y_all))
+        x, y, clean, clean_ce = x_all[:m], y_all[:m], clean_all[:m], ce_all[:m]
+        desc = f"{t.cfg.defense} s{t.cfg.seed} {spec.label}@{spec.eps:.4g}"
         t0 = time.perf_counter()
-        flags = robust_flags(model, attack, x, y, clean=clean, batch_size=batch_size,
-                             loss=objective, progress=progress,
-                             desc=f"{cfg.defense} s{cfg.seed} {spec.label}")
-        wall = time.perf_counter() - t0
-        atomic_torch_save(run_dir / "flags" / f"{key}.pt", {"clean": clean, "robust": flags})
-        row = {"schema": SCHEMA, "run_id": cfg.run_id, "eval_key": key, "defense": cfg.defense,
-               "dataset": cfg.dataset, "data_provenance": info.provenance, "arch": cfg.arch,
-               "profile": cfg.profile, "seed": cfg.seed, "checkpoint": checkpoint,
-               "checkpoint_file": ckpt_path.name, "checkpoint_epoch": int(ckpt["epoch"]),
-               **spec.record(), "n_examples": int(len(y)),
-               "clean_acc": float(clean.float().mean()), "robust_acc": float(flags.float().mean()),
-               "wall_s": round(wall, 3), "hparams": cfg.hparams,
-               "env": environment(dev), "git": config.get("git") or code_version(),
-               "eval_git": code_version(), "created": now()}
+        extra: dict[str, Any] = {}
+        attack = spec.build(seed=ATTACK_SEED)
+        if spec.attack == "ensemble":
+            flags, adv_ce, extra = _ensemble(t, spec, attack, x, y, clean, clean_ce, n,
+                                             batch_size, progress, desc)
+        else:
+            objective = t.defense.objective() if spec.attack == "adaptive" else None
+            flags, adv_ce = attack_points(t.model, attack, x, y, clean=clean, clean_ce=clean_ce,
+                                          batch_size=batch_size, loss=objective,
+                                          progress=progress, desc=desc,
+                                          partial=t.out_dir / "flags" / f"{key}.partial.pt",
+                                          stats=extra)
+        wall = time.perf_counter() - t0 + extra.get("resumed_wall_s", 0.0)
+        atomic_torch_save(t.out_dir / "flags" / f"{key}.pt",
+                          {"clean": clean, "robust": flags, "adv_ce": adv_ce})
+        row = _row(t, spec, attack, key, data, dev, clean, flags, adv_ce, wall, batch_size)
+        row.update(extra)
         atomic_write_json(path, row)
-        logger.info("%s seed %d [%s] %s: clean %.4f robust %.4f (%.1fs)", cfg.defense, cfg.seed,
-                    checkpoint, spec.label, row["clean_acc"], row["robust_acc"], wall)
-        rows.append(row)
-    return rows
+        logger.info("%s seed %d [%s] %s eps %s: clean %.4f robust %.4f adv_ce %.4f (%.1fs, n=%d)",
+                    t.cfg.defense, t.cfg.seed, t.checkpoint, spec.label, row["eps_str"],
+                    row["clean_acc"], row["robust_acc"], row["adv_ce"], wall, m)
+        rows[slot] = row
+    return [r for r in rows if r is not None]
+
+
+def _ensemble(t: Target, spec: AttackSpec, attack: Any, x: Tensor, y: Tensor, clean: Tensor,
+              clean_ce: Tensor, n: Optional[int], batch_size: int, progress: bool,
+              desc: str) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Worst case over the members: stored flags where present, else a cascade."""
+    state = WorstCase(clean, clean_ce)
+    stored, ran = [], []
+    for m, (label, member) in zip(attack.hparams["members"], attack.members()):
+        mspec = AttackSpec(label, m["attack"], spec.norm, spec.eps, m["hparams"])
+        mkey = eval_key(t.cfg.run_id, t.checkpoint, mspec, n)
+        mfile = t.out_dir / "flags" / f"{mkey}.pt"
+        if mfile.exists():
+            saved = safe_torch_load(mfile)
+            if torch.equal(saved["clean"], clean) and "adv_ce" in saved:
+                state.update(torch.arange(len(y)), saved["robust"], saved["adv_ce"])
+                stored.append(label)
+                continue
+        live = state.robust.clone()
+        r, c = attack_points(t.model, member, x, y, clean=live, clean_ce=state.ce,
+                             batch_size=batch_size, progress=progress, desc=f"{desc}/{label}")
+        idx = torch.nonzero(live).flatten()
+        state.update(idx, r[idx], c[idx])
+        ran.append(label)
+    flags, adv_ce = state.result()
+    resolved = {label: dict(member.hparams) for label, member in attack.members()}
+    return flags, adv_ce, {"members_from_store": stored, "members_run": ran,
+                           "member_hparams": resolved}
+
+
+def _row(t: Target, spec: AttackSpec, attack: Attack, key: str, data: Data, dev: torch.device,
+         clean: Tensor, flags: Tensor, adv_ce: Tensor, wall: float,
+         batch_size: int) -> dict[str, Any]:
+    cfg = t.cfg
+    return {"schema": SCHEMA, "kind": "attack", "run_id": cfg.run_id, "eval_key": key,
+            "defense": cfg.defense, "dataset": cfg.dataset,
+            "data_provenance": data.info.provenance or t.info.provenance, "arch": cfg.arch,
+            "profile": cfg.profile, "seed": cfg.seed, "checkpoint": t.checkpoint,
+            "checkpoint_file": t.ckpt_path.name if t.checkpoint in ("best", "last")
+            else str(t.ckpt_path), "checkpoint_epoch": t.epoch,
+            **spec.record(), "attack_hparams": dict(attack.hparams), "attack_seed": ATTACK_SEED,
+            "n_examples": int(len(clean)), "clean_acc": float(clean.float().mean()),
+            "robust_acc": float(flags.float().mean()), "adv_ce": float(adv_ce.float().mean()),
+            "wall_s": round(wall, 3), "batch_size": batch_size, "hparams": cfg.hparams,
+            "env": environment(dev), "git": t.config.get("git") or code_version(),
+            "eval_git": code_version(), "created": now()}
+
+
+def evaluate_path(path: Path | str, *, attacks: Optional[str] = None,
+                  suite: Optional[str] = None, eps: Optional[str] = None,
+                  **kwargs: Any) -> list[dict[str, Any]]:
+    """Resolve ``--attacks/--suite/--eps`` for the checkpoint's dataset scale, then evaluate."""
+    t = open_target(path, kwargs.get("checkpoint", "best"), out_dir=kwargs.get("out_dir"))
+    specs = resolve_specs(attacks, t.info.scale, suite=suite, eps=parse_eps_list(eps))
+    return evaluate_run(path, specs, **kwargs)
+
+
+def format_rows(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown listing, one line per row: accuracies in %, CE at x', time."""
+    lines = ["| defense | seed | ckpt | attack | eps | n | clean | robust | adv CE | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['defense']} | {r['seed']} | {r['checkpoint']} | {r['attack']} | "
+                     f"{r['eps_str']} | {r['n_examples']} | {100 * r['clean_acc']:.2f} | "
+                     f"{100 * r['robust_acc']:.2f} | {r.get('adv_ce', float('nan')):.4f} | "
+                     f"{r['wall_s']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def load_flags(run_dir: Path, key: str) -> dict[str, Tensor]:

@@ -1,0 +1,230 @@
+"""Evaluation harness: rows, stored flags, CE at x', ensembles, caps, resumption, CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from attacks.base import Norm, ThreatModel
+from attacks.pgd import PGD
+from benchmark.cli import cli
+from benchmark.config import resolve_run_config
+from benchmark.data import load_dataset
+from benchmark.errors import UsageError
+from benchmark.evaluate import (adapt_spec, attack_points, effective_n, eval_key, evaluate_path,
+                                evaluate_run, load_flags, open_target, predict)
+from benchmark.protocols import AttackSpec, attack_specs, resolve_specs
+from benchmark.store import RunStore
+from benchmark.train import train_run
+
+N = 48
+MEMBERS = [{"label": "fgsm", "attack": "fgsm", "hparams": {}},
+           {"label": "pgd-s3", "attack": "pgd", "hparams": {"steps": 3, "rel_step_size": 0.5}},
+           {"label": "cw-s3", "attack": "cw", "hparams": {"steps": 3}}]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("synthetic")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data) -> Path:
+    """A briefly trained tiny model: some points wrong clean, some broken, some robust."""
+    cfg = resolve_run_config("st", "synthetic", profile="cpu", arch="tiny", user_hparams={
+        "epochs": 3, "lr_milestones": [2], "val_attack_steps": 1, "val_size": 32,
+        "batch_size": 64})
+    return train_run(cfg, data, RunStore(tmp_path_factory.mktemp("runs")), progress=False)
+
+
+def fresh(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the run folder without any evaluation."""
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("eval", "flags"))
+    return dst
+
+
+def test_rows_flags_and_ce_at_x_adv(run_dir: Path, data, tmp_path: Path) -> None:
+    run = fresh(run_dir, tmp_path)
+    spec = attack_specs("cifar")["pgd20"]
+    (row,) = evaluate_run(run, [spec], n_examples=N, data=data, progress=False)
+    assert row["kind"] == "attack" and row["attack"] == "pgd20" and row["n_examples"] == N
+    assert row["eps_str"] == "8/255" and row["eps"] == pytest.approx(8 / 255)
+    assert row["attack_hparams"]["step_size"] == pytest.approx(0.8 / 255)  # ε/10, resolved
+    assert row["attack_hparams"]["steps"] == 20 and row["attack_seed"] == 0
+    stored = json.loads((run / "eval" / f"{row['eval_key']}.json").read_text())
+    assert stored == row
+    flags = load_flags(run, row["eval_key"])
+    t = open_target(run)
+    x, y = data.test.floats()
+    clean, ce = predict(t.model, x[:N], y[:N])
+    assert torch.equal(flags["clean"], clean) and row["clean_acc"] == float(clean.float().mean())
+    assert not (flags["robust"] & ~clean).any(), "a wrong clean point counted as robust"
+    assert 0 < flags["robust"].sum() < clean.sum(), "need both broken and robust points"
+    assert row["robust_acc"] == pytest.approx(float(flags["robust"].float().mean()))
+    # x' = x for points misclassified clean; adversarial CE is higher where the attack ran
+    assert torch.allclose(flags["adv_ce"][~clean], ce[~clean])
+    assert (flags["adv_ce"][clean] > ce[clean]).all()
+    assert row["adv_ce"] == pytest.approx(float(flags["adv_ce"].mean()), rel=1e-6)
+    # the same attack run by hand gives the same flags
+    x_adv = spec.build(seed=0)(t.model, x[:N][clean], y[:N][clean])
+    with torch.no_grad():
+        by_hand = t.model(x_adv).argmax(1) == y[:N][clean]
+        ce_hand = F.cross_entropy(t.model(x_adv), y[:N][clean], reduction="none")
+    assert torch.equal(flags["robust"][clean], by_hand)
+    assert torch.allclose(flags["adv_ce"][clean], ce_hand, atol=1e-5)
+
+
+def test_existing_rows_are_reused(run_dir: Path, data, tmp_path: Path, monkeypatch) -> None:
+    run = fresh(run_dir, tmp_path)
+    specs = resolve_specs("fgsm,pgd", "cifar")
+    first = evaluate_run(run, specs, n_examples=N, data=data, progress=False)
+    monkeypatch.setattr("benchmark.evaluate.attack_points",
+                        lambda *a, **k: pytest.fail("an existing row was recomputed"))
+    assert evaluate_run(run, specs, n_examples=N, data=data, progress=False) == first
+
+
+def test_ensemble_from_stored_flags_is_and_of_members(run_dir, data, tmp_path) -> None:
+    run = fresh(run_dir, tmp_path)
+    eps = 8 / 255
+    members = [AttackSpec(m["label"], m["attack"], "linf", eps, m["hparams"]) for m in MEMBERS]
+    ens = AttackSpec("ensemble", "ensemble", "linf", eps, {"members": MEMBERS})
+    rows = evaluate_run(run, [*members, ens], n_examples=N, data=data, progress=False)
+    assert rows[-1]["members_from_store"] == [m["label"] for m in MEMBERS]
+    assert rows[-1]["members_run"] == []
+    got = load_flags(run, rows[-1]["eval_key"])["robust"]
+    each = [load_flags(run, r["eval_key"])["robust"] for r in rows[:-1]]
+    assert torch.equal(got, torch.stack(each).all(0))
+    assert len({tuple(f.tolist()) for f in each}) > 1, "members must disagree for a real test"
+
+
+def test_ensemble_cascade_equals_and_of_members(run_dir, data, tmp_path) -> None:
+    # batch size 1: each sample's attack is seeded alike, so a cascade on a subset must
+    # reproduce the members run on every point
+    run = fresh(run_dir, tmp_path)
+    eps = 8 / 255
+    ens = AttackSpec("ensemble", "ensemble", "linf", eps, {"members": MEMBERS})
+    (row,) = evaluate_run(run, [ens], n_examples=N, data=data, progress=False, batch_size=1)
+    assert row["members_run"] == [m["label"] for m in MEMBERS] and not row["members_from_store"]
+    got = load_flags(run, row["eval_key"])
+    other = fresh(run_dir, tmp_path / "other")
+    members = [AttackSpec(m["label"], m["attack"], "linf", eps, m["hparams"]) for m in MEMBERS]
+    rows = evaluate_run(other, members, n_examples=N, data=data, progress=False, batch_size=1)
+    flags = [load_flags(other, r["eval_key"]) for r in rows]
+    assert torch.equal(got["robust"], torch.stack([f["robust"] for f in flags]).all(0))
+    # CE at x': the first member that breaks a point, else the largest member CE
+    for i in range(N):
+        if not got["clean"][i]:
+            continue
+        breaker = next((f for f in flags if not f["robust"][i]), None)
+        want = breaker["adv_ce"][i] if breaker else max(f["adv_ce"][i] for f in flags)
+        assert got["adv_ce"][i] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_resume_after_interruption_gives_the_same_flags(run_dir, data, tmp_path) -> None:
+    t = open_target(run_dir)
+    x, y = data.test.floats()
+    clean, ce = predict(t.model, x, y)
+    attack = PGD(ThreatModel(Norm.LINF, 8 / 255), steps=2, seed=0)
+    full = attack_points(t.model, attack, x, y, clean=clean, clean_ce=ce, batch_size=8)
+
+    class Dies(PGD):
+        calls = 0
+
+        def perturb(self, model, x, y, *, loss):
+            Dies.calls += 1
+            if Dies.calls == 3:
+                raise KeyboardInterrupt
+            return super().perturb(model, x, y, loss=loss)
+
+    partial = tmp_path / "p.partial.pt"
+    with pytest.raises(KeyboardInterrupt):
+        attack_points(t.model, Dies(ThreatModel(Norm.LINF, 8 / 255), steps=2, seed=0), x, y,
+                      clean=clean, clean_ce=ce, batch_size=8, partial=partial, save_every_s=0)
+    assert partial.exists()
+    stats: dict = {}
+    resumed = attack_points(t.model, Dies(ThreatModel(Norm.LINF, 8 / 255), steps=2, seed=0), x,
+                            y, clean=clean, clean_ce=ce, batch_size=8, partial=partial,
+                            stats=stats)
+    assert stats["resumed_wall_s"] > 0
+    assert Dies.calls == 3 + (int(clean.sum()) + 7) // 8 - 2, "finished batches were redone"
+    assert torch.equal(resumed[0], full[0]) and torch.allclose(resumed[1], full[1])
+    assert not partial.exists()
+
+
+def test_adaptive_attack_gets_the_defense_objective(run_dir, data, tmp_path, monkeypatch) -> None:
+    from attacks.base import ce_objective
+    from defenses.st import StandardTraining
+    seen = []
+
+    def objective():
+        def loss(model, x_adv, x, y):
+            seen.append(x_adv.shape[0])
+            return ce_objective(model, x_adv, x, y)
+        return loss
+
+    monkeypatch.setattr(StandardTraining, "objective", lambda self: objective())
+    run = fresh(run_dir, tmp_path)
+    evaluate_run(run, [attack_specs("cifar")["adaptive"]], n_examples=N, data=data,
+                 progress=False)
+    assert seen, "the adaptive attack did not use defense.objective()"
+
+
+def test_caps_n_examples_and_autoattack_version() -> None:
+    specs = attack_specs("cifar")
+    assert effective_n(specs["autoattack"], "cpu", None) == 100
+    assert effective_n(specs["pgd-k500"], "cpu", None) == effective_n(specs["pgd-k20"], "cpu",
+                                                                      None) == 200
+    assert effective_n(specs["pgd"], "cpu", None) == 1000
+    assert effective_n(specs["autoattack"], "paper", None) is None
+    assert effective_n(specs["autoattack"], "cpu", 500) == 500  # explicit wins
+    assert adapt_spec(specs["autoattack"], True).hparams["version"] == "rand"
+    assert adapt_spec(specs["autoattack"], False) == specs["autoattack"]
+    assert eval_key("r", "best", specs["pgd"], None) != eval_key("r", "best", specs["pgd"], 10)
+
+
+def test_protocol_values_and_suites() -> None:
+    c, m = attack_specs("cifar"), attack_specs("mnist")
+    assert c["pgd"].hparams == {"steps": 20, "step_size": 1 / 255}
+    assert m["pgd"].eps == 0.3 and m["pgd"].hparams == {"steps": 40, "step_size": 0.01}
+    assert c["pgd-l2"].eps == pytest.approx(128 / 255) and c["pgd-l1"].eps == pytest.approx(
+        2000 / 255)
+    cw = c["cw"].build()
+    assert cw.hparams["kappa"] == 50 and cw.hparams["steps"] == 30
+    assert cw.hparams["step_size"] == pytest.approx(0.8 / 255)
+    t3 = resolve_specs(None, "cifar", suite="table3")
+    assert sorted({round(s.eps * 255) for s in t3}) == [2, 4, 6, 8]
+    assert {s.label for s in t3} == {"pgd", "autoattack"}
+    fig = resolve_specs(None, "cifar", suite="fig4")
+    step = {round(s.eps * 255): s.build().hparams["step_size"] for s in fig
+            if s.label == "pgd-fig4"}
+    assert step[16] == pytest.approx(2.5 * (16 / 255) / 20)
+    (p,) = resolve_specs("pgd20@4/255", "cifar")
+    assert p.build().hparams["step_size"] == pytest.approx(0.4 / 255)
+    assert resolve_specs("pgd-k7", "cifar")[0].hparams["steps"] == 7
+    with pytest.raises(UsageError, match="unknown suite"):
+        resolve_specs(None, "cifar", suite="table9")
+    with pytest.raises(UsageError, match="unknown attack"):
+        resolve_specs("pdg", "cifar")
+
+
+def test_checkpoint_file_and_cli(run_dir, data, tmp_path) -> None:
+    run = fresh(run_dir, tmp_path)
+    foreign = tmp_path / "elsewhere" / "model.pt"
+    foreign.parent.mkdir()
+    shutil.copy(run / "ckpt_best.pt", foreign)
+    res = CliRunner().invoke(cli, ["-q", "evaluate", "--checkpoint-file", str(foreign),
+                                   "--attacks", "pgd", "--n-examples", str(N), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    (row_file,) = (tmp_path / "elsewhere" / "model-eval" / "eval").glob("*.json")
+    row = json.loads(row_file.read_text())
+    assert row["checkpoint"].startswith("file-") and "| pgd |" in res.output
+    (same,) = evaluate_path(run, attacks="pgd", n_examples=N, data=data, progress=False)
+    assert same["robust_acc"] == row["robust_acc"] and same["eval_key"] != row["eval_key"]
+    bad = CliRunner().invoke(cli, ["evaluate", "--run", str(run), "--suite", "nope"])
+    assert bad.exit_code == 2 and "unknown suite" in bad.output
