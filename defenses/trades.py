@@ -1,0 +1,130 @@
+"""TRADES: TRadeoff-inspired Adversarial DEfense via Surrogate-loss minimization.
+
+Paper: Zhang et al., "Theoretically Principled Trade-off between Robustness and Accuracy",
+ICML 2019, arXiv:1901.08573. Official code: yaodongyu/TRADES (``trades.py``).
+
+Loss (p = softmax, KL summed over classes, mean over the batch)::
+
+    L = CE(f(x), y) + β · mean_i KL(p(x_i) ‖ p(x'_i))
+
+The clean softmax is *not* detached: gradient flows through both p(x) and p(x'), as in the
+official ``trades_loss``. Training attack: PGD-l∞ maximising ``KL(p(x) ‖ p(x'))`` from
+``x + 0.001·N(0,1)`` (protocol steps and step size); p(x) is computed once per batch with the
+model in eval mode and held fixed during the attack.
+
+Hyperparameters:
+
+    ======  =======  ==========================================
+    beta    6.0      weight of the KL (robustness) term, 1/λ
+    ======  =======  ==========================================
+
+Deviations from the official code:
+
+* the clean logits are computed once per step in train mode and used for both the CE and the
+  KL target (the official code runs a second forward pass on x for the KL target, which only
+  updates the BatchNorm running statistics one more time);
+* the ``normal`` start of ``attacks.pgd.PGD`` projects ``x + 0.001·N(0,1)`` into [0,1] before
+  the first gradient step (the official code evaluates the first gradient unclipped);
+* β = 6 on every dataset (the benchmark spec); the official ``train_trades_mnist.py`` defaults
+  to β = 1.0 (``--hparams '{"beta": 1.0}'`` reproduces it).
+
+Example:
+    advbench train --defense trades --dataset cifar10 --profile paper --hparams '{"beta": 6.0}'
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attacks.base import Attack, Objective, ThreatModel, model_mode
+from attacks.pgd import PGD
+from defenses import register_defense
+from defenses.base import Defense, StepOutput, detached, kl_per_sample
+
+
+def trades_loss(logits_nat: Tensor, logits_adv: Tensor, y: Tensor,
+                beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """TRADES loss from clean and adversarial logits.
+
+    Returns:
+        (loss, ce, kl): the total and its two batch-mean parts (with graph).
+    """
+    ce = F.cross_entropy(logits_nat, y)
+    kl = kl_per_sample(logits_nat, logits_adv).mean()
+    return ce + beta * kl, ce, kl
+
+
+def clean_logits_eval(model: nn.Module, x: Tensor) -> Tensor:
+    """Logits on x with the model in eval mode and no graph (attack targets, once per batch)."""
+    with torch.no_grad(), model_mode(model, train=False):
+        return model(x)
+
+
+class CleanCache:
+    """Eval-mode clean outputs of the batch an attack is working on, computed once per batch.
+
+    An attack calls its objective at every step with the same ``x`` tensor; the outputs
+    (``compute(model, x)``, default the logits) are recomputed, without graph and in eval mode,
+    only when a different tensor or model comes in.
+    """
+
+    def __init__(self, compute: Optional[Callable[[nn.Module, Tensor], Tensor]] = None) -> None:
+        self._compute = compute
+        self._x: Optional[Tensor] = None
+        self._model: Optional[nn.Module] = None
+        self._value: Optional[Tensor] = None
+
+    def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
+        if self._value is None or self._x is not x or self._model is not model:
+            with torch.no_grad(), model_mode(model, train=False):
+                value = self._compute(model, x) if self._compute else model(x)
+            self._x, self._model, self._value = x, model, value
+        return self._value
+
+
+def normal_start_pgd(threat: ThreatModel, hparams: Mapping[str, Any]) -> Attack:
+    """The protocol's PGD (steps, step size) started at ``x + 0.001·N(0,1)`` (TRADES style)."""
+    return PGD(threat, steps=int(hparams["train_attack_steps"]),
+               step_size=float(hparams["train_step_size"]), random_start="normal", init_std=0.001)
+
+
+def kl_attack_objective(logits_nat: Tensor) -> Objective:
+    """Per-sample ``KL(p(x) ‖ p(x'))`` with p(x) fixed (the TRADES/HAT training attack)."""
+
+    def loss(model: nn.Module, x_adv: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        return kl_per_sample(logits_nat, model(x_adv))
+
+    return loss
+
+
+@register_defense("trades")
+class TRADES(Defense):
+    """CE on clean data plus β·KL between clean and adversarial predictions."""
+
+    description = "TRADES: CE(f(x)) + β·KL(p(x)‖p(x')) (Zhang et al. 2019)"
+    paper = "Zhang et al., ICML 2019, arXiv:1901.08573"
+    default_hparams = {"beta": 6.0}
+
+    def attack_for_training(self) -> Attack:
+        return normal_start_pgd(self.threat, self.hparams)
+
+    def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
+                      step: int) -> StepOutput:
+        target = clean_logits_eval(model, x)
+        x_adv = self.adversarial(model, x, y, loss=kl_attack_objective(target))
+        logits_nat, logits_adv = model(x), model(x_adv)
+        loss, ce, kl = trades_loss(logits_nat, logits_adv, y, float(self.hparams["beta"]))
+        return StepOutput(loss, detached(ce=ce, kl=kl), logits_adv)
+
+    def objective(self) -> Objective:
+        """Per-sample ``CE(f(x), y) + β·KL(p(x) ‖ p(x'))`` (clean logits computed once)."""
+        cache, beta = CleanCache(), float(self.hparams["beta"])
+
+        def loss(model: nn.Module, x_adv: Tensor, x: Tensor, y: Tensor) -> Tensor:
+            nat = cache(model, x)
+            return F.cross_entropy(nat, y, reduction="none") + beta * kl_per_sample(nat, model(x_adv))
+
+        return loss
