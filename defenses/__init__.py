@@ -11,6 +11,7 @@ DEFENSES: Registry = Registry("defense", "advbench.defenses", Defense)
 register_defense = DEFENSES.register
 
 # built-ins, imported for their registration side effect; order = table/listing order
-from defenses import st, at  # noqa: E402,F401
+from defenses import (st, at, trades, mart, at_he, oc, fsr, ikl, adv_dpnp, dpnp,  # noqa: E402,F401
+                      hat, dio, pcl)
 
 __all__ = ["DEFENSES", "Defense", "StepOutput", "register_defense"]
