@@ -1,24 +1,44 @@
-"""Result rows → comparison tables (numeric CSV + Markdown).
+"""Result rows → the paper's tables (numeric CSV + Markdown) and figures (PNG).
 
-Pure functions over a DataFrame of rows (one row per run × checkpoint × attack), so tables can
-be regenerated from committed rows without any run folder. Accuracies are in percent in the
-tables; means and standard deviations are over seeds.
+``advbench report`` reads every row under a runs folder (``RUN/eval/*.json``) or a
+``rows.jsonl`` file and writes, under ``OUT``::
+
+    rows.jsonl                              every row, sorted; ``--rows`` rebuilds all tables
+    report.md                               every Markdown table, in order
+    tables/<table>_<dataset>_<profile>.csv  numeric: mean and ``_std`` per column, ``n_seeds``
+    tables/<table>_<dataset>_<profile>.md   ``mean ± std``, best per column bold, notes
+    tables/missing.csv                      every absent cell and why
+    plots/figure3_<dataset>_<profile>.png   CIFAR-10-C accuracy per severity
+    plots/figure4_<dataset>_<profile>.png   accuracy vs ε (FGSM, PGD)
+
+Tables are built by :mod:`benchmark.tables` (which rows feed which column). One file holds
+one dataset (and data provenance: a second provenance of the same dataset name gets its own
+files, suffixed by a hash) and one profile: profiles are never mixed. Inside a file, one
+section per (arch, checkpoint); rows follow the registry order (``DEFENSES.names()``), plugins
+after. CSV floats use a fixed format (``%.4f``) and missing cells are ``NaN``, so a rebuild from
+the same rows is byte-identical; in Markdown missing cells are ``–`` and listed with a reason.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import pandas as pd
 
-from benchmark.store import RunStore, atomic_write_bytes
+from benchmark.config import stable_hash
+from benchmark.store import RunStore, atomic_write_bytes, read_jsonl
+from benchmark.tables import TABLES, TableSpec, display, frames
 
 logger = logging.getLogger(__name__)
 
-GROUP = ["dataset", "profile", "arch", "checkpoint"]
+BLOCK = ["arch", "checkpoint"]
+INDEX = [*BLOCK, "defense"]
+_SORT = ("dataset", "profile", "kind", "defense", "arch", "seed", "checkpoint", "attack", "eps",
+         "condition", "corruption", "severity", "n_examples", "eval_key")
 
 
 def defense_order() -> list[str]:
@@ -26,93 +46,269 @@ def defense_order() -> list[str]:
     return DEFENSES.names()
 
 
-def load_rows(source: Path | str | Iterable[dict]) -> pd.DataFrame:
-    """Rows from a runs folder, a ``rows.jsonl`` file, or an iterable of dicts."""
+def _order_labels(labels: Iterable[str]) -> list[str]:
+    """Registry order of the defense (the label's first word), then the label."""
+    order = {n: i for i, n in enumerate(defense_order())}
+    return sorted(set(labels), key=lambda s: (order.get(s.split(" ")[0], len(order)), s))
+
+
+# ------------------------------------------------------------------------------ rows
+def _clean_record(r: dict) -> dict:
+    """Drop NaN scalars (a DataFrame round trip fills absent fields with NaN)."""
+    return {k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def load_records(source: Path | str | pd.DataFrame | Iterable[dict]) -> list[dict[str, Any]]:
+    """Rows from a runs folder, a ``rows.jsonl`` file, a DataFrame or dicts; sorted, deduplicated.
+
+    Rows with the same ``eval_key`` are kept once (the last one read).
+    """
     if isinstance(source, (str, Path)):
         p = Path(source)
-        if p.is_file():
-            from benchmark.store import read_jsonl
-            rows = read_jsonl(p)
-        else:
-            rows = RunStore(p).rows()
+        rows = read_jsonl(p) if p.is_file() else RunStore(p).rows()
+    elif isinstance(source, pd.DataFrame):
+        rows = [_clean_record(r) for r in source.to_dict(orient="records")]
     else:
-        rows = list(source)
-    df = pd.DataFrame(rows)
-    if df.empty:
-        return df
-    return df.sort_values(["dataset", "defense", "seed", "checkpoint", "attack"], kind="stable")
+        rows = [dict(r) for r in source]
+    unique: dict[str, dict] = {}
+    for i, r in enumerate(rows):
+        unique[str(r.get("eval_key") or f"#{i}")] = r
+
+    def key(r: dict) -> tuple:
+        return tuple(json.dumps(r.get(k, r.get("kind", "attack") if k == "kind" else None),
+                                sort_keys=True, default=str) for k in _SORT)
+    return sorted(unique.values(), key=key)
 
 
-def _order_defenses(names: Iterable[str]) -> list[str]:
-    order = {n: i for i, n in enumerate(defense_order())}
-    return sorted(set(names), key=lambda n: (order.get(n, len(order)), n))
+def load_rows(source: Path | str | Iterable[dict]) -> pd.DataFrame:
+    """Rows as a DataFrame (nested fields such as ``hparams`` stay dicts)."""
+    return pd.DataFrame(load_records(source))
 
 
-def accuracy_table(df: pd.DataFrame, columns: Optional[list[str]] = None) -> pd.DataFrame:
-    """Defense × (clean + attack columns) in percent: ``<col>`` mean, ``<col>_std``, ``n_seeds``.
+def write_rows(records: list[dict], path: Path) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True, default=str) + "\n"
+                                     for r in records).encode())
 
-    The clean accuracy comes from the rows' ``clean_acc`` (identical for every attack of one
-    run and checkpoint); missing cells are NaN.
+
+# ------------------------------------------------------------------------------ tables
+def aggregate(cells: pd.DataFrame, columns: list[str], index: pd.MultiIndex
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Cells → wide table (``col``, ``col_std`` per column, ``n_seeds``) and per-cell seed counts.
+
+    Means and sample standard deviations (ddof=1; NaN with one seed) are over seeds.
     """
-    if columns is None:
-        columns = list(dict.fromkeys(df["attack"]))
-    clean = (df.groupby(["defense", "seed"])["clean_acc"].first() * 100).rename("clean")
-    rob = df.pivot_table(index=["defense", "seed"], columns="attack", values="robust_acc",
-                         aggfunc="first") * 100
-    per_seed = pd.concat([clean, rob.reindex(columns=columns)], axis=1)
-    g = per_seed.groupby(level="defense")
-    mean, std = g.mean(), g.std(ddof=1)
-    out = pd.DataFrame(index=_order_defenses(per_seed.index.get_level_values("defense")))
-    for col in ["clean", *columns]:
-        out[col] = mean[col] if col in mean else np.nan
-        out[f"{col}_std"] = std[col] if col in std else np.nan
-    out["n_seeds"] = g.size()
-    out.index.name = "defense"
+    keys = [*BLOCK, "label"]
+    stats = cells.groupby([*keys, "column"])["value"].agg(["mean", "std", "count"])
+    wide = pd.DataFrame(index=index)
+    counts = pd.DataFrame(0, index=index, columns=columns)
+    for col in columns:
+        if col in stats.index.get_level_values("column"):
+            part = stats.xs(col, level="column")
+            part.index = part.index.set_names(INDEX)
+            wide[col] = part["mean"].reindex(index)
+            wide[f"{col}_std"] = part["std"].reindex(index)
+            counts[col] = part["count"].reindex(index).fillna(0).astype(int)
+        else:
+            wide[col] = wide[f"{col}_std"] = np.nan
+    seeds = cells.groupby(keys)["seed"].nunique()
+    seeds.index = seeds.index.set_names(INDEX)
+    wide["n_seeds"] = seeds.reindex(index).fillna(0).astype(int)
+    return wide, counts
+
+
+def to_csv(table: pd.DataFrame) -> str:
+    return table.to_csv(float_format="%.4f", na_rep="NaN", lineterminator="\n")
+
+
+def _fmt(v: float, s: float, d: int) -> str:
+    return f"{v:.{d}f}" + (f" ± {s:.{d}f}" if pd.notna(s) else "")
+
+
+def to_markdown(table: pd.DataFrame, spec: Optional[TableSpec] = None, *,
+                counts: Optional[pd.DataFrame] = None, points: Optional[dict] = None) -> str:
+    """Markdown sections (one per arch × checkpoint): ``mean ± std`` cells, best per column bold.
+
+    Best is the highest value (lowest for the spec's ``lower`` columns) at the shown precision,
+    all tied rows bold, and nothing bold when every row ties. Missing cells are ``–`` and listed with the
+    spec's reason; cells over fewer seeds than the row has are listed too.
+    """
+    spec = spec or TABLES[0]
+    if not isinstance(table.index, pd.MultiIndex):
+        table = table.set_index(pd.MultiIndex.from_tuples(
+            [("?", "?", i) for i in table.index], names=INDEX))
+    cols = [c for c in table.columns if not c.endswith("_std") and c != "n_seeds"]
+    parts = []
+    for (arch, ckpt), block in table.groupby(level=BLOCK, sort=False):
+        lines = [f"#### arch `{arch}`, checkpoint `{ckpt}`", "",
+                 "| defense | " + " | ".join(display(c) for c in cols) + " | seeds |",
+                 "|---|" + "---:|" * len(cols) + "---:|"]
+        best = {}
+        for c in cols:
+            d = spec.decimals(c)
+            vals = block[c].dropna().round(d)
+            if spec.better(c) and vals.nunique() > 1:
+                best[c] = vals.min() if spec.better(c) == "lower" else vals.max()
+        missing, partial = [], []
+        for idx, r in block.iterrows():
+            name, cells = idx[-1], []
+            for c in cols:
+                v, s, d = r[c], r.get(f"{c}_std", np.nan), spec.decimals(c)
+                if pd.isna(v):
+                    cells.append("–")
+                    missing.append((name, c))
+                    continue
+                text = _fmt(v, s, d)
+                cells.append(f"**{text}**" if c in best and round(v, d) == best[c] else text)
+                if counts is not None and 0 < counts.loc[idx, c] < r["n_seeds"]:
+                    partial.append(f"- `{name}` / {display(c)}: {counts.loc[idx, c]} of "
+                                   f"{int(r['n_seeds'])} seeds")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {int(r['n_seeds'])} |")
+        if points and points.get((arch, ckpt)):
+            lines += ["", "Test points per column: " + ", ".join(
+                f"{display(c)} {n}" for c, n in points[(arch, ckpt)].items()) + "."]
+        if missing:
+            lines += ["", "Missing (–):"] + _missing_lines(missing, cols, spec)
+        if partial:
+            lines += ["", "Fewer seeds than the row:"] + partial
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def _missing_lines(missing: list[tuple[str, str]], cols: list[str], spec: TableSpec) -> list[str]:
+    by_name: dict[str, list[str]] = {}
+    for name, c in missing:
+        by_name.setdefault(name, []).append(c)
+    out = []
+    for name, absent in by_name.items():
+        if len(absent) == len(cols) and len(cols) > 1:
+            out.append(f"- `{name}`: no rows for this table")
+        else:
+            out += [f"- `{name}` / {display(c)}: {spec.why(c)}" for c in absent]
     return out
 
 
-def to_markdown(table: pd.DataFrame, *, bold_best: bool = True) -> str:
-    """Markdown with ``mean ± std`` cells (std when n_seeds > 1) and the best per column bold."""
-    cols = [c for c in table.columns if not c.endswith("_std") and c != "n_seeds"]
-    header = "| defense | " + " | ".join(cols) + " | seeds |"
-    lines = [header, "|" + "---|" * (len(cols) + 2)]
-    best = {c: table[c].max() for c in cols}
-    for name, r in table.iterrows():
-        cells = []
-        for c in cols:
-            v, s = r[c], r.get(f"{c}_std", np.nan)
-            if pd.isna(v):
-                cells.append("–")
-                continue
-            text = f"{v:.2f}" + (f" ± {s:.2f}" if pd.notna(s) else "")
-            cells.append(f"**{text}**" if bold_best and np.isclose(v, best[c]) else text)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {int(r['n_seeds'])} |")
-    return "\n".join(lines) + "\n"
+def _points(cells: pd.DataFrame, columns: list[str]) -> dict[tuple, dict[str, str]]:
+    out: dict[tuple, dict[str, str]] = {}
+    for (arch, ckpt), part in cells.groupby(BLOCK, sort=False):
+        ns = {}
+        for c in columns:
+            vals = sorted({int(n) for n in part.loc[part["column"] == c, "n"] if pd.notna(n)})
+            if vals:
+                ns[c] = str(vals[0]) if len(vals) == 1 else f"{vals[0]}–{vals[-1]}"
+        out[(arch, ckpt)] = ns
+    return out
 
 
-def write_table(table: pd.DataFrame, out_dir: Path, stem: str, title: str = "") -> str:
-    """Write ``<stem>.csv`` (numeric, fixed format) and ``<stem>.md``; return the Markdown."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / f"{stem}.csv", table.to_csv(float_format="%.4f").encode())
-    md = (f"### {title}\n\n" if title else "") + to_markdown(table)
-    atomic_write_bytes(out_dir / f"{stem}.md", md.encode())
-    return md
+def build_table(spec: TableSpec, frame: pd.DataFrame, index: pd.MultiIndex
+                ) -> Optional[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, list[str]]]:
+    """(wide table, seed counts, cells, columns), or None when the rows have nothing for it.
+
+    Sections (arch × checkpoint) without any cell are left out; inside a section every
+    defense of the dataset × profile is listed, so absent evaluations show as missing.
+    """
+    cells, columns = spec.build(frame)
+    if not len(cells) or not (set(cells["column"]) - spec.derived):
+        return None
+    blocks = set(zip(cells["arch"], cells["checkpoint"]))  # sections with data for this table
+    index = index[[(a, c) in blocks for a, c, _ in index]]
+    wide, counts = aggregate(cells, columns, index)
+    return wide, counts, cells, columns
 
 
-def write_report(df: pd.DataFrame, out_dir: Path | str) -> list[str]:
-    """One accuracy table per (dataset, profile, arch, checkpoint); also ``rows.jsonl``."""
+def _index(fr: dict[str, pd.DataFrame]) -> pd.MultiIndex:
+    units = pd.concat([f[["arch", "checkpoint", "label"]] for f in fr.values() if len(f)])
+    tuples = []
+    for (arch, ckpt), part in units.groupby(BLOCK, sort=True):
+        tuples += [(arch, ckpt, lab) for lab in _order_labels(part["label"])]
+    return pd.MultiIndex.from_tuples(tuples, names=INDEX)
+
+
+def accuracy_table(df: pd.DataFrame | Iterable[dict], columns: Optional[list[str]] = None
+                   ) -> pd.DataFrame:
+    """Clean + attack columns (percent) of the rows, indexed by (arch, checkpoint, defense)."""
+    fr = frames(load_records(df))
+    spec = TABLES[0]
+    cells, cols = spec.build(fr["attack"])
+    if columns is not None:
+        cols = ["clean", *[c for c in columns if c != "clean"]]
+    return aggregate(cells, cols, _index(fr))[0]
+
+
+# ------------------------------------------------------------------------------ report
+def _groups(records: list[dict]) -> list[tuple[str, str, str, list[dict]]]:
+    """(stem suffix, provenance text, profile, records) per dataset × provenance × profile."""
+    by: dict[tuple[str, str], dict[str, list[dict]]] = {}
+    for r in records:
+        key = (str(r.get("dataset", "?")), str(r.get("profile") or "?"))
+        by.setdefault(key, {}).setdefault(str(r.get("data_provenance") or ""), []).append(r)
+    out = []
+    for (dataset, profile), provs in sorted(by.items()):
+        for prov, recs in sorted(provs.items()):
+            suffix = f"{dataset}_{profile}" + (f"_p{stable_hash(prov, 6)}" if len(provs) > 1
+                                               else "")
+            out.append((suffix, prov, profile, recs))
+    return out
+
+
+def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
+                 plots: bool = True) -> list[str]:
+    """Write rows.jsonl, every table that has data (CSV + Markdown), missing.csv and the plots.
+
+    Returns:
+        The Markdown of each table written, in order.
+    """
     out_dir = Path(out_dir)
+    records = load_records(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if df.empty:
+    if not records:
         logger.warning("no result rows found")
         return []
-    rows = df.to_dict(orient="records")
-    atomic_write_bytes(out_dir / "rows.jsonl", "".join(
-        json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows).encode())
-    mds = []
-    for keys, part in df.groupby(GROUP, sort=True):
-        stem = "accuracy_" + "_".join(str(k) for k in keys)
-        title = ("Clean and robust accuracy (%) — dataset {}, profile {}, arch {}, checkpoint {}"
-                 .format(*keys))
-        mds.append(write_table(accuracy_table(part), out_dir / "tables", stem, title))
+    write_rows(records, out_dir / "rows.jsonl")
+    mds, missing = [], []
+    for suffix, prov, profile, recs in _groups(records):
+        fr = frames(recs)
+        index = _index(fr)
+        dataset = str(recs[0].get("dataset", "?"))
+        for spec in TABLES:
+            built = build_table(spec, fr[spec.kind], index)
+            if built is None:
+                continue
+            wide, counts, cells, columns = built
+            extra = ""
+            if spec.kind == "corruption":
+                cprov = sorted({str(r.get("corruption_provenance")) for r in recs
+                                if r.get("kind") == "corruption" and r.get("corruption_provenance")})
+                extra = " Corruptions: " + "; ".join(cprov) + "." if cprov else ""
+            md = (f"### {spec.title} — `{dataset}`, profile `{profile}`\n\n"
+                  f"Data: {prov or 'provenance not recorded'}.{extra} Profile `{profile}`. "
+                  + (spec.note + " " if spec.note else "")
+                  + "Cells: mean ± std over seeds (std only with several seeds); best per column "
+                    "in bold.\n\n"
+                  + to_markdown(wide, spec, counts=counts, points=_points(cells, columns)))
+            stem = f"{spec.name}_{suffix}"
+            atomic_write_bytes(out_dir / "tables" / f"{stem}.csv", to_csv(wide).encode())
+            atomic_write_bytes(out_dir / "tables" / f"{stem}.md", md.encode())
+            mds.append(md)
+            for idx, r in wide.iterrows():
+                missing += [{"table": stem, "arch": idx[0], "checkpoint": idx[1],
+                             "defense": idx[2], "column": c, "reason": spec.why(c)}
+                            for c in columns if pd.isna(r[c])]
+        if plots:
+            _figures(fr, out_dir / "plots", suffix)
+    atomic_write_bytes(out_dir / "tables" / "missing.csv", pd.DataFrame(
+        missing, columns=["table", "arch", "checkpoint", "defense", "column", "reason"])
+        .to_csv(index=False, lineterminator="\n").encode())
+    atomic_write_bytes(out_dir / "report.md", "\n".join(mds).encode())
     return mds
+
+
+def _figures(fr: dict[str, pd.DataFrame], plot_dir: Path, suffix: str) -> None:
+    import matplotlib.pyplot as plt
+
+    from benchmark import plots
+
+    for name, fig in (("figure3", plots.severity_figure(fr["corruption"])),
+                      ("figure4", plots.eps_figure(fr["attack"]))):
+        if fig is not None:
+            plots.save(fig, plot_dir / f"{name}_{suffix}.png")
+            plt.close(fig)

@@ -1,0 +1,185 @@
+"""The paper's figures with matplotlib (Agg): Figure 2, Figure 3 and Figure 4.
+
+Each function returns a ``Figure`` (or None when the rows hold nothing to plot); :func:`save`
+writes the PNG. Colours are fixed per defense: the registry order indexes the ``tab20``
+palette, so a defense has the same colour in every plot of every report.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from benchmark.store import atomic_write_bytes  # noqa: E402
+
+_BLOCK = ["arch", "checkpoint"]
+
+
+def defense_colour(label: str) -> Any:
+    """Fixed colour of a defense (a label ``trades [beta=3]`` takes its defense's colour).
+
+    Registry position i picks ``tab20`` entry 2i (the ten saturated hues first), then 2i−19.
+    """
+    from benchmark.config import stable_hash
+    from defenses import DEFENSES
+
+    names = DEFENSES.names()
+    name = label.split(" ")[0]
+    i = names.index(name) if name in names else int(stable_hash(name, 6), 16)
+    i %= 20
+    return plt.get_cmap("tab20")(2 * i if i < 10 else 2 * i - 19)
+
+
+def save(fig: Figure, path: Path | str, *, dpi: int = 120) -> Path:
+    """Write ``fig`` as a PNG atomically (no timestamp metadata, so reruns are comparable)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def _order(labels: Sequence[str]) -> list[str]:
+    from benchmark.report import _order_labels
+    return _order_labels(labels)
+
+
+def _blocks(df: pd.DataFrame) -> list[tuple[tuple[str, str], pd.DataFrame]]:
+    return list(df.groupby(_BLOCK, sort=True)) if len(df) else []
+
+
+def severity_figure(corr: pd.DataFrame) -> Optional[Figure]:
+    """Figure 3: CIFAR-10-C accuracy per severity (mean over corruptions), bars per defense."""
+    blocks = _blocks(corr)
+    if not blocks:
+        return None
+    fig, axes = plt.subplots(len(blocks), 1, figsize=(8, 3.6 * len(blocks)), squeeze=False)
+    for ax, ((arch, ckpt), df) in zip(axes[:, 0], blocks):
+        per_seed = df.groupby(["label", "seed", "severity"])["accuracy"].mean()
+        stats = per_seed.groupby(["label", "severity"]).agg(["mean", "std"])
+        labels = _order(df["label"])
+        width = 0.8 / len(labels)
+        lo, hi = 100.0, 0.0
+        for i, lab in enumerate(labels):
+            s = stats.loc[lab]
+            x = s.index.to_numpy() + (i - (len(labels) - 1) / 2) * width
+            err = s["std"] if s["std"].notna().any() else None  # bars only with several seeds
+            ax.bar(x, s["mean"], width, yerr=err, label=lab, color=defense_colour(lab), capsize=2)
+            lo, hi = min(lo, float(s["mean"].min())), max(hi, float(s["mean"].max()))
+        ax.set_ylim(max(0.0, lo - 5), min(100.0, hi + 3))
+        ax.set_xticks(range(1, 6))
+        ax.set_xlabel("corruption severity")
+        ax.set_ylabel("accuracy (%), mean over corruptions")
+        ax.set_title(f"CIFAR-10-C — arch {arch}, checkpoint {ckpt} (y axis truncated)")
+        ax.legend(fontsize=8, ncol=min(4, len(labels)))
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def eps_figure(att: pd.DataFrame) -> Optional[Figure]:
+    """Figure 4: accuracy vs ε for FGSM and PGD (``pgd-fig4`` rows), one line per defense.
+
+    ε = 0 is the clean accuracy of the same test points. Drawn when some attack has rows at two
+    or more ε.
+    """
+    if not len(att):
+        return None
+    sweep = att[att["attack"].isin(["fgsm", "pgd-fig4"])]
+    if not len(sweep) or sweep.groupby("attack")["eps"].nunique().max() < 2:
+        return None
+    blocks = _blocks(sweep)
+    fig, axes = plt.subplots(len(blocks), 2, figsize=(10, 3.8 * len(blocks)), squeeze=False,
+                             sharey=True)
+    per255 = bool((sweep["eps"] <= 64 / 255 + 1e-9).all())
+    for row, ((arch, ckpt), df) in zip(axes, blocks):
+        for ax, (attack, title) in zip(row, (("fgsm", "FGSM"), ("pgd-fig4", "PGD-20, step 2.5ε/20"))):
+            part = _one_point_set(df[df["attack"] == attack])
+            for lab in _order(part["label"]):
+                p = part[part["label"] == lab]
+                clean = p.groupby("seed")["clean"].first().mean()
+                curve = p.groupby("eps")["robust"].agg(["mean", "std"]).sort_index()
+                x = np.concatenate([[0.0], curve.index.to_numpy()]) * (255 if per255 else 1)
+                y = np.concatenate([[clean], curve["mean"].to_numpy()])
+                err = np.concatenate([[0.0], curve["std"].fillna(0).to_numpy()])
+                ax.errorbar(x, y, yerr=err if err.any() else None, marker="o", ms=3, capsize=2,
+                            label=lab, color=defense_colour(lab))
+            ax.set_title(f"{title} — {arch}, {ckpt}")
+            ax.set_xlabel("ε (×1/255)" if per255 else "ε")
+            ax.grid(alpha=0.3)
+            if len(part):
+                ax.legend(fontsize=8)
+        row[0].set_ylabel("accuracy (%)")
+    fig.tight_layout()
+    return fig
+
+
+def _one_point_set(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per run, the rows of its most common ``n_examples`` (the sweep's test points; ties: more
+    points), one per ε, so a curve and its ε = 0 clean point are measured on the same points."""
+    out = []
+    for _, run in rows.groupby(["run_id", "checkpoint"], sort=False):
+        counts = run["n"].value_counts()
+        n = max(counts.index, key=lambda v: (counts[v], v))
+        out.append(run[run["n"] == n].drop_duplicates("eps"))
+    return pd.concat(out) if out else rows
+
+
+def figure2(panels: Sequence[dict[str, Any]]) -> Figure:
+    """Figure 2: 2-D features, clean (left) then adversarial (right), one panel per model.
+
+    Points are coloured by true class. Prototypes are drawn as stars where they are; classifier
+    weights (models without prototypes) only give directions, so they are drawn as stars at the
+    median feature norm along their direction and labelled so.
+    """
+    fig, axes = plt.subplots(1, 2 * len(panels), figsize=(4.2 * 2 * len(panels), 4.4))
+    cmap = plt.get_cmap("tab10")
+    for col, (cond, name) in enumerate([(c, i) for c in ("clean", "adv")
+                                        for i in range(len(panels))]):
+        p, ax = panels[name], axes[col]
+        f, y = np.asarray(p[cond]), np.asarray(p["labels"])
+        for k in np.unique(y):
+            m = y == k
+            ax.scatter(f[m, 0], f[m, 1], s=3, alpha=0.5, color=cmap(int(k) % 10),
+                       rasterized=True)
+        centres = p.get("centers")
+        if centres is not None and np.asarray(centres).shape[1] == 2:
+            c = np.asarray(centres, dtype=float)
+            proto = p.get("centers_source") != "classifier weights"
+            if not proto:
+                radius = np.median(np.linalg.norm(np.asarray(p["clean"]), axis=1))
+                c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12) * radius
+            ax.scatter(c[:, 0], c[:, 1], marker="*", s=260, c=[cmap(i % 10) for i in range(len(c))],
+                       edgecolors="black", linewidths=0.8, zorder=3)
+        acc = p["clean_acc"] if cond == "clean" else p["adv_acc"]
+        ax.set_title(f"{p['defense']} — {'clean' if cond == 'clean' else 'adversarial'} "
+                     f"(acc {100 * acc:.1f}%)", fontsize=10)
+        ax.set_xlabel("feature 1")
+        ax.set_ylabel("feature 2")
+        ax.set_aspect("equal", adjustable="datalim")
+    from matplotlib.lines import Line2D
+
+    classes = np.unique(np.concatenate([np.asarray(p["labels"]) for p in panels]))
+    handles = [Line2D([], [], ls="", marker="o", ms=5, color=cmap(int(k) % 10), label=str(k))
+               for k in classes]
+    for kind in dict.fromkeys("weight directions (rescaled)" if p.get("centers_source") ==
+                              "classifier weights" else "prototypes" for p in panels
+                              if p.get("centers") is not None):
+        handles.append(Line2D([], [], ls="", marker="*", ms=12, color="white",
+                              markeredgecolor="black", label=kind))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+               bbox_to_anchor=(0.5, -0.06))
+    atk = panels[0].get("attack", {})
+    fig.suptitle(f"LeNets++ features on {panels[0].get('dataset')}: adversarial = PGD "
+                 f"ε={atk.get('eps_str', '?')}, {atk.get('attack_hparams', {}).get('steps', '?')} "
+                 f"steps of {atk.get('attack_hparams', {}).get('step_size', '?')}", fontsize=11)
+    fig.tight_layout()
+    return fig

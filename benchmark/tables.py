@@ -1,0 +1,359 @@
+"""The paper's tables as functions of result rows: rows → long "cells" → one spec per table.
+
+A *unit* is one trained checkpoint (``run_id`` × ``checkpoint``); a *cell* is one number of
+one unit in one table column. :mod:`benchmark.report` averages cells over seeds and renders
+them. Three row kinds feed the tables (a row without ``kind`` is an attack row):
+
+* ``attack`` (``benchmark.evaluate``): ``attack`` column label, ``norm``, ``eps``,
+  ``clean_acc``, ``robust_acc``, ``adv_ce``, ``n_examples``;
+* ``features`` (``benchmark.features``): ``condition`` clean|pgd20 and the five metrics;
+* ``corruption`` (``benchmark.corruptions``): ``corruption``, ``severity``, ``accuracy``.
+
+Accuracies become percent. For every l∞ column except Table 3's and Figure 4's sweeps, only
+rows at the run's *nominal* ε (its training ε, ``hparams.eps``: 8/255 on CIFAR scale, 0.3
+on MNIST scale) count; where a unit has several rows for one column (e.g. different
+``n_examples``), the row with the most test points wins. The clean accuracy of a unit is that
+of its attack row with the most test points.
+
+Runs of one defense with different hyperparameters are never averaged together: their rows
+get labels such as ``trades [beta=3.0]`` naming the keys that differ.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import pandas as pd
+
+from attacks.base import eps_to_str
+from benchmark.corruptions import CORRUPTIONS
+
+UNIT = ["dataset", "profile", "provenance", "arch", "checkpoint", "label", "defense", "seed",
+        "run_id"]
+CELL = [*UNIT, "column", "value", "n"]
+
+#: display names of columns in Markdown (CSV headers keep the machine names)
+DISPLAY = {"clean": "Clean", "autoattack": "AA", "avg": "Avg", "pgd-l1": "PGD l1",
+           "pgd-l2": "PGD l2", "pgd": "PGD l∞", "fgsm": "FGSM", "pgd20": "PGD-20",
+           "pgd100": "PGD-100", "cw": "C&W", "ensemble": "Ensemble", "adaptive": "Adaptive",
+           "fdr_clean": "FDR↓ cln", "fdr_adv": "FDR↓ adv", "afs_clean": "AFS↓ cln",
+           "afs_adv": "AFS↓ adv", "scr_clean": "SCR↑ cln", "scr_adv": "SCR↑ adv",
+           "mean_sep": "MeanSep↑ (°)", "min_sep": "MinSep↑ (°)", "avg_all": "Avg"}
+
+
+def display(column: str) -> str:
+    """Markdown header of a CSV column (``pgd@4/255`` → ``PGD l∞ ε=4/255``)."""
+    if "@" in column:
+        label, _, eps = column.partition("@")
+        return f"{DISPLAY.get(label, label)} ε={eps}"
+    m = re.match(r"^(acc|ce)_(k|r)(\d+)$", column)
+    if m:
+        what = "Acc" if m.group(1) == "acc" else "CE"
+        return f"{what} {'K' if m.group(2) == 'k' else 'R'}={m.group(3)}"
+    if re.match(r"^s[1-5]$", column):
+        return f"Severity {column[1]}"
+    return DISPLAY.get(column, column)
+
+
+_ORDER = ["fgsm", "pgd", "pgd-l2", "pgd-l1", "pgd20", "pgd100", "cw", "ensemble", "autoattack",
+          "adaptive"]
+_SWEEP = re.compile(r"^pgd-(k|r)(\d+)$")
+
+
+def _kind(r: dict) -> str:
+    return str(r.get("kind") or "attack")
+
+
+def _nan(v: Any) -> float:
+    try:
+        return math.nan if v is None else float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _labels(records: list[dict]) -> list[str]:
+    """Row label per record: the defense, plus the differing hparams when a block has several."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    keyf = [(r.get("dataset"), r.get("profile"), r.get("data_provenance"), r.get("arch"),
+             r.get("defense")) for r in records]
+    for k, r in zip(keyf, records):
+        hp = r.get("hparams") or {}
+        groups.setdefault(k, {})[json.dumps(hp, sort_keys=True, default=str)] = hp
+    out = []
+    for k, r in zip(keyf, records):
+        variants = groups[k]
+        if len(variants) == 1:
+            out.append(str(r.get("defense")))
+            continue
+        hp = r.get("hparams") or {}
+        keys = sorted({key for v in variants.values() for key in v
+                       if len({json.dumps(w.get(key), default=str)
+                               for w in variants.values()}) > 1})
+        out.append(f"{r.get('defense')} [" + ", ".join(f"{key}={hp.get(key)}" for key in keys)
+                   + "]")
+    return out
+
+
+def frames(records: Iterable[dict]) -> dict[str, pd.DataFrame]:
+    """Normalised frames per row kind (``attack``, ``features``, ``corruption``)."""
+    records = list(records)
+    labels = _labels(records)
+    out: dict[str, list[dict]] = {"attack": [], "features": [], "corruption": []}
+    for r, label in zip(records, labels):
+        kind = _kind(r)
+        if kind not in out or (kind == "corruption" and r.get("aggregate")):
+            continue
+        base = {"dataset": str(r.get("dataset", "?")), "profile": str(r.get("profile") or "?"),
+                "provenance": str(r.get("data_provenance") or ""),
+                "arch": str(r.get("arch", "?")), "checkpoint": str(r.get("checkpoint") or "best"),
+                "label": label, "defense": str(r.get("defense")), "seed": int(r.get("seed", 0)),
+                "run_id": str(r.get("run_id") or f"{r.get('defense')}-{r.get('seed', 0)}"),
+                "n": _nan(r.get("n_examples"))}
+        if kind == "attack":
+            eps, norm = _nan(r.get("eps")), str(r.get("norm") or "linf")
+            nominal_eps = _nan((r.get("hparams") or {}).get("eps"))
+            if math.isnan(nominal_eps):
+                nominal_eps = 0.3 if r.get("eps_str") == "0.3" else 8 / 255
+            nominal = norm != "linf" or bool(np.isclose(eps, nominal_eps, rtol=1e-6, atol=1e-9))
+            base.update(attack=str(r.get("attack")), norm=norm, eps=eps,
+                        eps_str=str(r.get("eps_str") or eps_to_str(eps)), nominal=nominal,
+                        clean=100 * _nan(r.get("clean_acc")), robust=100 * _nan(r.get("robust_acc")),
+                        ce=_nan(r.get("adv_ce")))
+        elif kind == "features":
+            base.update(condition=str(r.get("condition", "clean")),
+                        **{m: _nan(r.get(m)) for m in ("fdr", "afs", "scr", "mean_sep", "min_sep")})
+        else:
+            base.update(corruption=str(r.get("corruption")), severity=int(r.get("severity") or 0),
+                        accuracy=100 * _nan(r.get("accuracy")))
+        out[kind].append(base)
+    return {k: pd.DataFrame(v) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------- cell helpers
+def _best_n(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One row per ``keys``: the one with the most test points (ties: first in input order)."""
+    return df.sort_values("n", ascending=False, kind="stable").drop_duplicates(keys)
+
+
+def _cells(df: pd.DataFrame, column: str, value: str) -> pd.DataFrame:
+    out = df[UNIT].copy()
+    out["column"], out["value"], out["n"] = column, df[value].to_numpy(), df["n"].to_numpy()
+    return out[out["value"].notna()]
+
+
+def _clean(a: pd.DataFrame) -> pd.DataFrame:
+    return _cells(_best_n(a, UNIT), "clean", "clean") if len(a) else pd.DataFrame(columns=CELL)
+
+
+def _attack(a: pd.DataFrame, label: str, *, value: str = "robust", column: Optional[str] = None,
+            eps: Optional[float] = None) -> pd.DataFrame:
+    if not len(a):
+        return pd.DataFrame(columns=CELL)
+    sel = a[a["attack"] == label]
+    sel = sel[sel["nominal"]] if eps is None else sel[np.isclose(sel["eps"], eps, rtol=1e-6)]
+    return _cells(_best_n(sel, UNIT), column or label, value)
+
+
+def _avg(cells: pd.DataFrame, a: str, b: str, column: str = "avg") -> pd.DataFrame:
+    """Per-unit mean of two columns (the paper's Avg(clean, AA)); absent if either is."""
+    x = cells[cells["column"] == a].set_index(UNIT)
+    y = cells[cells["column"] == b].set_index(UNIT)
+    both = x.add_suffix("_a").join(y.add_suffix("_b"), how="inner")
+    out = both.reset_index()[UNIT]
+    out["column"] = column
+    out["value"] = ((both["value_a"] + both["value_b"]) / 2).to_numpy()
+    out["n"] = np.minimum(both["n_a"], both["n_b"]).to_numpy()
+    return out
+
+
+def _concat(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=CELL)
+
+
+# ------------------------------------------------------------------------- table specs
+def _why_attack(c: str) -> str:
+    if c == "clean":
+        return "no attack row for this checkpoint"
+    if c == "avg":
+        return "needs both `clean` and `autoattack`"
+    if "@" in c:
+        label, _, eps = c.partition("@")
+        return f"no `{label}` row at ε = {eps}"
+    if c.startswith(("acc_", "ce_")):
+        label = "pgd-" + c.split("_", 1)[1]
+        return f"no `{label}` row" + (" with `adv_ce`" if c.startswith("ce_") else "")
+    return f"no `{c}` row at the run's nominal ε"
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One of the paper's tables.
+
+    Attributes:
+        name: file prefix (``table1`` → ``table1_<dataset>_<profile>.csv``).
+        title: Markdown heading.
+        kind: row kind it is built from.
+        build: frame of that kind → (cells, expected columns in order).
+        derived: columns computed from others (they alone never make a table worth writing).
+        lower: columns where lower is better; ``neutral`` ones get no bold.
+        decimals: decimals shown in Markdown (CSV always has 4).
+        note: sentence printed under the title.
+        why: the reason given for a missing cell of a column.
+    """
+
+    name: str
+    title: str
+    kind: str
+    build: Callable[[pd.DataFrame], tuple[pd.DataFrame, list[str]]]
+    derived: frozenset[str] = frozenset({"clean", "avg"})
+    lower: frozenset[str] = frozenset()
+    neutral: Callable[[str], bool] = lambda c: False
+    decimals: Callable[[str], int] = lambda c: 2
+    note: str = ""
+    why: Callable[[str], str] = _why_attack
+
+    def better(self, column: str) -> Optional[str]:
+        if self.neutral(column):
+            return None
+        return "lower" if column in self.lower else "higher"
+
+
+def _fixed(columns: list[str], avg_of: Optional[tuple[str, str]] = None,
+           rename: Optional[dict[str, str]] = None) -> Callable:
+    rename = rename or {}
+
+    def build(a: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+        parts = [_clean(a)] if "clean" in columns else []
+        parts += [_attack(a, rename.get(c, c), column=c) for c in columns
+                  if c not in ("clean", "avg")]
+        cells = _concat(parts)
+        if avg_of:
+            cells = _concat([cells, _avg(cells, *avg_of)])
+        return cells, columns
+    return build
+
+
+def _summary(a: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    labels = [lab for lab in dict.fromkeys(a["attack"]) if not _SWEEP.match(lab)
+              and lab != "pgd-fig4"] if len(a) else []
+    labels.sort(key=lambda s: (_ORDER.index(s) if s in _ORDER else len(_ORDER), s))
+    return _fixed(["clean", *labels])(a)
+
+
+def _eps_sweep(a: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    sel = a[a["attack"].isin(["pgd", "autoattack"]) & (a["norm"] == "linf")] if len(a) else a
+    if not len(sel) or sel["nominal"].all():
+        return pd.DataFrame(columns=CELL), []
+    parts, cols = [], []
+    for eps in sorted(set(np.round(sel["eps"], 9))):
+        for label in ("pgd", "autoattack"):
+            col = f"{label}@{eps_to_str(eps)}"
+            cols.append(col)
+            parts.append(_attack(a, label, column=col, eps=eps))
+    return _concat(parts), cols
+
+
+def _iter_sweep(letter: str) -> Callable:
+    def build(a: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+        found = sorted({int(m.group(2)) for lab in (a["attack"] if len(a) else [])
+                        if (m := _SWEEP.match(lab)) and m.group(1) == letter})
+        parts, cols = [], []
+        for k in found:
+            label = f"pgd-{letter}{k}"
+            cols += [f"acc_{letter}{k}", f"ce_{letter}{k}"]
+            parts += [_attack(a, label, column=f"acc_{letter}{k}"),
+                      _attack(a, label, column=f"ce_{letter}{k}", value="ce")]
+        return _concat(parts), cols
+    return build
+
+
+def _features(f: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    cols = ["fdr_clean", "fdr_adv", "afs_clean", "afs_adv", "scr_clean", "scr_adv", "mean_sep",
+            "min_sep"]
+    if not len(f):
+        return pd.DataFrame(columns=CELL), cols
+    clean = _best_n(f[f["condition"] == "clean"], UNIT)
+    adv = _best_n(f[f["condition"] != "clean"], UNIT)
+    parts = [_cells(clean, f"{m}_clean", m) for m in ("fdr", "afs", "scr")]
+    parts += [_cells(adv, f"{m}_adv", m) for m in ("fdr", "afs", "scr")]
+    centres = _best_n(pd.concat([clean, adv]), UNIT)  # centres do not depend on the condition
+    parts += [_cells(centres, m, m) for m in ("mean_sep", "min_sep")]
+    return _concat(parts), cols
+
+
+def _corruption_units(c: pd.DataFrame) -> pd.DataFrame:
+    return _best_n(c, [*UNIT, "corruption", "severity"]) if len(c) else c
+
+
+def _severity(c: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    cols = [f"s{s}" for s in range(1, 6)] + ["avg_all"]
+    c = _corruption_units(c)
+    if not len(c):
+        return pd.DataFrame(columns=CELL), cols
+    g = c.groupby([*UNIT, "severity"], sort=False).agg(value=("accuracy", "mean"), n=("n", "min"))
+    sev = g.reset_index()
+    sev["column"] = "s" + sev["severity"].astype(str)
+    allc = c.groupby(UNIT, sort=False).agg(value=("accuracy", "mean"), n=("n", "min")).reset_index()
+    allc["column"] = "avg_all"
+    return _concat([sev[CELL], allc[CELL]]), cols
+
+
+def _per_corruption(c: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    c = _corruption_units(c)
+    if not len(c):
+        return pd.DataFrame(columns=CELL), []
+    names = set(c["corruption"])
+    cols = [n for n in CORRUPTIONS if n in names] + sorted(names - set(CORRUPTIONS))
+    g = c.groupby([*UNIT, "corruption"], sort=False).agg(value=("accuracy", "mean"),
+                                                         n=("n", "min")).reset_index()
+    g["column"] = g["corruption"]
+    return g[CELL], cols
+
+
+
+
+TABLES: list[TableSpec] = [
+    TableSpec("accuracy", "Clean and robust accuracy (%) under every evaluated attack", "attack",
+              _summary, note="All attack columns at the nominal ε (sweeps of Tables 3, 6, 7 "
+                             "and Figure 4 excluded)."),
+    TableSpec("table1", "Table 1: clean, AutoAttack, Avg(clean, AA) and PGD l1/l2/l∞ accuracy (%)",
+              "attack", _fixed(["clean", "autoattack", "avg", "pgd-l1", "pgd-l2", "pgd"],
+                               ("clean", "autoattack"))),
+    TableSpec("table2", "Table 2: accuracy (%) under clean, AA, FGSM, PGD-20, PGD-100, C&W and "
+                        "the per-sample Ensemble", "attack",
+              _fixed(["clean", "autoattack", "avg", "fgsm", "pgd20", "pgd100", "cw", "ensemble"],
+                     ("clean", "autoattack"))),
+    TableSpec("table3", "Table 3: PGD and AutoAttack accuracy (%) at several l∞ ε", "attack",
+              _eps_sweep, note="Columns `<attack>@<ε>`; PGD as in Table 1."),
+    TableSpec("table4", "Table 4: feature-space discrimination on clean and PGD-20 features",
+              "features", _features, derived=frozenset(), decimals=lambda c: 2 if "sep" in c else 3,
+              lower=frozenset({"fdr_clean", "fdr_adv", "afs_clean", "afs_adv"}),
+              why=lambda c: "no `features` row for this condition (`advbench features`)",
+              note="FDR eq. 8, AFS eq. 9, SCR eq. 10 (class centres: prototypes for prototype "
+                   "defenses, classifier weights otherwise), MeanSep/MinSep eq. 11-12 in degrees."),
+    TableSpec("table5", "Table 5: accuracy (%) on CIFAR-10-C per severity and on average",
+              "corruption", _severity, derived=frozenset(),
+              note="`s1`…`s5`: mean over corruptions at that severity; `avg_all`: mean over all "
+                   "corruptions and severities.",
+              why=lambda c: "no `corruption` row (`advbench corruptions`)"),
+    TableSpec("table5-corruptions", "CIFAR-10-C accuracy (%) per corruption (mean over "
+                                    "severities)", "corruption", _per_corruption,
+              derived=frozenset(), why=lambda c: f"no `{c}` row (`advbench corruptions`)"),
+    TableSpec("table6", "Table 6: PGD with more iterations: accuracy (%) and mean CE loss at x'",
+              "attack", _iter_sweep("k"), derived=frozenset(),
+              neutral=lambda c: c.startswith("ce_"), decimals=lambda c: 4 if c.startswith("ce_")
+              else 2, note="`acc_kK` / `ce_kK`: PGD with K iterations (ε nominal, step 1/255)."),
+    TableSpec("table7", "Table 7: PGD with random restarts: accuracy (%) and mean CE loss at x'",
+              "attack", _iter_sweep("r"), derived=frozenset(),
+              neutral=lambda c: c.startswith("ce_"), decimals=lambda c: 4 if c.startswith("ce_")
+              else 2, note="`acc_rR` / `ce_rR`: PGD with R random restarts."),
+    TableSpec("table8", "Table 8: accuracy (%) under PGD on CE vs PGD on the defense's own loss",
+              "attack", _fixed(["pgd20", "adaptive"]), derived=frozenset(),
+              note="`pgd20`: PGD-20 on cross-entropy; `adaptive`: the same PGD maximising "
+                   "the defense's own per-sample training loss."),
+]
