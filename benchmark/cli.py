@@ -119,17 +119,32 @@ def _scale(dataset: str, data_dir: Optional[str]) -> str:
 @click.option("--suite", default=None, help="Named attack suite.")
 @click.option("--n-examples", type=int, default=None, help="Test points (default: profile's).")
 @click.option("--checkpoints", default="best", show_default=True, help="best, last or best,last.")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Eval batch size.")
+@click.option("--batch-size", type=int, default=None,
+              help="Eval batch size [256 on CPU, 512-1024 on a GPU].")
 @click.option("--out", default=None, type=click.Path(), help="Report folder [RUNS_DIR/report].")
 @click.option("--force", is_flag=True, help="Delete and recompute the selected runs.")
 @click.option("--dry-run", is_flag=True, help="List the jobs and their states; run nothing.")
+@click.option("--launcher", default="serial", show_default=True,
+              type=click.Choice(["serial", "local", "submitit"]),
+              help="serial: in this process; local: one subprocess per job; submitit: Slurm.")
+@click.option("--jobs", "parallel", type=int, default=None,
+              help="local launcher: jobs at a time [one per GPU (group), else 1].")
+@click.option("--gpus-per-job", type=int, default=1, show_default=True,
+              help="DDP processes per job (local: torchrun; submitit: Slurm tasks).")
+@click.option("--cluster", default=None,
+              help="submitit cluster: slurm [auto-detected], local or debug.")
+@click.option("--executor-params", default=None,
+              help='submitit parameters as JSON, e.g. \'{"slurm_partition": "gpu", '
+                   '"timeout_min": 2880}\'.')
 def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: str,
         hparams: Optional[str], runs_dir: str, data_dir: Optional[str], download: bool, device: str,
         no_progress: bool, attacks: Optional[str], suite: Optional[str], n_examples: Optional[int],
-        checkpoints: str, batch_size: int, out: Optional[str], force: bool, dry_run: bool) -> None:
+        checkpoints: str, batch_size: Optional[int], out: Optional[str], force: bool,
+        dry_run: bool, launcher: str, parallel: Optional[int], gpus_per_job: int,
+        cluster: Optional[str], executor_params: Optional[str]) -> None:
     """Train every missing run, evaluate it, and print the comparison table."""
     from benchmark.data import load_dataset
-    from benchmark.evaluate import eval_key, evaluate_run
+    from benchmark.evaluate import evaluate_run, expected_keys
     from benchmark.protocols import resolve_specs
     from benchmark.report import load_rows, write_report
     from benchmark.store import RunStore
@@ -145,19 +160,47 @@ def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: s
     if not set(which) <= {"best", "last"}:
         raise UsageError(f"--checkpoints takes best and/or last, got {checkpoints!r}")
     store = RunStore(runs_dir)
-    from benchmark.config import DEFAULT_N_EXAMPLES
-    n_key = n_examples if n_examples is not None else DEFAULT_N_EXAMPLES.get(profile)
     states = []
     for cfg in cfgs:
-        keys = [eval_key(cfg.run_id, w, s, n_key if n_key is not None else -1)
-                for w in which for s in specs]
+        keys = expected_keys(cfg, which, specs, n_examples)
         states.append(store.state(store.run_dir(cfg), keys).value)
     counts = {s: states.count(s) for s in ("done", "partial", "trained", "new")}
     click.echo(f"{len(cfgs)} jobs: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    from benchmark.launch import collect_rows, launch, plan
+    jobs = plan(cfgs, scale, runs_dir=runs_dir, data_dir=data_dir, download=download,
+                attacks=attacks, suite=suite, checkpoints=tuple(which), n_examples=n_examples,
+                batch_size=batch_size, device=device, gpus=gpus_per_job)
     if dry_run:
         for cfg, st in zip(cfgs, states):
             click.echo(f"{st:8s} {cfg.defense:10s} seed {cfg.seed}  {store.run_dir(cfg)}")
+        for job in jobs:
+            if not job.evaluate:
+                click.echo(f"{store.state(job.run_dir()).value:8s} {job.cfg.defense:10s} seed "
+                           f"{job.cfg.seed}  {job.run_dir()}  (required by "
+                           f"{', '.join(j.cfg.defense for j in jobs if job.cfg.run_id in j.needs)};"
+                           f" trained, not evaluated)")
         return
+    if launcher != "serial":
+        import json
+        try:
+            params = json.loads(executor_params or "{}")
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--executor-params is not valid JSON: {exc}") from None
+        if force:
+            for job in jobs:
+                if job.evaluate and job.run_dir().exists():
+                    shutil.rmtree(job.run_dir())
+        kwargs: dict[str, Any] = {"parallel": parallel} if launcher == "local" else {
+            "folder": Path(runs_dir) / ".submitit", "cluster": cluster, "parameters": params}
+        launch(jobs, launcher, **kwargs)
+        rows = collect_rows(jobs, scale)
+        out_dir = Path(out) if out else Path(runs_dir) / "report"
+        for md in write_report(load_rows(rows), out_dir):
+            click.echo("\n" + md)
+        click.echo(f"{len(jobs)} jobs via {launcher}; tables written to {out_dir}/tables; wall "
+                   f"time {time.perf_counter() - t0:.1f}s")
+        return
+    from benchmark.train import default_eval_batch_size
     data = load_dataset(dataset, data_dir, download=download)
     rows = []
     for cfg in cfgs:
@@ -166,8 +209,8 @@ def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: s
         run_dir = train_run(cfg, data, store, device=device, progress=not no_progress)
         for w in which:
             rows += evaluate_run(run_dir, specs, checkpoint=w, n_examples=n_examples,
-                                 device=device, batch_size=batch_size, data=data,
-                                 progress=not no_progress)
+                                 device=device, data=data, progress=not no_progress,
+                                 batch_size=batch_size or default_eval_batch_size(device, cfg.arch))
     out_dir = Path(out) if out else Path(runs_dir) / "report"
     for md in write_report(load_rows(rows), out_dir):
         click.echo("\n" + md)
@@ -177,10 +220,35 @@ def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: s
 @cli.command()
 @click.option("--defense", required=True, help="Defense name.")
 @common_options(multi=False)
+@click.option("--ddp", "nproc", type=int, default=None,
+              help="Train each run with DDP on N local processes (= torchrun "
+                   "--nproc_per_node=N -m benchmark.cli train ...).")
+@click.option("--sync-bn", is_flag=True, help="DDP: BatchNorm statistics over the global "
+                                              "batch (SyncBatchNorm; CUDA only).")
 def train(defense: str, dataset: str, arch: Optional[str], profile: str, seeds: str,
           hparams: Optional[str], runs_dir: str, data_dir: Optional[str], download: bool,
-          device: str, no_progress: bool) -> None:
-    """Train (or resume) one defense; print the run folder(s)."""
+          device: str, no_progress: bool, nproc: Optional[int], sync_bn: bool) -> None:
+    """Train (or resume) one defense; print the run folder(s).
+
+    Under torchrun (WORLD_SIZE > 1) or with --ddp N, each run is trained with
+    DistributedDataParallel; the global batch stays the run's batch_size.
+    """
+    from benchmark import distributed
+
+    args = (defense, dataset, arch, profile, seeds, hparams, runs_dir, data_dir, download, device,
+            no_progress, sync_bn)
+    if nproc is not None and nproc > 1 and distributed.env_world_size() <= 1:
+        _scale(dataset, data_dir)  # fail on a bad name before starting processes
+        distributed.launch_local(nproc, _train_impl, args)
+    else:
+        _train_impl(*args)
+
+
+def _train_impl(defense: str, dataset: str, arch: Optional[str], profile: str, seeds: str,
+                hparams: Optional[str], runs_dir: str, data_dir: Optional[str], download: bool,
+                device: str, no_progress: bool, sync_bn: bool) -> None:
+    """The body of ``advbench train`` (also each process of ``--ddp``)."""
+    from benchmark import distributed
     from benchmark.data import load_dataset
     from benchmark.store import RunStore
     from benchmark.train import train_run
@@ -188,41 +256,66 @@ def train(defense: str, dataset: str, arch: Optional[str], profile: str, seeds: 
     scale = _scale(dataset, data_dir)
     cfgs = _configs([defense], dataset, profile, arch, _seeds(seeds), hparams, scale)
     data = load_dataset(dataset, data_dir, download=download)
-    for cfg in cfgs:
-        click.echo(str(train_run(cfg, data, RunStore(runs_dir), device=device,
-                                 progress=not no_progress)))
+    with distributed.process_group(device) as env:
+        for cfg in cfgs:
+            run_dir = train_run(cfg, data, RunStore(runs_dir), device=device,
+                                progress=not no_progress, sync_bn=sync_bn)
+            if env.is_main:
+                click.echo(str(run_dir))
 
 
 @cli.command()
-@click.option("--run", "run_paths", multiple=True, required=True, type=click.Path(exists=True),
+@click.option("--run", "run_paths", multiple=True, type=click.Path(exists=True),
               help="Run folder (repeatable).")
-@click.option("--attacks", default=None, help="Attack columns, e.g. fgsm,pgd.")
-@click.option("--suite", default=None, help="Named attack suite.")
-@click.option("--n-examples", type=int, default=None)
+@click.option("--checkpoint-file", "ckpt_files", multiple=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="Any advbench checkpoint file (repeatable); rows go to --out.")
+@click.option("--attacks", default=None,
+              help="Attack columns, e.g. fgsm,pgd,pgd@4/255,pgd-k50 ('all' for every one).")
+@click.option("--suite", default=None,
+              help="Named suite: table1, table2, table3, table6, table7, table8, fig4, sanity, "
+                   "default (see `advbench list suites`).")
+@click.option("--eps", default=None, help="Comma list of eps overriding every column's, "
+                                          "e.g. 2/255,4/255.")
+@click.option("--n-examples", type=int, default=None,
+              help="First N test points (default: the profile's, capped per attack).")
 @click.option("--checkpoint", "which", default="best", show_default=True,
               type=click.Choice(["best", "last"]))
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="Eval batch size [256 on CPU, 512-1024 on a GPU].")
 @click.option("--data-dir", default=None, type=click.Path())
 @click.option("--device", default="auto", show_default=True)
+@click.option("--out", default=None, type=click.Path(),
+              help="Result folder for --checkpoint-file [<file stem>-eval beside the file].")
 @click.option("--force", is_flag=True, help="Recompute existing rows.")
 @click.option("--no-progress", is_flag=True)
-def evaluate(run_paths: tuple[str, ...], attacks: Optional[str], suite: Optional[str],
-             n_examples: Optional[int], which: str, batch_size: int, data_dir: Optional[str],
-             device: str, force: bool, no_progress: bool) -> None:
-    """Attack trained runs; rows go to RUN/eval, flags to RUN/flags."""
-    from benchmark.evaluate import evaluate_run
-    from benchmark.protocols import resolve_specs
-    from benchmark.report import load_rows, to_markdown, accuracy_table
-    from benchmark.store import read_json
+def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: Optional[str],
+             suite: Optional[str], eps: Optional[str], n_examples: Optional[int], which: str,
+             batch_size: Optional[int], data_dir: Optional[str], device: str,
+             out: Optional[str], force: bool, no_progress: bool) -> None:
+    """Attack trained runs or checkpoint files; rows go to RUN/eval, flags to RUN/flags."""
+    from benchmark.evaluate import evaluate_path, format_rows
 
+    if not run_paths and not ckpt_files:
+        raise UsageError("give --run RUN_DIR and/or --checkpoint-file FILE")
     rows = []
-    for path in run_paths:
-        cfg = read_json(Path(path) / "config.json")
-        specs = resolve_specs(attacks, cfg["data"]["scale"], suite=suite)
-        rows += evaluate_run(path, specs, checkpoint=which, n_examples=n_examples, device=device,
-                             batch_size=batch_size, data_dir=Path(data_dir) if data_dir else None,
-                             force=force, progress=not no_progress)
-    click.echo(to_markdown(accuracy_table(load_rows(rows))))
+    for path in [*run_paths, *ckpt_files]:
+        rows += evaluate_path(path, attacks=attacks, suite=suite, eps=eps, checkpoint=which,
+                              n_examples=n_examples, device=device,
+                              batch_size=batch_size or _eval_batch(path, device),
+                              data_dir=Path(data_dir) if data_dir else None, force=force,
+                              progress=not no_progress, out_dir=out)
+    click.echo(format_rows(rows))
+
+
+def _eval_batch(path: str, device: str) -> int:
+    """Device-sized default evaluation batch (smaller for a run folder's WRN backbone)."""
+    import json
+
+    from benchmark.train import default_eval_batch_size
+    cfg = Path(path) / "config.json"
+    arch = json.loads(cfg.read_text()).get("arch") if cfg.is_file() else None
+    return default_eval_batch_size(device, arch)
 
 
 @cli.command()
@@ -230,15 +323,106 @@ def evaluate(run_paths: tuple[str, ...], attacks: Optional[str], suite: Optional
 @click.option("--rows", "rows_file", default=None, type=click.Path(exists=True),
               help="Build from a rows.jsonl file instead of run folders.")
 @click.option("--out", default="results", show_default=True, type=click.Path())
-def report(runs_dir: str, rows_file: Optional[str], out: str) -> None:
-    """Regenerate the tables from run folders (or a rows.jsonl) into OUT."""
-    from benchmark.report import load_rows, write_report
+@click.option("--no-plots", is_flag=True, help="Tables only.")
+@click.option("--print/--no-print", "echo", default=True, show_default=True,
+              help="Print the Markdown tables.")
+def report(runs_dir: str, rows_file: Optional[str], out: str, no_plots: bool, echo: bool) -> None:
+    """Regenerate every table (CSV + Markdown) and figure from run folders or a rows.jsonl.
 
-    df = load_rows(rows_file or runs_dir)
-    if df.empty:
+    Writes OUT/rows.jsonl (so `--rows OUT/rows.jsonl` rebuilds the same tables),
+    OUT/tables/<table>_<dataset>_<profile>.{csv,md}, OUT/tables/missing.csv, OUT/report.md
+    and OUT/plots/*.png.
+    """
+    from benchmark.report import load_records, write_report
+
+    records = load_records(rows_file or runs_dir)
+    if not records:
         raise UsageError(f"no result rows under {rows_file or runs_dir}")
-    for md in write_report(df, Path(out)):
+    mds = write_report(records, Path(out), plots=not no_plots)
+    for md in mds if echo else []:
         click.echo(md)
+    pngs = [] if no_plots else sorted((Path(out) / "plots").glob("*.png"))
+    click.echo(f"{len(records)} rows -> {len(mds)} tables under {out}/tables"
+               + (f", {len(pngs)} plots under {out}/plots" if pngs else ""))
+
+
+@cli.command()
+@click.option("--run", "run_paths", multiple=True, required=True, type=click.Path(exists=True),
+              help="Run folder (repeatable).")
+@click.option("--n-examples", type=int, default=None, help="Test points (default: profile's).")
+@click.option("--checkpoint", "which", default="best", show_default=True,
+              type=click.Choice(["best", "last"]))
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--data-dir", default=None, type=click.Path())
+@click.option("--device", default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="Recompute existing rows.")
+def features(run_paths: tuple[str, ...], n_examples: Optional[int], which: str, batch_size: int,
+             data_dir: Optional[str], device: str, force: bool) -> None:
+    """Feature-space metrics (Table 4: FDR, AFS, SCR, MeanSep, MinSep), clean and PGD-20."""
+    from benchmark.features import evaluate_features
+
+    for path in run_paths:
+        for r in evaluate_features(path, checkpoint=which, n_examples=n_examples, device=device,
+                                   batch_size=batch_size, data_dir=data_dir, force=force):
+            click.echo(f"{r['defense']}\tseed {r['seed']}\t{r['condition']}\t" + "\t".join(
+                f"{k}={r[k]:.4f}" for k in ("fdr", "afs", "scr", "mean_sep", "min_sep")))
+
+
+@cli.command()
+@click.option("--run", "run_paths", multiple=True, required=True, type=click.Path(exists=True),
+              help="Run folder of a CIFAR-10 model (repeatable).")
+@click.option("--data-dir", required=True, type=click.Path(exists=True),
+              help="Folder with CIFAR-10-C's <corruption>.npy and labels.npy (or its parent).")
+@click.option("--corruptions", default=None, help="Comma list (default: every .npy present).")
+@click.option("--n-examples", type=int, default=None,
+              help="Images per severity (default: profile's).")
+@click.option("--checkpoint", "which", default="best", show_default=True,
+              type=click.Choice(["best", "last"]))
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="Recompute existing rows.")
+def corruptions(run_paths: tuple[str, ...], data_dir: str, corruptions: Optional[str],
+                n_examples: Optional[int], which: str, batch_size: int, device: str,
+                force: bool) -> None:
+    """Accuracy on CIFAR-10-C per corruption and severity (Table 5, Figure 3)."""
+    from benchmark.corruptions import evaluate_corruptions
+
+    names = [c.strip() for c in corruptions.split(",") if c.strip()] if corruptions else None
+    for path in run_paths:
+        rows = evaluate_corruptions(path, data_dir, checkpoint=which, n_examples=n_examples,
+                                    corruptions=names, device=device, batch_size=batch_size,
+                                    force=force)
+        agg = [r for r in rows if r.get("aggregate")]
+        if agg:
+            r = agg[-1]
+            click.echo(f"{r['defense']}\tseed {r['seed']}\tavg {100 * r['accuracy']:.2f}%\t"
+                       + " ".join(f"s{s}={100 * v:.2f}"
+                                  for s, v in r["accuracy_by_severity"].items()))
+
+
+@cli.command()
+@click.option("--at", "at_run", required=True, type=click.Path(exists=True),
+              help="Run folder of the AT model (arch lenets++).")
+@click.option("--adv-dpnp", "dpnp_run", required=True, type=click.Path(exists=True),
+              help="Run folder of the Adv-DPNP model (arch lenets++).")
+@click.option("--out", default="results/plots/figure2.png", show_default=True,
+              type=click.Path())
+@click.option("--n-examples", type=int, default=None, help="Test points (default: profile's).")
+@click.option("--checkpoint", "which", default="best", show_default=True,
+              type=click.Choice(["best", "last"]))
+@click.option("--data-dir", default=None, type=click.Path())
+@click.option("--device", default="auto", show_default=True)
+def figure2(at_run: str, dpnp_run: str, out: str, n_examples: Optional[int], which: str,
+            data_dir: Optional[str], device: str) -> None:
+    """Figure 2: 2-D LeNets++ features, clean and adversarial, AT vs Adv-DPNP."""
+    from benchmark import plots
+    from benchmark.features import figure2_panels
+
+    panels = [figure2_panels(p, checkpoint=which, n_examples=n_examples, device=device,
+                             data_dir=data_dir) for p in (at_run, dpnp_run)]
+    plots.save(plots.figure2(panels), out)
+    click.echo(f"{out}: " + ", ".join(f"{p['defense']} clean {100 * p['clean_acc']:.1f}% adv "
+                                      f"{100 * p['adv_acc']:.1f}%" for p in panels))
 
 
 @cli.command(name="list")
@@ -262,9 +446,11 @@ def list_(what: str) -> None:
         for name, cls in ARCHS.items():
             click.echo(f"{name}\tbuilt-in\t{(cls.__doc__ or '').strip().splitlines()[0]}")
     else:
-        from benchmark.protocols import SUITES
+        from benchmark.protocols import SUITE_EPS, SUITES, format_eps
         for name, labels in SUITES.items():
-            click.echo(f"{name}\tbuilt-in\t{','.join(labels)}")
+            grids = "; ".join(f"{scale} eps {','.join(format_eps(e) for e in grid)}"
+                              for scale, grid in SUITE_EPS.get(name, {}).items())
+            click.echo(f"{name}\tbuilt-in\t{','.join(labels)}" + (f"\t[{grids}]" if grids else ""))
 
 
 @cli.command()
@@ -276,6 +462,49 @@ def download(dataset: str, data_dir: str) -> None:
     from benchmark.data import load_dataset
     data = load_dataset(dataset, data_dir, download=True)
     click.echo(f"{dataset}: {len(data.train)} train / {len(data.test)} test under {data_dir}")
+
+
+@cli.command()
+@click.option("--defense", default="at", show_default=True, help="Defense name.")
+@click.option("--arch", default="small-cnn", show_default=True, help="Backbone.")
+@click.option("--dataset", default="cifar10", show_default=True,
+              help="Input shape and classes (random data; nothing is loaded).")
+@click.option("--profile", default="paper", show_default=True, type=click.Choice(["cpu", "paper"]))
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--steps", type=int, default=3, show_default=True, help="Timed training steps.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed steps first.")
+@click.option("--reps", type=int, default=3, show_default=True,
+              help="Timed repetitions of each plain forward/backward measurement.")
+@click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16"]))
+@click.option("--channels-last", is_flag=True)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the training model.")
+@click.option("--attacks", default="fgsm,pgd", show_default=True,
+              help="Evaluation attacks to time ('' for none).")
+@click.option("--eval-samples", type=int, default=None, help="Samples per attack [batch size].")
+@click.option("--hparams", default=None, help="JSON hyperparameter overrides.")
+@click.option("--threads", type=int, default=None, help="torch intra-op threads [torch's].")
+@click.option("--json", "json_path", default=None, type=click.Path(),
+              help="Also write the measurements as JSON.")
+def bench(defense: str, arch: str, dataset: str, profile: str, batch_size: int, device: str,
+          steps: int, warmup: int, reps: int, amp: str, channels_last: bool, compile_: bool,
+          attacks: str, eval_samples: Optional[int], hparams: Optional[str],
+          threads: Optional[int], json_path: Optional[str]) -> None:
+    """Time the training step against (k+1) forward+backward passes, and the eval attacks."""
+    import torch
+
+    from benchmark.bench import bench as run_bench, format_bench, to_json
+    from benchmark.config import parse_hparams
+
+    if threads:
+        torch.set_num_threads(threads)
+    result = run_bench(defense, arch, dataset=dataset, profile=profile, batch_size=batch_size,
+                       device=device, steps=steps, warmup=warmup, reps=reps, amp=amp,
+                       channels_last=channels_last, compile=compile_, attacks=attacks or None,
+                       eval_samples=eval_samples, hparams=parse_hparams(hparams))
+    click.echo(format_bench(result))
+    if json_path:
+        Path(json_path).write_text(to_json(result) + "\n")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -3,10 +3,19 @@
 Resumable: after every epoch ``ckpt_last.pt`` holds model, optimizer, epoch, defense state
 and all RNG states (torch, CUDA, numpy, python, the data order generator), so a killed run
 restarts from its last finished epoch and ends with the same weights as an uninterrupted one.
+
+Speed options (hyperparameters, so part of the run key; off by default because they change
+numerics): ``amp="bf16"`` autocasts the training step (attack + loss; backward and optimizer
+outside, validation and evaluation stay fp32), ``channels_last`` converts model and batches,
+``compile`` runs the step through ``torch.compile(model)`` while checkpoints keep saving the
+uncompiled module's ``state_dict``. The inner loop syncs with the host only every 20 steps
+(progress and NaN check). Under ``torch.distributed`` (torchrun, ``advbench train --ddp``) the
+step runs under DistributedDataParallel; see :mod:`benchmark.distributed`.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import math
 import random
@@ -21,12 +30,14 @@ from tqdm.auto import tqdm
 
 from attacks.base import model_mode
 from attacks.pgd import PGD
+from benchmark import distributed
 from benchmark.checkpoint import build_defense, model_from_checkpoint, read_checkpoint
 from benchmark.config import RunConfig, resolve_run_config
 from benchmark.data import BatchLoader, Data, split_train_val
-from benchmark.errors import TrainingError
+from benchmark.errors import TrainingError, UsageError
 from benchmark.store import (CKPT_FORMAT, CKPT_VERSION, RunStore, append_jsonl, atomic_torch_save,
                              atomic_write_json, code_version, environment, now, read_jsonl)
+from defenses.base import StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +46,17 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def default_eval_batch_size(device: str | torch.device, arch: Optional[str] = None) -> int:
+    """Evaluation batch sized for the device: 256 on CPU; on a GPU 1024 (512 under 40 GiB),
+    a quarter of that for WRN-34-10, whose attack activations are ~8x ResNet-18's."""
+    dev = resolve_device(str(device))
+    if dev.type != "cuda":
+        return 256
+    mem_gib = torch.cuda.get_device_properties(dev).total_memory / 2 ** 30
+    size = 1024 if mem_gib >= 40 else 512
+    return size // 4 if arch and arch.startswith("wrn") else size
 
 
 def seed_everything(seed: int) -> None:
@@ -78,7 +100,34 @@ def make_optimizer(model: nn.Module, hp: Mapping[str, Any]) -> torch.optim.Optim
 def autocast(hp: Mapping[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
     if hp.get("amp", "none") == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if hp.get("amp", "none") != "none":
+        raise UsageError(f"amp must be 'none' or 'bf16', got {hp['amp']!r}")
     return contextlib.nullcontext()
+
+
+def maybe_compile(model: nn.Module, hp: Mapping[str, Any]) -> nn.Module:
+    """``torch.compile(model)`` if ``hp["compile"]``; the wrapper shares the parameters, so
+    optimizer and checkpoints keep using the uncompiled ``model``."""
+    return torch.compile(model) if hp.get("compile") else model
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, enabled: bool = True) -> Any:
+    """Exclusive lock on a run folder (released by the OS if the process dies), so that two
+    launcher jobs needing the same run (e.g. HAT's ``st`` helper) never train it twice."""
+    if not enabled:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process training %s", run_dir)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without locks: the launchers' ordering remains
+            logger.warning("cannot lock %s (%s); continuing unlocked", run_dir, exc)
+        yield  # closing the file releases the lock
 
 
 @torch.no_grad()
@@ -107,43 +156,69 @@ def build_threat(hp: Mapping[str, Any]) -> Any:
 
 
 def train_run(cfg: RunConfig, data: Data, store: RunStore, *, device: str = "cpu",
-              progress: bool = True, stop_after: Optional[int] = None) -> Path:
+              progress: bool = True, stop_after: Optional[int] = None,
+              sync_bn: bool = False) -> Path:
     """Train one run to completion (or resume it); return its folder.
+
+    Under an initialised ``torch.distributed`` group of several processes, every rank calls
+    this with the same arguments: the run is trained with DDP and only rank 0 writes files.
 
     Args:
         cfg: the resolved run config.
         data: the dataset in memory.
         store: where run folders live.
-        device: ``cpu``, ``cuda``, ``cuda:1`` or ``auto``.
-        progress: show a per-epoch progress bar.
+        device: ``cpu``, ``cuda``, ``cuda:1`` or ``auto`` (under DDP: ``cuda:LOCAL_RANK``).
+        progress: show a per-epoch progress bar (rank 0 only).
         stop_after: stop after this many epochs in this call (for tests of resumption).
+        sync_bn: under DDP, BatchNorm statistics over the global batch (CUDA only).
 
     Raises:
         TrainingError: the loss became NaN/inf (the last good checkpoint is kept).
     """
+    env = distributed.current()
     run_dir = store.run_dir(cfg)
     if (run_dir / "TRAINED").exists():
         logger.info("%s/%s seed %d already trained: %s", cfg.defense, cfg.dataset, cfg.seed, run_dir)
         return run_dir
-    dev = resolve_device(device)
-    hp = cfg.hparams
     helpers = {req: _helper_model(req, cfg, data, store, device, progress)
                for req in _requires(cfg.defense)}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "config.json").exists():
-        atomic_write_json(run_dir / "config.json", {
-            **cfg.to_dict(), "run_id": cfg.run_id, "data": data.info.to_dict(),
-            "env": environment(dev), "git": code_version(), "created": now()})
+    with _run_lock(run_dir, enabled=not env.active):
+        if not env.active and (run_dir / "TRAINED").exists():  # trained while we waited
+            return run_dir
+        _train(cfg, data, store, run_dir, helpers, env, device=device,
+               progress=progress and env.is_main, stop_after=stop_after, sync_bn=sync_bn)
+    distributed.barrier(env)  # other ranks may read what rank 0 just wrote
+    return run_dir
+
+
+def _train(cfg: RunConfig, data: Data, store: RunStore, run_dir: Path,
+           helpers: Mapping[str, nn.Module], env: distributed.DistEnv, *, device: str,
+           progress: bool, stop_after: Optional[int], sync_bn: bool) -> None:
+    dev = distributed.rank_device(resolve_device(device), env)
+    hp = cfg.hparams
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "config.json").exists():
+            atomic_write_json(run_dir / "config.json", {
+                **cfg.to_dict(), "run_id": cfg.run_id, "data": data.info.to_dict(),
+                "env": environment(dev), "git": code_version(), "created": now(),
+                **({"distributed": {"world_size": env.world_size, "sync_bn": sync_bn}}
+                   if env.active else {})})
 
     seed_everything(cfg.seed)
     defense = build_defense(cfg, data.info)
     model = defense.build_model(cfg.arch, data.info).to(dev)
+    if env.active and sync_bn:
+        model = distributed.convert_sync_bn(model, dev)
     if hp.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
     defense.setup({k: m.to(dev) for k, m in helpers.items()})
     optimizer = make_optimizer(model, hp)
     train_split, val_split = split_train_val(data.train, int(hp["val_size"]),
                                              subset=hp.get("train_subset"))
+    if env.active and 0 < len(train_split) % int(hp["batch_size"]) < env.world_size:
+        raise UsageError(f"the last batch of {len(train_split) % int(hp['batch_size'])} samples "
+                         f"cannot feed {env.world_size} processes; change batch_size")
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     loader = BatchLoader(train_split, int(hp["batch_size"]), generator=loader_gen,
                          augment=bool(hp["augment"]), crop_pad=data.info.crop_pad,
@@ -159,20 +234,30 @@ def train_run(cfg: RunConfig, data: Data, store: RunStore, *, device: str = "cpu
         _set_rng_state(ckpt["rng"], loader_gen)
         start_epoch, best = int(ckpt["epoch"]), float(ckpt["best_val"])
         logger.info("resuming %s from epoch %d", run_dir, start_epoch)
+    step_model = maybe_compile(model, hp)
+    ddp = distributed.wrap_step(step_model, defense, lambda: autocast(hp, dev), dev) \
+        if env.active else None
 
     epochs = int(hp["epochs"])
     for epoch in range(start_epoch, epochs):
         if stop_after is not None and epoch - start_epoch >= stop_after:
-            return run_dir
+            return
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(hp, epoch)
         model.train()
         defense.on_epoch_start(model, epoch)
-        stats = _train_epoch(model, defense, optimizer, loader, hp, dev, epoch, epochs, progress,
-                             cfg)
+        if env.active:
+            distributed.seed_rank(cfg.seed, epoch, env)
+        stats = _train_epoch(step_model, defense, optimizer, loader, hp, dev, epoch, epochs,
+                             progress, cfg, ddp=ddp, env=env)
+        distributed.broadcast_defense_state(defense, env)
+        if not env.is_main:
+            continue
         record = {"epoch": epoch + 1, "lr": lr_at(hp, epoch), **stats,
                   "epoch_s": round(time.perf_counter() - t0, 3)}
+        if env.active:
+            record["world_size"] = env.world_size
         if (epoch + 1) % int(hp.get("val_every", 1)) == 0 or epoch + 1 == epochs:
             record.update(validate(model, x_val, y_val, hp))
         score = record.get(str(hp.get("select_by", "val_pgd")), -math.inf)
@@ -190,29 +275,39 @@ def train_run(cfg: RunConfig, data: Data, store: RunStore, *, device: str = "cpu
         logger.info("%s seed %d epoch %d/%d %s", cfg.defense, cfg.seed, epoch + 1, epochs,
                     " ".join(f"{k}={v:.4g}" for k, v in record.items()
                              if isinstance(v, float) and k != "lr"))
+    if not env.is_main:
+        return
     if epochs == 0:
         atomic_torch_save(run_dir / "ckpt_last.pt", {
             "format": CKPT_FORMAT, "version": CKPT_VERSION, "config": cfg.to_dict(),
             "info": data.info.to_dict(), "epoch": 0, "best_val": best,
             "model": model.state_dict(), "defense": defense.state_dict()})
     (run_dir / "TRAINED").write_text(now() + "\n")
-    return run_dir
 
 
 def _train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer,
                  loader: BatchLoader, hp: Mapping[str, Any], dev: torch.device, epoch: int,
-                 epochs: int, progress: bool, cfg: RunConfig) -> dict[str, float]:
+                 epochs: int, progress: bool, cfg: RunConfig, *, ddp: Optional[nn.Module] = None,
+                 env: distributed.DistEnv = distributed.DistEnv()) -> dict[str, float]:
+    """One pass over ``loader``. With ``ddp`` (the step wrapped by
+    :func:`distributed.wrap_step`) each rank steps on its shard of every global batch."""
     sums: dict[str, Tensor] = {}
     n_seen, correct = 0, torch.zeros((), device=dev)
     bar = tqdm(loader, desc=f"{cfg.defense} s{cfg.seed} ep {epoch + 1}/{epochs}", leave=False,
                disable=not progress, unit="batch", dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
+        weight = 1.0
+        if ddp is not None:
+            x, y, weight = env.shard(x, y)
         if hp.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(hp, dev):
-            out = defense.training_step(model, x, y, epoch=epoch, step=step)
+        if ddp is None:
+            with autocast(hp, dev):
+                out = defense.training_step(model, x, y, epoch=epoch, step=step)
+        else:
+            out = StepOutput(*ddp(x, y, epoch, step))
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        (out.loss * weight if weight != 1.0 else out.loss).backward()
         optimizer.step()
         b = y.shape[0]
         n_seen += b
@@ -221,13 +316,27 @@ def _train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimize
         if out.logits is not None:
             correct += (out.logits.detach().argmax(1) == y).sum()
         if step % 20 == 0 or step == len(loader) - 1:  # the only host syncs of the loop
-            loss_val = float(out.loss.detach())
+            if ddp is None:
+                loss_val = float(out.loss.detach())
+            else:  # every rank must see the same value, or one raises while others wait
+                num, den = distributed.all_reduce_sum(torch.stack(
+                    [out.loss.detach().double() * b, torch.tensor(float(b), device=dev,
+                                                                 dtype=torch.float64)]), env)
+                loss_val = float(num / den)
             if not math.isfinite(loss_val):
                 raise TrainingError(f"{cfg.defense}: loss became {loss_val} at epoch {epoch + 1} "
                                     f"step {step}; last good checkpoint kept (lower lr?)")
             bar.set_postfix(loss=f"{float(sums['loss']) / n_seen:.3f}",
                             acc=f"{float(correct) / n_seen:.3f}")
     bar.close()
+    if ddp is not None:  # global sums over ranks, in a fixed key order
+        keys = sorted(sums)
+        total = distributed.all_reduce_sum(torch.stack(
+            [sums[k].double() for k in keys] + [correct.double(),
+                                                torch.tensor(float(n_seen), device=dev,
+                                                             dtype=torch.float64)]), env)
+        sums = dict(zip(keys, total[:len(keys)]))
+        correct, n_seen = total[-2], int(total[-1])
     stats = {k: float(v) / max(n_seen, 1) for k, v in sums.items()}
     if not all(math.isfinite(v) for v in stats.values()):
         raise TrainingError(f"{cfg.defense}: non-finite loss in epoch {epoch + 1}; last good "

@@ -1,0 +1,308 @@
+"""Many runs: one job per (defense, dataset, arch, seed), dispatched by an existing engine.
+
+``advbench run --launcher local|submitit`` turns the sweep into :class:`Job` s. Each job
+trains its run (or resumes it), evaluates it, and writes only its own run folder, so
+``advbench report`` merges whatever has finished. Launchers:
+
+* ``serial`` (default): in the calling process, one job after the other.
+* ``local``: ``--jobs N`` subprocesses at a time (``python -m benchmark.launch JOB_JSON``),
+  each pinned to its own GPU(s) through ``CUDA_VISIBLE_DEVICES`` and given cores/N threads;
+  with ``--gpus-per-job G > 1`` a job runs under ``torchrun --nproc_per_node=G`` (DDP). Log:
+  ``RUN_DIR/job.log``.
+* ``submitit``: Slurm through submitit (``cluster="local"`` runs submitit's own local
+  executor, which is how the tests exercise this path). A job with G GPUs is G Slurm tasks that
+  form one DDP group. Submitit's pickles and logs go to ``RUNS/.submitit``.
+
+Requirements (HAT needs a trained ``st`` run of the same dataset/arch/profile/seed): the
+required runs are jobs of their own, placed first; a dependent job starts only after them
+(Slurm ``--dependency=afterok``; local launchers wait for them), so a required run is trained
+once, never twice concurrently. ``train_run`` also holds an exclusive lock on a run folder
+while it trains, as a second guard.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from benchmark.config import RunConfig, resolve_run_config
+from benchmark.errors import AdvbenchError, UsageError
+from benchmark.store import RunStore, read_json
+
+logger = logging.getLogger(__name__)
+
+LAUNCHERS = ("serial", "local", "submitit")
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything one job needs, as plain JSON-able values (pickled by submitit)."""
+
+    config: dict[str, Any]
+    runs_dir: str
+    data_dir: Optional[str] = None
+    download: bool = False
+    attacks: Optional[str] = None
+    suite: Optional[str] = None
+    checkpoints: tuple[str, ...] = ("best",)
+    n_examples: Optional[int] = None
+    batch_size: Optional[int] = None
+    device: str = "auto"
+    evaluate: bool = True  # False: a requirement run that the sweep did not ask to evaluate
+    needs: tuple[str, ...] = ()  # run ids that must be trained first
+    gpus: int = 1  # processes (GPUs) of the job's DDP group; 1: no DDP
+
+    @property
+    def cfg(self) -> RunConfig:
+        return RunConfig.from_dict(self.config)
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        return f"{c['defense']}/{c['dataset']}/{c['arch']}/seed{c['seed']}"
+
+    def run_dir(self) -> Path:
+        return RunStore(self.runs_dir).run_dir(self.cfg)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Job":
+        d = json.loads(text)
+        return cls(**{**d, "checkpoints": tuple(d["checkpoints"]), "needs": tuple(d["needs"])})
+
+
+def plan(cfgs: Sequence[RunConfig], scale: str, *, requires: Optional[Callable[[str],
+         Sequence[str]]] = None, **job_args: Any) -> list[Job]:
+    """Jobs for the sweep plus the runs they require, required ones first (deduplicated).
+
+    Args:
+        cfgs: the sweep's resolved configs.
+        scale: the dataset's scale (the required run's config depends on it, as in training).
+        requires: defense name → names of the defenses it needs (default: the registry's).
+        **job_args: the other :class:`Job` fields (runs_dir, attacks, device, ...).
+    """
+    if requires is None:
+        from defenses import DEFENSES
+        requires = lambda name: tuple(DEFENSES.get(name).requires)  # noqa: E731
+    jobs: dict[str, Job] = {}
+    asked = {c.run_id for c in cfgs}
+
+    def add(cfg: RunConfig, evaluate: bool, chain: tuple[str, ...] = ()) -> str:
+        if cfg.run_id in chain:
+            raise UsageError(f"circular requirement through {cfg.defense}")
+        needs = tuple(add(resolve_run_config(req, cfg.dataset, profile=cfg.profile, arch=cfg.arch,
+                                             seed=cfg.seed, scale=scale),
+                          evaluate=False, chain=chain + (cfg.run_id,))
+                      for req in requires(cfg.defense))
+        old = jobs.get(cfg.run_id)
+        jobs[cfg.run_id] = Job(config=cfg.to_dict(), evaluate=evaluate or bool(old and old.evaluate),
+                               needs=needs, **job_args)
+        return cfg.run_id
+
+    for cfg in cfgs:
+        add(cfg, evaluate=True)
+    order: list[Job] = []
+    placed: set[str] = set()
+
+    def place(run_id: str) -> None:  # depth-first: a job after everything it needs
+        if run_id in placed:
+            return
+        for need in jobs[run_id].needs:
+            place(need)
+        placed.add(run_id)
+        order.append(jobs[run_id])
+
+    for run_id in sorted(jobs, key=lambda r: r in asked):  # pure requirements first
+        place(run_id)
+    return order
+
+
+def run_job(job: Job) -> str:
+    """Train and evaluate one run (every DDP rank calls this; rank 0 evaluates). Returns its
+    folder. The entry point of every launcher."""
+    from benchmark import distributed
+    from benchmark.data import load_dataset
+    from benchmark.evaluate import evaluate_run
+    from benchmark.protocols import resolve_specs
+    from benchmark.train import default_eval_batch_size, train_run
+
+    if job.gpus > 1 and "SUBMITIT_EXECUTOR" in os.environ and distributed.env_world_size() <= 1:
+        import submitit
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    cfg = job.cfg
+    data = load_dataset(cfg.dataset, job.data_dir, download=job.download)
+    with distributed.process_group(job.device) as env:
+        run_dir = train_run(cfg, data, RunStore(job.runs_dir), device=job.device, progress=False)
+    if not (job.evaluate and env.is_main):
+        return str(run_dir)
+    specs = resolve_specs(job.attacks, data.info.scale, suite=job.suite)
+    batch = job.batch_size or default_eval_batch_size(job.device, cfg.arch)
+    for which in job.checkpoints:
+        evaluate_run(run_dir, specs, checkpoint=which, n_examples=job.n_examples,
+                     device=job.device, batch_size=batch, data=data, progress=False)
+    return str(run_dir)
+
+
+def collect_rows(jobs: Sequence[Job], scale: str) -> list[dict[str, Any]]:
+    """The result rows the evaluated jobs were asked for, read from their run folders."""
+    from benchmark.evaluate import expected_keys
+    from benchmark.protocols import resolve_specs
+
+    rows = []
+    for job in jobs:
+        if not job.evaluate:
+            continue
+        specs = resolve_specs(job.attacks, scale, suite=job.suite)
+        for key in expected_keys(job.cfg, job.checkpoints, specs, job.n_examples):
+            path = job.run_dir() / "eval" / f"{key}.json"
+            if path.exists():
+                rows.append(read_json(path))
+    return rows
+
+
+# ------------------------------------------------------------------------------ launchers
+def _visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip()]
+    try:
+        import torch
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # pragma: no cover
+        return []
+
+
+def launch_serial(jobs: Sequence[Job]) -> list[str]:
+    return [run_job(job) for job in jobs]
+
+
+def launch_local(jobs: Sequence[Job], *, parallel: Optional[int] = None) -> list[str]:
+    """Run each job as a subprocess, ``parallel`` at a time (default: one per GPU group, or 1).
+
+    Raises:
+        AdvbenchError: some jobs failed (the others finish; each failure names its log).
+    """
+    gpus = _visible_gpus()
+    per = max(jobs[0].gpus if jobs else 1, 1)
+    groups = [",".join(gpus[i:i + per]) for i in range(0, len(gpus) - per + 1, per)]
+    if parallel is None:
+        parallel = max(len(groups), 1)
+    free: "queue.Queue[Optional[str]]" = queue.Queue()
+    for i in range(parallel):
+        free.put(groups[i % len(groups)] if groups else None)
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    futures: dict[str, cf.Future] = {}
+
+    def work(job: Job) -> str:
+        for need in job.needs:  # queued before us (plan order), so already running or done
+            if futures[need].exception() is not None:
+                raise AdvbenchError(f"job {job.label} not run: a run it needs failed")
+        group = free.get()
+        try:
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            if group is not None:
+                env["CUDA_VISIBLE_DEVICES"] = group
+            head = [sys.executable, "-m", "benchmark.launch"]
+            if job.gpus > 1:
+                head = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc_per_node={job.gpus}", "-m", "benchmark.launch"]
+            job.run_dir().mkdir(parents=True, exist_ok=True)
+            log = job.run_dir() / "job.log"
+            logger.info("starting %s (gpus %s) → %s", job.label, group or "-", log)
+            with open(log, "a") as fh:
+                rc = subprocess.run(head + [job.to_json()], env=env, stdout=fh,
+                                    stderr=subprocess.STDOUT).returncode
+            if rc != 0:
+                raise AdvbenchError(f"job {job.label} failed (exit {rc}); see {log}")
+            return str(job.run_dir())
+        finally:
+            free.put(group)
+
+    with cf.ThreadPoolExecutor(max_workers=parallel) as pool:
+        for job in jobs:
+            futures[job.cfg.run_id] = pool.submit(work, job)
+    return _results(jobs, [futures[j.cfg.run_id] for j in jobs])
+
+
+def launch_submitit(jobs: Sequence[Job], *, folder: Path | str, cluster: Optional[str] = None,
+                    parameters: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """Submit one submitit job per run and wait for all of them.
+
+    Args:
+        jobs: in :func:`plan` order.
+        folder: submitit's folder for pickles and logs (named by job id).
+        cluster: None (auto: Slurm if available), ``slurm``, ``local`` or ``debug``.
+        parameters: executor parameters, e.g. ``{"timeout_min": 1440, "slurm_partition":
+            "gpu"}``; ``gpus_per_node``/``tasks_per_node`` are set from each job's ``gpus``.
+    """
+    try:
+        import submitit
+    except ImportError:
+        raise UsageError("--launcher submitit needs submitit: pip install 'advbench[cluster]'") \
+            from None
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    base = {"timeout_min": 24 * 60, **(parameters or {})}
+    submitted: dict[str, Any] = {}
+    for job in jobs:
+        params = dict(base, tasks_per_node=job.gpus,
+                      gpus_per_node=0 if job.device.startswith("cpu") else job.gpus)
+        params.setdefault("name", "advbench-" + job.label.replace("/", "-"))
+        needs = [submitted[n] for n in job.needs]
+        if needs and executor.cluster == "slurm":
+            ids = ":".join(str(j.job_id) for j in needs)
+            params["slurm_additional_parameters"] = {
+                **params.get("slurm_additional_parameters", {}), "dependency": f"afterok:{ids}"}
+        else:
+            for j in needs:  # executors without dependencies: wait for the required runs
+                j.result()
+        executor.update_parameters(**params)
+        submitted[job.cfg.run_id] = executor.submit(run_job, job)
+        logger.info("submitted %s as job %s", job.label, submitted[job.cfg.run_id].job_id)
+    return _results(jobs, [submitted[j.cfg.run_id] for j in jobs])
+
+
+def _results(jobs: Sequence[Job], handles: Sequence[Any]) -> list[str]:
+    out, failed = [], []
+    for job, h in zip(jobs, handles):
+        try:
+            out.append(str(h.result()))
+        except Exception as exc:  # a job's own failure; the others' work is kept
+            failed.append(f"{job.label}: {str(exc).strip().splitlines()[-1][:300]}")
+    if failed:
+        raise AdvbenchError(f"{len(failed)} of {len(jobs)} jobs failed:\n  " + "\n  ".join(failed))
+    return out
+
+
+def launch(jobs: Sequence[Job], launcher: str = "serial", **kwargs: Any) -> list[str]:
+    """Dispatch ``jobs`` with the named launcher; returns their run folders."""
+    if launcher == "serial":
+        return launch_serial(jobs)
+    if launcher == "local":
+        return launch_local(jobs, **kwargs)
+    if launcher == "submitit":
+        return launch_submitit(jobs, **kwargs)
+    raise UsageError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m benchmark.launch JOB_JSON``: run one job (what the local launcher starts)."""
+    from benchmark.cli import _setup_logging
+
+    _setup_logging(0)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        raise SystemExit("usage: python -m benchmark.launch JOB_JSON")
+    sys.stdout.write(run_job(Job.from_json(args[0])) + "\n")
+
+
+if __name__ == "__main__":
+    main()

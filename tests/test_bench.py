@@ -1,0 +1,46 @@
+"""Smoke test of ``advbench bench``'s output structure and its pass counting (never timings)."""
+from __future__ import annotations
+
+import json
+
+import torch
+from click.testing import CliRunner
+
+from benchmark.bench import bench, count_forwards, format_bench
+from benchmark.cli import cli
+from benchmark.models import create
+
+
+def test_count_forwards_counts_backbone_passes_by_grad_mode() -> None:
+    model = create("tiny", num_classes=10, in_channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    x = torch.rand(4, 3, 8, 8)
+    with count_forwards(model) as n:
+        model(x)                                # a loss forward (with grad)
+        model.head(model.features(x))           # the same pass through features() + head
+        with torch.no_grad():
+            model(x)                            # e.g. TRADES' clean target probabilities
+    assert n == {"grad": 2, "nograd": 1}
+
+
+def test_bench_reports_floor_and_eval_costs() -> None:
+    r = bench("at", "tiny", dataset="synthetic", profile="cpu", batch_size=16, steps=1,
+              warmup=1, reps=1, attacks="fgsm", device="cpu")
+    # cpu profile: PGD-5 → 5 attack forwards + 1 loss forward, all with grad
+    assert (r["k"], r["passes_grad"], r["passes_nograd"], r["formula"]) == (5, 6, 0, "k+1")
+    for key in ("forward_img_s", "fwd_bwd_img_s", "attack_step_img_s", "train_img_s",
+                "loader_img_s", "ratio_to_floor", "ratio_to_components"):
+        assert r[key] > 0, key
+    assert [e["attack"] for e in r["eval"]] == ["fgsm"] and r["eval"][0]["s_per_sample"] > 0
+    text = format_bench(r)
+    assert "6 with grad (= k+1, k = 5)" in text and "eval fgsm" in text
+    json.dumps(r)  # serialisable for --json
+
+
+def test_bench_command_standard_training_has_one_pass(tmp_path) -> None:
+    out = tmp_path / "b.json"
+    res = CliRunner().invoke(cli, ["bench", "--defense", "st", "--arch", "tiny", "--dataset",
+                                   "synthetic", "--batch-size", "8", "--steps", "1", "--reps",
+                                   "1", "--attacks", "", "--device", "cpu", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    assert (r["k"], r["passes_grad"], r["eval"]) == (0, 1, [])
