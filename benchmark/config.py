@@ -163,3 +163,19 @@ def resolve_run_config(defense: str, dataset: str, *, profile: str = "cpu",
                        cls.arch_hparams.get(arch, {}), user=user_hparams)
     return RunConfig(defense=defense, dataset=dataset, arch=arch, profile=profile, seed=seed,
                      hparams=hp)
+
+
+def helper_config(requirement: str, cfg: RunConfig, scale: Optional[str] = None) -> RunConfig:
+    """The run a defense requires (HAT's ``st`` helper) for the run ``cfg``.
+
+    It has the same dataset, arch, profile and seed, and the same protocol: profile values that
+    the user overrode for ``cfg`` (``train_subset``, ``epochs``, ...) are passed on, the
+    defense's own hyperparameters are not.
+    """
+    default = resolve_run_config(cfg.defense, cfg.dataset, profile=cfg.profile, arch=cfg.arch,
+                                 seed=cfg.seed, scale=scale).hparams
+    protocol = PROFILES[cfg.profile]
+    overrides = {k: v for k, v in cfg.hparams.items()
+                 if k in protocol and k in default and default[k] != v}
+    return resolve_run_config(requirement, cfg.dataset, profile=cfg.profile, arch=cfg.arch,
+                              seed=cfg.seed, user_hparams=overrides, scale=scale)

@@ -205,6 +205,10 @@ def _image_folder(root: Path) -> tuple[Split, Split, list[str]]:
         if not xs:
             raise DataError(f"no images under {root / part}/<class>/")
         splits.append(Split(_to_nchw(np.stack(xs)), torch.tensor(ys, dtype=torch.int64)))
+    # files are read class by class: put the test split in one fixed shuffled order so that
+    # the first N test points (evaluation caps, --n-examples) cover every class
+    order = torch.randperm(len(splits[1]), generator=torch.Generator().manual_seed(0))
+    splits[1] = Split(splits[1].x[order], splits[1].y[order])
     return splits[0], splits[1], classes
 
 

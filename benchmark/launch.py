@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from benchmark.config import RunConfig, resolve_run_config
+from benchmark.config import RunConfig, helper_config
 from benchmark.errors import AdvbenchError, UsageError
 from benchmark.store import RunStore, read_json
 
@@ -99,9 +99,7 @@ def plan(cfgs: Sequence[RunConfig], scale: str, *, requires: Optional[Callable[[
     def add(cfg: RunConfig, evaluate: bool, chain: tuple[str, ...] = ()) -> str:
         if cfg.run_id in chain:
             raise UsageError(f"circular requirement through {cfg.defense}")
-        needs = tuple(add(resolve_run_config(req, cfg.dataset, profile=cfg.profile, arch=cfg.arch,
-                                             seed=cfg.seed, scale=scale),
-                          evaluate=False, chain=chain + (cfg.run_id,))
+        needs = tuple(add(helper_config(req, cfg, scale), evaluate=False, chain=chain + (cfg.run_id,))
                       for req in requires(cfg.defense))
         old = jobs.get(cfg.run_id)
         jobs[cfg.run_id] = Job(config=cfg.to_dict(), evaluate=evaluate or bool(old and old.evaluate),

@@ -32,7 +32,7 @@ from attacks.base import model_mode
 from attacks.pgd import PGD
 from benchmark import distributed
 from benchmark.checkpoint import build_defense, model_from_checkpoint, read_checkpoint
-from benchmark.config import RunConfig, resolve_run_config
+from benchmark.config import RunConfig, helper_config
 from benchmark.data import BatchLoader, Data, split_train_val
 from benchmark.errors import TrainingError, UsageError
 from benchmark.store import (CKPT_FORMAT, CKPT_VERSION, RunStore, append_jsonl, atomic_torch_save,
@@ -353,8 +353,7 @@ def _requires(defense: str) -> tuple[str, ...]:
 def _helper_model(req: str, cfg: RunConfig, data: Data, store: RunStore, device: str,
                   progress: bool) -> nn.Module:
     """Train (or reuse from the store) the run a defense requires, and load its last weights."""
-    req_cfg = resolve_run_config(req, cfg.dataset, profile=cfg.profile, arch=cfg.arch,
-                                 seed=cfg.seed, scale=data.info.scale)
+    req_cfg = helper_config(req, cfg, data.info.scale)
     run_dir = train_run(req_cfg, data, store, device=device, progress=progress)
     model, _, _, _ = model_from_checkpoint(read_checkpoint(run_dir / "ckpt_last.pt"))
     for p in model.parameters():

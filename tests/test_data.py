@@ -94,11 +94,21 @@ def test_image_folder_layout_with_provenance(tmp_path: Path) -> None:
         for c in range(10):
             d = root / split / f"{c:02d}_class"
             d.mkdir(parents=True)
-            Image.fromarray(rng.randint(0, 256, (32, 32, 3)).astype(np.uint8)).save(d / "0.png")
+            for i in range(1 if split == "train" else 4):
+                Image.fromarray(rng.randint(0, 256, (32, 32, 3)).astype(np.uint8)).save(
+                    d / f"{i}.png")
     (root / "PROVENANCE").write_text("a JPEG copy\n")
     data = load_dataset("cifar10", root)
     assert data.train.x.shape == (10, 3, 32, 32) and data.train.y.tolist() == list(range(10))
     assert "a JPEG copy" in data.info.provenance
+    # the test split is read class by class but held in a fixed shuffled order (capped
+    # evaluations take the first N points), and the images keep their labels
+    assert sorted(data.test.y.tolist()) == sorted(list(range(10)) * 4)
+    assert len(data.test.y[:10].unique()) > 3
+    assert torch.equal(load_dataset("cifar10", root).test.x, data.test.x)
+    first = np.asarray(Image.open(root / "test" / "03_class" / "2.png"))
+    match = [i for i in range(40) if np.array_equal(data.test.x[i].permute(1, 2, 0).numpy(), first)]
+    assert len(match) == 1 and int(data.test.y[match[0]]) == 3
     assert data.info.num_classes == 10 and data.info.mean[0] == pytest.approx(0.4914)
 
 
@@ -123,6 +133,8 @@ def test_embedded_mnist5k_is_a_fixed_stratified_split() -> None:
     again = load_dataset("mnist5k")
     assert torch.equal(again.test.x, data.test.x)
     assert data.train.x.shape[1:] == (1, 28, 28) and int(data.train.x.max()) == 255
+    # evaluation caps take the first N test points: they must not be one class
+    assert len(data.test.y[:50].unique()) == 10
 
 
 def test_validation_split_is_disjoint_and_fixed() -> None:

@@ -35,7 +35,7 @@ def test_plan_puts_required_runs_first_once_and_unevaluated() -> None:
         ("st", 0, False), ("st", 1, False), ("at", 0, True), ("at", 1, True)]
     # the required run is exactly the config train.py's _helper_model would train
     helper = resolve_run_config("st", "synthetic", profile="cpu", arch="tiny", seed=0,
-                                scale="cifar")
+                                user_hparams=HP, scale="cifar")
     assert jobs[0].cfg == helper and jobs[2].needs == (helper.run_id,)
     # asked for in the sweep as well: one job, evaluated, still before its dependent
     both = launch.plan([_cfg("at"), helper], "cifar", requires=_needs({"at": ("st",)}),
@@ -59,8 +59,9 @@ def test_local_launcher_runs_required_job_first_and_report_merges(
     res = CliRunner().invoke(cli, ["run", "--launcher", "local", "--jobs", "2", "--defenses",
                                    "at", "--runs-dir", str(runs), *ARGS])
     assert res.exit_code == 0, res.output
+    # what _helper_model trains: st with the protocol values this run overrode (HP)
     helper = resolve_run_config("st", "synthetic", profile="cpu", arch="tiny", seed=0,
-                                scale="cifar")  # what _helper_model trains (profile hparams)
+                                user_hparams=HP, scale="cifar")
     st_dir, at_dir = RunStore(runs).run_dir(helper), RunStore(runs).run_dir(_cfg("at"))
     assert (st_dir / "TRAINED").exists() and (at_dir / "TRAINED").exists()
     assert not (st_dir / "eval").exists(), "a pure requirement is trained, not evaluated"

@@ -115,3 +115,17 @@ def test_checkpoints_load_weights_only(tmp_path: Path) -> None:
         safe_torch_load(trunc)
     with pytest.raises(CheckpointError, match="not found"):
         safe_torch_load(tmp_path / "missing.pt")
+
+
+def test_helper_run_shares_the_protocol_overrides_but_not_the_defense_hparams() -> None:
+    from benchmark.config import helper_config
+    hat = resolve_run_config("hat", "synthetic", arch="tiny", seed=3,
+                             user_hparams={"train_subset": 100, "epochs": 2, "beta": 4.0})
+    helper = helper_config("st", hat)
+    assert (helper.defense, helper.dataset, helper.arch, helper.seed) == ("st", "synthetic",
+                                                                          "tiny", 3)
+    assert helper.hparams["train_subset"] == 100 and helper.hparams["epochs"] == 2
+    assert "beta" not in helper.hparams  # HAT's own weight is not the helper's business
+    assert helper.hparams["select_by"] == "val_clean"  # st's own default survives
+    plain = helper_config("st", resolve_run_config("hat", "synthetic", arch="tiny", seed=3))
+    assert plain == resolve_run_config("st", "synthetic", arch="tiny", seed=3)
