@@ -37,7 +37,11 @@ class Norm(str, enum.Enum):
 
 
 def eps_to_str(eps: float) -> str:
-    """Human form of ε, e.g. ``8/255`` for 0.0313725 and ``0.3`` for 0.3."""
+    """Human form of ε: a short decimal as written (``0.3``, ``0.2``, ``2``), else ``k/255``
+    when ε·255 is a whole number (``8/255``, ``2000/255``), else ``%g``."""
+    short = f"{eps:g}"
+    if float(short) == eps and len(short) <= 4:
+        return short
     frac = fractions.Fraction(eps * 255).limit_denominator(100)
     if abs(float(frac) - eps * 255) < 1e-6 and frac.denominator == 1 and eps * 255 >= 1:
         return f"{frac.numerator}/255"

@@ -87,10 +87,8 @@ class AttackSpec:
 
 
 def format_eps(eps: float) -> str:
-    """``eps_str`` of rows: a short decimal as written (``0.3``, ``0.2``, ``2``), else the
-    ``k/255`` form of :func:`attacks.base.eps_to_str` (``8/255``, ``2000/255``)."""
-    short = f"{eps:g}"
-    return short if float(short) == eps and len(short) <= 4 else eps_to_str(eps)
+    """``eps_str`` of rows (same rule as :func:`attacks.base.eps_to_str`)."""
+    return eps_to_str(eps)
 
 
 def _linf_eps(scale: str) -> float:

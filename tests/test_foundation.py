@@ -79,6 +79,7 @@ def test_unknown_attack_hparam_and_bad_eps() -> None:
         parse_eps("8/zero")
     assert parse_eps("8/255") == pytest.approx(8 / 255)
     assert eps_to_str(8 / 255) == "8/255" and eps_to_str(0.3) == "0.3"
+    assert eps_to_str(0.2) == "0.2" and eps_to_str(2000 / 255) == "2000/255"  # not "51/255"
 
 
 def test_at_loss_is_ce_on_the_adversarial_batch() -> None:
