@@ -315,8 +315,6 @@ def _per_corruption(c: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return g[CELL], cols
 
 
-
-
 TABLES: list[TableSpec] = [
     TableSpec("accuracy", "Clean and robust accuracy (%) under every evaluated attack", "attack",
               _summary, note="All attack columns at the nominal ε (sweeps of Tables 3, 6, 7 "

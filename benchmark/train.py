@@ -21,7 +21,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -363,5 +363,3 @@ def _helper_model(req: str, cfg: RunConfig, data: Data, store: RunStore, device:
 
 def train_log(run_dir: Path) -> list[dict[str, Any]]:
     return read_jsonl(run_dir / "train_log.jsonl")
-
-

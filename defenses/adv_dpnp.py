@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from attacks.base import Objective
 from defenses import register_defense
-from defenses.base import Defense, StepOutput, detached, kl_per_sample
+from defenses.base import Defense, StepOutput, detached, head_of, kl_per_sample
 
 #: guard of the l_{1/2} square root at 0 (SPEC §3)
 SQRT_GUARD = 1e-12
@@ -137,10 +137,7 @@ def adv_dpnp_loss(features: Tensor, adv_features: Tensor, y: Tensor, prototypes:
 
 def prototype_head(model: nn.Module) -> PrototypeHead:
     """The model's :class:`PrototypeHead` (raises ``TypeError`` for any other head)."""
-    head = getattr(model, "head", None)
-    if not isinstance(head, PrototypeHead):
-        raise TypeError(f"expected a model whose head is a PrototypeHead, got {type(head)}")
-    return head
+    return head_of(model, PrototypeHead, "adv-dpnp/dpnp")
 
 
 class PrototypeDefense(Defense):

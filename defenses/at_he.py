@@ -43,8 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks.base import Attack, Objective
-from attacks.pgd import PGD
+from attacks.base import Objective
 from defenses import register_defense
 from defenses.base import Defense, StepOutput, detached
 
@@ -86,11 +85,6 @@ class ATHE(Defense):
 
     def make_head(self, feature_dim: int, num_classes: int) -> nn.Module:
         return CosineHead(feature_dim, num_classes, float(self.hparams["s"]))
-
-    def attack_for_training(self) -> Attack:
-        return PGD(self.threat, steps=int(self.hparams["train_attack_steps"]),
-                   step_size=float(self.hparams["train_step_size"]),
-                   random_start=str(self.hparams["attack_start"]), init_std=0.001)
 
     def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
                       step: int) -> StepOutput:

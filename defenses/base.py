@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional, TypeVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -85,11 +85,16 @@ class Defense(abc.ABC):
 
     # ---------------------------------------------------------------- training
     def attack_for_training(self) -> Attack:
-        """The training attack: PGD-l∞ of the protocol (steps and step size from hparams)."""
+        """The training attack: PGD-l∞ of the protocol (steps and step size from hparams).
+
+        A defense whose hparams have ``attack_start`` ("uniform", the protocol, or "normal",
+        x + 0.001·N(0,1) as in several official codes) gets that random start.
+        """
         from attacks.pgd import PGD
 
         return PGD(self.threat, steps=int(self.hparams["train_attack_steps"]),
-                   step_size=float(self.hparams["train_step_size"]))
+                   step_size=float(self.hparams["train_step_size"]),
+                   random_start=str(self.hparams.get("attack_start", "uniform")))
 
     def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, *,
                     loss: Optional[Objective] = None) -> Tensor:
@@ -145,3 +150,13 @@ def detached(**parts: Tensor) -> dict[str, Tensor]:
     return {k: v.detach() for k, v in parts.items()}
 
 
+H = TypeVar("H", bound=nn.Module)
+
+
+def head_of(model: nn.Module, kind: type[H], defense: str) -> H:
+    """``model.head`` checked to be a ``kind`` (raises ``TypeError`` naming the defense)."""
+    head = getattr(model, "head", None)
+    if not isinstance(head, kind):
+        raise TypeError(f"{defense} needs a model whose head is a {kind.__name__}, "
+                        f"got {type(head)}")
+    return head

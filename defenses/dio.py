@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from attacks.base import Objective
 from defenses import register_defense
-from defenses.base import Defense, StepOutput, detached
+from defenses.base import Defense, StepOutput, detached, head_of
 
 
 class MultiHead(nn.Module):
@@ -94,10 +94,7 @@ def dio_loss(all_logits: Tensor, y: Tensor, weight: Tensor, *, alpha: float, bet
 
 def multi_head(model: nn.Module) -> MultiHead:
     """The model's :class:`MultiHead` (raises ``TypeError`` for any other head)."""
-    head = getattr(model, "head", None)
-    if not isinstance(head, MultiHead):
-        raise TypeError(f"dio needs a model whose head is a MultiHead, got {type(head)}")
-    return head
+    return head_of(model, MultiHead, "dio")
 
 
 @register_defense("dio")

@@ -39,8 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks.base import Attack, Objective
-from attacks.pgd import PGD
+from attacks.base import Objective
 from defenses import register_defense
 from defenses.base import Defense, StepOutput, detached
 from defenses.trades import CleanCache
@@ -76,11 +75,6 @@ class MART(Defense):
     paper = "Wang et al., ICLR 2020, openreview rklOg6EFwS"
     default_hparams = {"beta": 6.0, "attack_start": "uniform"}
     arch_hparams = {"resnet18": {"beta": 5.0}, "preact-resnet18": {"beta": 5.0}}
-
-    def attack_for_training(self) -> Attack:
-        return PGD(self.threat, steps=int(self.hparams["train_attack_steps"]),
-                   step_size=float(self.hparams["train_step_size"]),
-                   random_start=str(self.hparams["attack_start"]), init_std=0.001)
 
     def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
                       step: int) -> StepOutput:

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from attacks.base import Objective
 from defenses import register_defense
-from defenses.base import Defense, StepOutput, detached
+from defenses.base import Defense, StepOutput, detached, head_of
 
 
 class PCLHead(nn.Module):
@@ -93,10 +93,7 @@ def pcl_loss(logits: Tensor, features: Tensor, y: Tensor, centers: Tensor, con_c
 
 def pcl_head(model: nn.Module) -> PCLHead:
     """The model's :class:`PCLHead` (raises ``TypeError`` for any other head)."""
-    head = getattr(model, "head", None)
-    if not isinstance(head, PCLHead):
-        raise TypeError(f"pcl needs a model whose head is a PCLHead, got {type(head)}")
-    return head
+    return head_of(model, PCLHead, "pcl")
 
 
 @register_defense("pcl")

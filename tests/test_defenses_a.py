@@ -384,3 +384,12 @@ def test_hat_objective_with_and_without_helper() -> None:
     assert torch.allclose(with_helper.objective()(model, x_adv, x, y).mean(),
                           trades_part + 0.5 * help_part, atol=1e-5)
     assert torch.allclose(without.objective()(model, x_adv, x, y).mean(), trades_part, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mart", "at-he"])
+def test_attack_start_hparam_selects_the_training_attack_start(name: str) -> None:
+    for start in ("uniform", "normal"):
+        defense = make_defense(DEFENSES.get(name), hparams={"attack_start": start})
+        attack = defense.attack_for_training()
+        assert attack.hparams["random_start"] == start and attack.hparams["init_std"] == 0.001
+        assert attack.hparams["steps"] == int(defense.hparams["train_attack_steps"])
