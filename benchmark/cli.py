@@ -356,12 +356,15 @@ def report(runs_dir: str, rows_file: Optional[str], out: str, no_plots: bool, ec
 @click.option("--data-dir", default=None, type=click.Path())
 @click.option("--device", default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="Recompute existing rows.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 def features(run_paths: tuple[str, ...], n_examples: Optional[int], which: str, batch_size: int,
-             data_dir: Optional[str], device: str, force: bool) -> None:
+             data_dir: Optional[str], device: str, force: bool, no_progress: bool) -> None:
     """Feature-space metrics (Table 4: FDR, AFS, SCR, MeanSep, MinSep), clean and PGD-20."""
+    from tqdm.auto import tqdm
+
     from benchmark.features import evaluate_features
 
-    for path in run_paths:
+    for path in tqdm(run_paths, desc="features", unit="run", disable=no_progress, leave=False):
         for r in evaluate_features(path, checkpoint=which, n_examples=n_examples, device=device,
                                    batch_size=batch_size, data_dir=data_dir, force=force):
             click.echo(f"{r['defense']}\tseed {r['seed']}\t{r['condition']}\t" + "\t".join(

@@ -165,3 +165,15 @@ def test_figure2_command_plots_two_d_features(tmp_path: Path, tiny_run: Path) ->
     assert out.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(UsageError, match="2-D features"):
         figure2_panels(tiny_run, n_examples=4)
+
+
+def test_features_command_prints_both_conditions(tiny_run: Path) -> None:
+    from click.testing import CliRunner
+
+    from benchmark.cli import cli
+    res = CliRunner().invoke(cli, ["features", "--run", str(tiny_run), "--n-examples", "32",
+                                   "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("at\t")]
+    assert [ln.split("\t")[2] for ln in lines] == ["clean", "pgd20"]
+    assert all("mean_sep=" in ln for ln in lines)
