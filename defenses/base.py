@@ -90,11 +90,8 @@ class Defense(abc.ABC):
         A defense whose hparams have ``attack_start`` ("uniform", the protocol, or "normal",
         x + 0.001·N(0,1) as in several official codes) gets that random start.
         """
-        from attacks.pgd import PGD
-
-        return PGD(self.threat, steps=int(self.hparams["train_attack_steps"]),
-                   step_size=float(self.hparams["train_step_size"]),
-                   random_start=str(self.hparams.get("attack_start", "uniform")))
+        return protocol_pgd(self.threat, self.hparams,
+                            str(self.hparams.get("attack_start", "uniform")))
 
     def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, *,
                     loss: Optional[Objective] = None) -> Tensor:
@@ -160,3 +157,12 @@ def head_of(model: nn.Module, kind: type[H], defense: str) -> H:
         raise TypeError(f"{defense} needs a model whose head is a {kind.__name__}, "
                         f"got {type(head)}")
     return head
+
+
+def protocol_pgd(threat: ThreatModel, hparams: Mapping[str, Any], start: str = "uniform") -> Attack:
+    """The protocol's training PGD (``train_attack_steps``, ``train_step_size``) with a
+    ``uniform`` start in the ε-ball or a ``normal`` one at x + 0.001·N(0,1) (TRADES style)."""
+    from attacks.pgd import PGD
+
+    return PGD(threat, steps=int(hparams["train_attack_steps"]),
+               step_size=float(hparams["train_step_size"]), random_start=start, init_std=0.001)

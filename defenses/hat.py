@@ -46,9 +46,8 @@ from torch import Tensor, nn
 from attacks.base import Attack, Objective, model_mode
 from benchmark.errors import UsageError
 from defenses import register_defense
-from defenses.base import Defense, StepOutput, detached, kl_per_sample
-from defenses.trades import (CleanCache, clean_logits_eval, kl_attack_objective,
-                             normal_start_pgd)
+from defenses.base import Defense, StepOutput, detached, kl_per_sample, protocol_pgd
+from defenses.trades import CleanCache, clean_logits_eval, kl_attack_objective
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ class HAT(Defense):
         self._helper = helpers["st"]
 
     def attack_for_training(self) -> Attack:
-        return normal_start_pgd(self.threat, self.hparams)
+        return protocol_pgd(self.threat, self.hparams, "normal")
 
     def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
                       step: int) -> StepOutput:

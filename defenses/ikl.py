@@ -50,8 +50,8 @@ from torch import Tensor, nn
 
 from attacks.base import Attack, Objective
 from defenses import register_defense
-from defenses.base import Defense, StepOutput, detached
-from defenses.trades import CleanCache, clean_logits_eval, normal_start_pgd
+from defenses.base import Defense, StepOutput, detached, protocol_pgd
+from defenses.trades import CleanCache, clean_logits_eval
 
 
 def ikl_terms(logits_nat: Tensor, logits_adv: Tensor,
@@ -103,7 +103,7 @@ class IKL(Defense):
         self.accum_epoch = -1
 
     def attack_for_training(self) -> Attack:
-        return normal_start_pgd(self.threat, self.hparams)
+        return protocol_pgd(self.threat, self.hparams, "normal")
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         """Turn the previous epoch's statistics into the class-wise weights."""

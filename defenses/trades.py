@@ -33,16 +33,15 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks.base import Attack, Objective, ThreatModel, model_mode
-from attacks.pgd import PGD
+from attacks.base import Attack, Objective, model_mode
 from defenses import register_defense
-from defenses.base import Defense, StepOutput, detached, kl_per_sample
+from defenses.base import Defense, StepOutput, detached, kl_per_sample, protocol_pgd
 
 
 def trades_loss(logits_nat: Tensor, logits_adv: Tensor, y: Tensor,
@@ -85,12 +84,6 @@ class CleanCache:
         return self._value
 
 
-def normal_start_pgd(threat: ThreatModel, hparams: Mapping[str, Any]) -> Attack:
-    """The protocol's PGD (steps, step size) started at ``x + 0.001·N(0,1)`` (TRADES style)."""
-    return PGD(threat, steps=int(hparams["train_attack_steps"]),
-               step_size=float(hparams["train_step_size"]), random_start="normal", init_std=0.001)
-
-
 def kl_attack_objective(logits_nat: Tensor) -> Objective:
     """Per-sample ``KL(p(x) ‖ p(x'))`` with p(x) fixed (the TRADES/HAT training attack)."""
 
@@ -109,7 +102,7 @@ class TRADES(Defense):
     default_hparams = {"beta": 6.0}
 
     def attack_for_training(self) -> Attack:
-        return normal_start_pgd(self.threat, self.hparams)
+        return protocol_pgd(self.threat, self.hparams, "normal")
 
     def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
                       step: int) -> StepOutput:
