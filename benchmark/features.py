@@ -1,9 +1,10 @@
 """Feature-space evaluation (paper §4.3): Table 4 rows and the data of Figure 2.
 
 ``evaluate_features`` computes FDR, AFS, SCR, MeanSep and MinSep (:mod:`benchmark.metrics`)
-on the penultimate features ``model.features(x)`` of ``n`` test points (all of them, or a
-seeded random subset: never the first ``n``, which would miss classes on a test set stored
-class by class, as ``mnist5k``'s is), once clean and once at x' from PGD-20 (the ``pgd20``
+on the penultimate features ``model.features(x)`` of ``n`` test points (all of them, or the
+first ``n`` of the dataset's test order: the same points ``advbench evaluate`` attacks, so that
+Table 4 and the accuracy tables describe one point set; loaders hold test sets stored class by
+class in one fixed shuffled order), once clean and once at x' from PGD-20 (the ``pgd20``
 column of :mod:`benchmark.protocols`: l∞, ε of the dataset scale, 20 steps of ε/10,
 attacking every point with its true label). Class centres
 come from ``defense.class_centers(model)``: prototypes for prototype defenses, the
@@ -32,8 +33,6 @@ from benchmark.protocols import AttackSpec
 
 logger = logging.getLogger(__name__)
 SCHEMA = 1
-#: seed of the random test subset used when ``n_examples`` is below the test-set size
-SUBSET_SEED = 0
 
 
 @dataclass
@@ -112,7 +111,7 @@ def extract(model: nn.Module, x: Tensor, y: Tensor, *, attack: Any = None,
 
 
 def _subset(n_examples: Optional[int]) -> str:
-    return "all" if n_examples is None else f"seeded random (seed {SUBSET_SEED}), sorted"
+    return "all" if n_examples is None else "first n of the test order"
 
 
 def centers_source(defense: Any, centers: Optional[Tensor]) -> Optional[str]:
@@ -134,10 +133,8 @@ def _test_points(run: LoadedRun, data: Optional[Data], data_dir: Optional[Path |
                          f"{data.info.name} has {data.info.num_classes}")
     split = data.test
     if n_examples is not None and n_examples < len(split):
-        # a seeded random subset, not the first n: a test set stored by class (mnist5k is)
-        # would otherwise leave classes out of metrics that sum over classes
-        idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(SUBSET_SEED))
-        split = split.subset(idx[:n_examples].sort().values)
+        # the points `advbench evaluate` attacks (its first n), not a different sample
+        split = split.subset(torch.arange(n_examples))
     return split.floats(run.device)
 
 

@@ -105,14 +105,19 @@ def test_features_rows_use_test_features_and_classifier_weights(tiny_run: Path) 
     assert set(by) == {"clean", "pgd20"} and all(r["kind"] == "features" for r in rows)
     model = load_model(tiny_run)
     x, y = load_dataset("synthetic").test.floats()
-    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:64].sort().values
-    with torch.no_grad():
-        f = model.features(x[idx])
+    with torch.no_grad():  # the first 64 of the test order: the points `evaluate` attacks
+        f = model.features(x[:64])
+        acc = (model(x[:64]).argmax(1) == y[:64]).float().mean().item()
     w = model.head.weight.detach()
-    expected = metrics.feature_metrics(f, y[idx], w)
+    expected = metrics.feature_metrics(f, y[:64], w)
     for k, v in expected.items():
         assert by["clean"][k] == pytest.approx(v, rel=1e-5), k
     assert by["clean"]["centers"] == "classifier weights" and by["clean"]["n_examples"] == 64
+    assert by["clean"]["accuracy"] == pytest.approx(acc)
+    from benchmark.evaluate import evaluate_run
+    from benchmark.protocols import attack_specs
+    ev = evaluate_run(tiny_run, [attack_specs("cifar")["fgsm"]], n_examples=64, progress=False)
+    assert ev[0]["clean_acc"] == pytest.approx(by["clean"]["accuracy"])  # one point set
     adv = by["pgd20"]
     assert adv["attack_hparams"]["steps"] == 20 and adv["eps_str"] == "8/255"
     hp = adv["attack_hparams"]
