@@ -17,7 +17,8 @@ from typing import Any, Mapping, Optional
 from benchmark.errors import UsageError
 
 #: bump when the training loop changes in a way that changes results
-PROTOCOL_VERSION = 1
+#: (2: MNIST trains without augmentation in every profile)
+PROTOCOL_VERSION = 2
 
 #: the paper's common protocol (§4.1)
 PAPER: dict[str, Any] = {
@@ -38,11 +39,14 @@ CPU: dict[str, Any] = {
 
 PROFILES: dict[str, dict[str, Any]] = {"paper": PAPER, "cpu": CPU}
 
-#: per-scale overrides (MNIST: ε = 0.3, step 0.01, 40 steps, paper Figure 2 protocol)
+#: per-scale overrides (MNIST: ε = 0.3, step 0.01, 40 steps, paper Figure 2 protocol; no
+#: augmentation, as in Madry et al.'s and TRADES's MNIST protocols: a random crop of 28×28
+#: digits cost AT about 30 points of clean accuracy at the cpu budget)
 SCALE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
-    "paper": {"mnist": {"eps": 0.3, "train_attack_steps": 40, "train_step_size": 0.01}},
+    "paper": {"mnist": {"eps": 0.3, "train_attack_steps": 40, "train_step_size": 0.01,
+                        "augment": False}},
     "cpu": {"mnist": {"eps": 0.3, "train_attack_steps": 5, "train_step_size": 0.15,
-                      "epochs": 8, "lr": 0.05, "lr_milestones": [6, 7]}},
+                      "epochs": 8, "lr": 0.05, "lr_milestones": [6, 7], "augment": False}},
 }
 #: dataset-specific protocol values (SVHN: step 1/255)
 DATASET_OVERRIDES: dict[str, dict[str, Any]] = {"svhn": {"train_step_size": 1 / 255}}

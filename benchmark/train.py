@@ -59,6 +59,14 @@ def default_eval_batch_size(device: str | torch.device, arch: Optional[str] = No
     return size // 4 if arch and arch.startswith("wrn") else size
 
 
+def peak_memory_mb(dev: torch.device) -> float:
+    """Peak memory of this process so far, in MiB: CUDA max allocated on a GPU, else max RSS."""
+    if dev.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(dev) / 2 ** 20, 1)
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -255,7 +263,7 @@ def _train(cfg: RunConfig, data: Data, store: RunStore, run_dir: Path,
         if not env.is_main:
             continue
         record = {"epoch": epoch + 1, "lr": lr_at(hp, epoch), **stats,
-                  "epoch_s": round(time.perf_counter() - t0, 3)}
+                  "epoch_s": round(time.perf_counter() - t0, 3), "peak_mem_mb": peak_memory_mb(dev)}
         if env.active:
             record["world_size"] = env.world_size
         if (epoch + 1) % int(hp.get("val_every", 1)) == 0 or epoch + 1 == epochs:

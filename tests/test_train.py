@@ -121,3 +121,12 @@ def test_load_model_gives_eval_logits_on_unit_inputs(tmp_path: Path) -> None:
     (tmp_path / "x.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError):
         load_model(tmp_path / "x.pt")
+
+
+def test_mnist_trains_without_augmentation_in_every_profile() -> None:
+    """Madry's and TRADES's MNIST protocols use no augmentation; CIFAR keeps crop + flip."""
+    from benchmark.config import PROFILES, resolve_run_config
+    for profile in PROFILES:
+        for dataset in ("mnist", "mnist5k"):
+            assert resolve_run_config("at", dataset, profile=profile).hparams["augment"] is False
+        assert resolve_run_config("at", "cifar10", profile=profile).hparams["augment"] is True
