@@ -6,7 +6,7 @@ Carlini et al., "On Evaluating Adversarial Robustness" (arXiv:1902.06705).
 
 Update rule: that of :class:`~attacks.pgd.PGD` with ``L = defense.objective()``, a per-sample
 function ``loss(model, x', x, y) -> Tensor[N]``. The evaluation harness
-(:func:`benchmark.evaluate.evaluate_run`) hands the objective over for every spec whose
+(:func:`benchmark.eval.evaluate.evaluate_run`) hands the objective over for every spec whose
 attack is ``adaptive``; called directly without ``loss=`` the attack is PGD on CE. A
 defense whose objective is CE (``st``, ``at``) therefore gets PGD-CE, as it should.
 

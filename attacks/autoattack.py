@@ -35,7 +35,7 @@ Deviations:
   raises "different set of attacks", and the resume path leaves ``y_adv`` unbound). The
   harness instead keeps its own resumable state in the run folder
   (``flags/<eval_key>.partial.pt``, one entry per finished batch; see
-  :mod:`benchmark.evaluate`), which resumes to the same result because every batch is seeded
+  :mod:`benchmark.eval.evaluate`), which resumes to the same result because every batch is seeded
   alike.
 * The batch the harness passes is AutoAttack's batch, so for a given evaluation batch size
   the cascade is AutoAttack's own; only the split into batches can differ from one

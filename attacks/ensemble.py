@@ -13,7 +13,7 @@ x' of a sample (and so the CE reported at x'): x if it is misclassified clean, e
 the first member that breaks it, else the member x' with the highest CE.
 
 In the evaluation harness the ensemble is evaluation-level logic
-(:func:`benchmark.evaluate.evaluate_run`): members whose per-sample flags are already stored
+(:func:`benchmark.eval.evaluate.evaluate_run`): members whose per-sample flags are already stored
 for the same run, checkpoint and test points are read from the store, the missing ones are
 run as a cascade on the still-robust samples only, and :class:`WorstCase` combines them.
 Calling the attack directly runs the whole cascade on the batch.

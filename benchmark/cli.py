@@ -144,11 +144,11 @@ def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: s
         cluster: Optional[str], executor_params: Optional[str]) -> None:
     """Train every missing run, evaluate it, and print the comparison table."""
     from benchmark.data import load_dataset
-    from benchmark.evaluate import evaluate_run, expected_keys
+    from benchmark.eval.evaluate import evaluate_run, expected_keys
     from benchmark.protocols import resolve_specs
-    from benchmark.report import load_rows, write_report
+    from benchmark.report.report import load_rows, write_report
     from benchmark.store import RunStore
-    from benchmark.train import train_run
+    from benchmark.run.train import train_run
     from defenses import DEFENSES
 
     t0 = time.perf_counter()
@@ -166,7 +166,7 @@ def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: s
         states.append(store.state(store.run_dir(cfg), keys).value)
     counts = {s: states.count(s) for s in ("done", "partial", "trained", "new")}
     click.echo(f"{len(cfgs)} jobs: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
-    from benchmark.launch import collect_rows, launch, plan
+    from benchmark.run.launch import collect_rows, launch, plan
     jobs = plan(cfgs, scale, runs_dir=runs_dir, data_dir=data_dir, download=download,
                 attacks=attacks, suite=suite, checkpoints=tuple(which), n_examples=n_examples,
                 batch_size=batch_size, device=device, gpus=gpus_per_job)
@@ -200,7 +200,7 @@ def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: s
         click.echo(f"{len(jobs)} jobs via {launcher}; tables written to {out_dir}/tables; wall "
                    f"time {time.perf_counter() - t0:.1f}s")
         return
-    from benchmark.train import default_eval_batch_size
+    from benchmark.run.train import default_eval_batch_size
     data = load_dataset(dataset, data_dir, download=download)
     rows = []
     for cfg in cfgs:
@@ -233,7 +233,7 @@ def train(defense: str, dataset: str, arch: Optional[str], profile: str, seeds: 
     Under torchrun (WORLD_SIZE > 1) or with --ddp N, each run is trained with
     DistributedDataParallel; the global batch stays the run's batch_size.
     """
-    from benchmark import distributed
+    from benchmark.run import distributed
 
     args = (defense, dataset, arch, profile, seeds, hparams, runs_dir, data_dir, download, device,
             no_progress, sync_bn)
@@ -248,10 +248,10 @@ def _train_impl(defense: str, dataset: str, arch: Optional[str], profile: str, s
                 hparams: Optional[str], runs_dir: str, data_dir: Optional[str], download: bool,
                 device: str, no_progress: bool, sync_bn: bool) -> None:
     """The body of ``advbench train`` (also each process of ``--ddp``)."""
-    from benchmark import distributed
+    from benchmark.run import distributed
     from benchmark.data import load_dataset
     from benchmark.store import RunStore
-    from benchmark.train import train_run
+    from benchmark.run.train import train_run
 
     scale = _scale(dataset, data_dir)
     cfgs = _configs([defense], dataset, profile, arch, _seeds(seeds), hparams, scale)
@@ -294,7 +294,7 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
              batch_size: Optional[int], data_dir: Optional[str], device: str,
              out: Optional[str], force: bool, no_progress: bool) -> None:
     """Attack trained runs or checkpoint files; rows go to RUN/eval, flags to RUN/flags."""
-    from benchmark.evaluate import evaluate_path, format_rows
+    from benchmark.eval.evaluate import evaluate_path, format_rows
 
     if not run_paths and not ckpt_files:
         raise UsageError("give --run RUN_DIR and/or --checkpoint-file FILE")
@@ -312,7 +312,7 @@ def _eval_batch(path: str, device: str) -> int:
     """Device-sized default evaluation batch (smaller for a run folder's WRN backbone)."""
     import json
 
-    from benchmark.train import default_eval_batch_size
+    from benchmark.run.train import default_eval_batch_size
     cfg = Path(path) / "config.json"
     arch = json.loads(cfg.read_text()).get("arch") if cfg.is_file() else None
     return default_eval_batch_size(device, arch)
@@ -333,7 +333,7 @@ def report(runs_dir: str, rows_file: Optional[str], out: str, no_plots: bool, ec
     OUT/tables/<table>_<dataset>_<profile>.{csv,md}, OUT/tables/missing.csv, OUT/report.md
     and OUT/plots/*.png.
     """
-    from benchmark.report import load_records, write_report
+    from benchmark.report.report import load_records, write_report
 
     records = load_records(rows_file or runs_dir)
     if not records:
@@ -362,7 +362,7 @@ def features(run_paths: tuple[str, ...], n_examples: Optional[int], which: str, 
     """Feature-space metrics (Table 4: FDR, AFS, SCR, MeanSep, MinSep), clean and PGD-20."""
     from tqdm.auto import tqdm
 
-    from benchmark.features import evaluate_features
+    from benchmark.eval.features import evaluate_features
 
     for path in tqdm(run_paths, desc="features", unit="run", disable=no_progress, leave=False):
         for r in evaluate_features(path, checkpoint=which, n_examples=n_examples, device=device,
@@ -388,7 +388,7 @@ def corruptions(run_paths: tuple[str, ...], data_dir: str, corruptions: Optional
                 n_examples: Optional[int], which: str, batch_size: int, device: str,
                 force: bool) -> None:
     """Accuracy on CIFAR-10-C per corruption and severity (Table 5, Figure 3)."""
-    from benchmark.corruptions import evaluate_corruptions
+    from benchmark.eval.corruptions import evaluate_corruptions
 
     names = [c.strip() for c in corruptions.split(",") if c.strip()] if corruptions else None
     for path in run_paths:
@@ -418,8 +418,8 @@ def corruptions(run_paths: tuple[str, ...], data_dir: str, corruptions: Optional
 def figure2(at_run: str, dpnp_run: str, out: str, n_examples: Optional[int], which: str,
             data_dir: Optional[str], device: str) -> None:
     """Figure 2: 2-D LeNets++ features, clean and adversarial, AT vs Adv-DPNP."""
-    from benchmark import plots
-    from benchmark.features import figure2_panels
+    from benchmark.report import plots
+    from benchmark.eval.features import figure2_panels
 
     panels = [figure2_panels(p, checkpoint=which, n_examples=n_examples, device=device,
                              data_dir=data_dir) for p in (at_run, dpnp_run)]
@@ -496,7 +496,7 @@ def bench(defense: str, arch: str, dataset: str, profile: str, batch_size: int, 
     """Time the training step against (k+1) forward+backward passes, and the eval attacks."""
     import torch
 
-    from benchmark.bench import bench as run_bench, format_bench, to_json
+    from benchmark.run.bench import bench as run_bench, format_bench, to_json
     from benchmark.config import parse_hparams
 
     if threads:

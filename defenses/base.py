@@ -1,6 +1,6 @@
 """The ``Defense`` interface: a defense supplies its model head, training attack and loss.
 
-The harness (``benchmark.train``) owns data, optimizer, schedule, epochs and checkpoints, so
+The harness (``benchmark.run.train``) owns data, optimizer, schedule, epochs and checkpoints, so
 every defense gets the same budget. A defense never calls ``backward()`` or ``step()``.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ import json
 import torch
 from click.testing import CliRunner
 
-from benchmark.bench import bench, count_forwards, format_bench
+from benchmark.run.bench import bench, count_forwards, format_bench
 from benchmark.cli import cli
 from benchmark.models import create
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import corruptions as cc
+from benchmark.eval import corruptions as cc
 from benchmark.config import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.errors import DataError, UsageError
 from benchmark.store import RunStore
-from benchmark.train import train_run
+from benchmark.run.train import train_run
 
 N = 6  # images per severity (10,000 in the real files)
 NAMES = ["fog", "gaussian_noise", "zz_extra"]
@@ -120,7 +120,7 @@ def test_a_model_with_the_wrong_number_of_classes_is_refused(tmp_path: Path,
                                                             rgb_run: Path,
                                                             monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
-    import benchmark.features as feats
+    import benchmark.eval.features as feats
 
     write_cifar10c(tmp_path)
     real = feats.load_run

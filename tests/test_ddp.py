@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark import distributed
+from benchmark.run import distributed
 from benchmark.checkpoint import load_model
 from benchmark.config import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.errors import UsageError
 from benchmark.store import RunStore
-from benchmark.train import train_run
+from benchmark.run.train import train_run
 
 # global batch 101 on 512 training images: shards of 51/50 and a last batch of 7 (4/3), so
 # the loss weighting of unequal shards is exercised at every step
@@ -92,7 +92,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path: Path) -> None:
 def _initial(cfg: object) -> dict[str, torch.Tensor]:
     from benchmark.checkpoint import build_defense
     from benchmark.data import dataset_info
-    from benchmark.train import seed_everything
+    from benchmark.run.train import seed_everything
     seed_everything(cfg.seed)
     info = dataset_info("synthetic")
     return build_defense(cfg, info).build_model(cfg.arch, info).state_dict()

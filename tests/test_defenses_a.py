@@ -20,7 +20,7 @@ from benchmark.data import load_dataset
 from benchmark.errors import UsageError
 from benchmark.store import RunStore, read_jsonl
 from benchmark.testing import TINY_INFO, check_defense, make_defense
-from benchmark.train import make_optimizer, train_run
+from benchmark.run.train import make_optimizer, train_run
 from defenses import DEFENSES
 from defenses.at_he import CosineHead, he_loss
 from defenses.hat import hat_loss

@@ -16,11 +16,11 @@ from benchmark.cli import cli
 from benchmark.config import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.errors import UsageError
-from benchmark.evaluate import (adapt_spec, attack_points, effective_n, eval_key, evaluate_path,
+from benchmark.eval.evaluate import (adapt_spec, attack_points, effective_n, eval_key, evaluate_path,
                                 evaluate_run, load_flags, open_target, predict)
 from benchmark.protocols import AttackSpec, attack_specs, resolve_specs
 from benchmark.store import RunStore
-from benchmark.train import train_run
+from benchmark.run.train import train_run
 
 N = 48
 MEMBERS = [{"label": "fgsm", "attack": "fgsm", "hparams": {}},
@@ -84,7 +84,7 @@ def test_existing_rows_are_reused(run_dir: Path, data, tmp_path: Path, monkeypat
     run = fresh(run_dir, tmp_path)
     specs = resolve_specs("fgsm,pgd", "cifar")
     first = evaluate_run(run, specs, n_examples=N, data=data, progress=False)
-    monkeypatch.setattr("benchmark.evaluate.attack_points",
+    monkeypatch.setattr("benchmark.eval.evaluate.attack_points",
                         lambda *a, **k: pytest.fail("an existing row was recomputed"))
     assert evaluate_run(run, specs, n_examples=N, data=data, progress=False) == first
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from benchmark import launch
+from benchmark.run import launch
 from benchmark.cli import cli
 from benchmark.config import resolve_run_config
 from benchmark.errors import UsageError
@@ -127,7 +127,7 @@ def test_slurm_dependents_wait_via_afterok(tmp_path: Path, monkeypatch: pytest.M
 
 def _train_same_run(root: str) -> None:
     from benchmark.data import load_dataset
-    from benchmark.train import train_run
+    from benchmark.run.train import train_run
     train_run(_cfg("st"), load_dataset("synthetic"), RunStore(root), device="cpu",
               progress=False)
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import metrics
+from benchmark.eval import metrics
 from benchmark.config import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.store import RunStore
-from benchmark.train import train_run
+from benchmark.run.train import train_run
 
 # two classes in 2-D: class 0 around (1, 0), class 1 around (0, 3)
 F = np.array([[1.0, 1.0], [1.0, -1.0], [1.0, 3.0], [-1.0, 3.0]])
@@ -98,7 +98,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_features_rows_use_test_features_and_classifier_weights(tiny_run: Path) -> None:
     from benchmark.checkpoint import load_model
-    from benchmark.features import evaluate_features
+    from benchmark.eval.features import evaluate_features
 
     rows = evaluate_features(tiny_run, n_examples=64)
     by = {r["condition"]: r for r in rows}
@@ -114,7 +114,7 @@ def test_features_rows_use_test_features_and_classifier_weights(tiny_run: Path) 
         assert by["clean"][k] == pytest.approx(v, rel=1e-5), k
     assert by["clean"]["centers"] == "classifier weights" and by["clean"]["n_examples"] == 64
     assert by["clean"]["accuracy"] == pytest.approx(acc)
-    from benchmark.evaluate import evaluate_run
+    from benchmark.eval.evaluate import evaluate_run
     from benchmark.protocols import attack_specs
     ev = evaluate_run(tiny_run, [attack_specs("cifar")["fgsm"]], n_examples=64, progress=False)
     assert ev[0]["clean_acc"] == pytest.approx(by["clean"]["accuracy"])  # one point set
@@ -136,7 +136,7 @@ def test_features_rows_use_test_features_and_classifier_weights(tiny_run: Path) 
 
 def test_features_take_centres_from_the_defense(tiny_run: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from benchmark.features import evaluate_features
+    from benchmark.eval.features import evaluate_features
     from defenses import DEFENSES
 
     monkeypatch.setattr(DEFENSES.get("at"), "class_centers",
@@ -151,7 +151,7 @@ def test_figure2_command_plots_two_d_features(tmp_path: Path, tiny_run: Path) ->
 
     from benchmark.cli import cli
     from benchmark.errors import UsageError
-    from benchmark.features import figure2_panels
+    from benchmark.eval.features import figure2_panels
 
     data, runs = load_dataset("synthetic"), {}
     for name in ("at", "adv-dpnp"):  # untrained LeNets++ (epochs 0): only the plumbing matters

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from benchmark.cli import cli
-from benchmark.report import load_records, load_rows, write_report
+from benchmark.report.report import load_records, load_rows, write_report
 
 DATA = Path(__file__).parent / "data"
 GOLDEN_ROWS = DATA / "golden_rows.jsonl"
@@ -139,8 +139,8 @@ def test_markdown_marks_missing_cells_best_values_and_provenance(report_dir: Pat
 
 
 def test_ties_are_not_bold_and_lower_is_better_only_where_declared() -> None:
-    from benchmark.report import to_markdown
-    from benchmark.tables import TABLES
+    from benchmark.report.report import to_markdown
+    from benchmark.report.tables import TABLES
 
     idx = pd.MultiIndex.from_tuples([("a", "best", "st"), ("a", "best", "at")],
                                     names=["arch", "checkpoint", "defense"])
@@ -160,8 +160,8 @@ def test_dataframe_input_gives_the_same_tables(rows: list[dict], report_dir: Pat
 
 
 def test_plots_return_labelled_figures(rows: list[dict], tmp_path: Path) -> None:
-    from benchmark import plots
-    from benchmark.tables import frames
+    from benchmark.report import plots
+    from benchmark.report.tables import frames
 
     fr = frames(rows)
     fig3 = plots.severity_figure(fr["corruption"])

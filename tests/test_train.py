@@ -17,7 +17,7 @@ from benchmark.config import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.errors import CheckpointError, TrainingError
 from benchmark.store import RunStore, read_jsonl
-from benchmark.train import train_run
+from benchmark.run.train import train_run
 
 FAST = {"epochs": 4, "lr_milestones": [3], "train_attack_steps": 2, "val_attack_steps": 2,
         "batch_size": 64}

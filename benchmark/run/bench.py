@@ -7,7 +7,7 @@ speed options, :func:`bench` measures
 
 * the same model's plain rates: forward (eval, no grad), forward+backward (train mode, CE,
   parameter gradients) and one attack step (eval mode, gradient w.r.t. the input only);
-* the harness's real training loop (``benchmark.train._train_epoch``: loader with
+* the harness's real training loop (``benchmark.run.train._train_epoch``: loader with
   augmentation, the defense's step under the run's autocast/compile, backward, SGD step,
   metric accounting) over random data of the dataset's shape;
 * the number of gradient-carrying forwards one training step makes (counted with a hook on
@@ -39,7 +39,7 @@ from torch import nn
 from benchmark.checkpoint import build_defense
 from benchmark.config import resolve_run_config
 from benchmark.data import BatchLoader, Split, dataset_info
-from benchmark.train import (_train_epoch, autocast, make_optimizer, maybe_compile,
+from benchmark.run.train import (_train_epoch, autocast, make_optimizer, maybe_compile,
                              resolve_device, seed_everything)
 
 logger = logging.getLogger(__name__)

@@ -213,7 +213,7 @@ def evaluate_run(run_dir: Path | str, specs: Sequence[AttackSpec], *, checkpoint
     Existing rows are reused unless ``force``. Each spec uses the first
     :func:`effective_n` test points (profile default, e.g. 1000 for ``cpu``, capped per spec).
     """
-    from benchmark.train import resolve_device
+    from benchmark.run.train import resolve_device
 
     dev = resolve_device(device)
     t = open_target(run_dir, checkpoint, out_dir=out_dir)

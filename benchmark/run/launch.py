@@ -5,7 +5,7 @@ trains its run (or resumes it), evaluates it, and writes only its own run folder
 ``advbench report`` merges whatever has finished. Launchers:
 
 * ``serial`` (default): in the calling process, one job after the other.
-* ``local``: ``--jobs N`` subprocesses at a time (``python -m benchmark.launch JOB_JSON``),
+* ``local``: ``--jobs N`` subprocesses at a time (``python -m benchmark.run.launch JOB_JSON``),
   each pinned to its own GPU(s) through ``CUDA_VISIBLE_DEVICES`` and given cores/N threads;
   with ``--gpus-per-job G > 1`` a job runs under ``torchrun --nproc_per_node=G`` (DDP). Log:
   ``RUN_DIR/job.log``.
@@ -127,11 +127,11 @@ def plan(cfgs: Sequence[RunConfig], scale: str, *, requires: Optional[Callable[[
 def run_job(job: Job) -> str:
     """Train and evaluate one run (every DDP rank calls this; rank 0 evaluates). Returns its
     folder. The entry point of every launcher."""
-    from benchmark import distributed
+    from benchmark.run import distributed
     from benchmark.data import load_dataset
-    from benchmark.evaluate import evaluate_run
+    from benchmark.eval.evaluate import evaluate_run
     from benchmark.protocols import resolve_specs
-    from benchmark.train import default_eval_batch_size, train_run
+    from benchmark.run.train import default_eval_batch_size, train_run
 
     if job.gpus > 1 and "SUBMITIT_EXECUTOR" in os.environ and distributed.env_world_size() <= 1:
         import submitit
@@ -152,7 +152,7 @@ def run_job(job: Job) -> str:
 
 def collect_rows(jobs: Sequence[Job], scale: str) -> list[dict[str, Any]]:
     """The result rows the evaluated jobs were asked for, read from their run folders."""
-    from benchmark.evaluate import expected_keys
+    from benchmark.eval.evaluate import expected_keys
     from benchmark.protocols import resolve_specs
 
     rows = []
@@ -209,10 +209,10 @@ def launch_local(jobs: Sequence[Job], *, parallel: Optional[int] = None) -> list
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             if group is not None:
                 env["CUDA_VISIBLE_DEVICES"] = group
-            head = [sys.executable, "-m", "benchmark.launch"]
+            head = [sys.executable, "-m", "benchmark.run.launch"]
             if job.gpus > 1:
                 head = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        f"--nproc_per_node={job.gpus}", "-m", "benchmark.launch"]
+                        f"--nproc_per_node={job.gpus}", "-m", "benchmark.run.launch"]
             job.run_dir().mkdir(parents=True, exist_ok=True)
             log = job.run_dir() / "job.log"
             logger.info("starting %s (gpus %s) → %s", job.label, group or "-", log)
@@ -292,13 +292,13 @@ def launch(jobs: Sequence[Job], launcher: str = "serial", **kwargs: Any) -> list
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m benchmark.launch JOB_JSON``: run one job (what the local launcher starts)."""
+    """``python -m benchmark.run.launch JOB_JSON``: run one job (what the local launcher starts)."""
     from benchmark.cli import _setup_logging
 
     _setup_logging(0)
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        raise SystemExit("usage: python -m benchmark.launch JOB_JSON")
+        raise SystemExit("usage: python -m benchmark.run.launch JOB_JSON")
     sys.stdout.write(run_job(Job.from_json(args[0])) + "\n")
 
 

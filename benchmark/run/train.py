@@ -10,7 +10,7 @@ outside, validation and evaluation stay fp32), ``channels_last`` converts model 
 ``compile`` runs the step through ``torch.compile(model)`` while checkpoints keep saving the
 uncompiled module's ``state_dict``. The inner loop syncs with the host only every 20 steps
 (progress and NaN check). Under ``torch.distributed`` (torchrun, ``advbench train --ddp``) the
-step runs under DistributedDataParallel; see :mod:`benchmark.distributed`.
+step runs under DistributedDataParallel; see :mod:`benchmark.run.distributed`.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from attacks.base import model_mode
 from attacks.pgd import PGD
-from benchmark import distributed
+from benchmark.run import distributed
 from benchmark.checkpoint import build_defense, model_from_checkpoint, read_checkpoint
 from benchmark.config import RunConfig, helper_config
 from benchmark.data import BatchLoader, Data, split_train_val

@@ -48,7 +48,7 @@ def save(fig: Figure, path: Path | str, *, dpi: int = 120) -> Path:
 
 
 def _order(labels: Sequence[str]) -> list[str]:
-    from benchmark.report import _order_labels
+    from benchmark.report.report import _order_labels
     return _order_labels(labels)
 
 

@@ -1,13 +1,13 @@
 """The paper's tables as functions of result rows: rows → long "cells" → one spec per table.
 
 A *unit* is one trained checkpoint (``run_id`` × ``checkpoint``); a *cell* is one number of
-one unit in one table column. :mod:`benchmark.report` averages cells over seeds and renders
+one unit in one table column. :mod:`benchmark.report.report` averages cells over seeds and renders
 them. Three row kinds feed the tables (a row without ``kind`` is an attack row):
 
-* ``attack`` (``benchmark.evaluate``): ``attack`` column label, ``norm``, ``eps``,
+* ``attack`` (``benchmark.eval.evaluate``): ``attack`` column label, ``norm``, ``eps``,
   ``clean_acc``, ``robust_acc``, ``adv_ce``, ``n_examples``;
-* ``features`` (``benchmark.features``): ``condition`` clean|pgd20 and the five metrics;
-* ``corruption`` (``benchmark.corruptions``): ``corruption``, ``severity``, ``accuracy``.
+* ``features`` (``benchmark.eval.features``): ``condition`` clean|pgd20 and the five metrics;
+* ``corruption`` (``benchmark.eval.corruptions``): ``corruption``, ``severity``, ``accuracy``.
 
 Accuracies become percent. For every l∞ column except Table 3's and Figure 4's sweeps, only
 rows at the run's *nominal* ε (its training ε, ``hparams.eps``: 8/255 on CIFAR scale, 0.3
@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from attacks.base import eps_to_str
-from benchmark.corruptions import CORRUPTIONS
+from benchmark.eval.corruptions import CORRUPTIONS
 
 UNIT = ["dataset", "profile", "provenance", "arch", "checkpoint", "label", "defense", "seed",
         "run_id"]

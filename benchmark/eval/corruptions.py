@@ -134,8 +134,8 @@ def evaluate_corruptions(run_dir: Path | str, data_dir: Path | str, *, checkpoin
     ``n_examples`` caps the images per severity (default: the profile's, e.g. 1000 for
     ``cpu``; all 10,000 for ``paper``). Existing rows are reused unless ``force``.
     """
-    from benchmark.evaluate import check_model
-    from benchmark.features import load_run, row_base
+    from benchmark.eval.evaluate import check_model
+    from benchmark.eval.features import load_run, row_base
     from benchmark.store import atomic_write_json, read_json
 
     run = load_run(run_dir, checkpoint, device)

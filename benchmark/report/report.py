@@ -11,7 +11,7 @@
     plots/figure3_<dataset>_<profile>.png   CIFAR-10-C accuracy per severity
     plots/figure4_<dataset>_<profile>.png   accuracy vs ε (FGSM, PGD)
 
-Tables are built by :mod:`benchmark.tables` (which rows feed which column). One file holds
+Tables are built by :mod:`benchmark.report.tables` (which rows feed which column). One file holds
 one dataset (and data provenance: a second provenance of the same dataset name gets its own
 files, suffixed by a hash) and one profile: profiles are never mixed. Inside a file, one
 section per (arch, checkpoint); rows follow the registry order (``DEFENSES.names()``), plugins
@@ -31,7 +31,7 @@ import pandas as pd
 
 from benchmark.config import stable_hash
 from benchmark.store import RunStore, atomic_write_bytes, read_jsonl
-from benchmark.tables import TABLES, TableSpec, display, frames
+from benchmark.report.tables import TABLES, TableSpec, display, frames
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
 def _figures(fr: dict[str, pd.DataFrame], plot_dir: Path, suffix: str) -> None:
     import matplotlib.pyplot as plt
 
-    from benchmark import plots
+    from benchmark.report import plots
 
     for name, fig in (("figure3", plots.severity_figure(fr["corruption"])),
                       ("figure4", plots.eps_figure(fr["attack"]))):

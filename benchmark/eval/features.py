@@ -1,6 +1,6 @@
 """Feature-space evaluation (paper §4.3): Table 4 rows and the data of Figure 2.
 
-``evaluate_features`` computes FDR, AFS, SCR, MeanSep and MinSep (:mod:`benchmark.metrics`)
+``evaluate_features`` computes FDR, AFS, SCR, MeanSep and MinSep (:mod:`benchmark.eval.metrics`)
 on the penultimate features ``model.features(x)`` of ``n`` test points (all of them, or the
 first ``n`` of the dataset's test order: the same points ``advbench evaluate`` attacks, so that
 Table 4 and the accuracy tables describe one point set; loaders hold test sets stored class by
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from benchmark.config import DEFAULT_N_EXAMPLES, RunConfig, stable_hash
 from benchmark.data import Data, DataInfo, load_dataset
 from benchmark.errors import UsageError
-from benchmark.metrics import feature_metrics
+from benchmark.eval.metrics import feature_metrics
 from benchmark.protocols import AttackSpec
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def load_run(run_dir: Path | str, checkpoint: str = "best", device: str = "cpu")
     """Load ``ckpt_<checkpoint>.pt`` of a run folder (best falls back to last)."""
     from benchmark.checkpoint import model_from_checkpoint, read_checkpoint, resolve_checkpoint
     from benchmark.store import read_json
-    from benchmark.train import resolve_device
+    from benchmark.run.train import resolve_device
 
     run_dir = Path(run_dir)
     dev = resolve_device(device)
@@ -68,7 +68,7 @@ def load_run(run_dir: Path | str, checkpoint: str = "best", device: str = "cpu")
 
 
 def row_base(run: LoadedRun, key: str, kind: str) -> dict[str, Any]:
-    """The provenance fields every row carries (as in ``benchmark.evaluate``'s attack rows)."""
+    """The provenance fields every row carries (as in ``benchmark.eval.evaluate``'s attack rows)."""
     from benchmark.store import code_version, environment, now
 
     return {"schema": SCHEMA, "kind": kind, "run_id": run.cfg.run_id, "eval_key": key,
@@ -144,7 +144,7 @@ def evaluate_features(run_dir: Path | str, *, checkpoint: str = "best",
                       data_dir: Optional[Path | str] = None,
                       force: bool = False) -> list[dict[str, Any]]:
     """Feature metrics of one checkpoint, clean and under PGD-20; rows in ``RUN/eval``."""
-    from benchmark.evaluate import check_model
+    from benchmark.eval.evaluate import check_model
     from benchmark.store import atomic_write_json, read_json
 
     run = load_run(run_dir, checkpoint, device)

@@ -1,0 +1,1 @@
+"""Evaluation side: attacks on a trained run, feature metrics, corruptions."""

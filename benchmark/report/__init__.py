@@ -1,0 +1,1 @@
+"""Report side: tables, plots and pages built from result rows only."""

@@ -1,0 +1,1 @@
+"""Training side: the loop, launchers, DDP and the speed benchmark."""
