@@ -200,7 +200,7 @@ def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: s
         click.echo(f"{len(jobs)} jobs via {launcher}; tables written to {out_dir}/tables; wall "
                    f"time {time.perf_counter() - t0:.1f}s")
         return
-    from benchmark.run.train import default_eval_batch_size
+    from benchmark.device import default_eval_batch_size
     data = load_dataset(dataset, data_dir, download=download)
     rows = []
     for cfg in cfgs:
@@ -302,20 +302,10 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
     for path in [*run_paths, *ckpt_files]:
         rows += evaluate_path(path, attacks=attacks, suite=suite, eps=eps, checkpoint=which,
                               n_examples=n_examples, device=device,
-                              batch_size=batch_size or _eval_batch(path, device),
+                              batch_size=batch_size,
                               data_dir=Path(data_dir) if data_dir else None, force=force,
                               progress=not no_progress, out_dir=out)
     click.echo(format_rows(rows))
-
-
-def _eval_batch(path: str, device: str) -> int:
-    """Device-sized default evaluation batch (smaller for a run folder's WRN backbone)."""
-    import json
-
-    from benchmark.run.train import default_eval_batch_size
-    cfg = Path(path) / "config.json"
-    arch = json.loads(cfg.read_text()).get("arch") if cfg.is_file() else None
-    return default_eval_batch_size(device, arch)
 
 
 @cli.command()

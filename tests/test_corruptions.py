@@ -120,15 +120,13 @@ def test_a_model_with_the_wrong_number_of_classes_is_refused(tmp_path: Path,
                                                             rgb_run: Path,
                                                             monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
-    import benchmark.eval.features as feats
-
     write_cifar10c(tmp_path)
-    real = feats.load_run
+    real = cc.open_target
 
     def fake(*a, **k):  # type: ignore[no-untyped-def]
         run = real(*a, **k)
         run.info = type(run.info)(**{**run.info.to_dict(), "num_classes": 100})
         return run
-    monkeypatch.setattr(feats, "load_run", fake)
+    monkeypatch.setattr(cc, "open_target", fake)
     with pytest.raises(UsageError, match="10-class"):
         cc.evaluate_corruptions(rgb_run, tmp_path)

@@ -27,6 +27,8 @@ from torch import Tensor
 
 from benchmark.config import DEFAULT_N_EXAMPLES, stable_hash
 from benchmark.errors import DataError, UsageError
+from benchmark.eval.target import check_model, open_target
+from benchmark.store import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +136,7 @@ def evaluate_corruptions(run_dir: Path | str, data_dir: Path | str, *, checkpoin
     ``n_examples`` caps the images per severity (default: the profile's, e.g. 1000 for
     ``cpu``; all 10,000 for ``paper``). Existing rows are reused unless ``force``.
     """
-    from benchmark.eval.evaluate import check_model
-    from benchmark.eval.features import load_run, row_base
-    from benchmark.store import atomic_write_json, read_json
-
-    run = load_run(run_dir, checkpoint, device)
+    run = open_target(run_dir, checkpoint, device=device)
     if run.info.num_classes != 10 or run.info.in_channels != 3:
         raise UsageError(f"CIFAR-10-C needs a 10-class RGB model; {run.cfg.defense} was trained "
                          f"on {run.cfg.dataset} ({run.info.num_classes} classes)")
@@ -156,7 +154,7 @@ def evaluate_corruptions(run_dir: Path | str, data_dir: Path | str, *, checkpoin
             key = stable_hash({"run_id": run.cfg.run_id, "checkpoint": checkpoint,
                                "kind": "corruption", "corruption": name, "severity": sev,
                                "n_examples": n_examples if n_examples is not None else -1})
-            path = Path(run_dir) / "eval" / f"{key}.json"
+            path = run.out_dir / "eval" / f"{key}.json"
             if path.exists() and not force:
                 rows.append(read_json(path))
                 continue
@@ -167,7 +165,7 @@ def evaluate_corruptions(run_dir: Path | str, data_dir: Path | str, *, checkpoin
                 checked = True
             t0 = time.perf_counter()
             acc = accuracy(run.model, x, y, batch_size=batch_size, device=run.device)
-            row = {**row_base(run, key, "corruption"), "corruption": name, "severity": sev,
+            row = {**run.row(key, "corruption"), "corruption": name, "severity": sev,
                    "corruption_provenance": f"{PROVENANCE} from {root}",
                    "n_examples": int(len(y)), "accuracy": acc,
                    "wall_s": round(time.perf_counter() - t0, 3)}
@@ -182,10 +180,10 @@ def evaluate_corruptions(run_dir: Path | str, data_dir: Path | str, *, checkpoin
                            "n_examples": n_examples if n_examples is not None else -1})
         per_sev = {str(s): float(np.mean([r["accuracy"] for r in cells if r["severity"] == s]))
                    for s in sorted({r["severity"] for r in cells})}
-        agg = {**row_base(run, key, "corruption"), "corruption": "all", "severity": None,
+        agg = {**run.row(key, "corruption"), "corruption": "all", "severity": None,
                "aggregate": True, "corruptions": names, "accuracy_by_severity": per_sev,
                "accuracy": float(np.mean([r["accuracy"] for r in cells])),
                "n_examples": n_examples}
-        atomic_write_json(Path(run_dir) / "eval" / f"{key}.json", agg)
+        atomic_write_json(run.out_dir / "eval" / f"{key}.json", agg)
         rows.append(agg)
     return rows

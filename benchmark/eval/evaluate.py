@@ -19,10 +19,8 @@ checkpoint and points are read back, missing ones run as a cascade on the still-
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -33,31 +31,15 @@ from tqdm.auto import tqdm
 
 from attacks.base import Attack, Objective
 from attacks.ensemble import WorstCase
-from benchmark.checkpoint import model_from_checkpoint, read_checkpoint, resolve_checkpoint
 from benchmark.config import DEFAULT_N_EXAMPLES, RunConfig, stable_hash
-from benchmark.data import Data, DataInfo, load_dataset
-from benchmark.errors import UsageError
+from benchmark.data import Data
+from benchmark.device import default_eval_batch_size
+from benchmark.eval.target import Target, check_model, open_target
 from benchmark.protocols import AttackSpec, parse_eps_list, resolve_specs
-from benchmark.store import (atomic_torch_save, atomic_write_json, code_version, environment, now,
-                             read_json, safe_torch_load)
+from benchmark.store import atomic_torch_save, atomic_write_json, read_json, safe_torch_load
 
 logger = logging.getLogger(__name__)
-SCHEMA = 1
 ATTACK_SEED = 0
-
-
-def check_model(model: nn.Module, x: Tensor, *, randomized: bool = False) -> None:
-    """AutoAttack-style sanity checks: eval mode, logits (not probabilities), determinism."""
-    if model.training:
-        raise UsageError("model must be in eval mode for evaluation")
-    with torch.no_grad():
-        a, b = model(x), model(x)
-    if a.dim() != 2:
-        raise UsageError(f"model must return N×K logits, got shape {tuple(a.shape)}")
-    if (a >= 0).all() and torch.allclose(a.sum(1), torch.ones_like(a[:, 0]), atol=1e-4):
-        logger.warning("model outputs look like probabilities; attacks expect logits")
-    if not randomized and not torch.equal(a, b):
-        raise UsageError("model is not deterministic in eval mode; mark the defense randomized")
 
 
 @torch.no_grad()
@@ -163,61 +145,27 @@ def expected_keys(cfg: RunConfig, checkpoints: Sequence[str], specs: Sequence[At
                      effective_n(s, cfg.profile, n_examples)) for w in checkpoints for s in specs]
 
 
-@dataclass
-class Target:
-    """A loaded checkpoint and where its rows go."""
-
-    model: nn.Module
-    defense: Any
-    cfg: RunConfig
-    info: DataInfo
-    ckpt_path: Path
-    epoch: int
-    out_dir: Path
-    checkpoint: str  # "best" / "last", or "file-<sha>" for a foreign checkpoint file
-    config: Mapping[str, Any]
-
-
-def open_target(path: Path | str, checkpoint: str = "best", *,
-                out_dir: Optional[Path | str] = None) -> Target:
-    """Load a run folder's checkpoint, or any advbench checkpoint file.
-
-    Raises:
-        CheckpointError: missing, foreign or corrupt checkpoint.
-    """
-    path = Path(path)
-    if path.is_file() and path.name in ("ckpt_best.pt", "ckpt_last.pt") and \
-            (path.parent / "config.json").exists():
-        path, checkpoint = path.parent, path.name[5:-3]
-    ckpt_path = resolve_checkpoint(path, checkpoint)
-    ckpt = read_checkpoint(ckpt_path)
-    model, defense, cfg, info = model_from_checkpoint(ckpt)
-    if path.is_dir():
-        out = path
-        config = read_json(path / "config.json") if (path / "config.json").exists() else {}
-    else:
-        checkpoint = "file-" + hashlib.sha256(ckpt_path.read_bytes()).hexdigest()[:12]
-        out = Path(out_dir) if out_dir else path.parent / f"{path.stem}-eval"
-        config = {}
-    return Target(model, defense, cfg, info, ckpt_path, int(ckpt.get("epoch", 0)), out,
-                  checkpoint, config)
-
-
 def evaluate_run(run_dir: Path | str, specs: Sequence[AttackSpec], *, checkpoint: str = "best",
-                 n_examples: Optional[int] = None, device: str = "cpu", batch_size: int = 256,
-                 data: Optional[Data] = None, data_dir: Optional[Path] = None,
-                 force: bool = False, progress: bool = True,
-                 out_dir: Optional[Path | str] = None) -> list[dict[str, Any]]:
-    """Evaluate one checkpoint (run folder or checkpoint file) under each spec; write rows.
+                 device: str = "cpu", out_dir: Optional[Path | str] = None,
+                 **kwargs: Any) -> list[dict[str, Any]]:
+    """Open one checkpoint (run folder or checkpoint file) and evaluate it under each spec.
+
+    See :func:`evaluate_target` for the other arguments.
+    """
+    return evaluate_target(open_target(run_dir, checkpoint, device=device, out_dir=out_dir),
+                           specs, **kwargs)
+
+
+def evaluate_target(t: Target, specs: Sequence[AttackSpec], *, n_examples: Optional[int] = None,
+                    batch_size: int = 256, data: Optional[Data] = None,
+                    data_dir: Optional[Path] = None, force: bool = False,
+                    progress: bool = True) -> list[dict[str, Any]]:
+    """Evaluate an opened checkpoint under each spec; write flags and rows.
 
     Existing rows are reused unless ``force``. Each spec uses the first
     :func:`effective_n` test points (profile default, e.g. 1000 for ``cpu``, capped per spec).
     """
-    from benchmark.run.train import resolve_device
-
-    dev = resolve_device(device)
-    t = open_target(run_dir, checkpoint, out_dir=out_dir)
-    t.model.to(dev)
+    dev = t.device
     rows: list[Optional[dict[str, Any]]] = []
     pending = []
     for spec in specs:
@@ -232,11 +180,7 @@ def evaluate_run(run_dir: Path | str, specs: Sequence[AttackSpec], *, checkpoint
             rows.append(None)
     if not pending:
         return [r for r in rows if r is not None]
-    if data is None:
-        data = load_dataset(t.cfg.dataset, data_dir)
-    if data.info.num_classes != t.info.num_classes:
-        raise UsageError(f"checkpoint has {t.info.num_classes} classes, dataset {data.info.name} "
-                         f"has {data.info.num_classes}")
+    data = t.test_data(data, data_dir)
     x_all, y_all = data.test.floats(dev)
     check_model(t.model, x_all[:8], randomized=t.defense.randomized)
     n_max = max((len(y_all) if n is None else min(n, len(y_all))) for _, _, n, _, _ in pending)
@@ -261,8 +205,11 @@ def evaluate_run(run_dir: Path | str, specs: Sequence[AttackSpec], *, checkpoint
         wall = time.perf_counter() - t0 + extra.get("resumed_wall_s", 0.0)
         atomic_torch_save(t.out_dir / "flags" / f"{key}.pt",
                           {"clean": clean, "robust": flags, "adv_ce": adv_ce})
-        row = _row(t, spec, attack, key, data, dev, clean, flags, adv_ce, wall, batch_size)
-        row.update(extra)
+        row = {**t.row(key, "attack", data_provenance=data.info.provenance), **spec.record(),
+               "attack_hparams": dict(attack.hparams), "attack_seed": ATTACK_SEED,
+               "n_examples": int(len(clean)), "clean_acc": float(clean.float().mean()),
+               "robust_acc": float(flags.float().mean()), "adv_ce": float(adv_ce.float().mean()),
+               "wall_s": round(wall, 3), "batch_size": batch_size, **extra}
         atomic_write_json(path, row)
         logger.info("%s seed %d [%s] %s eps %s: clean %.4f robust %.4f adv_ce %.4f (%.1fs, n=%d)",
                     t.cfg.defense, t.cfg.seed, t.checkpoint, spec.label, row["eps_str"],
@@ -299,31 +246,17 @@ def _ensemble(t: Target, spec: AttackSpec, attack: Any, x: Tensor, y: Tensor, cl
                            "member_hparams": resolved}
 
 
-def _row(t: Target, spec: AttackSpec, attack: Attack, key: str, data: Data, dev: torch.device,
-         clean: Tensor, flags: Tensor, adv_ce: Tensor, wall: float,
-         batch_size: int) -> dict[str, Any]:
-    cfg = t.cfg
-    return {"schema": SCHEMA, "kind": "attack", "run_id": cfg.run_id, "eval_key": key,
-            "defense": cfg.defense, "dataset": cfg.dataset,
-            "data_provenance": data.info.provenance or t.info.provenance, "arch": cfg.arch,
-            "profile": cfg.profile, "seed": cfg.seed, "checkpoint": t.checkpoint,
-            "checkpoint_file": t.ckpt_path.name if t.checkpoint in ("best", "last")
-            else str(t.ckpt_path), "checkpoint_epoch": t.epoch,
-            **spec.record(), "attack_hparams": dict(attack.hparams), "attack_seed": ATTACK_SEED,
-            "n_examples": int(len(clean)), "clean_acc": float(clean.float().mean()),
-            "robust_acc": float(flags.float().mean()), "adv_ce": float(adv_ce.float().mean()),
-            "wall_s": round(wall, 3), "batch_size": batch_size, "hparams": cfg.hparams,
-            "env": environment(dev), "git": t.config.get("git") or code_version(),
-            "eval_git": code_version(), "created": now()}
-
-
 def evaluate_path(path: Path | str, *, attacks: Optional[str] = None,
                   suite: Optional[str] = None, eps: Optional[str] = None,
-                  **kwargs: Any) -> list[dict[str, Any]]:
-    """Resolve ``--attacks/--suite/--eps`` for the checkpoint's dataset scale, then evaluate."""
-    t = open_target(path, kwargs.get("checkpoint", "best"), out_dir=kwargs.get("out_dir"))
+                  checkpoint: str = "best", device: str = "cpu",
+                  out_dir: Optional[Path | str] = None,
+                  batch_size: Optional[int] = None, **kwargs: Any) -> list[dict[str, Any]]:
+    """Open a checkpoint once, resolve ``--attacks/--suite/--eps`` for its dataset scale, and
+    evaluate it (``batch_size`` None: sized for the device and arch)."""
+    t = open_target(path, checkpoint, device=device, out_dir=out_dir)
     specs = resolve_specs(attacks, t.info.scale, suite=suite, eps=parse_eps_list(eps))
-    return evaluate_run(path, specs, **kwargs)
+    return evaluate_target(t, specs, batch_size=batch_size or
+                           default_eval_batch_size(t.device, t.cfg.arch), **kwargs)
 
 
 def format_rows(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -18,66 +18,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from benchmark.config import DEFAULT_N_EXAMPLES, RunConfig, stable_hash
-from benchmark.data import Data, DataInfo, load_dataset
+from benchmark.config import DEFAULT_N_EXAMPLES, stable_hash
+from benchmark.data import Data
 from benchmark.errors import UsageError
 from benchmark.eval.metrics import feature_metrics
+from benchmark.eval.target import Target, check_model, open_target
 from benchmark.protocols import AttackSpec
+from benchmark.store import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
-SCHEMA = 1
-
-
-@dataclass
-class LoadedRun:
-    """A trained checkpoint of a run folder, ready to evaluate (model in eval mode)."""
-
-    run_dir: Path
-    checkpoint: str
-    model: nn.Module
-    defense: Any
-    cfg: RunConfig
-    info: DataInfo
-    ckpt_file: str
-    epoch: int
-    device: torch.device
-    git: Optional[str]
-
-
-def load_run(run_dir: Path | str, checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
-    """Load ``ckpt_<checkpoint>.pt`` of a run folder (best falls back to last)."""
-    from benchmark.checkpoint import model_from_checkpoint, read_checkpoint, resolve_checkpoint
-    from benchmark.store import read_json
-    from benchmark.run.train import resolve_device
-
-    run_dir = Path(run_dir)
-    dev = resolve_device(device)
-    path = resolve_checkpoint(run_dir, checkpoint)
-    ckpt = read_checkpoint(path)
-    model, defense, cfg, info = model_from_checkpoint(ckpt)
-    config = read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
-    return LoadedRun(run_dir, checkpoint, model.to(dev).eval(), defense, cfg, info, path.name,
-                     int(ckpt["epoch"]), dev, config.get("git"))
-
-
-def row_base(run: LoadedRun, key: str, kind: str) -> dict[str, Any]:
-    """The provenance fields every row carries (as in ``benchmark.eval.evaluate``'s attack rows)."""
-    from benchmark.store import code_version, environment, now
-
-    return {"schema": SCHEMA, "kind": kind, "run_id": run.cfg.run_id, "eval_key": key,
-            "defense": run.cfg.defense, "dataset": run.cfg.dataset,
-            "data_provenance": run.info.provenance, "arch": run.cfg.arch,
-            "profile": run.cfg.profile, "seed": run.cfg.seed, "checkpoint": run.checkpoint,
-            "checkpoint_file": run.ckpt_file, "checkpoint_epoch": run.epoch,
-            "hparams": run.cfg.hparams, "env": environment(run.device),
-            "git": run.git or code_version(), "eval_git": code_version(), "created": now()}
 
 
 def adversarial_spec(scale: str, label: str = "pgd20") -> AttackSpec:
@@ -125,17 +80,13 @@ def centers_source(defense: Any, centers: Optional[Tensor]) -> Optional[str]:
     return f"{type(defense).__name__}.class_centers"
 
 
-def _test_points(run: LoadedRun, data: Optional[Data], data_dir: Optional[Path | str],
+def _test_points(t: Target, data: Optional[Data], data_dir: Optional[Path | str],
                  n_examples: Optional[int]) -> tuple[Tensor, Tensor]:
-    data = data if data is not None else load_dataset(run.cfg.dataset, data_dir)
-    if data.info.num_classes != run.info.num_classes:
-        raise UsageError(f"checkpoint has {run.info.num_classes} classes, dataset "
-                         f"{data.info.name} has {data.info.num_classes}")
-    split = data.test
+    split = t.test_data(data, data_dir).test
     if n_examples is not None and n_examples < len(split):
         # the points `advbench evaluate` attacks (its first n), not a different sample
         split = split.subset(torch.arange(n_examples))
-    return split.floats(run.device)
+    return split.floats(t.device)
 
 
 def evaluate_features(run_dir: Path | str, *, checkpoint: str = "best",
@@ -144,10 +95,7 @@ def evaluate_features(run_dir: Path | str, *, checkpoint: str = "best",
                       data_dir: Optional[Path | str] = None,
                       force: bool = False) -> list[dict[str, Any]]:
     """Feature metrics of one checkpoint, clean and under PGD-20; rows in ``RUN/eval``."""
-    from benchmark.eval.evaluate import check_model
-    from benchmark.store import atomic_write_json, read_json
-
-    run = load_run(run_dir, checkpoint, device)
+    run = open_target(run_dir, checkpoint, device=device)
     if n_examples is None:
         n_examples = DEFAULT_N_EXAMPLES.get(run.cfg.profile)
     spec = adversarial_spec(run.info.scale)
@@ -158,7 +106,7 @@ def evaluate_features(run_dir: Path | str, *, checkpoint: str = "best",
                            "condition": cond, "attack": sp.key() if sp else None,
                            "n_examples": n_examples if n_examples is not None else -1,
                            "subset": _subset(n_examples)})
-        path = Path(run_dir) / "eval" / f"{key}.json"
+        path = run.out_dir / "eval" / f"{key}.json"
         if path.exists() and not force:
             rows.append(read_json(path))
         else:
@@ -176,7 +124,7 @@ def evaluate_features(run_dir: Path | str, *, checkpoint: str = "best",
         attack = sp.record() if sp else {"attack_name": None, "norm": None, "eps": 0.0,
                                          "eps_str": "0", "attack_hparams": {}}
         attack.pop("attack", None)
-        row = {**row_base(run, key, "features"), "condition": cond, **attack,
+        row = {**run.row(key, "features"), "condition": cond, **attack,
                "n_examples": int(len(y)), "subset": _subset(n_examples),
                "accuracy": float((preds == y.cpu()).float().mean()),
                **metrics, "feature_dim": int(feats.shape[1]),
@@ -198,7 +146,7 @@ def figure2_panels(run_dir: Path | str, *, checkpoint: str = "best",
     Raises:
         UsageError: the model's features are not 2-D (train with ``--arch lenets++``).
     """
-    run = load_run(run_dir, checkpoint, device)
+    run = open_target(run_dir, checkpoint, device=device)
     x, y = _test_points(run, data, data_dir, n_examples)
     from benchmark.protocols import attack_specs
     spec = attack_specs(run.info.scale)["pgd"]

@@ -39,8 +39,9 @@ from torch import nn
 from benchmark.checkpoint import build_defense
 from benchmark.config import resolve_run_config
 from benchmark.data import BatchLoader, Split, dataset_info
+from benchmark.device import resolve_device
 from benchmark.run.train import (_train_epoch, autocast, make_optimizer, maybe_compile,
-                             resolve_device, seed_everything)
+                                 seed_everything)
 
 logger = logging.getLogger(__name__)
 

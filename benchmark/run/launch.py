@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from benchmark.config import RunConfig, helper_config
+from benchmark.device import visible_gpus
 from benchmark.errors import AdvbenchError, UsageError
 from benchmark.store import RunStore, read_json
 
@@ -131,7 +132,8 @@ def run_job(job: Job) -> str:
     from benchmark.data import load_dataset
     from benchmark.eval.evaluate import evaluate_run
     from benchmark.protocols import resolve_specs
-    from benchmark.run.train import default_eval_batch_size, train_run
+    from benchmark.device import default_eval_batch_size
+    from benchmark.run.train import train_run
 
     if job.gpus > 1 and "SUBMITIT_EXECUTOR" in os.environ and distributed.env_world_size() <= 1:
         import submitit
@@ -168,17 +170,6 @@ def collect_rows(jobs: Sequence[Job], scale: str) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------ launchers
-def _visible_gpus() -> list[str]:
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g for g in env.split(",") if g.strip()]
-    try:
-        import torch
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:  # pragma: no cover
-        return []
-
-
 def launch_serial(jobs: Sequence[Job]) -> list[str]:
     return [run_job(job) for job in jobs]
 
@@ -189,7 +180,7 @@ def launch_local(jobs: Sequence[Job], *, parallel: Optional[int] = None) -> list
     Raises:
         AdvbenchError: some jobs failed (the others finish; each failure names its log).
     """
-    gpus = _visible_gpus()
+    gpus = visible_gpus()
     per = max(jobs[0].gpus if jobs else 1, 1)
     groups = [",".join(gpus[i:i + per]) for i in range(0, len(gpus) - per + 1, per)]
     if parallel is None:

@@ -34,37 +34,13 @@ from benchmark.run import distributed
 from benchmark.checkpoint import build_defense, model_from_checkpoint, read_checkpoint
 from benchmark.config import RunConfig, helper_config
 from benchmark.data import BatchLoader, Data, split_train_val
+from benchmark.device import peak_memory_mb, resolve_device
 from benchmark.errors import TrainingError, UsageError
 from benchmark.store import (CKPT_FORMAT, CKPT_VERSION, RunStore, append_jsonl, atomic_torch_save,
                              atomic_write_json, code_version, environment, now, read_jsonl)
 from defenses.base import StepOutput
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def default_eval_batch_size(device: str | torch.device, arch: Optional[str] = None) -> int:
-    """Evaluation batch sized for the device: 256 on CPU; on a GPU 1024 (512 under 40 GiB),
-    a quarter of that for WRN-34-10, whose attack activations are ~8x ResNet-18's."""
-    dev = resolve_device(str(device))
-    if dev.type != "cuda":
-        return 256
-    mem_gib = torch.cuda.get_device_properties(dev).total_memory / 2 ** 30
-    size = 1024 if mem_gib >= 40 else 512
-    return size // 4 if arch and arch.startswith("wrn") else size
-
-
-def peak_memory_mb(dev: torch.device) -> float:
-    """Peak memory of this process so far, in MiB: CUDA max allocated on a GPU, else max RSS."""
-    if dev.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(dev) / 2 ** 20, 1)
-    import resource
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,158 @@
+"""The one way into evaluation: open a trained checkpoint once, check it, stamp its rows.
+
+Every evaluation command (``evaluate``, ``features``, ``corruptions``, and the ones built on
+them) starts with :func:`open_target`, checks the model with :func:`check_model` on a few
+inputs, reads its test points through :meth:`Target.test_data`, and starts every result row
+with :meth:`Target.row` (the provenance fields), so all row kinds carry the same provenance
+and a checkpoint is read from disk once per command.
+
+Example::
+
+    from benchmark.eval.target import check_model, open_target
+
+    t = open_target("runs/mnist5k/at/0123abcd4567", checkpoint="best", device="cpu")
+    data = t.test_data()                     # the run's dataset, class count checked
+    x, y = data.test.floats(t.device)
+    check_model(t.model, x[:8], randomized=t.defense.randomized)
+    row = {**t.row(key, "my-kind"), "accuracy": ...}
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from benchmark.checkpoint import model_from_checkpoint, read_checkpoint, resolve_checkpoint
+from benchmark.config import RunConfig
+from benchmark.data import Data, DataInfo, load_dataset
+from benchmark.device import resolve_device
+from benchmark.errors import UsageError
+from benchmark.store import code_version, environment, now, read_json
+
+logger = logging.getLogger(__name__)
+
+#: version of the result-row layout, written into every row
+SCHEMA = 1
+
+
+@dataclass
+class Target:
+    """A trained checkpoint opened for evaluation (model in eval mode on ``device``).
+
+    Attributes:
+        model: the trained network (inputs in [0,1], logits out).
+        defense: the run's defense, with its trained state loaded.
+        cfg: the run's resolved config.
+        info: the dataset facts stored in the checkpoint.
+        device: where ``model`` lives.
+        ckpt_path: the checkpoint file read.
+        checkpoint: ``best`` / ``last``, or ``file-<sha>`` for a checkpoint file outside a run.
+        epoch: epochs trained when the checkpoint was written.
+        out_dir: where ``eval/`` and ``flags/`` go (the run folder, or the ``--out`` folder).
+        config: the run folder's ``config.json`` ({} for a bare checkpoint file).
+    """
+
+    model: nn.Module
+    defense: Any
+    cfg: RunConfig
+    info: DataInfo
+    device: torch.device
+    ckpt_path: Path
+    checkpoint: str
+    epoch: int
+    out_dir: Path
+    config: Mapping[str, Any]
+
+    def row(self, key: str, kind: str, *, data_provenance: Optional[str] = None
+            ) -> dict[str, Any]:
+        """The provenance fields every result row of this checkpoint starts with.
+
+        Args:
+            key: the row's eval key (its file name under ``eval/``).
+            kind: ``attack``, ``features``, ``corruption``, ...
+            data_provenance: provenance of the data actually evaluated (default: the
+                training data's, from the checkpoint).
+        """
+        cfg = self.cfg
+        return {"schema": SCHEMA, "kind": kind, "run_id": cfg.run_id, "eval_key": key,
+                "defense": cfg.defense, "dataset": cfg.dataset,
+                "data_provenance": data_provenance or self.info.provenance, "arch": cfg.arch,
+                "profile": cfg.profile, "seed": cfg.seed, "checkpoint": self.checkpoint,
+                "checkpoint_file": self.ckpt_path.name if self.checkpoint in ("best", "last")
+                else str(self.ckpt_path), "checkpoint_epoch": self.epoch,
+                "hparams": cfg.hparams, "env": environment(self.device),
+                "git": self.config.get("git") or code_version(), "eval_git": code_version(),
+                "created": now()}
+
+    def test_data(self, data: Optional[Data] = None,
+                  data_dir: Optional[Path | str] = None) -> Data:
+        """The run's dataset (``data`` if given, else loaded), checked against the model.
+
+        Raises:
+            UsageError: the dataset's class count differs from the checkpoint's.
+        """
+        if data is None:
+            data = load_dataset(self.cfg.dataset, Path(data_dir) if data_dir else None)
+        if data.info.num_classes != self.info.num_classes:
+            raise UsageError(f"checkpoint has {self.info.num_classes} classes, dataset "
+                             f"{data.info.name} has {data.info.num_classes}")
+        return data
+
+
+def open_target(path: Path | str, checkpoint: str = "best", *, device: str | torch.device = "cpu",
+                out_dir: Optional[Path | str] = None) -> Target:
+    """Open a run folder's checkpoint (``best`` falls back to ``last``) or any advbench
+    checkpoint file, once.
+
+    Args:
+        path: a run folder, its ``ckpt_best.pt`` / ``ckpt_last.pt``, or a foreign checkpoint
+            file (rows then go to ``out_dir``, default ``<file stem>-eval/`` beside it, and the
+            checkpoint label is ``file-<sha256 prefix>``).
+        checkpoint: ``best`` or ``last`` (for a run folder).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        out_dir: result folder for a checkpoint file outside a run folder.
+
+    Raises:
+        CheckpointError: missing, foreign or corrupt checkpoint.
+    """
+    path = Path(path)
+    if path.is_file() and path.name in ("ckpt_best.pt", "ckpt_last.pt") and \
+            (path.parent / "config.json").exists():
+        path, checkpoint = path.parent, path.name[5:-3]
+    ckpt_path = resolve_checkpoint(path, checkpoint)
+    ckpt = read_checkpoint(ckpt_path)
+    model, defense, cfg, info = model_from_checkpoint(ckpt)
+    dev = resolve_device(device)
+    if path.is_dir():
+        out = path
+        config = read_json(path / "config.json") if (path / "config.json").exists() else {}
+    else:
+        checkpoint = "file-" + hashlib.sha256(ckpt_path.read_bytes()).hexdigest()[:12]
+        out = Path(out_dir) if out_dir else path.parent / f"{path.stem}-eval"
+        config = {}
+    return Target(model.to(dev).eval(), defense, cfg, info, dev, ckpt_path, checkpoint,
+                  int(ckpt.get("epoch", 0)), out, config)
+
+
+def check_model(model: nn.Module, x: Tensor, *, randomized: bool = False) -> None:
+    """AutoAttack-style sanity checks: eval mode, logits (not probabilities), determinism.
+
+    Raises:
+        UsageError: train mode, outputs that are not N×K, or a nondeterministic model that is
+            not marked ``randomized``.
+    """
+    if model.training:
+        raise UsageError("model must be in eval mode for evaluation")
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    if a.dim() != 2:
+        raise UsageError(f"model must return N×K logits, got shape {tuple(a.shape)}")
+    if (a >= 0).all() and torch.allclose(a.sum(1), torch.ones_like(a[:, 0]), atol=1e-4):
+        logger.warning("model outputs look like probabilities; attacks expect logits")
+    if not randomized and not torch.equal(a, b):
+        raise UsageError("model is not deterministic in eval mode; mark the defense randomized")
