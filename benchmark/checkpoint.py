@@ -1,9 +1,24 @@
-"""Build models from run configs and load trained ones from run folders or checkpoint files."""
+"""Checkpoints in one place: the state a checkpoint holds is built and read here.
+
+A checkpoint is a weights-only dict (``torch.load(weights_only=True)`` opens it)::
+
+    format, version   "advbench-checkpoint", CKPT_VERSION
+    config, info      the run's RunConfig and DataInfo as dicts
+    epoch, best_val   epochs finished; best validation score so far
+    model, defense    model and defense-private state_dicts
+    optimizer, rng    only in ckpt_last.pt of a run in progress (resumption)
+
+:func:`checkpoint_state` builds it (the training loop's only way to write one);
+:func:`read_checkpoint` reads and validates it, :func:`model_from_checkpoint` rebuilds the
+model for evaluation and :func:`restore_training` puts a resumed run back where it was.
+"""
 from __future__ import annotations
 
+import random
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -11,7 +26,7 @@ from attacks.base import Norm, ThreatModel
 from benchmark.config import RunConfig
 from benchmark.data import DataInfo
 from benchmark.errors import CheckpointError
-from benchmark.store import CKPT_FORMAT, safe_torch_load
+from benchmark.store import CKPT_FORMAT, CKPT_VERSION, safe_torch_load
 
 
 def build_defense(cfg: RunConfig, info: DataInfo) -> Any:
@@ -42,6 +57,58 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not an advbench checkpoint")
     return ckpt
+
+
+def rng_state(loader_gen: torch.Generator) -> dict[str, Any]:
+    """Every RNG a run draws from (torch, CUDA, numpy, python, the data order), weights-only."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "loader": loader_gen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                      int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": random.getstate()}
+
+
+def _set_rng_state(state: Mapping[str, Any], loader_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    loader_gen.set_state(state["loader"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def checkpoint_state(cfg: RunConfig, info: DataInfo, *, epoch: int, best_val: float,
+                     model: nn.Module, defense: Any,
+                     optimizer: Optional[torch.optim.Optimizer] = None,
+                     loader_gen: Optional[torch.Generator] = None) -> dict[str, Any]:
+    """The checkpoint dict of a run after ``epoch`` epochs.
+
+    With ``optimizer`` and ``loader_gen`` it is a resumable state (``ckpt_last.pt``), which
+    also captures every RNG; without, the weights only (``ckpt_best.pt``).
+    """
+    state: dict[str, Any] = {"format": CKPT_FORMAT, "version": CKPT_VERSION,
+                             "config": cfg.to_dict(), "info": info.to_dict(), "epoch": epoch,
+                             "best_val": best_val, "model": model.state_dict()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    state["defense"] = defense.state_dict()
+    if loader_gen is not None:
+        state["rng"] = rng_state(loader_gen)
+    return state
+
+
+def restore_training(ckpt: Mapping[str, Any], model: nn.Module,
+                     optimizer: torch.optim.Optimizer, defense: Any,
+                     loader_gen: torch.Generator) -> tuple[int, float]:
+    """Load a resumable checkpoint into a freshly set-up run; return (epoch, best_val)."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    defense.load_state_dict(ckpt["defense"])
+    _set_rng_state(ckpt["rng"], loader_gen)
+    return int(ckpt["epoch"]), float(ckpt["best_val"])
 
 
 def model_from_checkpoint(ckpt: Mapping[str, Any]) -> tuple[nn.Module, Any, RunConfig, DataInfo]:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Optional, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, Optional, TypeVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks.base import Attack, Objective, ThreatModel, ce_objective
+from attacks.base import Attack, Objective, ThreatModel, ce_objective, model_mode
 from benchmark import models
 from benchmark.data import DataInfo
 
@@ -145,6 +146,43 @@ def accuracy_metric(logits: Tensor, y: Tensor) -> Tensor:
 
 def detached(**parts: Tensor) -> dict[str, Tensor]:
     return {k: v.detach() for k, v in parts.items()}
+
+
+def clean_logits_eval(model: nn.Module, x: Tensor) -> Tensor:
+    """Logits on x with the model in eval mode and no graph (attack targets, once per batch)."""
+    with torch.no_grad(), model_mode(model, train=False):
+        return model(x)
+
+
+class CleanCache:
+    """Eval-mode clean outputs of the batch an attack is working on, computed once per batch.
+
+    An attack calls its objective at every step with the same ``x`` tensor; the outputs
+    (``compute(model, x)``, default the logits) are recomputed, without graph and in eval mode,
+    only when a different tensor or model comes in.
+    """
+
+    def __init__(self, compute: Optional[Callable[[nn.Module, Tensor], Tensor]] = None) -> None:
+        self._compute = compute
+        self._x: Optional[Tensor] = None
+        self._model: Optional[nn.Module] = None
+        self._value: Optional[Tensor] = None
+
+    def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
+        if self._value is None or self._x is not x or self._model is not model:
+            with torch.no_grad(), model_mode(model, train=False):
+                value = self._compute(model, x) if self._compute else model(x)
+            self._x, self._model, self._value = x, model, value
+        return self._value
+
+
+def kl_attack_objective(logits_nat: Tensor) -> Objective:
+    """Per-sample ``KL(p(x) ‖ p(x'))`` with p(x) fixed (the TRADES/HAT training attack)."""
+
+    def loss(model: nn.Module, x_adv: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        return kl_per_sample(logits_nat, model(x_adv))
+
+    return loss
 
 
 H = TypeVar("H", bound=nn.Module)

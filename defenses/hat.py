@@ -46,8 +46,8 @@ from torch import Tensor, nn
 from attacks.base import Attack, Objective, model_mode
 from benchmark.errors import UsageError
 from defenses import register_defense
-from defenses.base import Defense, StepOutput, detached, kl_per_sample, protocol_pgd
-from defenses.trades import CleanCache, clean_logits_eval, kl_attack_objective
+from defenses.base import (CleanCache, Defense, StepOutput, clean_logits_eval, detached,
+                           kl_attack_objective, kl_per_sample, protocol_pgd)
 
 logger = logging.getLogger(__name__)
 

@@ -50,8 +50,8 @@ from torch import Tensor, nn
 
 from attacks.base import Attack, Objective
 from defenses import register_defense
-from defenses.base import Defense, StepOutput, detached, protocol_pgd
-from defenses.trades import CleanCache, clean_logits_eval
+from defenses.base import (CleanCache, Defense, StepOutput, clean_logits_eval, detached,
+                           protocol_pgd)
 
 
 def ikl_terms(logits_nat: Tensor, logits_adv: Tensor,

@@ -41,8 +41,7 @@ from torch import Tensor, nn
 
 from attacks.base import Objective
 from defenses import register_defense
-from defenses.base import Defense, StepOutput, detached
-from defenses.trades import CleanCache
+from defenses.base import CleanCache, Defense, StepOutput, detached
 
 
 def mart_terms(logits_nat: Tensor, logits_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

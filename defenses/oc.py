@@ -53,8 +53,7 @@ from torch import Tensor, nn
 
 from attacks.base import Objective
 from defenses import register_defense
-from defenses.base import Defense, StepOutput, detached
-from defenses.trades import CleanCache
+from defenses.base import CleanCache, Defense, StepOutput, detached
 
 logger = logging.getLogger(__name__)
 

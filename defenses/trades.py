@@ -33,15 +33,14 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks.base import Attack, Objective, model_mode
+from attacks.base import Attack, Objective
 from defenses import register_defense
-from defenses.base import Defense, StepOutput, detached, kl_per_sample, protocol_pgd
+# CleanCache is re-exported for code that imported it from here before it moved to the base
+from defenses.base import (CleanCache, Defense, StepOutput, clean_logits_eval,  # noqa: F401
+                           detached, kl_attack_objective, kl_per_sample, protocol_pgd)
 
 
 def trades_loss(logits_nat: Tensor, logits_adv: Tensor, y: Tensor,
@@ -54,43 +53,6 @@ def trades_loss(logits_nat: Tensor, logits_adv: Tensor, y: Tensor,
     ce = F.cross_entropy(logits_nat, y)
     kl = kl_per_sample(logits_nat, logits_adv).mean()
     return ce + beta * kl, ce, kl
-
-
-def clean_logits_eval(model: nn.Module, x: Tensor) -> Tensor:
-    """Logits on x with the model in eval mode and no graph (attack targets, once per batch)."""
-    with torch.no_grad(), model_mode(model, train=False):
-        return model(x)
-
-
-class CleanCache:
-    """Eval-mode clean outputs of the batch an attack is working on, computed once per batch.
-
-    An attack calls its objective at every step with the same ``x`` tensor; the outputs
-    (``compute(model, x)``, default the logits) are recomputed, without graph and in eval mode,
-    only when a different tensor or model comes in.
-    """
-
-    def __init__(self, compute: Optional[Callable[[nn.Module, Tensor], Tensor]] = None) -> None:
-        self._compute = compute
-        self._x: Optional[Tensor] = None
-        self._model: Optional[nn.Module] = None
-        self._value: Optional[Tensor] = None
-
-    def __call__(self, model: nn.Module, x: Tensor) -> Tensor:
-        if self._value is None or self._x is not x or self._model is not model:
-            with torch.no_grad(), model_mode(model, train=False):
-                value = self._compute(model, x) if self._compute else model(x)
-            self._x, self._model, self._value = x, model, value
-        return self._value
-
-
-def kl_attack_objective(logits_nat: Tensor) -> Objective:
-    """Per-sample ``KL(p(x) ‖ p(x'))`` with p(x) fixed (the TRADES/HAT training attack)."""
-
-    def loss(model: nn.Module, x_adv: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        return kl_per_sample(logits_nat, model(x_adv))
-
-    return loss
 
 
 @register_defense("trades")

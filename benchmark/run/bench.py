@@ -7,7 +7,7 @@ speed options, :func:`bench` measures
 
 * the same model's plain rates: forward (eval, no grad), forward+backward (train mode, CE,
   parameter gradients) and one attack step (eval mode, gradient w.r.t. the input only);
-* the harness's real training loop (``benchmark.run.train._train_epoch``: loader with
+* the harness's real training loop (``benchmark.run.train.train_epoch``: loader with
   augmentation, the defense's step under the run's autocast/compile, backward, SGD step,
   metric accounting) over random data of the dataset's shape;
 * the number of gradient-carrying forwards one training step makes (counted with a hook on
@@ -40,7 +40,7 @@ from benchmark.checkpoint import build_defense
 from benchmark.config import resolve_run_config
 from benchmark.data import BatchLoader, Split, dataset_info
 from benchmark.device import resolve_device
-from benchmark.run.train import (_train_epoch, autocast, make_optimizer, maybe_compile,
+from benchmark.run.train import (train_epoch, autocast, make_optimizer, maybe_compile,
                                  seed_everything)
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def bench(defense: str = "at", arch: str = "small-cnn", *, dataset: str = "cifar
                            flip=info.flip, device=dev)
 
     def train_step(loader: BatchLoader) -> None:  # the harness's loop over a one-batch epoch
-        _train_epoch(step_model, dfn, optimizer, loader, hp, dev, 0, 1, False, cfg)
+        train_epoch(step_model, dfn, optimizer, loader, hp, dev, 0, 1, False, cfg)
 
     def fwd() -> None:
         with torch.no_grad(), autocast(hp, dev):

@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -31,13 +32,14 @@ from tqdm.auto import tqdm
 from attacks.base import model_mode
 from attacks.pgd import PGD
 from benchmark.run import distributed
-from benchmark.checkpoint import build_defense, model_from_checkpoint, read_checkpoint
+from benchmark.checkpoint import (build_defense, checkpoint_state, model_from_checkpoint,
+                                  read_checkpoint, restore_training)
 from benchmark.config import RunConfig, helper_config
-from benchmark.data import BatchLoader, Data, split_train_val
+from benchmark.data import BatchLoader, Data, DataInfo, split_train_val
 from benchmark.device import peak_memory_mb, resolve_device
 from benchmark.errors import TrainingError, UsageError
-from benchmark.store import (CKPT_FORMAT, CKPT_VERSION, RunStore, append_jsonl, atomic_torch_save,
-                             atomic_write_json, code_version, environment, now, read_jsonl)
+from benchmark.store import (RunStore, append_jsonl, atomic_torch_save, atomic_write_json,
+                             code_version, environment, now, read_jsonl)
 from defenses.base import StepOutput
 
 logger = logging.getLogger(__name__)
@@ -47,26 +49,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _rng_state(loader_gen: torch.Generator) -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "loader": loader_gen.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                      int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "python": random.getstate()}
-
-
-def _set_rng_state(state: Mapping[str, Any], loader_gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    loader_gen.set_state(state["loader"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
 
 
 def lr_at(hp: Mapping[str, Any], epoch: int) -> float:
@@ -175,9 +157,49 @@ def train_run(cfg: RunConfig, data: Data, store: RunStore, *, device: str = "cpu
     return run_dir
 
 
+@dataclass
+class _Session:
+    """One run being trained in this process: what setup builds and every epoch uses."""
+
+    cfg: RunConfig
+    info: DataInfo
+    run_dir: Path
+    env: distributed.DistEnv
+    dev: torch.device
+    defense: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: BatchLoader
+    loader_gen: torch.Generator
+    x_val: Tensor
+    y_val: Tensor
+    progress: bool
+    step_model: Optional[nn.Module] = None
+    ddp: Optional[nn.Module] = None
+
+    @property
+    def hp(self) -> Mapping[str, Any]:
+        return self.cfg.hparams
+
+
 def _train(cfg: RunConfig, data: Data, store: RunStore, run_dir: Path,
            helpers: Mapping[str, nn.Module], env: distributed.DistEnv, *, device: str,
            progress: bool, stop_after: Optional[int], sync_bn: bool) -> None:
+    s = _setup(cfg, data, run_dir, helpers, env, device=device, progress=progress,
+               sync_bn=sync_bn)
+    start_epoch, best = _resume(s)
+    epochs = int(s.hp["epochs"])
+    for epoch in range(start_epoch, epochs):
+        if stop_after is not None and epoch - start_epoch >= stop_after:
+            return
+        best = _epoch(s, epoch, best)
+    _finish(s, best)
+
+
+def _setup(cfg: RunConfig, data: Data, run_dir: Path, helpers: Mapping[str, nn.Module],
+           env: distributed.DistEnv, *, device: str, progress: bool, sync_bn: bool) -> _Session:
+    """Write config.json, seed, and build defense, model, optimizer, loader and validation
+    split (in this order: the RNG draws of a run depend on it)."""
     dev = distributed.rank_device(resolve_device(device), env)
     hp = cfg.hparams
     if env.is_main:
@@ -208,68 +230,77 @@ def _train(cfg: RunConfig, data: Data, store: RunStore, run_dir: Path,
                          augment=bool(hp["augment"]), crop_pad=data.info.crop_pad,
                          flip=data.info.flip, device=dev)
     x_val, y_val = val_split.floats(dev)
+    return _Session(cfg, data.info, run_dir, env, dev, defense, model, optimizer, loader,
+                    loader_gen, x_val, y_val, progress)
 
+
+def _resume(s: _Session) -> tuple[int, float]:
+    """Continue from ``ckpt_last.pt`` if there is one; wrap the step (compile, DDP).
+
+    Returns:
+        (first epoch to train, best validation score so far).
+    """
     start_epoch, best = 0, -math.inf
-    if (run_dir / "ckpt_last.pt").exists():
-        ckpt = read_checkpoint(run_dir / "ckpt_last.pt")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        defense.load_state_dict(ckpt["defense"])
-        _set_rng_state(ckpt["rng"], loader_gen)
-        start_epoch, best = int(ckpt["epoch"]), float(ckpt["best_val"])
-        logger.info("resuming %s from epoch %d", run_dir, start_epoch)
-    step_model = maybe_compile(model, hp)
-    ddp = distributed.wrap_step(step_model, defense, lambda: autocast(hp, dev), dev) \
-        if env.active else None
+    if (s.run_dir / "ckpt_last.pt").exists():
+        start_epoch, best = restore_training(read_checkpoint(s.run_dir / "ckpt_last.pt"),
+                                             s.model, s.optimizer, s.defense, s.loader_gen)
+        logger.info("resuming %s from epoch %d", s.run_dir, start_epoch)
+    s.step_model = maybe_compile(s.model, s.hp)
+    s.ddp = distributed.wrap_step(s.step_model, s.defense, lambda: autocast(s.hp, s.dev), s.dev) \
+        if s.env.active else None
+    return start_epoch, best
 
+
+def _epoch(s: _Session, epoch: int, best: float) -> float:
+    """Train one epoch, validate, write checkpoints and the log line; return the new best."""
+    cfg, hp, env = s.cfg, s.hp, s.env
     epochs = int(hp["epochs"])
-    for epoch in range(start_epoch, epochs):
-        if stop_after is not None and epoch - start_epoch >= stop_after:
-            return
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(hp, epoch)
-        model.train()
-        defense.on_epoch_start(model, epoch)
-        if env.active:
-            distributed.seed_rank(cfg.seed, epoch, env)
-        stats = _train_epoch(step_model, defense, optimizer, loader, hp, dev, epoch, epochs,
-                             progress, cfg, ddp=ddp, env=env)
-        distributed.broadcast_defense_state(defense, env)
-        if not env.is_main:
-            continue
-        record = {"epoch": epoch + 1, "lr": lr_at(hp, epoch), **stats,
-                  "epoch_s": round(time.perf_counter() - t0, 3), "peak_mem_mb": peak_memory_mb(dev)}
-        if env.active:
-            record["world_size"] = env.world_size
-        if (epoch + 1) % int(hp.get("val_every", 1)) == 0 or epoch + 1 == epochs:
-            record.update(validate(model, x_val, y_val, hp))
-        score = record.get(str(hp.get("select_by", "val_pgd")), -math.inf)
-        is_best = score >= best  # ties go to the later epoch
-        best = max(best, score)
-        state = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "config": cfg.to_dict(),
-                 "info": data.info.to_dict(), "epoch": epoch + 1, "best_val": best,
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "defense": defense.state_dict(), "rng": _rng_state(loader_gen)}
-        if is_best:
-            atomic_torch_save(run_dir / "ckpt_best.pt",
-                              {k: v for k, v in state.items() if k not in ("optimizer", "rng")})
-        atomic_torch_save(run_dir / "ckpt_last.pt", state)
-        append_jsonl(run_dir / "train_log.jsonl", record)
-        logger.info("%s seed %d epoch %d/%d %s", cfg.defense, cfg.seed, epoch + 1, epochs,
-                    " ".join(f"{k}={v:.4g}" for k, v in record.items()
-                             if isinstance(v, float) and k != "lr"))
+    t0 = time.perf_counter()
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr_at(hp, epoch)
+    s.model.train()
+    s.defense.on_epoch_start(s.model, epoch)
+    if env.active:
+        distributed.seed_rank(cfg.seed, epoch, env)
+    assert s.step_model is not None
+    stats = train_epoch(s.step_model, s.defense, s.optimizer, s.loader, hp, s.dev, epoch, epochs,
+                        s.progress, cfg, ddp=s.ddp, env=env)
+    distributed.broadcast_defense_state(s.defense, env)
     if not env.is_main:
+        return best
+    record = {"epoch": epoch + 1, "lr": lr_at(hp, epoch), **stats,
+              "epoch_s": round(time.perf_counter() - t0, 3), "peak_mem_mb": peak_memory_mb(s.dev)}
+    if env.active:
+        record["world_size"] = env.world_size
+    if (epoch + 1) % int(hp.get("val_every", 1)) == 0 or epoch + 1 == epochs:
+        record.update(validate(s.model, s.x_val, s.y_val, hp))
+    score = record.get(str(hp.get("select_by", "val_pgd")), -math.inf)
+    is_best = score >= best  # ties go to the later epoch
+    best = max(best, score)
+    if is_best:
+        atomic_torch_save(s.run_dir / "ckpt_best.pt", checkpoint_state(
+            cfg, s.info, epoch=epoch + 1, best_val=best, model=s.model, defense=s.defense))
+    atomic_torch_save(s.run_dir / "ckpt_last.pt", checkpoint_state(
+        cfg, s.info, epoch=epoch + 1, best_val=best, model=s.model, defense=s.defense,
+        optimizer=s.optimizer, loader_gen=s.loader_gen))
+    append_jsonl(s.run_dir / "train_log.jsonl", record)
+    logger.info("%s seed %d epoch %d/%d %s", cfg.defense, cfg.seed, epoch + 1, epochs,
+                " ".join(f"{k}={v:.4g}" for k, v in record.items()
+                         if isinstance(v, float) and k != "lr"))
+    return best
+
+
+def _finish(s: _Session, best: float) -> None:
+    """Mark the run trained (rank 0); a 0-epoch run still gets a ``ckpt_last.pt``."""
+    if not s.env.is_main:
         return
-    if epochs == 0:
-        atomic_torch_save(run_dir / "ckpt_last.pt", {
-            "format": CKPT_FORMAT, "version": CKPT_VERSION, "config": cfg.to_dict(),
-            "info": data.info.to_dict(), "epoch": 0, "best_val": best,
-            "model": model.state_dict(), "defense": defense.state_dict()})
-    (run_dir / "TRAINED").write_text(now() + "\n")
+    if int(s.hp["epochs"]) == 0:
+        atomic_torch_save(s.run_dir / "ckpt_last.pt", checkpoint_state(
+            s.cfg, s.info, epoch=0, best_val=best, model=s.model, defense=s.defense))
+    (s.run_dir / "TRAINED").write_text(now() + "\n")
 
 
-def _train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer,
+def train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer,
                  loader: BatchLoader, hp: Mapping[str, Any], dev: torch.device, epoch: int,
                  epochs: int, progress: bool, cfg: RunConfig, *, ddp: Optional[nn.Module] = None,
                  env: distributed.DistEnv = distributed.DistEnv()) -> dict[str, float]:
