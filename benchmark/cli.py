@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import click
 
 from benchmark.errors import AdvbenchError, UsageError
+from benchmark.logs import setup_logging
 
 logger = logging.getLogger("advbench")
 
@@ -30,19 +28,12 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
-    logging.getLogger("auto-attack").setLevel(max(level, logging.WARNING))
-
-
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def cli(verbose: int, quiet: bool) -> None:
     """advbench: train and attack adversarial-training defenses under one protocol."""
-    _setup_logging(-1 if quiet else verbose)
+    setup_logging(-1 if quiet else verbose)
 
 
 def common_options(multi: bool) -> Any:
@@ -70,47 +61,6 @@ def common_options(multi: bool) -> Any:
     return deco
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise UsageError(f"--seeds must be a comma list of integers, got {text!r}") from None
-
-
-def _configs(defenses: Sequence[str], dataset: str, profile: str, arch: Optional[str],
-             seeds: Sequence[int], hparams: Optional[str], scale: str) -> list[Any]:
-    """Resolved configs; with several defenses, each takes the --hparams keys it knows."""
-    from benchmark.config import parse_hparams, profile_defaults, resolve_run_config
-    from defenses import DEFENSES
-
-    user = parse_hparams(hparams)
-    known_all = set(profile_defaults(profile, scale, dataset))
-    used: set[str] = set()
-    cfgs = []
-    for name in defenses:
-        cls = DEFENSES.get(name)
-        known = known_all | set(cls.default_hparams)
-        mine = user if len(defenses) == 1 else {k: v for k, v in user.items() if k in known}
-        used |= set(mine)
-        for seed in seeds:
-            cfgs.append(resolve_run_config(name, dataset, profile=profile, arch=arch, seed=seed,
-                                           user_hparams=mine, scale=scale))
-    unused = set(user) - used
-    if unused:
-        raise UsageError(f"--hparams keys {sorted(unused)} belong to none of: {', '.join(defenses)}")
-    return cfgs
-
-
-def _scale(dataset: str, data_dir: Optional[str]) -> str:
-    from benchmark.data import _INFO, find_image_folder
-    if dataset in _INFO:
-        return _INFO[dataset].scale
-    if find_image_folder(dataset, Path(data_dir) if data_dir else None) is None:
-        from benchmark.data import dataset_info
-        dataset_info(dataset)  # raises with the list of valid names
-    return "cifar"
-
-
 @cli.command()
 @click.option("--defenses", default="all", show_default=True,
               help="all | st,at | 'tr*' (shell wildcards), in registry order.")
@@ -124,11 +74,14 @@ def _scale(dataset: str, data_dir: Optional[str]) -> str:
 @click.option("--out", default=None, type=click.Path(), help="Report folder [RUNS_DIR/report].")
 @click.option("--force", is_flag=True, help="Delete and recompute the selected runs.")
 @click.option("--dry-run", is_flag=True, help="List the jobs and their states; run nothing.")
-@click.option("--launcher", default="serial", show_default=True,
-              type=click.Choice(["serial", "local", "submitit"]),
-              help="serial: in this process; local: one subprocess per job; submitit: Slurm.")
+@click.option("--launcher", default="auto", show_default=True,
+              type=click.Choice(["auto", "serial", "local", "submitit"]),
+              help="auto: the whole machine (local with one job per CPU core or GPU when "
+                   "jobs can run side by side, else serial); serial: in this process; local: "
+                   "one subprocess per job; submitit: Slurm.")
 @click.option("--jobs", "parallel", type=int, default=None,
-              help="local launcher: jobs at a time [one per GPU (group), else 1].")
+              help="auto/local launcher: jobs at a time [one per GPU (group), else one per "
+                   "CPU core].")
 @click.option("--gpus-per-job", type=int, default=1, show_default=True,
               help="DDP processes per job (local: torchrun; submitit: Slurm tasks).")
 @click.option("--cluster", default=None,
@@ -143,78 +96,22 @@ def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: s
         dry_run: bool, launcher: str, parallel: Optional[int], gpus_per_job: int,
         cluster: Optional[str], executor_params: Optional[str]) -> None:
     """Train every missing run, evaluate it, and print the comparison table."""
-    from benchmark.data import load_dataset
-    from benchmark.eval.evaluate import evaluate_run, expected_keys
-    from benchmark.protocols import resolve_specs
-    from benchmark.report.report import load_rows, write_report
-    from benchmark.store import RunStore
-    from benchmark.run.train import train_run
-    from defenses import DEFENSES
+    from benchmark.sweep import sweep
 
-    t0 = time.perf_counter()
-    names = DEFENSES.resolve(defenses)
-    scale = _scale(dataset, data_dir)
-    cfgs = _configs(names, dataset, profile, arch, _seeds(seeds), hparams, scale)
-    specs = resolve_specs(attacks, scale, suite=suite)
-    which = [c.strip() for c in checkpoints.split(",") if c.strip()]
-    if not set(which) <= {"best", "last"}:
-        raise UsageError(f"--checkpoints takes best and/or last, got {checkpoints!r}")
-    store = RunStore(runs_dir)
-    states = []
-    for cfg in cfgs:
-        keys = expected_keys(cfg, which, specs, n_examples)
-        states.append(store.state(store.run_dir(cfg), keys).value)
-    counts = {s: states.count(s) for s in ("done", "partial", "trained", "new")}
-    click.echo(f"{len(cfgs)} jobs: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
-    from benchmark.run.launch import collect_rows, launch, plan
-    jobs = plan(cfgs, scale, runs_dir=runs_dir, data_dir=data_dir, download=download,
-                attacks=attacks, suite=suite, checkpoints=tuple(which), n_examples=n_examples,
-                batch_size=batch_size, device=device, gpus=gpus_per_job)
+    result = sweep(defenses, dataset, arch=arch, profile=profile, seeds=seeds, hparams=hparams,
+                   runs_dir=runs_dir, data_dir=data_dir, download=download, device=device,
+                   progress=not no_progress, attacks=attacks, suite=suite,
+                   n_examples=n_examples, checkpoints=checkpoints, batch_size=batch_size,
+                   out=out, force=force, dry_run=dry_run, launcher=launcher, parallel=parallel,
+                   gpus_per_job=gpus_per_job, cluster=cluster, executor_params=executor_params,
+                   on_plan=lambda planned: click.echo(planned.counts()))
     if dry_run:
-        for cfg, st in zip(cfgs, states):
-            click.echo(f"{st:8s} {cfg.defense:10s} seed {cfg.seed}  {store.run_dir(cfg)}")
-        for job in jobs:
-            if not job.evaluate:
-                click.echo(f"{store.state(job.run_dir()).value:8s} {job.cfg.defense:10s} seed "
-                           f"{job.cfg.seed}  {job.run_dir()}  (required by "
-                           f"{', '.join(j.cfg.defense for j in jobs if job.cfg.run_id in j.needs)};"
-                           f" trained, not evaluated)")
+        click.echo("\n".join(result.listing()))
         return
-    if launcher != "serial":
-        import json
-        try:
-            params = json.loads(executor_params or "{}")
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"--executor-params is not valid JSON: {exc}") from None
-        if force:
-            for job in jobs:
-                if job.evaluate and job.run_dir().exists():
-                    shutil.rmtree(job.run_dir())
-        kwargs: dict[str, Any] = {"parallel": parallel} if launcher == "local" else {
-            "folder": Path(runs_dir) / ".submitit", "cluster": cluster, "parameters": params}
-        launch(jobs, launcher, **kwargs)
-        rows = collect_rows(jobs, scale)
-        out_dir = Path(out) if out else Path(runs_dir) / "report"
-        for md in write_report(load_rows(rows), out_dir):
-            click.echo("\n" + md)
-        click.echo(f"{len(jobs)} jobs via {launcher}; tables written to {out_dir}/tables; wall "
-                   f"time {time.perf_counter() - t0:.1f}s")
-        return
-    from benchmark.device import default_eval_batch_size
-    data = load_dataset(dataset, data_dir, download=download)
-    rows = []
-    for cfg in cfgs:
-        if force and store.run_dir(cfg).exists():
-            shutil.rmtree(store.run_dir(cfg))
-        run_dir = train_run(cfg, data, store, device=device, progress=not no_progress)
-        for w in which:
-            rows += evaluate_run(run_dir, specs, checkpoint=w, n_examples=n_examples,
-                                 device=device, data=data, progress=not no_progress,
-                                 batch_size=batch_size or default_eval_batch_size(device, cfg.arch))
-    out_dir = Path(out) if out else Path(runs_dir) / "report"
-    for md in write_report(load_rows(rows), out_dir):
+    for md in result.tables:
         click.echo("\n" + md)
-    click.echo(f"tables written to {out_dir}/tables; wall time {time.perf_counter() - t0:.1f}s")
+    click.echo(f"{len(result.jobs)} jobs via {result.launcher}; tables written to "
+               f"{result.out_dir}/tables; wall time {result.wall_s:.1f}s")
 
 
 @cli.command()
@@ -233,35 +130,27 @@ def train(defense: str, dataset: str, arch: Optional[str], profile: str, seeds: 
     Under torchrun (WORLD_SIZE > 1) or with --ddp N, each run is trained with
     DistributedDataParallel; the global batch stays the run's batch_size.
     """
+    from benchmark.config import parse_seeds
+    from benchmark.data import dataset_scale
     from benchmark.run import distributed
+    from benchmark.run.launch import TrainJob
 
-    args = (defense, dataset, arch, profile, seeds, hparams, runs_dir, data_dir, download, device,
-            no_progress, sync_bn)
+    job = TrainJob(defense, dataset, runs_dir, arch=arch, profile=profile,
+                   seeds=tuple(parse_seeds(seeds)), hparams=hparams, data_dir=data_dir,
+                   download=download, device=device, progress=not no_progress, sync_bn=sync_bn)
     if nproc is not None and nproc > 1 and distributed.env_world_size() <= 1:
-        _scale(dataset, data_dir)  # fail on a bad name before starting processes
-        distributed.launch_local(nproc, _train_impl, args)
+        dataset_scale(dataset, data_dir)  # fail on a bad name before starting processes
+        distributed.launch_local(nproc, _train_and_print, (job,))
     else:
-        _train_impl(*args)
+        _train_and_print(job)
 
 
-def _train_impl(defense: str, dataset: str, arch: Optional[str], profile: str, seeds: str,
-                hparams: Optional[str], runs_dir: str, data_dir: Optional[str], download: bool,
-                device: str, no_progress: bool, sync_bn: bool) -> None:
-    """The body of ``advbench train`` (also each process of ``--ddp``)."""
-    from benchmark.run import distributed
-    from benchmark.data import load_dataset
-    from benchmark.store import RunStore
-    from benchmark.run.train import train_run
+def _train_and_print(job: Any) -> None:
+    """The body of ``advbench train`` (also each process of ``--ddp``): rank 0 prints."""
+    from benchmark.run.launch import train_job
 
-    scale = _scale(dataset, data_dir)
-    cfgs = _configs([defense], dataset, profile, arch, _seeds(seeds), hparams, scale)
-    data = load_dataset(dataset, data_dir, download=download)
-    with distributed.process_group(device) as env:
-        for cfg in cfgs:
-            run_dir = train_run(cfg, data, RunStore(runs_dir), device=device,
-                                progress=not no_progress, sync_bn=sync_bn)
-            if env.is_main:
-                click.echo(str(run_dir))
+    for run_dir in train_job(job):
+        click.echo(str(run_dir))
 
 
 @cli.command()

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from benchmark.errors import UsageError
 
@@ -167,6 +167,51 @@ def resolve_run_config(defense: str, dataset: str, *, profile: str = "cpu",
                        cls.arch_hparams.get(arch, {}), user=user_hparams)
     return RunConfig(defense=defense, dataset=dataset, arch=arch, profile=profile, seed=seed,
                      hparams=hp)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds`` (``0,1,2``) as integers.
+
+    Raises:
+        UsageError: not a comma list of integers.
+    """
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be a comma list of integers, got {text!r}") from None
+
+
+def sweep_configs(defenses: Sequence[str], dataset: str, *, profile: str = "cpu",
+                  arch: Optional[str] = None, seeds: Sequence[int] = (0,),
+                  hparams: Optional[str] = None, scale: Optional[str] = None) -> list[RunConfig]:
+    """Resolved configs of a sweep (defenses × seeds, in that order).
+
+    With several defenses, each takes the ``--hparams`` keys it knows (protocol keys go to all).
+
+    Raises:
+        UsageError: a ``--hparams`` key that none of the defenses knows, or any error of
+            :func:`resolve_run_config`.
+    """
+    from benchmark.data import dataset_info
+    from defenses import DEFENSES
+
+    if scale is None:
+        scale = dataset_info(dataset).scale
+    user = parse_hparams(hparams)
+    known_all = set(profile_defaults(profile, scale, dataset))
+    used: set[str] = set()
+    cfgs = []
+    for name in defenses:
+        known = known_all | set(DEFENSES.get(name).default_hparams)
+        mine = user if len(defenses) == 1 else {k: v for k, v in user.items() if k in known}
+        used |= set(mine)
+        for seed in seeds:
+            cfgs.append(resolve_run_config(name, dataset, profile=profile, arch=arch, seed=seed,
+                                           user_hparams=mine, scale=scale))
+    unused = set(user) - used
+    if unused:
+        raise UsageError(f"--hparams keys {sorted(unused)} belong to none of: {', '.join(defenses)}")
+    return cfgs
 
 
 def helper_config(requirement: str, cfg: RunConfig, scale: Optional[str] = None) -> RunConfig:

@@ -90,6 +90,20 @@ def dataset_info(name: str) -> DataInfo:
     return _INFO[name]
 
 
+def dataset_scale(name: str, data_dir: Optional[Path | str] = None) -> str:
+    """The protocol scale (``mnist`` or ``cifar``) of a dataset name, without loading it; an
+    image folder under ``data_dir`` that is not a built-in name is CIFAR scale.
+
+    Raises:
+        UsageError: neither a built-in name nor an image folder under ``data_dir``.
+    """
+    if name in _INFO:
+        return _INFO[name].scale
+    if find_image_folder(name, Path(data_dir) if data_dir else None) is None:
+        dataset_info(name)  # raises with the list of valid names
+    return "cifar"
+
+
 # ------------------------------------------------------------------------------ loaders
 def _synthetic() -> tuple[Split, Split]:
     g = torch.Generator().manual_seed(0)

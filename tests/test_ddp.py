@@ -122,10 +122,11 @@ def test_ddp_resume_equals_uninterrupted_ddp_run(tmp_path: Path) -> None:
 
 def test_train_command_under_ddp_prints_once(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     from benchmark import cli
+    from benchmark.run.launch import TrainJob
     runs = str(tmp_path / "runs")
-    args = ("st", "synthetic", "tiny", "cpu", "0", json.dumps({**COMMON, "epochs": 1}), runs,
-            None, False, "cpu", True, False)
-    distributed.launch_local(2, cli._train_impl, args, start_method="fork")
+    job = TrainJob("st", "synthetic", runs, arch="tiny", profile="cpu", seeds=(0,),
+                   hparams=json.dumps({**COMMON, "epochs": 1}), device="cpu", progress=False)
+    distributed.launch_local(2, cli._train_and_print, (job,), start_method="fork")
     run_dir = RunStore(runs).run_dir(_cfg("st", {"epochs": 1}))
     assert capfd.readouterr().out.strip().splitlines() == [str(run_dir)]  # rank 0 only
     assert (run_dir / "TRAINED").exists() and len(_log(run_dir)) == 1

@@ -13,6 +13,7 @@ from benchmark.cli import cli
 from benchmark.config import resolve_run_config
 from benchmark.errors import UsageError
 from benchmark.store import RunStore, read_json
+from benchmark.sweep import run_job
 
 HP = {"epochs": 1}
 ARGS = ["--dataset", "synthetic", "--arch", "tiny", "--hparams", json.dumps(HP), "--attacks",
@@ -117,7 +118,7 @@ def test_slurm_dependents_wait_via_afterok(tmp_path: Path, monkeypatch: pytest.M
     _FakeSlurm.calls = []
     jobs = launch.plan([_cfg("at")], "cifar", requires=_needs({"at": ("st",)}),
                        runs_dir=str(tmp_path), device="cuda", gpus=4)
-    launch.launch_submitit(jobs, folder=tmp_path, parameters={"slurm_partition": "gpu"})
+    launch.launch_submitit(jobs, run_job, folder=tmp_path, parameters={"slurm_partition": "gpu"})
     first, second = _FakeSlurm.calls
     assert first["label"].startswith("st/") and "slurm_additional_parameters" not in first
     assert second["slurm_additional_parameters"] == {"dependency": "afterok:101"}

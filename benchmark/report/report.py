@@ -24,7 +24,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -251,7 +251,7 @@ def _groups(records: list[dict]) -> list[tuple[str, str, str, list[dict]]]:
 
 
 def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
-                 plots: bool = True) -> list[str]:
+                 plots: bool = True, order: Optional[Sequence[str]] = None) -> list[str]:
     """Write rows.jsonl, every table that has data (CSV + Markdown), missing.csv and the plots.
 
     Returns:

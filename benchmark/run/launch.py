@@ -1,17 +1,21 @@
-"""Many runs: one job per (defense, dataset, arch, seed), dispatched by an existing engine.
+"""Many runs: one job per (defense, dataset, arch, seed), dispatched by a launcher.
 
-``advbench run --launcher local|submitit`` turns the sweep into :class:`Job` s. Each job
-trains its run (or resumes it), evaluates it, and writes only its own run folder, so
-``advbench report`` merges whatever has finished. Launchers:
+A sweep (:mod:`benchmark.sweep`) turns its configs into :class:`Job` s with :func:`plan` and
+hands them, with a *worker* (a module-level function ``worker(job) -> run folder``), to one of
+the launchers, as DomainBed's ``command_launchers`` take commands. Every job writes only its
+own run folder, so ``advbench report`` merges whatever has finished. Launchers:
 
-* ``serial`` (default): in the calling process, one job after the other.
-* ``local``: ``--jobs N`` subprocesses at a time (``python -m benchmark.run.launch JOB_JSON``),
-  each pinned to its own GPU(s) through ``CUDA_VISIBLE_DEVICES`` and given cores/N threads;
-  with ``--gpus-per-job G > 1`` a job runs under ``torchrun --nproc_per_node=G`` (DDP). Log:
-  ``RUN_DIR/job.log``.
+* ``serial``: in the calling process, one job after the other (``worker(job)``).
+* ``local``: ``parallel`` subprocesses at a time (``python -m <worker's module> JOB_JSON``; the
+  module runs one job from its command line), each pinned to its own GPU(s) through
+  ``CUDA_VISIBLE_DEVICES`` and given cores/parallel threads; with ``gpus > 1`` a job runs under
+  ``torchrun --nproc_per_node=G`` (DDP). Log: ``RUN_DIR/job.log``.
 * ``submitit``: Slurm through submitit (``cluster="local"`` runs submitit's own local
   executor, which is how the tests exercise this path). A job with G GPUs is G Slurm tasks that
   form one DDP group. Submitit's pickles and logs go to ``RUNS/.submitit``.
+* ``auto`` (:func:`choose_launcher`): the whole machine. On CPU, ``local`` with one job per
+  core and one thread each when at least two jobs can run at once; on GPUs one job per GPU
+  (group); otherwise ``serial``.
 
 Requirements (HAT needs a trained ``st`` run of the same dataset/arch/profile/seed): the
 required runs are jobs of their own, placed first; a dependent job starts only after them
@@ -33,13 +37,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from benchmark.config import RunConfig, helper_config
-from benchmark.device import visible_gpus
+from benchmark.device import cpu_cores, resolve_device, visible_gpus
 from benchmark.errors import AdvbenchError, UsageError
-from benchmark.store import RunStore, read_json
+from benchmark.store import RunStore
 
 logger = logging.getLogger(__name__)
 
-LAUNCHERS = ("serial", "local", "submitit")
+LAUNCHERS = ("auto", "serial", "local", "submitit")
+Worker = Callable[["Job"], str]
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class Job:
     evaluate: bool = True  # False: a requirement run that the sweep did not ask to evaluate
     needs: tuple[str, ...] = ()  # run ids that must be trained first
     gpus: int = 1  # processes (GPUs) of the job's DDP group; 1: no DDP
+    progress: bool = False  # progress bars (in-process runs)
 
     @property
     def cfg(self) -> RunConfig:
@@ -125,57 +131,46 @@ def plan(cfgs: Sequence[RunConfig], scale: str, *, requires: Optional[Callable[[
     return order
 
 
-def run_job(job: Job) -> str:
-    """Train and evaluate one run (every DDP rank calls this; rank 0 evaluates). Returns its
-    folder. The entry point of every launcher."""
-    from benchmark.run import distributed
-    from benchmark.data import load_dataset
-    from benchmark.eval.evaluate import evaluate_run
-    from benchmark.protocols import resolve_specs
-    from benchmark.device import default_eval_batch_size
-    from benchmark.run.train import train_run
-
-    if job.gpus > 1 and "SUBMITIT_EXECUTOR" in os.environ and distributed.env_world_size() <= 1:
-        import submitit
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    cfg = job.cfg
-    data = load_dataset(cfg.dataset, job.data_dir, download=job.download)
-    with distributed.process_group(job.device) as env:
-        run_dir = train_run(cfg, data, RunStore(job.runs_dir), device=job.device, progress=False)
-    if not (job.evaluate and env.is_main):
-        return str(run_dir)
-    specs = resolve_specs(job.attacks, data.info.scale, suite=job.suite)
-    batch = job.batch_size or default_eval_batch_size(job.device, cfg.arch)
-    for which in job.checkpoints:
-        evaluate_run(run_dir, specs, checkpoint=which, n_examples=job.n_examples,
-                     device=job.device, batch_size=batch, data=data, progress=False)
-    return str(run_dir)
+def concurrency(jobs: Sequence[Job]) -> int:
+    """How many of ``jobs`` can run at once: the widest level of the requirement graph."""
+    level: dict[str, int] = {}
+    for job in jobs:  # plan order: requirements first
+        level[job.cfg.run_id] = 1 + max((level.get(n, 0) for n in job.needs), default=0)
+    widths = [list(level.values()).count(v) for v in set(level.values())]
+    return max(widths, default=0)
 
 
-def collect_rows(jobs: Sequence[Job], scale: str) -> list[dict[str, Any]]:
-    """The result rows the evaluated jobs were asked for, read from their run folders."""
-    from benchmark.eval.evaluate import expected_keys
-    from benchmark.protocols import resolve_specs
+def choose_launcher(jobs: Sequence[Job], device: str = "auto",
+                    parallel: Optional[int] = None) -> tuple[str, dict[str, Any]]:
+    """``auto``: the launcher and options that use the whole machine for ``jobs``.
 
-    rows = []
-    for job in jobs:
-        if not job.evaluate:
-            continue
-        specs = resolve_specs(job.attacks, scale, suite=job.suite)
-        for key in expected_keys(job.cfg, job.checkpoints, specs, job.n_examples):
-            path = job.run_dir() / "eval" / f"{key}.json"
-            if path.exists():
-                rows.append(read_json(path))
-    return rows
+    On CPU one job per core (one thread each), on GPUs one job per GPU group, never more jobs
+    at a time than can run at once; ``serial`` (in this process) when that is one.
+    """
+    if parallel is None:
+        if resolve_device(device).type == "cuda":
+            per = max(jobs[0].gpus if jobs else 1, 1)
+            slots = len(visible_gpus()) // per
+        else:
+            slots = cpu_cores()
+        parallel = min(slots, concurrency(jobs))
+    if parallel > 1:
+        return "local", {"parallel": parallel}
+    return "serial", {}
 
 
 # ------------------------------------------------------------------------------ launchers
-def launch_serial(jobs: Sequence[Job]) -> list[str]:
-    return [run_job(job) for job in jobs]
+def launch_serial(jobs: Sequence[Job], worker: Worker) -> list[str]:
+    """Run every job in this process, one after the other."""
+    return [worker(job) for job in jobs]
 
 
-def launch_local(jobs: Sequence[Job], *, parallel: Optional[int] = None) -> list[str]:
+def launch_local(jobs: Sequence[Job], worker: Worker, *,
+                 parallel: Optional[int] = None) -> list[str]:
     """Run each job as a subprocess, ``parallel`` at a time (default: one per GPU group, or 1).
+
+    Each subprocess is ``python -m <worker.__module__> JOB_JSON``; that module must run the
+    job given on its command line.
 
     Raises:
         AdvbenchError: some jobs failed (the others finish; each failure names its log).
@@ -188,7 +183,7 @@ def launch_local(jobs: Sequence[Job], *, parallel: Optional[int] = None) -> list
     free: "queue.Queue[Optional[str]]" = queue.Queue()
     for i in range(parallel):
         free.put(groups[i % len(groups)] if groups else None)
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    threads = max(1, cpu_cores() // parallel)
     futures: dict[str, cf.Future] = {}
 
     def work(job: Job) -> str:
@@ -200,10 +195,10 @@ def launch_local(jobs: Sequence[Job], *, parallel: Optional[int] = None) -> list
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             if group is not None:
                 env["CUDA_VISIBLE_DEVICES"] = group
-            head = [sys.executable, "-m", "benchmark.run.launch"]
+            head = [sys.executable, "-m", worker.__module__]
             if job.gpus > 1:
                 head = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        f"--nproc_per_node={job.gpus}", "-m", "benchmark.run.launch"]
+                        f"--nproc_per_node={job.gpus}", "-m", worker.__module__]
             job.run_dir().mkdir(parents=True, exist_ok=True)
             log = job.run_dir() / "job.log"
             logger.info("starting %s (gpus %s) → %s", job.label, group or "-", log)
@@ -222,12 +217,14 @@ def launch_local(jobs: Sequence[Job], *, parallel: Optional[int] = None) -> list
     return _results(jobs, [futures[j.cfg.run_id] for j in jobs])
 
 
-def launch_submitit(jobs: Sequence[Job], *, folder: Path | str, cluster: Optional[str] = None,
+def launch_submitit(jobs: Sequence[Job], worker: Worker, *, folder: Path | str,
+                    cluster: Optional[str] = None,
                     parameters: Optional[Mapping[str, Any]] = None) -> list[str]:
     """Submit one submitit job per run and wait for all of them.
 
     Args:
         jobs: in :func:`plan` order.
+        worker: what each submitted job runs (pickled by submitit).
         folder: submitit's folder for pickles and logs (named by job id).
         cluster: None (auto: Slurm if available), ``slurm``, ``local`` or ``debug``.
         parameters: executor parameters, e.g. ``{"timeout_min": 1440, "slurm_partition":
@@ -254,7 +251,7 @@ def launch_submitit(jobs: Sequence[Job], *, folder: Path | str, cluster: Optiona
             for j in needs:  # executors without dependencies: wait for the required runs
                 j.result()
         executor.update_parameters(**params)
-        submitted[job.cfg.run_id] = executor.submit(run_job, job)
+        submitted[job.cfg.run_id] = executor.submit(worker, job)
         logger.info("submitted %s as job %s", job.label, submitted[job.cfg.run_id].job_id)
     return _results(jobs, [submitted[j.cfg.run_id] for j in jobs])
 
@@ -271,27 +268,61 @@ def _results(jobs: Sequence[Job], handles: Sequence[Any]) -> list[str]:
     return out
 
 
-def launch(jobs: Sequence[Job], launcher: str = "serial", **kwargs: Any) -> list[str]:
-    """Dispatch ``jobs`` with the named launcher; returns their run folders."""
+def launch(jobs: Sequence[Job], worker: Worker, launcher: str = "serial",
+           **kwargs: Any) -> list[str]:
+    """Dispatch ``jobs`` to ``worker`` with the named launcher; returns their run folders."""
+    if launcher == "auto":
+        launcher, auto = choose_launcher(jobs, jobs[0].device if jobs else "auto",
+                                         kwargs.pop("parallel", None))
+        kwargs.update(auto)
     if launcher == "serial":
-        return launch_serial(jobs)
+        return launch_serial(jobs, worker)
     if launcher == "local":
-        return launch_local(jobs, **kwargs)
+        return launch_local(jobs, worker, **kwargs)
     if launcher == "submitit":
-        return launch_submitit(jobs, **kwargs)
+        return launch_submitit(jobs, worker, **kwargs)
     raise UsageError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m benchmark.run.launch JOB_JSON``: run one job (what the local launcher starts)."""
-    from benchmark.cli import _setup_logging
+# ------------------------------------------------------------------------------ advbench train
+@dataclass(frozen=True)
+class TrainJob:
+    """What ``advbench train`` trains: one defense over seeds (each DDP process gets a copy)."""
 
-    _setup_logging(0)
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        raise SystemExit("usage: python -m benchmark.run.launch JOB_JSON")
-    sys.stdout.write(run_job(Job.from_json(args[0])) + "\n")
+    defense: str
+    dataset: str
+    runs_dir: str
+    arch: Optional[str] = None
+    profile: str = "cpu"
+    seeds: tuple[int, ...] = (0,)
+    hparams: Optional[str] = None  # --hparams JSON
+    data_dir: Optional[str] = None
+    download: bool = False
+    device: str = "auto"
+    progress: bool = True
+    sync_bn: bool = False
 
 
-if __name__ == "__main__":
-    main()
+def train_job(job: TrainJob) -> list[Path]:
+    """Train (or resume) the job's runs in this process, joining the process group that the
+    environment describes (torchrun, ``advbench train --ddp``).
+
+    Returns:
+        The run folders on the main rank; [] on the other ranks.
+    """
+    from benchmark.config import sweep_configs
+    from benchmark.data import dataset_scale, load_dataset
+    from benchmark.run import distributed
+    from benchmark.run.train import train_run
+
+    scale = dataset_scale(job.dataset, job.data_dir)
+    cfgs = sweep_configs([job.defense], job.dataset, profile=job.profile, arch=job.arch,
+                         seeds=job.seeds, hparams=job.hparams, scale=scale)
+    data = load_dataset(job.dataset, job.data_dir, download=job.download)
+    out = []
+    with distributed.process_group(job.device) as env:
+        for cfg in cfgs:
+            run_dir = train_run(cfg, data, RunStore(job.runs_dir), device=job.device,
+                                progress=job.progress, sync_bn=job.sync_bn)
+            out.append(run_dir)
+    return out if env.is_main else []
