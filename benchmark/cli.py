@@ -213,11 +213,12 @@ def report(runs_dir: str, rows_file: Optional[str], out: str, no_plots: bool, ec
     and OUT/plots/*.png.
     """
     from benchmark.report.report import load_records, write_report
+    from defenses import DEFENSES
 
     records = load_records(rows_file or runs_dir)
     if not records:
         raise UsageError(f"no result rows under {rows_file or runs_dir}")
-    mds = write_report(records, Path(out), plots=not no_plots)
+    mds = write_report(records, Path(out), plots=not no_plots, order=DEFENSES.names())
     for md in mds if echo else []:
         click.echo(md)
     pngs = [] if no_plots else sorted((Path(out) / "plots").glob("*.png"))

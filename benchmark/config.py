@@ -20,11 +20,22 @@ from benchmark.errors import UsageError
 #: (2: MNIST trains without augmentation in every profile)
 PROTOCOL_VERSION = 2
 
+#: the nominal l∞ ε of each dataset scale (paper §4.1: 8/255 on CIFAR-10/100 and SVHN, 0.3 on
+#: MNIST): the training ε of the profiles and the ε of the attack columns. The one place it is
+#: written.
+LINF_EPS: dict[str, float] = {"cifar": 8 / 255, "mnist": 0.3}
+
+
+def linf_eps(scale: str) -> float:
+    """The nominal l∞ ε of a dataset scale (``mnist`` or ``cifar``)."""
+    return LINF_EPS["mnist" if scale == "mnist" else "cifar"]
+
+
 #: the paper's common protocol (§4.1)
 PAPER: dict[str, Any] = {
     "epochs": 110, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
     "lr_milestones": [100, 105], "lr_gamma": 0.1, "augment": True,
-    "eps": 8 / 255, "train_attack_steps": 10, "train_step_size": 2 / 255,
+    "eps": LINF_EPS["cifar"], "train_attack_steps": 10, "train_step_size": 2 / 255,
     "train_subset": None, "val_size": 1000, "val_attack_steps": 10, "val_every": 1,
     "select_by": "val_pgd",
     "amp": "none", "channels_last": False, "compile": False,
@@ -33,7 +44,7 @@ PAPER: dict[str, Any] = {
 #: a small CPU profile: same protocol shape, fewer epochs / attack steps, a training subset
 CPU: dict[str, Any] = {
     **PAPER, "epochs": 10, "lr": 0.05, "lr_milestones": [8, 9], "train_attack_steps": 5,
-    "train_step_size": 2.5 * (8 / 255) / 5, "train_subset": 10000, "val_size": 256,
+    "train_step_size": 2.5 * LINF_EPS["cifar"] / 5, "train_subset": 10000, "val_size": 256,
     "val_attack_steps": 5,
 }
 
@@ -43,9 +54,9 @@ PROFILES: dict[str, dict[str, Any]] = {"paper": PAPER, "cpu": CPU}
 #: augmentation, as in Madry et al.'s and TRADES's MNIST protocols: a random crop of 28×28
 #: digits cost AT about 30 points of clean accuracy at the cpu budget)
 SCALE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
-    "paper": {"mnist": {"eps": 0.3, "train_attack_steps": 40, "train_step_size": 0.01,
+    "paper": {"mnist": {"eps": LINF_EPS["mnist"], "train_attack_steps": 40, "train_step_size": 0.01,
                         "augment": False}},
-    "cpu": {"mnist": {"eps": 0.3, "train_attack_steps": 5, "train_step_size": 0.15,
+    "cpu": {"mnist": {"eps": LINF_EPS["mnist"], "train_attack_steps": 5, "train_step_size": 0.15,
                       "epochs": 8, "lr": 0.05, "lr_milestones": [6, 7], "augment": False}},
 }
 #: dataset-specific protocol values (SVHN: step 1/255)

@@ -38,6 +38,7 @@ from typing import Any, Optional
 
 from attacks.base import Attack, Norm, ThreatModel, eps_to_str, parse_eps
 from attacks.ensemble import TABLE2_MEMBERS
+from benchmark.config import linf_eps
 from benchmark.errors import UsageError
 
 #: Table 6 iterations and Table 7 restarts (paper captions)
@@ -91,14 +92,10 @@ def format_eps(eps: float) -> str:
     return eps_to_str(eps)
 
 
-def _linf_eps(scale: str) -> float:
-    return 0.3 if scale == "mnist" else 8 / 255
-
-
 def attack_specs(scale: str) -> dict[str, AttackSpec]:
     """Every named column for a dataset scale (``mnist`` or ``cifar``), at its default ε."""
     mnist = scale == "mnist"
-    eps = _linf_eps(scale)
+    eps = linf_eps(scale)
     linf = {"steps": 40, "step_size": 0.01} if mnist else {"steps": 20, "step_size": 1 / 255}
     l2 = (2.0, {"steps": 100, "step_size": 0.05}) if mnist else \
         (128 / 255, {"steps": 20, "step_size": 16 / 255})

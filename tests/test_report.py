@@ -18,9 +18,11 @@ from click.testing import CliRunner
 
 from benchmark.cli import cli
 from benchmark.report.report import load_records, load_rows, write_report
+from defenses import DEFENSES
 
 DATA = Path(__file__).parent / "data"
 GOLDEN_ROWS = DATA / "golden_rows.jsonl"
+ORDER = DEFENSES.names()  # what `advbench report` passes: the report itself reads only rows
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def rows() -> list[dict]:
 @pytest.fixture(scope="module")
 def report_dir(rows: list[dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("report")
-    write_report(rows, out, plots=False)
+    write_report(rows, out, plots=False, order=ORDER)
     return out
 
 
@@ -154,7 +156,7 @@ def test_dataframe_input_gives_the_same_tables(rows: list[dict], report_dir: Pat
                                                tmp_path: Path) -> None:
     df = load_rows(rows)  # absent fields become NaN in a frame (as `advbench run` passes them)
     assert df["adv_ce"].isna().any() and len(load_records(df)) == len(rows)
-    write_report(df, tmp_path, plots=False)
+    write_report(df, tmp_path, plots=False, order=ORDER)
     for p in (report_dir / "tables").glob("*.csv"):
         assert (tmp_path / "tables" / p.name).read_text() == p.read_text(), p.name
 
@@ -187,8 +189,28 @@ def test_plots_return_labelled_figures(rows: list[dict], tmp_path: Path) -> None
     fig2 = plots.figure2([panel, dict(panel, defense="adv-dpnp", centers_source="prototypes")])
     assert len(fig2.axes) == 4 and fig2.axes[0].get_xlabel() == "feature 1"
     assert [ax.get_title().split(" — ")[0] for ax in fig2.axes] == ["at", "adv-dpnp"] * 2
-    assert plots.defense_colour("trades") == plots.defense_colour("trades [beta=3.0]")
-    assert plots.defense_colour("st") != plots.defense_colour("at")
+    assert plots.defense_colour("trades", ORDER) == plots.defense_colour("trades [beta=3.0]", ORDER)
+    assert plots.defense_colour("st", ORDER) != plots.defense_colour("at", ORDER)
+    assert plots.defense_colour("at", ["st", "at"]) == plots.defense_colour("at", ORDER)
+
+
+def test_report_reads_only_rows_and_order_comes_from_the_caller(rows: list[dict],
+                                                                 tmp_path: Path) -> None:
+    """Rebuilding from rows imports no defense (no plugin needs to be installed); the row
+    order is the one passed in, defenses not named in it last by name."""
+    import subprocess
+    import sys
+    code = ("import sys, json; from benchmark.report.report import write_report, load_records; "
+            f"recs = load_records({str(GOLDEN_ROWS)!r}); "
+            f"write_report(recs, {str(tmp_path / 'r')!r}, order=['st', 'at']); "
+            "bad = sorted(m for m in sys.modules if m == 'defenses' or m.startswith('defenses.')); "
+            "print(json.dumps(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    table = pd.read_csv(next((tmp_path / "r" / "tables").glob("accuracy_*.csv")))
+    names = list(dict.fromkeys(table["defense"]))
+    assert names[:2] == ["st", "at"] and names[2:] == sorted(names[2:])
 
 
 def test_report_without_rows_is_a_clear_error(tmp_path: Path) -> None:

@@ -36,16 +36,17 @@ logger = logging.getLogger(__name__)
 
 
 def adversarial_spec(scale: str, label: str = "pgd20") -> AttackSpec:
-    """The protocol's column ``label``; PGD-20 with step ε/10 if the protocol lacks it."""
+    """The protocol's column ``label`` (PGD-20, step ε/10, by default).
+
+    Raises:
+        UsageError: no such column.
+    """
     from benchmark.protocols import attack_specs
 
     specs = attack_specs(scale)
-    if label in specs:
-        return specs[label]
-    if label != "pgd20":
+    if label not in specs:
         raise UsageError(f"unknown attack {label!r}; valid: {', '.join(specs)}")
-    eps = 0.3 if scale == "mnist" else 8 / 255
-    return AttackSpec("pgd20", "pgd", "linf", eps, {"steps": 20, "step_size": eps / 10})
+    return specs[label]
 
 
 def extract(model: nn.Module, x: Tensor, y: Tensor, *, attack: Any = None,

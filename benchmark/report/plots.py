@@ -1,8 +1,9 @@
 """The paper's figures with matplotlib (Agg): Figure 2, Figure 3 and Figure 4.
 
 Each function returns a ``Figure`` (or None when the rows hold nothing to plot); :func:`save`
-writes the PNG. Colours are fixed per defense: the registry order indexes the ``tab20``
-palette, so a defense has the same colour in every plot of every report.
+writes the PNG. Colours are fixed per defense: its position in the order the caller passes
+(the registry order, from ``advbench report``) indexes the ``tab20`` palette, so a defense has
+the same colour in every plot of every report.
 """
 from __future__ import annotations
 
@@ -17,20 +18,22 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from benchmark.report.tables import order_labels  # noqa: E402
 from benchmark.store import atomic_write_bytes  # noqa: E402
 
 _BLOCK = ["arch", "checkpoint"]
 
 
-def defense_colour(label: str) -> Any:
+def defense_colour(label: str, order: Sequence[str] = ()) -> Any:
     """Fixed colour of a defense (a label ``trades [beta=3]`` takes its defense's colour).
 
-    Registry position i picks ``tab20`` entry 2i (the ten saturated hues first), then 2i−19.
+    Position i in ``order`` (the caller passes the registry order) picks ``tab20`` entry 2i
+    (the ten saturated hues first), then 2i−19; a defense not in ``order`` gets a colour from
+    the hash of its name.
     """
     from benchmark.config import stable_hash
-    from defenses import DEFENSES
 
-    names = DEFENSES.names()
+    names = list(order)
     name = label.split(" ")[0]
     i = names.index(name) if name in names else int(stable_hash(name, 6), 16)
     i %= 20
@@ -47,16 +50,11 @@ def save(fig: Figure, path: Path | str, *, dpi: int = 120) -> Path:
     return Path(path)
 
 
-def _order(labels: Sequence[str]) -> list[str]:
-    from benchmark.report.report import _order_labels
-    return _order_labels(labels)
-
-
 def _blocks(df: pd.DataFrame) -> list[tuple[tuple[str, str], pd.DataFrame]]:
     return list(df.groupby(_BLOCK, sort=True)) if len(df) else []
 
 
-def severity_figure(corr: pd.DataFrame) -> Optional[Figure]:
+def severity_figure(corr: pd.DataFrame, order: Sequence[str] = ()) -> Optional[Figure]:
     """Figure 3: CIFAR-10-C accuracy per severity (mean over corruptions), bars per defense."""
     blocks = _blocks(corr)
     if not blocks:
@@ -65,14 +63,14 @@ def severity_figure(corr: pd.DataFrame) -> Optional[Figure]:
     for ax, ((arch, ckpt), df) in zip(axes[:, 0], blocks):
         per_seed = df.groupby(["label", "seed", "severity"])["accuracy"].mean()
         stats = per_seed.groupby(["label", "severity"]).agg(["mean", "std"])
-        labels = _order(df["label"])
+        labels = order_labels(df["label"], order)
         width = 0.8 / len(labels)
         lo, hi = 100.0, 0.0
         for i, lab in enumerate(labels):
             s = stats.loc[lab]
             x = s.index.to_numpy() + (i - (len(labels) - 1) / 2) * width
             err = s["std"] if s["std"].notna().any() else None  # bars only with several seeds
-            ax.bar(x, s["mean"], width, yerr=err, label=lab, color=defense_colour(lab), capsize=2)
+            ax.bar(x, s["mean"], width, yerr=err, label=lab, color=defense_colour(lab, order), capsize=2)
             lo, hi = min(lo, float(s["mean"].min())), max(hi, float(s["mean"].max()))
         ax.set_ylim(max(0.0, lo - 5), min(100.0, hi + 3))
         ax.set_xticks(range(1, 6))
@@ -85,7 +83,7 @@ def severity_figure(corr: pd.DataFrame) -> Optional[Figure]:
     return fig
 
 
-def eps_figure(att: pd.DataFrame) -> Optional[Figure]:
+def eps_figure(att: pd.DataFrame, order: Sequence[str] = ()) -> Optional[Figure]:
     """Figure 4: accuracy vs ε for FGSM and PGD (``pgd-fig4`` rows), one line per defense.
 
     ε = 0 is the clean accuracy of the same test points. Drawn when some attack has rows at two
@@ -103,7 +101,7 @@ def eps_figure(att: pd.DataFrame) -> Optional[Figure]:
     for row, ((arch, ckpt), df) in zip(axes, blocks):
         for ax, (attack, title) in zip(row, (("fgsm", "FGSM"), ("pgd-fig4", "PGD-20, step 2.5ε/20"))):
             part = _one_point_set(df[df["attack"] == attack])
-            for lab in _order(part["label"]):
+            for lab in order_labels(part["label"], order):
                 p = part[part["label"] == lab]
                 clean = p.groupby("seed")["clean"].first().mean()
                 curve = p.groupby("eps")["robust"].agg(["mean", "std"]).sort_index()
@@ -111,7 +109,7 @@ def eps_figure(att: pd.DataFrame) -> Optional[Figure]:
                 y = np.concatenate([[clean], curve["mean"].to_numpy()])
                 err = np.concatenate([[0.0], curve["std"].fillna(0).to_numpy()])
                 ax.errorbar(x, y, yerr=err if err.any() else None, marker="o", ms=3, capsize=2,
-                            label=lab, color=defense_colour(lab))
+                            label=lab, color=defense_colour(lab, order))
             ax.set_title(f"{title} — {arch}, {ckpt}")
             ax.set_xlabel("ε (×1/255)" if per255 else "ε")
             ax.grid(alpha=0.3)

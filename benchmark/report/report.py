@@ -14,8 +14,9 @@
 Tables are built by :mod:`benchmark.report.tables` (which rows feed which column). One file holds
 one dataset (and data provenance: a second provenance of the same dataset name gets its own
 files, suffixed by a hash) and one profile: profiles are never mixed. Inside a file, one
-section per (arch, checkpoint); rows follow the registry order (``DEFENSES.names()``), plugins
-after. CSV floats use a fixed format (``%.4f``) and missing cells are ``NaN``, so a rebuild from
+section per (arch, checkpoint); rows follow the defense order the caller passes (``advbench
+report`` passes the registry order, ``DEFENSES.names()``), others after by name: the report
+reads only rows and imports no defense. CSV floats use a fixed format (``%.4f``) and missing cells are ``NaN``, so a rebuild from
 the same rows is byte-identical; in Markdown missing cells are ``–`` and listed with a reason.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ import pandas as pd
 
 from benchmark.config import stable_hash
 from benchmark.store import RunStore, atomic_write_bytes, read_jsonl
-from benchmark.report.tables import TABLES, TableSpec, display, frames
+from benchmark.report.tables import TABLES, TableSpec, display, frames, order_labels
 
 logger = logging.getLogger(__name__)
 
@@ -39,17 +40,6 @@ BLOCK = ["arch", "checkpoint"]
 INDEX = [*BLOCK, "defense"]
 _SORT = ("dataset", "profile", "kind", "defense", "arch", "seed", "checkpoint", "attack", "eps",
          "condition", "corruption", "severity", "n_examples", "eval_key")
-
-
-def defense_order() -> list[str]:
-    from defenses import DEFENSES
-    return DEFENSES.names()
-
-
-def _order_labels(labels: Iterable[str]) -> list[str]:
-    """Registry order of the defense (the label's first word), then the label."""
-    order = {n: i for i, n in enumerate(defense_order())}
-    return sorted(set(labels), key=lambda s: (order.get(s.split(" ")[0], len(order)), s))
 
 
 # ------------------------------------------------------------------------------ rows
@@ -215,23 +205,24 @@ def build_table(spec: TableSpec, frame: pd.DataFrame, index: pd.MultiIndex
     return wide, counts, cells, columns
 
 
-def _index(fr: dict[str, pd.DataFrame]) -> pd.MultiIndex:
+def _index(fr: dict[str, pd.DataFrame], order: Sequence[str]) -> pd.MultiIndex:
     units = pd.concat([f[["arch", "checkpoint", "label"]] for f in fr.values() if len(f)])
     tuples = []
     for (arch, ckpt), part in units.groupby(BLOCK, sort=True):
-        tuples += [(arch, ckpt, lab) for lab in _order_labels(part["label"])]
+        tuples += [(arch, ckpt, lab) for lab in order_labels(part["label"], order)]
     return pd.MultiIndex.from_tuples(tuples, names=INDEX)
 
 
-def accuracy_table(df: pd.DataFrame | Iterable[dict], columns: Optional[list[str]] = None
-                   ) -> pd.DataFrame:
-    """Clean + attack columns (percent) of the rows, indexed by (arch, checkpoint, defense)."""
+def accuracy_table(df: pd.DataFrame | Iterable[dict], columns: Optional[list[str]] = None,
+                   order: Sequence[str] = ()) -> pd.DataFrame:
+    """Clean + attack columns (percent) of the rows, indexed by (arch, checkpoint, defense),
+    defenses in ``order`` (then the others by name)."""
     fr = frames(load_records(df))
     spec = TABLES[0]
     cells, cols = spec.build(fr["attack"])
     if columns is not None:
         cols = ["clean", *[c for c in columns if c != "clean"]]
-    return aggregate(cells, cols, _index(fr))[0]
+    return aggregate(cells, cols, _index(fr, order))[0]
 
 
 # ------------------------------------------------------------------------------ report
@@ -251,8 +242,12 @@ def _groups(records: list[dict]) -> list[tuple[str, str, str, list[dict]]]:
 
 
 def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
-                 plots: bool = True, order: Optional[Sequence[str]] = None) -> list[str]:
+                 plots: bool = True, order: Sequence[str] = ()) -> list[str]:
     """Write rows.jsonl, every table that has data (CSV + Markdown), missing.csv and the plots.
+
+    The report reads nothing but the rows: ``order`` (defense names; ``advbench report``
+    passes the registry order) sets the row order of every table and the colour of every
+    defense in the plots; defenses not in it follow by name.
 
     Returns:
         The Markdown of each table written, in order.
@@ -267,7 +262,7 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
     mds, missing = [], []
     for suffix, prov, profile, recs in _groups(records):
         fr = frames(recs)
-        index = _index(fr)
+        index = _index(fr, order)
         dataset = str(recs[0].get("dataset", "?"))
         for spec in TABLES:
             built = build_table(spec, fr[spec.kind], index)
@@ -294,7 +289,7 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
                              "defense": idx[2], "column": c, "reason": spec.why(c)}
                             for c in columns if pd.isna(r[c])]
         if plots:
-            _figures(fr, out_dir / "plots", suffix)
+            _figures(fr, out_dir / "plots", suffix, order)
     atomic_write_bytes(out_dir / "tables" / "missing.csv", pd.DataFrame(
         missing, columns=["table", "arch", "checkpoint", "defense", "column", "reason"])
         .to_csv(index=False, lineterminator="\n").encode())
@@ -302,13 +297,14 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
     return mds
 
 
-def _figures(fr: dict[str, pd.DataFrame], plot_dir: Path, suffix: str) -> None:
+def _figures(fr: dict[str, pd.DataFrame], plot_dir: Path, suffix: str,
+             order: Sequence[str]) -> None:
     import matplotlib.pyplot as plt
 
     from benchmark.report import plots
 
-    for name, fig in (("figure3", plots.severity_figure(fr["corruption"])),
-                      ("figure4", plots.eps_figure(fr["attack"]))):
+    for name, fig in (("figure3", plots.severity_figure(fr["corruption"], order)),
+                      ("figure4", plots.eps_figure(fr["attack"], order))):
         if fig is not None:
             plots.save(fig, plot_dir / f"{name}_{suffix}.png")
             plt.close(fig)

@@ -24,12 +24,13 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from attacks.base import eps_to_str
+from benchmark.config import linf_eps
 from benchmark.eval.corruptions import CORRUPTIONS
 
 UNIT = ["dataset", "profile", "provenance", "arch", "checkpoint", "label", "defense", "seed",
@@ -62,6 +63,13 @@ def display(column: str) -> str:
 _ORDER = ["fgsm", "pgd", "pgd-l2", "pgd-l1", "pgd20", "pgd100", "cw", "ensemble", "autoattack",
           "adaptive"]
 _SWEEP = re.compile(r"^pgd-(k|r)(\d+)$")
+
+
+def order_labels(labels: Iterable[str], order: Sequence[str] = ()) -> list[str]:
+    """Row labels sorted by their defense's position in ``order`` (the label's first word;
+    the caller passes the registry order), then by label; defenses not in ``order`` last."""
+    rank = {n: i for i, n in enumerate(order)}
+    return sorted(set(labels), key=lambda s: (rank.get(s.split(" ")[0], len(rank)), s))
 
 
 def _kind(r: dict) -> str:
@@ -117,7 +125,7 @@ def frames(records: Iterable[dict]) -> dict[str, pd.DataFrame]:
             eps, norm = _nan(r.get("eps")), str(r.get("norm") or "linf")
             nominal_eps = _nan((r.get("hparams") or {}).get("eps"))
             if math.isnan(nominal_eps):
-                nominal_eps = 0.3 if r.get("eps_str") == "0.3" else 8 / 255
+                nominal_eps = linf_eps("mnist" if r.get("eps_str") == "0.3" else "cifar")
             nominal = norm != "linf" or bool(np.isclose(eps, nominal_eps, rtol=1e-6, atol=1e-9))
             base.update(attack=str(r.get("attack")), norm=norm, eps=eps,
                         eps_str=str(r.get("eps_str") or eps_to_str(eps)), nominal=nominal,
