@@ -39,8 +39,9 @@ def check_defense(cls: type, *, archs: Iterable[str] = ("tiny",), info: DataInfo
     Checks: the model maps [0,1] inputs to N×K logits; ``features`` gives N×d; the training step
     returns a finite scalar loss with grad and never steps the optimizer itself; two optimizer
     steps run and change the weights; the model's train flag survives the step (the attack
-    restores modes); eval forward is deterministic (unless ``randomized``); defense and model
-    state round-trip through ``state_dict``.
+    restores modes); eval forward is deterministic (unless ``randomized``); the model state
+    round-trips through ``state_dict``, and so does the defense's: a fresh defense that loads
+    the trained one's ``state_dict()`` must give back an equal ``state_dict()``.
     """
     torch.manual_seed(0)
     for arch in archs:
@@ -82,10 +83,34 @@ def check_defense(cls: type, *, archs: Iterable[str] = ("tiny",), info: DataInfo
         clone.eval(), model.eval()
         with torch.no_grad():
             assert torch.allclose(clone(x), model(x)), f"{arch}: state_dict does not round-trip"
+        state = defense.state_dict()
         other = make_defense(cls, info=info, hparams=hparams)
-        other.load_state_dict(defense.state_dict())
+        other.load_state_dict(copy.deepcopy(state))
+        assert_same_state(other.state_dict(), state, f"{cls.name}.state_dict()")
         obj = defense.objective()(model, x, x, y)
         assert obj.shape == (batch,), f"{cls.name}: objective must be per-sample, got {obj.shape}"
+
+
+def assert_same_state(got: Any, want: Any, where: str = "state") -> None:
+    """Assert two state values are equal: same keys, same tensors (dtype, shape, values),
+    equal plain values, recursively through dicts, lists and tuples."""
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor), f"{where}: expected a tensor, got {type(got)}"
+        assert got.dtype == want.dtype and got.shape == want.shape, \
+            f"{where}: {got.dtype} {tuple(got.shape)} != {want.dtype} {tuple(want.shape)}"
+        assert torch.equal(got.cpu(), want.cpu()), f"{where}: values differ after load_state_dict"
+    elif isinstance(want, Mapping):
+        assert isinstance(got, Mapping) and set(got) == set(want), \
+            f"{where}: keys {sorted(got) if isinstance(got, Mapping) else got} != {sorted(want)}"
+        for k in want:
+            assert_same_state(got[k], want[k], f"{where}[{k!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(want), \
+            f"{where}: {got!r} != {want!r}"
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same_state(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r} after load_state_dict"
 
 
 def check_attack(cls: type, *, norms: Optional[Iterable[Norm]] = None, eps: float = 8 / 255,
