@@ -144,3 +144,49 @@ def test_concurrent_trainers_of_one_run_train_it_once(tmp_path: Path) -> None:
     assert [p.exitcode for p in procs] == [0, 0]
     log = (RunStore(tmp_path).run_dir(_cfg("st")) / "train_log.jsonl").read_text().splitlines()
     assert len(log) == HP["epochs"], "the second trainer must wait, then find the run trained"
+
+
+def test_auto_launcher_uses_every_core_for_independent_jobs(monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    two = launch.plan([_cfg("st"), _cfg("at")], "cifar", requires=_needs({}), runs_dir="r",
+                      device="cpu")
+    chain = launch.plan([_cfg("at")], "cifar", requires=_needs({"at": ("st",)}), runs_dir="r",
+                        device="cpu")  # HAT-like: the dependent waits for its requirement
+    assert launch.concurrency(two) == 2 and launch.concurrency(chain) == 1
+    monkeypatch.setattr(launch, "cpu_cores", lambda: 2)
+    assert launch.choose_launcher(two, "cpu") == ("local", {"parallel": 2})
+    assert launch.choose_launcher(chain, "cpu") == ("serial", {})
+    monkeypatch.setattr(launch, "cpu_cores", lambda: 1)
+    assert launch.choose_launcher(two, "cpu") == ("serial", {})
+    monkeypatch.setattr(launch, "cpu_cores", lambda: 64)  # never more processes than jobs
+    assert launch.choose_launcher(two, "cpu") == ("local", {"parallel": 2})
+    assert launch.choose_launcher(two, "cpu", parallel=1) == ("serial", {})
+
+
+def test_auto_launcher_puts_one_job_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs = launch.plan([_cfg("st", s) for s in range(3)], "cifar", requires=_needs({}),
+                       runs_dir="r", device="cuda")
+    monkeypatch.setattr(launch, "resolve_device", lambda d: __import__("torch").device("cuda"))
+    monkeypatch.setattr(launch, "visible_gpus", lambda: ["0", "1"])
+    assert launch.choose_launcher(jobs, "cuda") == ("local", {"parallel": 2})
+    monkeypatch.setattr(launch, "visible_gpus", lambda: ["0"])
+    assert launch.choose_launcher(jobs, "cuda") == ("serial", {})
+
+
+def test_local_subprocesses_get_one_thread_each(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, str]] = []
+
+    class Done:
+        returncode = 0
+
+    def fake_run(cmd: list[str], env: dict[str, str], **kw: Any) -> Done:
+        seen.append({"module": cmd[2], "threads": env["OMP_NUM_THREADS"]})
+        return Done()
+    monkeypatch.setattr(launch.subprocess, "run", fake_run)
+    monkeypatch.setattr(launch, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(launch, "visible_gpus", lambda: [])
+    jobs = launch.plan([_cfg("st"), _cfg("at")], "cifar", requires=_needs({}),
+                       runs_dir=str(tmp_path), device="cpu")
+    launch.launch(jobs, run_job, "auto")
+    assert seen == [{"module": "benchmark.sweep", "threads": "1"}] * 2
