@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.config import stable_hash
+from benchmark.run.cost import cost_rows
 from benchmark.store import RunStore, atomic_write_bytes, read_jsonl
 from benchmark.report.tables import TABLES, TableSpec, display, frames
 
@@ -61,11 +62,13 @@ def _clean_record(r: dict) -> dict:
 def load_records(source: Path | str | pd.DataFrame | Iterable[dict]) -> list[dict[str, Any]]:
     """Rows from a runs folder, a ``rows.jsonl`` file, a DataFrame or dicts; sorted, deduplicated.
 
+    A runs folder also gives one ``"kind": "cost"`` row per trained run (:mod:`benchmark.run.cost`).
+
     Rows with the same ``eval_key`` are kept once (the last one read).
     """
     if isinstance(source, (str, Path)):
         p = Path(source)
-        rows = read_jsonl(p) if p.is_file() else RunStore(p).rows()
+        rows = read_jsonl(p) if p.is_file() else RunStore(p).rows() + cost_rows(p)
     elif isinstance(source, pd.DataFrame):
         rows = [_clean_record(r) for r in source.to_dict(orient="records")]
     else:
