@@ -5,8 +5,10 @@
 
     rows.jsonl                              every row, sorted; ``--rows`` rebuilds all tables
     report.md                               every Markdown table, in order
+    index.html                              the leaderboard page (self-contained, offline)
     tables/<table>_<dataset>_<profile>.csv  numeric: mean and ``_std`` per column, ``n_seeds``
     tables/<table>_<dataset>_<profile>.md   ``mean ± std``, best per column bold, notes
+    tables/<table>_<dataset>_<profile>.tex  the same through pandas' Styler (booktabs)
     tables/missing.csv                      every absent cell and why
     plots/figure3_<dataset>_<profile>.png   CIFAR-10-C accuracy per severity
     plots/figure4_<dataset>_<profile>.png   accuracy vs ε (FGSM, PGD)
@@ -32,6 +34,7 @@ import pandas as pd
 from benchmark.config import stable_hash
 from benchmark.run.cost import cost_rows
 from benchmark.store import RunStore, atomic_write_bytes, read_jsonl
+from benchmark.report.latex import tex_escape, to_latex
 from benchmark.report.tables import TABLES, TableSpec, display, frames
 
 logger = logging.getLogger(__name__)
@@ -291,6 +294,9 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
             stem = f"{spec.name}_{suffix}"
             atomic_write_bytes(out_dir / "tables" / f"{stem}.csv", to_csv(wide).encode())
             atomic_write_bytes(out_dir / "tables" / f"{stem}.md", md.encode())
+            atomic_write_bytes(out_dir / "tables" / f"{stem}.tex", to_latex(
+                wide, spec, tex_escape(f"{spec.title} — {dataset}, profile {profile}. Mean ± std "
+                                       f"over seeds; best per column in bold.")).encode())
             mds.append(md)
             for idx, r in wide.iterrows():
                 missing += [{"table": stem, "arch": idx[0], "checkpoint": idx[1],
@@ -302,6 +308,8 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
         missing, columns=["table", "arch", "checkpoint", "defense", "column", "reason"])
         .to_csv(index=False, lineterminator="\n").encode())
     atomic_write_bytes(out_dir / "report.md", "\n".join(mds).encode())
+    from benchmark.report.html import write_page
+    write_page(_groups(records), out_dir)
     return mds
 
 
