@@ -147,9 +147,9 @@ def board(records: list[dict]) -> tuple[pd.DataFrame, str]:
     if built is None:
         return pd.DataFrame(), ""
     wide = built[0]
-    ckpts = set(wide.index.get_level_values("checkpoint"))
-    if "best" in ckpts:  # one row per defense and arch: the validation-selected checkpoint
-        wide = wide[wide.index.get_level_values("checkpoint") == "best"]
+    ckpts = wide.index.get_level_values("checkpoint")
+    if (ckpts != "last").any():  # one row per model: the validation-selected checkpoint
+        wide = wide[ckpts != "last"]  # (best) of a trained run, the published zoo weights
     wide = wide.reset_index()
     has_aa = wide["autoattack"].notna()
     wide["_key1"], wide["_key2"] = (~has_aa).astype(int), np.where(has_aa, wide["autoattack"],
