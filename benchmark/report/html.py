@@ -51,7 +51,7 @@ table.board .col1,table.board .col5,table.board .col6,table.board .col8{text-ali
 table.board td.col8{white-space:normal;max-width:16rem;font-size:.8rem;color:#555}
 table.board td.col5{white-space:normal;max-width:18rem}
 table.board tr:hover td{background:#fafbff}
-.ok{color:#11772d}.bad{color:#b3261e}.warn{color:#a15c00}.why{display:block;font-size:.78rem;
+.few{font-size:.75rem;color:#777}.ok{color:#11772d}.bad{color:#b3261e}.warn{color:#a15c00}.why{display:block;font-size:.78rem;
 color:#666}
 figure{display:inline-block;margin:.5rem 1rem .5rem 0}figure img{max-width:100%;
 width:900px;border:1px solid #eee}
@@ -146,7 +146,9 @@ def board(records: list[dict]) -> tuple[pd.DataFrame, str]:
     built = build_table(_SPEC, fr["attack"], _index(fr))
     if built is None:
         return pd.DataFrame(), ""
-    wide = built[0]
+    wide, counts = built[0], built[1]
+    for c in ("clean", "autoattack", "pgd", *COST):  # cells over fewer seeds than their row
+        wide[f"{c}_seeds"] = counts[c].reindex(wide.index)
     ckpts = wide.index.get_level_values("checkpoint")
     if (ckpts != "last").any():  # one row per model: the validation-selected checkpoint
         wide = wide[ckpts != "last"]  # (best) of a trained run, the published zoo weights
@@ -177,6 +179,9 @@ def _row_cells(r: pd.Series, records: list[dict], prov: str) -> dict[str, str]:
     for c in ("clean", "autoattack", "pgd", *COST):
         std = np.nan if c == "passes" else r.get(f"{c}_std", np.nan)  # declared: no spread
         cells[c] = html.escape(cell_text(r[c], std, _SPEC.decimals(c)))
+        n = r.get(f"{c}_seeds", np.nan)
+        if pd.notna(r[c]) and pd.notna(n) and 0 < n < r["n_seeds"]:
+            cells[c] += f' <span class="few">({int(n)} of {int(r["n_seeds"])} seeds)</span>'
     runs = {str(x.get("run_id")) for x in records if str(x.get("defense")) == defense
             and str(x.get("arch")) == str(r["arch"])}
     mark, why = reliability(records, runs)
