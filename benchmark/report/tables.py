@@ -9,6 +9,10 @@ them. Three row kinds feed the tables (a row without ``kind`` is an attack row):
 * ``features`` (``benchmark.eval.features``): ``condition`` clean|pgd20 and the five metrics;
 * ``corruption`` (``benchmark.eval.corruptions``): ``corruption``, ``severity``, ``accuracy``.
 
+``cost`` rows (:mod:`benchmark.run.cost`, one per trained run) are not cells of their own:
+their ``epoch_s``, ``passes_per_sample`` and ``peak_mem_mb`` join the attack rows of the same
+``run_id`` and become the cost columns of Tables 1 and 2.
+
 Accuracies become percent. For every l∞ column except Table 3's and Figure 4's sweeps, only
 rows at the run's *nominal* ε (its training ε, ``hparams.eps``: 8/255 on CIFAR scale, 0.3
 on MNIST scale) count; where a unit has several rows for one column (e.g. different
