@@ -51,7 +51,8 @@ table.board .col1,table.board .col5,table.board .col6,table.board .col8{text-ali
 table.board td.col8{white-space:normal;max-width:16rem;font-size:.8rem;color:#555}
 table.board td.col5{white-space:normal;max-width:18rem}
 table.board tr:hover td{background:#fafbff}
-.few{font-size:.75rem;color:#777}.ok{color:#11772d}.bad{color:#b3261e}.warn{color:#a15c00}.why{display:block;font-size:.78rem;
+.few{font-size:.75rem;color:#777}
+.ok{color:#11772d}.bad{color:#b3261e}.warn{color:#a15c00}.why{display:block;font-size:.78rem;
 color:#666}
 figure{display:inline-block;margin:.5rem 1rem .5rem 0}figure img{max-width:100%;
 width:900px;border:1px solid #eee}
