@@ -178,16 +178,41 @@ def _train_and_print(job: Any) -> None:
               help="Result folder for --checkpoint-file [<file stem>-eval beside the file].")
 @click.option("--force", is_flag=True, help="Recompute existing rows.")
 @click.option("--no-progress", is_flag=True)
+@click.option("--robustbench", "zoo_name", default=None,
+              help="A RobustBench zoo model (e.g. Wong2020Fast) as a baseline: rows go to "
+                   "RUNS_DIR/<dataset>/rb-NAME/ (needs the zoo extra).")
+@click.option("--threat", default="Linf", show_default=True, type=click.Choice(["Linf", "L2"]),
+              help="--robustbench: RobustBench threat model.")
+@click.option("--dataset", default="cifar10", show_default=True,
+              type=click.Choice(["cifar10", "cifar100"]), help="--robustbench: dataset.")
+@click.option("--model-dir", default="models", show_default=True, type=click.Path(),
+              help="--robustbench: weights in RobustBench's layout DIR/<dataset>/<threat>/NAME.pt.")
+@click.option("--download", is_flag=True, help="--robustbench: let robustbench download "
+                                               "missing weights.")
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(),
+              help="--robustbench: where the zoo model's rows go.")
+@click.option("--profile", default="paper", show_default=True, type=click.Choice(["cpu", "paper"]),
+              help="--robustbench: report section and default test points.")
 def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: Optional[str],
              suite: Optional[str], eps: Optional[str], n_examples: Optional[int], which: str,
              batch_size: Optional[int], data_dir: Optional[str], device: str,
-             out: Optional[str], force: bool, no_progress: bool) -> None:
-    """Attack trained runs or checkpoint files; rows go to RUN/eval, flags to RUN/flags."""
+             out: Optional[str], force: bool, no_progress: bool, zoo_name: Optional[str],
+             threat: str, dataset: str, model_dir: str, download: bool, runs_dir: str,
+             profile: str) -> None:
+    """Attack trained runs, checkpoint files or a RobustBench model; rows go to RUN/eval."""
     from benchmark.eval.evaluate import evaluate_path, format_rows
 
-    if not run_paths and not ckpt_files:
-        raise UsageError("give --run RUN_DIR and/or --checkpoint-file FILE")
+    if not run_paths and not ckpt_files and not zoo_name:
+        raise UsageError("give --run RUN_DIR, --checkpoint-file FILE or --robustbench NAME")
     rows = []
+    if zoo_name:
+        from benchmark.eval.zoo import evaluate_zoo
+        rows += evaluate_zoo(zoo_name, threat=threat, dataset=dataset, model_dir=model_dir,
+                             runs_dir=runs_dir, profile=profile, download=download,
+                             attacks=attacks, suite=suite, eps=eps, n_examples=n_examples,
+                             device=device, batch_size=batch_size or 256,
+                             data_dir=Path(data_dir) if data_dir else None, force=force,
+                             progress=not no_progress)
     for path in [*run_paths, *ckpt_files]:
         rows += evaluate_path(path, attacks=attacks, suite=suite, eps=eps, checkpoint=which,
                               n_examples=n_examples, device=device,
@@ -205,22 +230,30 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
 @click.option("--no-plots", is_flag=True, help="Tables only.")
 @click.option("--print/--no-print", "echo", default=True, show_default=True,
               help="Print the Markdown tables.")
-def report(runs_dir: str, rows_file: Optional[str], out: str, no_plots: bool, echo: bool) -> None:
+@click.option("--robustbench-json", "rb_json", default=None, type=click.Path(),
+              help="Also write RobustBench model_info JSON files under this folder.")
+def report(runs_dir: str, rows_file: Optional[str], out: str, no_plots: bool, echo: bool,
+           rb_json: Optional[str]) -> None:
     """Regenerate every table (CSV + Markdown) and figure from run folders or a rows.jsonl.
 
     Writes OUT/rows.jsonl (so `--rows OUT/rows.jsonl` rebuilds the same tables),
-    OUT/tables/<table>_<dataset>_<profile>.{csv,md}, OUT/tables/missing.csv, OUT/report.md
-    and OUT/plots/*.png.
+    OUT/tables/<table>_<dataset>_<profile>.{csv,md,tex}, OUT/tables/missing.csv, OUT/report.md,
+    OUT/plots/*.png and the leaderboard page OUT/index.html.
     """
     from benchmark.report.report import load_records, write_report
-    from defenses import DEFENSES
+    from defenses import DEFENSES, catalog
 
     records = load_records(rows_file or runs_dir)
     if not records:
         raise UsageError(f"no result rows under {rows_file or runs_dir}")
-    mds = write_report(records, Path(out), plots=not no_plots, order=DEFENSES.names())
+    mds = write_report(records, Path(out), plots=not no_plots, order=DEFENSES.names(),
+                       catalog=catalog())
     for md in mds if echo else []:
         click.echo(md)
+    if rb_json:
+        from benchmark.report.robustbench import write_model_info
+        click.echo(f"{len(write_model_info(records, Path(rb_json), order=DEFENSES.names(), catalog=catalog()))} RobustBench model_info "
+                   f"files under {rb_json}")
     pngs = [] if no_plots else sorted((Path(out) / "plots").glob("*.png"))
     click.echo(f"{len(records)} rows -> {len(mds)} tables under {out}/tables"
                + (f", {len(pngs)} plots under {out}/plots" if pngs else ""))

@@ -149,7 +149,7 @@ def sweep(defenses: str, dataset: str, *, arch: Optional[str] = None, profile: s
         UsageError: bad names, options or JSON.
         AdvbenchError: some jobs failed (the others' work is kept).
     """
-    from defenses import DEFENSES
+    from defenses import DEFENSES, catalog
 
     t0 = time.perf_counter()
     names = DEFENSES.resolve(defenses)
@@ -198,7 +198,8 @@ def sweep(defenses: str, dataset: str, *, arch: Optional[str] = None, profile: s
     from benchmark.report.report import write_report
     result.rows = collect_rows(jobs, scale)
     result.out_dir = Path(out) if out else Path(runs_dir) / "report"
-    result.tables = write_report(result.rows, result.out_dir, order=DEFENSES.names())
+    result.tables = write_report(result.rows, result.out_dir, order=DEFENSES.names(),
+                                 catalog=catalog())
     result.wall_s = time.perf_counter() - t0
     return result
 

@@ -14,4 +14,13 @@ register_defense = DEFENSES.register
 from defenses import (st, at, trades, mart, at_he, oc, fsr, ikl, adv_dpnp, dpnp,  # noqa: E402,F401
                       hat, dio, pcl)
 
-__all__ = ["DEFENSES", "Defense", "StepOutput", "register_defense"]
+
+
+def catalog() -> dict[str, dict[str, str]]:
+    """Name -> ``paper`` and ``description`` of every registered defense, in registry order:
+    what the report needs from the registry, handed in by its caller."""
+    return {n: {"paper": DEFENSES.get(n).paper, "description": DEFENSES.get(n).description}
+            for n in DEFENSES.names()}
+
+
+__all__ = ["DEFENSES", "Defense", "StepOutput", "catalog", "register_defense"]

@@ -162,6 +162,7 @@ class AdvDPNP(PrototypeDefense):
     """Adv-DPNP: DPP + DNP + DFA with prototypes updated by clean data only."""
 
     description = "adversarially trained deep positive-negative prototypes (the paper's method)"
+    loss_passes = 2  # DPP on x and x' (+ DFA from the same logits)
     paper = "Zarei Sabzevar et al., arXiv:2504.03782"
     default_hparams = {"alpha": 40.0, "lambda_dpp": 0.1, "lambda_dnp": 0.1, "lambda_dfa": 2.0}
     dataset_hparams = {"cifar100": {"lambda_dpp": 0.3, "lambda_dnp": 3.0, "lambda_dfa": 2.4}}

@@ -45,6 +45,10 @@ class Defense(abc.ABC):
         requires: names of defenses whose trained model (same dataset/arch/profile/seed) this
             one needs; the harness trains or reuses them and passes them to :meth:`setup`.
         randomized: stochastic at inference (AutoAttack's "rand" version, repeated evaluation).
+        uses_training_attack: training runs the training attack (PGD-k); ``st``, ``dpnp`` and
+            defenses such as ``drp`` that train on clean data only set it False.
+        loss_passes: forward+backward passes per training sample outside the training attack:
+            1 for a loss on x' alone (AT), 2 for a loss on x and x' (TRADES-style).
 
     Args:
         hparams: the fully merged hyperparameters (protocol + method).
@@ -60,6 +64,8 @@ class Defense(abc.ABC):
     arch_hparams: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     requires: ClassVar[tuple[str, ...]] = ()
     randomized: ClassVar[bool] = False
+    uses_training_attack: ClassVar[bool] = True
+    loss_passes: ClassVar[int] = 1
 
     def __init__(self, hparams: Mapping[str, Any], *, threat: ThreatModel,
                  num_classes: int) -> None:
@@ -105,6 +111,16 @@ class Defense(abc.ABC):
     def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
                       step: int) -> StepOutput:
         """Compute the training loss on one mini-batch (model in train mode)."""
+
+    def passes_per_sample(self) -> int:
+        """Declared cost: forward+backward passes per training sample per step.
+
+        ``train_attack_steps`` (k) attack steps when the defense uses the training attack, plus
+        :attr:`loss_passes`: k+1 for PGD-k AT, k+2 for TRADES-style losses, 1 for clean-only
+        training. Helper runs (``requires``) are not included; the cost rows add them.
+        """
+        k = int(self.hparams.get("train_attack_steps", 0)) if self.uses_training_attack else 0
+        return k + int(self.loss_passes)
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         """Hook run by the harness before each epoch (e.g. renormalise prototypes)."""

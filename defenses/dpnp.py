@@ -53,6 +53,7 @@ class DPNP(PrototypeDefense):
     """Clean-only DPNP: DPP + DNP, no adversarial examples."""
 
     description = "deep positive-negative prototypes, clean training (Adv-DPNP without AT)"
+    uses_training_attack = False  # clean DPP + DNP only
     paper = "Zarei-Sabzevar & Harati, arXiv:2501.02477"
     default_hparams = {"alpha": 40.0, "lambda_dpp": 0.1, "lambda_dnp": 0.1,
                        "select_by": "val_clean"}

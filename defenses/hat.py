@@ -72,6 +72,7 @@ class HAT(Defense):
     """TRADES plus CE on extrapolated helper examples labelled by a standard model."""
 
     description = "HAT: TRADES + γ·CE(f(x+h(x'−x)), argmax f_std(x')) (Rade & Moosavi-Dezfooli)"
+    loss_passes = 3  # f(x), f(x') and f(x + h(x'−x)); the st helper run is counted apart
     paper = "Rade and Moosavi-Dezfooli, ICLR 2022, openreview Azh9QBQ4tR7"
     default_hparams = {"beta": 2.5, "gamma": 0.5, "h": 2.0}
     requires = ("st",)

@@ -90,6 +90,7 @@ class IKL(Defense):
     """CE + class-weighted logit-difference MSE + soft-label CE between clean and x'."""
 
     description = "IKL-AT: CE(f(x)) + β·wMSE(Δ logits) + α·sCE (Cui et al. 2024)"
+    loss_passes = 2  # f(x) and f(x')
     paper = "Cui et al., NeurIPS 2024, arXiv:2305.13948"
     default_hparams = {"alpha": 4.0, "beta": 20.0, "T": 4.0, "attack_alpha": 1.0,
                        "attack_beta": 0.0}

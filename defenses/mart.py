@@ -71,6 +71,7 @@ class MART(Defense):
     """Boosted CE on x' plus a KL term weighted by the clean misclassification probability."""
 
     description = "MART: BCE(f(x')) + β·KL(p(x)‖p(x'))·(1−p_y(x)) (Wang et al. 2020)"
+    loss_passes = 2  # BCE(f(x')) and KL with p(x)
     paper = "Wang et al., ICLR 2020, openreview rklOg6EFwS"
     default_hparams = {"beta": 6.0, "attack_start": "uniform"}
     arch_hparams = {"resnet18": {"beta": 5.0}, "preact-resnet18": {"beta": 5.0}}

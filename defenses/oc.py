@@ -107,6 +107,7 @@ class OrthogonalClassifier(Defense):
     """Squared loss between features and fixed orthogonal class vectors, clean + adversarial."""
 
     description = "OC: fixed Hadamard classifier, λ·MSE(f(x),W_y)+(1−λ)·MSE(f(x'),W_y) (Xu 2022)"
+    loss_passes = 2  # MSE on f(x) and f(x')
     paper = "Xu, Li and Yang, Information Sciences 2022, arXiv:2105.09109"
     default_hparams = {"lam": 0.15, "s": 10.0, "seed": 0}
     dataset_hparams = {"mnist": {"lam": 0.2}, "mnist5k": {"lam": 0.2}}

@@ -101,6 +101,7 @@ class PCL(Defense):
     """PGD-AT on clean + adversarial batches with the prototype conformity loss."""
 
     description = "prototype conformity loss + PGD-AT on clean+adv (Mustafa et al. 2019)"
+    loss_passes = 2  # one forward of clean+adv concatenated
     paper = "Mustafa et al., ICCV 2019, arXiv:1904.00887"
     default_hparams = {"weight_prox": 1.0, "weight_conprox": 1e-5}
 

@@ -22,6 +22,7 @@ class StandardTraining(Defense):
     """Cross-entropy on clean data only."""
 
     description = "standard training on clean data (undefended baseline)"
+    uses_training_attack = False
     paper = "-"
     default_hparams = {"select_by": "val_clean"}
 

@@ -60,6 +60,7 @@ class TRADES(Defense):
     """CE on clean data plus β·KL between clean and adversarial predictions."""
 
     description = "TRADES: CE(f(x)) + β·KL(p(x)‖p(x')) (Zhang et al. 2019)"
+    loss_passes = 2  # CE(f(x)) and KL(p(x)‖p(x'))
     paper = "Zhang et al., ICML 2019, arXiv:1901.08573"
     default_hparams = {"beta": 6.0}
 

@@ -76,7 +76,7 @@ def test_clean_avg_and_seed_statistics_follow_their_definitions(rows: list[dict]
                                                                report_dir: Path) -> None:
     t1 = _csv(report_dir / "tables" / "table1_cifar10_cpu.csv")
     at = [r for r in rows if r["defense"] == "at" and r["profile"] == "cpu"
-          and r["checkpoint"] == "best" and r.get("kind", "attack") == "attack"]
+          and r.get("kind", "attack") == "attack" and r["checkpoint"] == "best"]
     clean, aa = {}, {}
     for seed in (0, 1):
         mine = [r for r in at if r["seed"] == seed]
@@ -94,6 +94,12 @@ def test_clean_avg_and_seed_statistics_follow_their_definitions(rows: list[dict]
     assert row["pgd"] == pytest.approx(np.mean(pgd))
     t3 = _csv(report_dir / "tables" / "table3_cifar10_cpu.csv")
     assert t3.loc[("small-cnn", "best", "at"), "pgd@4/255"] == pytest.approx(62.0)
+    # training cost: the cost rows of the same runs, averaged over seeds like the accuracies
+    cost = {r["seed"]: r for r in rows if r.get("kind") == "cost" and r["defense"] == "at"}
+    assert row["epoch_s"] == pytest.approx(np.mean([cost[s]["epoch_s"] for s in (0, 1)]))
+    assert row["peak_mem_mb_std"] == pytest.approx(
+        np.std([cost[s]["peak_mem_mb"] for s in (0, 1)], ddof=1), abs=1e-4)
+    assert row["passes"] == cost[0]["passes_per_sample"] == 6
 
 
 def test_corruption_table_averages_cells_and_ignores_the_aggregate_row(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -55,6 +55,7 @@ class Target:
         epoch: epochs trained when the checkpoint was written.
         out_dir: where ``eval/`` and ``flags/`` go (the run folder, or the ``--out`` folder).
         config: the run folder's ``config.json`` ({} for a bare checkpoint file).
+        row_extra: fields added to every row (e.g. a RobustBench zoo model's origin).
     """
 
     model: nn.Module
@@ -67,6 +68,7 @@ class Target:
     epoch: int
     out_dir: Path
     config: Mapping[str, Any]
+    row_extra: Mapping[str, Any] = field(default_factory=dict)
 
     def row(self, key: str, kind: str, *, data_provenance: Optional[str] = None
             ) -> dict[str, Any]:
@@ -87,7 +89,7 @@ class Target:
                 else str(self.ckpt_path), "checkpoint_epoch": self.epoch,
                 "hparams": cfg.hparams, "env": environment(self.device),
                 "git": self.config.get("git") or code_version(), "eval_git": code_version(),
-                "created": now()}
+                "created": now(), **self.row_extra}
 
     def test_data(self, data: Optional[Data] = None,
                   data_dir: Optional[Path | str] = None) -> Data:

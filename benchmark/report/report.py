@@ -5,8 +5,10 @@
 
     rows.jsonl                              every row, sorted; ``--rows`` rebuilds all tables
     report.md                               every Markdown table, in order
+    index.html                              the leaderboard page (self-contained, offline)
     tables/<table>_<dataset>_<profile>.csv  numeric: mean and ``_std`` per column, ``n_seeds``
     tables/<table>_<dataset>_<profile>.md   ``mean ± std``, best per column bold, notes
+    tables/<table>_<dataset>_<profile>.tex  the same through pandas' Styler (booktabs)
     tables/missing.csv                      every absent cell and why
     plots/figure3_<dataset>_<profile>.png   CIFAR-10-C accuracy per severity
     plots/figure4_<dataset>_<profile>.png   accuracy vs ε (FGSM, PGD)
@@ -25,19 +27,19 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
-from benchmark.config import stable_hash
+from benchmark.run.cost import cost_rows
 from benchmark.store import RunStore, atomic_write_bytes, read_jsonl
-from benchmark.report.tables import TABLES, TableSpec, display, frames, order_labels
+from benchmark.report.latex import tex_escape, to_latex
+from benchmark.report.grid import BLOCK, INDEX, _groups, _index, _points, aggregate, build_table
+from benchmark.report.tables import TABLES, TableSpec, display, frames
 
 logger = logging.getLogger(__name__)
 
-BLOCK = ["arch", "checkpoint"]
-INDEX = [*BLOCK, "defense"]
 _SORT = ("dataset", "profile", "kind", "defense", "arch", "seed", "checkpoint", "attack", "eps",
          "condition", "corruption", "severity", "n_examples", "eval_key")
 
@@ -51,11 +53,13 @@ def _clean_record(r: dict) -> dict:
 def load_records(source: Path | str | pd.DataFrame | Iterable[dict]) -> list[dict[str, Any]]:
     """Rows from a runs folder, a ``rows.jsonl`` file, a DataFrame or dicts; sorted, deduplicated.
 
+    A runs folder also gives one ``"kind": "cost"`` row per trained run (:mod:`benchmark.run.cost`).
+
     Rows with the same ``eval_key`` are kept once (the last one read).
     """
     if isinstance(source, (str, Path)):
         p = Path(source)
-        rows = read_jsonl(p) if p.is_file() else RunStore(p).rows()
+        rows = read_jsonl(p) if p.is_file() else RunStore(p).rows() + cost_rows(p)
     elif isinstance(source, pd.DataFrame):
         rows = [_clean_record(r) for r in source.to_dict(orient="records")]
     else:
@@ -81,31 +85,6 @@ def write_rows(records: list[dict], path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ tables
-def aggregate(cells: pd.DataFrame, columns: list[str], index: pd.MultiIndex
-              ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Cells → wide table (``col``, ``col_std`` per column, ``n_seeds``) and per-cell seed counts.
-
-    Means and sample standard deviations (ddof=1; NaN with one seed) are over seeds.
-    """
-    keys = [*BLOCK, "label"]
-    stats = cells.groupby([*keys, "column"])["value"].agg(["mean", "std", "count"])
-    wide = pd.DataFrame(index=index)
-    counts = pd.DataFrame(0, index=index, columns=columns)
-    for col in columns:
-        if col in stats.index.get_level_values("column"):
-            part = stats.xs(col, level="column")
-            part.index = part.index.set_names(INDEX)
-            wide[col] = part["mean"].reindex(index)
-            wide[f"{col}_std"] = part["std"].reindex(index)
-            counts[col] = part["count"].reindex(index).fillna(0).astype(int)
-        else:
-            wide[col] = wide[f"{col}_std"] = np.nan
-    seeds = cells.groupby(keys)["seed"].nunique()
-    seeds.index = seeds.index.set_names(INDEX)
-    wide["n_seeds"] = seeds.reindex(index).fillna(0).astype(int)
-    return wide, counts
-
-
 def to_csv(table: pd.DataFrame) -> str:
     return table.to_csv(float_format="%.4f", na_rep="NaN", lineterminator="\n")
 
@@ -177,42 +156,6 @@ def _missing_lines(missing: list[tuple[str, str]], cols: list[str], spec: TableS
     return out
 
 
-def _points(cells: pd.DataFrame, columns: list[str]) -> dict[tuple, dict[str, str]]:
-    out: dict[tuple, dict[str, str]] = {}
-    for (arch, ckpt), part in cells.groupby(BLOCK, sort=False):
-        ns = {}
-        for c in columns:
-            vals = sorted({int(n) for n in part.loc[part["column"] == c, "n"] if pd.notna(n)})
-            if vals:
-                ns[c] = str(vals[0]) if len(vals) == 1 else f"{vals[0]}–{vals[-1]}"
-        out[(arch, ckpt)] = ns
-    return out
-
-
-def build_table(spec: TableSpec, frame: pd.DataFrame, index: pd.MultiIndex
-                ) -> Optional[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, list[str]]]:
-    """(wide table, seed counts, cells, columns), or None when the rows have nothing for it.
-
-    Sections (arch × checkpoint) without any cell are left out; inside a section every
-    defense of the dataset × profile is listed, so absent evaluations show as missing.
-    """
-    cells, columns = spec.build(frame)
-    if not len(cells) or not (set(cells["column"]) - spec.derived):
-        return None
-    blocks = set(zip(cells["arch"], cells["checkpoint"]))  # sections with data for this table
-    index = index[[(a, c) in blocks for a, c, _ in index]]
-    wide, counts = aggregate(cells, columns, index)
-    return wide, counts, cells, columns
-
-
-def _index(fr: dict[str, pd.DataFrame], order: Sequence[str]) -> pd.MultiIndex:
-    units = pd.concat([f[["arch", "checkpoint", "label"]] for f in fr.values() if len(f)])
-    tuples = []
-    for (arch, ckpt), part in units.groupby(BLOCK, sort=True):
-        tuples += [(arch, ckpt, lab) for lab in order_labels(part["label"], order)]
-    return pd.MultiIndex.from_tuples(tuples, names=INDEX)
-
-
 def accuracy_table(df: pd.DataFrame | Iterable[dict], columns: Optional[list[str]] = None,
                    order: Sequence[str] = ()) -> pd.DataFrame:
     """Clean + attack columns (percent) of the rows, indexed by (arch, checkpoint, defense),
@@ -225,24 +168,9 @@ def accuracy_table(df: pd.DataFrame | Iterable[dict], columns: Optional[list[str
     return aggregate(cells, cols, _index(fr, order))[0]
 
 
-# ------------------------------------------------------------------------------ report
-def _groups(records: list[dict]) -> list[tuple[str, str, str, list[dict]]]:
-    """(stem suffix, provenance text, profile, records) per dataset × provenance × profile."""
-    by: dict[tuple[str, str], dict[str, list[dict]]] = {}
-    for r in records:
-        key = (str(r.get("dataset", "?")), str(r.get("profile") or "?"))
-        by.setdefault(key, {}).setdefault(str(r.get("data_provenance") or ""), []).append(r)
-    out = []
-    for (dataset, profile), provs in sorted(by.items()):
-        for prov, recs in sorted(provs.items()):
-            suffix = f"{dataset}_{profile}" + (f"_p{stable_hash(prov, 6)}" if len(provs) > 1
-                                               else "")
-            out.append((suffix, prov, profile, recs))
-    return out
-
-
 def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
-                 plots: bool = True, order: Sequence[str] = ()) -> list[str]:
+                 plots: bool = True, order: Sequence[str] = (),
+                 catalog: Optional[Mapping[str, Mapping[str, str]]] = None) -> list[str]:
     """Write rows.jsonl, every table that has data (CSV + Markdown), missing.csv and the plots.
 
     The report reads nothing but the rows: ``order`` (defense names; ``advbench report``
@@ -283,6 +211,9 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
             stem = f"{spec.name}_{suffix}"
             atomic_write_bytes(out_dir / "tables" / f"{stem}.csv", to_csv(wide).encode())
             atomic_write_bytes(out_dir / "tables" / f"{stem}.md", md.encode())
+            atomic_write_bytes(out_dir / "tables" / f"{stem}.tex", to_latex(
+                wide, spec, tex_escape(f"{spec.title} — {dataset}, profile {profile}. Mean ± std "
+                                       f"over seeds; best per column in bold.")).encode())
             mds.append(md)
             for idx, r in wide.iterrows():
                 missing += [{"table": stem, "arch": idx[0], "checkpoint": idx[1],
@@ -294,6 +225,8 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
         missing, columns=["table", "arch", "checkpoint", "defense", "column", "reason"])
         .to_csv(index=False, lineterminator="\n").encode())
     atomic_write_bytes(out_dir / "report.md", "\n".join(mds).encode())
+    from benchmark.report.html import write_page
+    write_page(_groups(records), out_dir, order=order, catalog=catalog)
     return mds
 
 

@@ -9,6 +9,10 @@ them. Three row kinds feed the tables (a row without ``kind`` is an attack row):
 * ``features`` (``benchmark.eval.features``): ``condition`` clean|pgd20 and the five metrics;
 * ``corruption`` (``benchmark.eval.corruptions``): ``corruption``, ``severity``, ``accuracy``.
 
+``cost`` rows (:mod:`benchmark.run.cost`, one per trained run) are not cells of their own:
+their ``epoch_s``, ``passes_per_sample`` and ``peak_mem_mb`` join the attack rows of the same
+``run_id`` and become the cost columns of Tables 1 and 2.
+
 Accuracies become percent. For every l∞ column except Table 3's and Figure 4's sweeps, only
 rows at the run's *nominal* ε (its training ε, ``hparams.eps``: 8/255 on CIFAR scale, 0.3
 on MNIST scale) count; where a unit has several rows for one column (e.g. different
@@ -43,7 +47,10 @@ DISPLAY = {"clean": "Clean", "autoattack": "AA", "avg": "Avg", "pgd-l1": "PGD l1
            "pgd100": "PGD-100", "cw": "C&W", "ensemble": "Ensemble", "adaptive": "Adaptive",
            "fdr_clean": "FDR↓ cln", "fdr_adv": "FDR↓ adv", "afs_clean": "AFS↓ cln",
            "afs_adv": "AFS↓ adv", "scr_clean": "SCR↑ cln", "scr_adv": "SCR↑ adv",
-           "mean_sep": "MeanSep↑ (°)", "min_sep": "MinSep↑ (°)", "avg_all": "Avg"}
+           "mean_sep": "MeanSep↑ (°)", "min_sep": "MinSep↑ (°)", "avg_all": "Avg",
+           "epoch_s": "s/epoch", "passes": "passes/sample", "peak_mem_mb": "peak MiB"}
+#: training-cost columns of Tables 1 and 2 (from ``"kind": "cost"`` rows, joined by run_id)
+COST = ["epoch_s", "passes", "peak_mem_mb"]
 
 
 def display(column: str) -> str:
@@ -109,6 +116,8 @@ def _labels(records: list[dict]) -> list[str]:
 def frames(records: Iterable[dict]) -> dict[str, pd.DataFrame]:
     """Normalised frames per row kind (``attack``, ``features``, ``corruption``)."""
     records = list(records)
+    costs = {str(r.get("run_id")): r for r in records if _kind(r) == "cost"}
+    records = [r for r in records if _kind(r) != "cost"]
     labels = _labels(records)
     out: dict[str, list[dict]] = {"attack": [], "features": [], "corruption": []}
     for r, label in zip(records, labels):
@@ -131,6 +140,9 @@ def frames(records: Iterable[dict]) -> dict[str, pd.DataFrame]:
                         eps_str=str(r.get("eps_str") or eps_to_str(eps)), nominal=nominal,
                         clean=100 * _nan(r.get("clean_acc")), robust=100 * _nan(r.get("robust_acc")),
                         ce=_nan(r.get("adv_ce")))
+            cost = costs.get(base["run_id"], {})
+            base.update(epoch_s=_nan(cost.get("epoch_s")), passes=_nan(cost.get("passes_per_sample")),
+                        peak_mem_mb=_nan(cost.get("peak_mem_mb")))
         elif kind == "features":
             base.update(condition=str(r.get("condition", "clean")),
                         **{m: _nan(r.get(m)) for m in ("fdr", "afs", "scr", "mean_sep", "min_sep")})
@@ -195,6 +207,10 @@ def _why_attack(c: str) -> str:
     if c.startswith(("acc_", "ce_")):
         label = "pgd-" + c.split("_", 1)[1]
         return f"no `{label}` row" + (" with `adv_ce`" if c.startswith("ce_") else "")
+    if c in COST:
+        return "no cost row for the run (a run folder with train_log.jsonl)" + (
+            ", or no `peak_mem_mb` in its log (runs made before it was logged)"
+            if c == "peak_mem_mb" else "")
     return f"no `{c}` row at the run's nominal ε"
 
 
@@ -238,7 +254,10 @@ def _fixed(columns: list[str], avg_of: Optional[tuple[str, str]] = None,
     def build(a: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         parts = [_clean(a)] if "clean" in columns else []
         parts += [_attack(a, rename.get(c, c), column=c) for c in columns
-                  if c not in ("clean", "avg")]
+                  if c not in ("clean", "avg", *COST)]
+        if len(a) and "epoch_s" in a:
+            parts += [_cells(_best_n(a, UNIT), c, c).assign(n=np.nan) for c in COST
+                      if c in columns]  # per run, not per test point
         cells = _concat(parts)
         if avg_of:
             cells = _concat([cells, _avg(cells, *avg_of)])
@@ -323,17 +342,25 @@ def _per_corruption(c: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return g[CELL], cols
 
 
+#: Tables 1 and 2 carry the training cost: no bold, never enough alone to write a table
+_COST_SPEC: dict[str, Any] = dict(
+    derived=frozenset({"clean", "avg", *COST}), neutral=lambda c: c in COST,
+    decimals=lambda c: 0 if c in ("passes", "peak_mem_mb") else 1 if c == "epoch_s" else 2,
+    note="Cost: mean seconds per training epoch, forward+backward passes per training sample "
+         "(declared by the defense; HAT includes its `st` helper run), peak memory (CUDA max "
+         "allocated, or max RSS on CPU).")
+
 TABLES: list[TableSpec] = [
     TableSpec("accuracy", "Clean and robust accuracy (%) under every evaluated attack", "attack",
               _summary, note="All attack columns at the nominal ε (sweeps of Tables 3, 6, 7 "
                              "and Figure 4 excluded)."),
     TableSpec("table1", "Table 1: clean, AutoAttack, Avg(clean, AA) and PGD l1/l2/l∞ accuracy (%)",
-              "attack", _fixed(["clean", "autoattack", "avg", "pgd-l1", "pgd-l2", "pgd"],
-                               ("clean", "autoattack"))),
+              "attack", _fixed(["clean", "autoattack", "avg", "pgd-l1", "pgd-l2", "pgd", *COST],
+                               ("clean", "autoattack")), **_COST_SPEC),
     TableSpec("table2", "Table 2: accuracy (%) under clean, AA, FGSM, PGD-20, PGD-100, C&W and "
                         "the per-sample Ensemble", "attack",
-              _fixed(["clean", "autoattack", "avg", "fgsm", "pgd20", "pgd100", "cw", "ensemble"],
-                     ("clean", "autoattack"))),
+              _fixed(["clean", "autoattack", "avg", "fgsm", "pgd20", "pgd100", "cw", "ensemble",
+                      *COST], ("clean", "autoattack")), **_COST_SPEC),
     TableSpec("table3", "Table 3: PGD and AutoAttack accuracy (%) at several l∞ ε", "attack",
               _eps_sweep, note="Columns `<attack>@<ε>`; PGD as in Table 1."),
     TableSpec("table4", "Table 4: feature-space discrimination on clean and PGD-20 features",

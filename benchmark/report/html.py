@@ -1,0 +1,265 @@
+"""``results/index.html``: the leaderboard page, one self-contained file (no CDN, works offline).
+
+One section per (dataset, data provenance, profile), modelled on RobustBench's leaderboard
+columns plus what a training benchmark has and a model zoo does not (one protocol, seeds,
+cost): rank, defense (linked to its paper), clean, AutoAttack and PGD accuracy (mean ± std over
+seeds), the reliability mark and its reason (training-health and gradient-masking rows where
+they exist, "–" otherwise), arch, seeds, data provenance, and the training cost (seconds per
+epoch, forward+backward passes per sample, peak MiB). Rows are ranked by AutoAttack where a
+row has it, then by PGD (the basis is stated above each table); clicking a header re-sorts
+(a few lines of inline JavaScript; without it the page keeps the ranked order). The section's
+figures are embedded as base64 PNGs, and each section links to its tables' CSV, Markdown and
+LaTeX files. The table markup comes from pandas' Styler.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import re
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from benchmark.report.latex import cell_text
+from benchmark.report.tables import COST, TableSpec, _fixed, frames
+
+#: columns of the page's table (machine name → header)
+HEADERS = {"rank": "Rank", "defense": "Defense", "clean": "Clean (%)",
+           "autoattack": "AutoAttack (%)", "pgd": "PGD (%)", "reliable": "Reliable",
+           "arch": "Arch", "n_seeds": "Seeds", "data": "Data", "epoch_s": "s/epoch",
+           "passes": "passes/sample", "peak_mem_mb": "peak MiB"}
+_SPEC = TableSpec("leaderboard", "Leaderboard", "attack",
+                  _fixed(["clean", "autoattack", "pgd", *COST]),
+                  derived=frozenset({"clean", *COST}),
+                  decimals=lambda c: 0 if c in ("passes", "peak_mem_mb") else
+                  1 if c == "epoch_s" else 2)
+
+_CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;
+max-width:1250px;padding:0 1rem;color:#1d1d1f}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{margin-top:2.4rem;border-bottom:2px solid #ddd}
+nav a{margin-right:1rem}.note{color:#555;font-size:.9rem}
+table.board{border-collapse:collapse;width:100%;margin:.6rem 0;font-size:.9rem}
+table.board th,table.board td{padding:.35rem .5rem;border-bottom:1px solid #e3e3e3;
+text-align:right;white-space:nowrap}
+table.board th{background:#f4f5f7;cursor:pointer;user-select:none;position:sticky;top:0}
+table.board th[aria-sort=ascending]::after{content:" \\25B2"}
+table.board th[aria-sort=descending]::after{content:" \\25BC"}
+table.board .col1,table.board .col5,table.board .col6,table.board .col8{text-align:left}
+table.board td.col8{white-space:normal;max-width:16rem;font-size:.8rem;color:#555}
+table.board td.col5{white-space:normal;max-width:18rem}
+table.board tr:hover td{background:#fafbff}
+.few{font-size:.75rem;color:#777}
+.ok{color:#11772d}.bad{color:#b3261e}.warn{color:#a15c00}.why{display:block;font-size:.78rem;
+color:#666}
+figure{display:inline-block;margin:.5rem 1rem .5rem 0}figure img{max-width:100%;
+width:900px;border:1px solid #eee}
+"""
+
+_JS = """
+document.querySelectorAll('table.board').forEach(function(t){
+  t.querySelectorAll('thead th').forEach(function(th,i){
+    th.addEventListener('click',function(){
+      var asc=th.getAttribute('aria-sort')!=='ascending';
+      t.querySelectorAll('thead th').forEach(function(h){h.removeAttribute('aria-sort');});
+      th.setAttribute('aria-sort',asc?'ascending':'descending');
+      var body=t.tBodies[0],rows=Array.prototype.slice.call(body.rows);
+      function key(r){var s=r.cells[i].textContent.trim(),v=parseFloat(s);
+        return isNaN(v)?(s==='\\u2013'?null:s.toLowerCase()):v;}
+      rows.sort(function(a,b){var x=key(a),y=key(b);
+        if(x===null)return y===null?0:1; if(y===null)return -1;
+        var c=(typeof x==='number'&&typeof y==='number')?x-y:String(x).localeCompare(String(y));
+        return asc?c:-c;});
+      rows.forEach(function(r){body.appendChild(r);});
+    });
+  });
+});
+"""
+
+
+def paper_link(citation: str) -> Optional[str]:
+    """URL of a defense's paper from its citation (arXiv id, OpenReview id, DOI or URL)."""
+    if m := re.search(r"https?://\S+", citation):
+        return m.group(0).rstrip(").,")
+    if m := re.search(r"arXiv:\s*(\d{4}\.\d{4,5})", citation, re.I):
+        return f"https://arxiv.org/abs/{m.group(1)}"
+    if m := re.search(r"openreview\s+(\S+)", citation, re.I):
+        return f"https://openreview.net/forum?id={m.group(1)}"
+    if m := re.search(r"\b(10\.\d{4,}/\S+)", citation):
+        return f"https://doi.org/{m.group(1)}"
+    return None
+
+
+def _citation(defense: str, records: Iterable[dict],
+              catalog: Optional[Mapping[str, Mapping[str, str]]] = None) -> str:
+    """A defense's citation: from its rows (zoo rows carry their own), else from the
+    ``catalog`` the caller passes (``advbench report`` passes the registry's)."""
+    for r in records:
+        if r.get("defense") == defense and r.get("paper"):
+            return str(r["paper"])
+    return str((catalog or {}).get(defense, {}).get("paper", "") or "")
+
+
+def reliability(records: list[dict], run_ids: Iterable[str]) -> tuple[str, str]:
+    """(mark, reason) for the runs of one table row from ``health`` and ``check`` rows.
+
+    ``✗`` when a run's training-health verdict is not ok, ``⚠`` (potentially unreliable, as
+    RobustBench flags it) when a gradient-masking check failed, ``✓`` when every check found
+    passed, ``–`` when no such row exists.
+    """
+    ids = set(run_ids)
+    health = [r for r in records if r.get("kind") == "health" and r.get("run_id") in ids]
+    checks = [r for r in records if r.get("kind") == "check" and r.get("run_id") in ids]
+    sick = [r for r in health if r.get("verdict", "ok") != "ok" or r.get("healthy") is False]
+    if sick:
+        r = sick[0]
+        reasons = "; ".join(r.get("reasons") or []) or str(r.get("verdict"))
+        return "✗", f"training: {r.get('verdict')} (seed {r.get('seed')}): {reasons}"
+    failed = [r for r in checks if r.get("status") == "fail"]
+    if failed:
+        names = sorted({str(r.get("name")) for r in failed})
+        detail = str(failed[0].get("detail") or "")
+        return "⚠", "potentially unreliable: " + ", ".join(names) + (f" ({detail})" if detail
+                                                                     else "")
+    if checks or health:
+        done = [r for r in checks if r.get("status") == "pass"]
+        return "✓", (f"{len(done)} checks passed" if done else "trained normally; no "
+                     "gradient-masking checks yet")
+    return "–", ""
+
+
+def _embed_png(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def board(records: list[dict], order: Sequence[str] = ()) -> tuple[pd.DataFrame, str]:
+    """The ranked rows of one dataset × provenance × profile group, and the ranking basis."""
+    from benchmark.report.grid import _index, build_table
+
+    fr = frames(records)
+    if not len(fr["attack"]):
+        return pd.DataFrame(), ""
+    built = build_table(_SPEC, fr["attack"], _index(fr, order))
+    if built is None:
+        return pd.DataFrame(), ""
+    wide, counts = built[0], built[1]
+    for c in ("clean", "autoattack", "pgd", *COST):  # cells over fewer seeds than their row
+        wide[f"{c}_seeds"] = counts[c].reindex(wide.index)
+    ckpts = wide.index.get_level_values("checkpoint")
+    if (ckpts != "last").any():  # one row per model: the validation-selected checkpoint
+        wide = wide[ckpts != "last"]  # (best) of a trained run, the published zoo weights
+    wide = wide.reset_index()
+    has_aa = wide["autoattack"].notna()
+    wide["_key1"], wide["_key2"] = (~has_aa).astype(int), np.where(has_aa, wide["autoattack"],
+                                                                   wide["pgd"])
+    wide = wide.sort_values(["_key1", "_key2", "clean"], ascending=[True, False, False],
+                            na_position="last", kind="stable").drop(columns=["_key1", "_key2"])
+    wide.insert(0, "rank", range(1, len(wide) + 1))
+    if has_aa.all():
+        basis = "Ranked by AutoAttack accuracy."
+    elif has_aa.any():
+        basis = ("Ranked by AutoAttack accuracy; rows without an AutoAttack evaluation follow, "
+                 "ranked by PGD accuracy (PGD is an upper bound on AutoAttack).")
+    else:
+        basis = "Ranked by PGD accuracy (no AutoAttack evaluations in this group)."
+    return wide.reset_index(drop=True), basis
+
+
+def _row_cells(r: pd.Series, records: list[dict], prov: str,
+               catalog: Optional[Mapping[str, Mapping[str, str]]] = None) -> dict[str, str]:
+    label = str(r["defense"])
+    defense = label.split(" ")[0]
+    link = paper_link(_citation(defense, records, catalog))
+    name = html.escape(label)
+    cells = {"rank": str(r["rank"]),
+             "defense": f'<a href="{html.escape(link)}">{name}</a>' if link else name}
+    for c in ("clean", "autoattack", "pgd", *COST):
+        std = np.nan if c == "passes" else r.get(f"{c}_std", np.nan)  # declared: no spread
+        cells[c] = html.escape(cell_text(r[c], std, _SPEC.decimals(c)))
+        n = r.get(f"{c}_seeds", np.nan)
+        if pd.notna(r[c]) and pd.notna(n) and 0 < n < r["n_seeds"]:
+            cells[c] += f' <span class="few">({int(n)} of {int(r["n_seeds"])} seeds)</span>'
+    runs = {str(x.get("run_id")) for x in records if str(x.get("defense")) == defense
+            and str(x.get("arch")) == str(r["arch"])}
+    mark, why = reliability(records, runs)
+    cls = {"✓": "ok", "✗": "bad", "⚠": "warn"}.get(mark, "")
+    cells["reliable"] = (f'<span class="{cls}">{mark}</span>'
+                         + (f'<span class="why">{html.escape(why)}</span>' if why else ""))
+    cells["arch"] = html.escape(str(r["arch"]))
+    cells["n_seeds"] = str(int(r["n_seeds"]))
+    short = prov.split(":")[0].split(". ")[0]
+    cells["data"] = f'<span title="{html.escape(prov)}">{html.escape(short)}</span>'
+    return cells
+
+
+def section_html(records: list[dict], *, suffix: str, prov: str, profile: str,
+                 out_dir: Path, order: Sequence[str] = (),
+                 catalog: Optional[Mapping[str, Mapping[str, str]]] = None) -> str:
+    """One section: heading, provenance, basis, the sortable table, table links, figures."""
+    wide, basis = board(records, order)
+    dataset = str(records[0].get("dataset", "?"))
+    parts = [f'<section id="{html.escape(suffix)}">',
+             f"<h2>{html.escape(dataset)} — profile <code>{html.escape(profile)}</code></h2>",
+             f'<p class="note">Data: {html.escape(prov or "provenance not recorded")}. '
+             f"Profile <code>{html.escape(profile)}</code>: one training protocol for every "
+             "defense; numbers are comparable within this section only.</p>"]
+    if len(wide):
+        cells = pd.DataFrame([_row_cells(r, records, prov, catalog) for _, r in wide.iterrows()],
+                             columns=list(HEADERS))
+        cells.columns = [HEADERS[c] for c in cells.columns]
+        styler = cells.style.hide(axis="index").set_table_attributes(
+            f'class="board" id="board-{html.escape(suffix)}"')
+        table = styler.to_html(table_uuid=re.sub(r"\W", "-", suffix), doctype_html=False)
+        parts += [f'<p class="note">{html.escape(basis)} Cells: mean ± std over seeds '
+                  "(checkpoint selected by validation PGD accuracy). Cost: mean seconds per "
+                  "training epoch, forward+backward passes per training sample (declared by "
+                  "the defense; HAT includes its <code>st</code> helper), peak memory (CUDA "
+                  "max allocated, or max RSS on CPU). Click a header to sort.</p>", table]
+    links = []
+    for csv in sorted((out_dir / "tables").glob(f"*_{suffix}.csv")):
+        stem = csv.stem
+        fmt = " ".join(f'<a href="tables/{html.escape(stem)}.{ext}">{ext}</a>'
+                       for ext in ("csv", "md", "tex") if (csv.parent / f"{stem}.{ext}").exists())
+        links.append(f"<li><code>{html.escape(stem)}</code>: {fmt}</li>")
+    if links:
+        parts.append("<details open><summary>Tables of this section</summary><ul>"
+                     + "".join(links) + "</ul></details>")
+    for png in sorted((out_dir / "plots").glob(f"*_{suffix}.png")):
+        parts.append(_embed_png(png, png.stem))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def write_page(groups: list[tuple[str, str, str, list[dict]]], out_dir: Path | str,
+               *, title: str = "advbench leaderboard", order: Sequence[str] = (),
+               catalog: Optional[Mapping[str, Mapping[str, str]]] = None) -> Path:
+    """Write ``OUT/index.html`` from the report's groups (suffix, provenance, profile, rows).
+
+    ``order`` (defense names) and ``catalog`` (defense name -> ``paper``, ``description``)
+    come from the caller, so the page needs nothing but the rows and no plugin installed."""
+    from benchmark.store import atomic_write_bytes
+
+    out_dir = Path(out_dir)
+    sections = [section_html(recs, suffix=suffix, prov=prov, profile=profile, out_dir=out_dir,
+                             order=order, catalog=catalog)
+                for suffix, prov, profile, recs in groups]
+    nav = " ".join(f'<a href="#{html.escape(s)}">{html.escape(s)}</a>' for s, *_ in groups)
+    n_rows = sum(len(g[3]) for g in groups)
+    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            f"<h1>{html.escape(title)}</h1>\n"
+            f'<p class="note">Built by <code>advbench report</code> from {n_rows} result rows. '
+            "One section per dataset, data provenance and profile; profiles are never mixed. "
+            "Reliability: ✓ trained normally and passed the gradient-masking checks found, "
+            "⚠ potentially unreliable (a check failed), ✗ the training did not converge, "
+            "– not checked.</p>\n"
+            f"<nav>{nav}</nav>\n" + "\n".join(sections)
+            + f"\n<script>{_JS}</script>\n</body>\n</html>\n")
+    path = out_dir / "index.html"
+    atomic_write_bytes(path, page.encode())
+    return path

@@ -1,0 +1,73 @@
+"""Tables as LaTeX through pandas' Styler: ``mean $\\pm$ std`` cells, best value per column bold.
+
+``write_report`` writes ``tables/<table>_<dataset>_<profile>.tex`` next to each CSV and
+Markdown file: one ``table`` environment per section (arch × checkpoint), booktabs rules
+(``\\usepackage{booktabs}``), the same cells, precision, best-per-column rule and missing
+cells (``--``) as the Markdown (:func:`benchmark.report.report.to_markdown`). Styler renders
+the tabular and applies the bold (``\\textbf``) from a mask; pandas has no Styler output for
+Markdown, so the Markdown stays hand-written.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmark.report.tables import TableSpec, display
+
+_SYMBOLS = {"∞": r"$\infty$", "ε": r"$\epsilon$", "↓": r"$\downarrow$", "↑": r"$\uparrow$",
+            "°": r"$^\circ$", "±": r"$\pm$", "–": "--", "—": "---", "≤": r"$\leq$",
+            "×": r"$\times$", "…": r"\dots{}"}
+
+
+def tex_escape(text: str) -> str:
+    """Plain text → LaTeX (special characters escaped, the tables' symbols in math mode)."""
+    out = re.sub(r"([&%$#_{}])", r"\\\1", str(text)).replace("~", r"\textasciitilde{}") \
+        .replace("^", r"\textasciicircum{}")
+    for sym, tex in _SYMBOLS.items():
+        out = out.replace(sym, tex)
+    return out
+
+
+def best_mask(block: pd.DataFrame, cols: list[str], spec: TableSpec) -> pd.DataFrame:
+    """True where a cell is the column's best at the shown precision (ties all bold; nothing
+    bold when every row ties or the column is neutral) — the Markdown rule."""
+    mask = pd.DataFrame(False, index=block.index, columns=cols)
+    for c in cols:
+        d = spec.decimals(c)
+        vals = block[c].round(d)
+        if spec.better(c) and vals.dropna().nunique() > 1:
+            best = vals.min() if spec.better(c) == "lower" else vals.max()
+            mask[c] = vals == best
+    return mask
+
+
+def cell_text(v: Any, s: Any, d: int, *, pm: str = " ± ", missing: str = "–") -> str:
+    if pd.isna(v):
+        return missing
+    return f"{v:.{d}f}" + (f"{pm}{s:.{d}f}" if pd.notna(s) else "")
+
+
+def to_latex(table: pd.DataFrame, spec: TableSpec, caption: str) -> str:
+    """One ``table`` environment per (arch, checkpoint) section of a wide table."""
+    cols = [c for c in table.columns if not c.endswith("_std") and c != "n_seeds"]
+    parts = []
+    for (arch, ckpt), block in table.groupby(level=["arch", "checkpoint"], sort=False):
+        names = [tex_escape(i[-1]) for i in block.index]
+        cells = pd.DataFrame(
+            [[name] + [cell_text(r[c], r.get(f"{c}_std", np.nan), spec.decimals(c),
+                                 pm=r" $\pm$ ", missing="--") for c in cols]
+             + [str(int(r["n_seeds"]))] for name, (_, r) in zip(names, block.iterrows())],
+            columns=["defense"] + [tex_escape(display(c)) for c in cols] + ["seeds"])
+        mask = best_mask(block, cols, spec).to_numpy()
+        none = np.zeros((len(block), 1), dtype=bool)
+        mask = np.concatenate([none, mask, none], axis=1)
+        styler = cells.style.hide(axis="index").apply(
+            lambda _: np.where(mask, "textbf:--rwrap;", ""), axis=None)
+        parts.append(styler.to_latex(
+            caption=f"{caption} Arch {tex_escape(arch)}, checkpoint {tex_escape(ckpt)}.",
+            column_format="l" + "r" * (len(cols) + 1), hrules=True, environment="table",
+            position="ht", position_float="centering"))
+    return "\n".join(parts)
