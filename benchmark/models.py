@@ -74,6 +74,26 @@ class Network(nn.Module):
         return self.head(self.features(x))
 
 
+class EmbeddedBackbone(Backbone):
+    """``backbone`` whose pooled features pass through ``embed`` (same maps; d unchanged).
+
+    A defense whose official network ends in a different feature layer (OC: Linear → PReLU;
+    PCL: a linear layer before the classifier) appends it this way, so that
+    ``model.features`` is the layer its loss, the attacks and the feature metrics see.
+    """
+
+    def __init__(self, backbone: Backbone, embed: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.embed = backbone, embed
+        self.feature_dim, self.map_channels = backbone.feature_dim, backbone.map_channels
+
+    def forward_maps(self, x: Tensor) -> Tensor:
+        return self.inner.forward_maps(x)
+
+    def forward_pool(self, maps: Tensor) -> Tensor:
+        return self.embed(self.inner.forward_pool(maps))
+
+
 # ---------------------------------------------------------------- small nets for CPU runs
 class TinyNet(Backbone):
     """Test-sized net: one conv, 2×2 pooled maps, a 32-d feature layer."""

@@ -13,7 +13,7 @@ At the start of every epoch each row is renormalised to ``‖c_j‖ = α`` witho
 Loss (eq. 7), with x' = PGD-l∞ of the protocol on CE of the model's logits and sg = detach::
 
     DPP(x, y; C) = CE(f(x)·Cᵀ/α, y) + (λ_DPP/2)·‖f(x) − c_y‖²                        (eq. 3)
-    DNP(C)       = −(1/M) Σ_j Σ_i (|c_{j,i} − c_{n(j),i}| + 1e-12)^{1/2},
+    DNP(C)       = −(1/M) Σ_j Σ_i (|c_{j,i} − c_{n(j),i}| + g)^{1/2},  g = dnp_guard,
                    n(j) = argmin_{k≠j} ‖c_k − c_j‖₂, picked under no_grad          (eq. 4-5)
     DFA(x, x')   = Σ_k p_k(x)·log(p_k(x)/p_k(x'))   (KL summed over classes)         (eq. 6)
     L = λ_DNP·DNP(C) + mean_i [DPP(x_i; C) + DPP(x'_i; sg C) + λ_DFA·DFA(x_i, x'_i)] / 2
@@ -31,6 +31,8 @@ Hyperparameters:
     lambda_dpp  0.1      weight of the prototype-alignment term (0.3 CIFAR-100)
     lambda_dnp  0.1      weight of DNP (3 for CIFAR-100)
     lambda_dfa  2.0      weight of DFA (2.4 for CIFAR-100)
+    dnp_guard   1e-12    g in (|v| + g)^{1/2}, the DNP square root's guard at a
+                         zero gap (the paper does not fix it; gradient ≤ 1/(2√g))
     ==========  =======  ======================================================
 
 Decisions where the paper is silent (there is no official code to deviate from):
@@ -56,7 +58,7 @@ from attacks.base import Objective
 from defenses import register_defense
 from defenses.base import Defense, StepOutput, detached, head_of, kl_per_sample
 
-#: guard of the l_{1/2} square root at 0 (SPEC §3)
+#: default guard of the l_{1/2} square root at 0 (SPEC §3; hyperparameter ``dnp_guard``)
 SQRT_GUARD = 1e-12
 
 
@@ -105,10 +107,14 @@ def nearest_rival(prototypes: Tensor) -> Tensor:
         return dist.argmin(dim=1)
 
 
-def dnp(prototypes: Tensor) -> Tensor:
-    """Deep negative prototype loss (eq. 5): minus the mean l_{1/2} gap to the nearest rival."""
+def dnp(prototypes: Tensor, guard: float = SQRT_GUARD) -> Tensor:
+    """Deep negative prototype loss (eq. 5): minus the mean l_{1/2} gap to the nearest rival.
+
+    ``guard`` g keeps the square root differentiable at a zero gap: d/dv (|v| + g)^{1/2} is at
+    most 1/(2√g) (5·10⁵ for the default 1e-12).
+    """
     gap = prototypes - prototypes[nearest_rival(prototypes)]
-    return -(gap.abs() + SQRT_GUARD).sqrt().sum(dim=1).mean()
+    return -(gap.abs() + guard).sqrt().sum(dim=1).mean()
 
 
 def dfa(clean_logits: Tensor, adv_logits: Tensor) -> Tensor:
@@ -118,7 +124,8 @@ def dfa(clean_logits: Tensor, adv_logits: Tensor) -> Tensor:
 
 def adv_dpnp_loss(features: Tensor, adv_features: Tensor, y: Tensor, prototypes: Tensor, *,
                   alpha: float, lambda_dpp: float, lambda_dnp: float,
-                  lambda_dfa: float) -> tuple[Tensor, dict[str, Tensor]]:
+                  lambda_dfa: float, dnp_guard: float = SQRT_GUARD
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
     """Eq. (7) with the dual-branch gradient routing.
 
     Returns:
@@ -129,7 +136,7 @@ def adv_dpnp_loss(features: Tensor, adv_features: Tensor, y: Tensor, prototypes:
     dpp_adv = dpp(adv_features, y, frozen, alpha=alpha, lambda_dpp=lambda_dpp)
     align = dfa(prototype_logits(features, prototypes, alpha),
                 prototype_logits(adv_features, frozen, alpha))
-    repel = dnp(prototypes)
+    repel = dnp(prototypes, dnp_guard)
     loss = lambda_dnp * repel + (dpp_clean + dpp_adv + lambda_dfa * align).mean() / 2
     return loss, {"dpp_clean": dpp_clean.mean(), "dpp_adv": dpp_adv.mean(),
                   "dfa": align.mean(), "dnp": repel}
@@ -164,7 +171,8 @@ class AdvDPNP(PrototypeDefense):
     description = "adversarially trained deep positive-negative prototypes (the paper's method)"
     loss_passes = 2  # DPP on x and x' (+ DFA from the same logits)
     paper = "Zarei Sabzevar et al., arXiv:2504.03782"
-    default_hparams = {"alpha": 40.0, "lambda_dpp": 0.1, "lambda_dnp": 0.1, "lambda_dfa": 2.0}
+    default_hparams = {"alpha": 40.0, "lambda_dpp": 0.1, "lambda_dnp": 0.1, "lambda_dfa": 2.0,
+                       "dnp_guard": SQRT_GUARD}
     dataset_hparams = {"cifar100": {"lambda_dpp": 0.3, "lambda_dnp": 3.0, "lambda_dfa": 2.4}}
 
     def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
@@ -173,7 +181,8 @@ class AdvDPNP(PrototypeDefense):
         head = prototype_head(model)
         features, adv_features = model.features(x), model.features(x_adv)
         loss, parts = adv_dpnp_loss(features, adv_features, y, head.prototypes,
-                                    **self._weights("lambda_dpp", "lambda_dnp", "lambda_dfa"))
+                                    **self._weights("lambda_dpp", "lambda_dnp", "lambda_dfa",
+                                                    "dnp_guard"))
         return StepOutput(loss, detached(**parts), head(adv_features).detach())
 
     def objective(self) -> Objective:

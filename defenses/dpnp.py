@@ -11,7 +11,7 @@ Loss (eq. 3 and 5 of arXiv:2504.03782 without the adversarial terms)::
 
     L = λ_DNP·DNP(C) + mean_i DPP(x_i, y_i; C)
     DPP(x, y; C) = CE(z, y) + (λ_DPP/2)·‖f(x) − c_y‖²
-    DNP(C) = −(1/M) Σ_j Σ_i (|c_{j,i} − c_{n(j),i}| + 1e-12)^{1/2},  n(j) the nearest rival (l2)
+    DNP(C) = −(1/M) Σ_j Σ_i (|c_{j,i} − c_{n(j),i}| + g)^{1/2},  n(j) the nearest rival (l2)
 
 Hyperparameters:
 
@@ -19,6 +19,7 @@ Hyperparameters:
     alpha       40          hypersphere radius α
     lambda_dpp  0.1         prototype-alignment weight (0.3 CIFAR-100)
     lambda_dnp  0.1         DNP weight (3 for CIFAR-100)
+    dnp_guard   1e-12       g, the DNP square root's guard at a zero gap
     select_by   val_clean   best checkpoint by clean validation accuracy (no AT)
     ==========  ==========  ===================================================
 
@@ -36,15 +37,17 @@ from torch import Tensor, nn
 
 from attacks.base import Objective
 from defenses import register_defense
-from defenses.adv_dpnp import PrototypeDefense, dnp, dpp, prototype_head, prototype_logits
+from defenses.adv_dpnp import (SQRT_GUARD, PrototypeDefense, dnp, dpp, prototype_head,
+                               prototype_logits)
 from defenses.base import StepOutput, detached
 
 
 def dpnp_loss(features: Tensor, y: Tensor, prototypes: Tensor, *, alpha: float,
-              lambda_dpp: float, lambda_dnp: float) -> tuple[Tensor, dict[str, Tensor]]:
+              lambda_dpp: float, lambda_dnp: float,
+              dnp_guard: float = SQRT_GUARD) -> tuple[Tensor, dict[str, Tensor]]:
     """``λ_DNP·DNP(C) + mean DPP(x)``; returns the loss and its (attached) parts."""
     dpp_clean = dpp(features, y, prototypes, alpha=alpha, lambda_dpp=lambda_dpp).mean()
-    repel = dnp(prototypes)
+    repel = dnp(prototypes, dnp_guard)
     return lambda_dnp * repel + dpp_clean, {"dpp_clean": dpp_clean, "dnp": repel}
 
 
@@ -56,7 +59,7 @@ class DPNP(PrototypeDefense):
     uses_training_attack = False  # clean DPP + DNP only
     paper = "Zarei-Sabzevar & Harati, arXiv:2501.02477"
     default_hparams = {"alpha": 40.0, "lambda_dpp": 0.1, "lambda_dnp": 0.1,
-                       "select_by": "val_clean"}
+                       "dnp_guard": SQRT_GUARD, "select_by": "val_clean"}
     dataset_hparams = {"cifar100": {"lambda_dpp": 0.3, "lambda_dnp": 3.0}}
 
     def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
@@ -64,7 +67,7 @@ class DPNP(PrototypeDefense):
         head = prototype_head(model)
         features = model.features(x)
         loss, parts = dpnp_loss(features, y, head.prototypes,
-                                **self._weights("lambda_dpp", "lambda_dnp"))
+                                **self._weights("lambda_dpp", "lambda_dnp", "dnp_guard"))
         logits = prototype_logits(features.detach(), head.prototypes.detach(), head.alpha)
         return StepOutput(loss, detached(**parts), logits)
 

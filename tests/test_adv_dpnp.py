@@ -113,6 +113,24 @@ def test_dnp_square_root_is_guarded_at_zero() -> None:
     assert torch.isfinite(C.grad).all()
 
 
+def test_dnp_guard_bounds_the_gradient_and_is_a_recorded_hyperparameter() -> None:
+    for guard in (1e-12, 1e-4):
+        C = torch.tensor([[0.0, 0.0], [1e-9, 3.0], [5.0, 5.0]], requires_grad=True)
+        dnp(C, guard).backward()
+        # d/dv (|v| + g)^{1/2} = 1/(2 sqrt(|v| + g)); row 0 and row 1 are mutual rivals (M = 3)
+        bound = 2 / (2 * math.sqrt(1e-9 + guard)) / 3
+        assert C.grad[0, 0].abs().item() == pytest.approx(bound, rel=1e-3)
+    defense = make_defense(AdvDPNP, hparams={**KW, "dnp_guard": 1e-4})
+    assert defense.hparams["dnp_guard"] == 1e-4
+    assert make_defense(AdvDPNP).hparams["dnp_guard"] == 1e-12
+    model = defense.build_model("tiny", TINY_INFO).train()
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    defense.adversarial = lambda m, xx, yy, loss=None: xx
+    out = defense.training_step(model, x, y, epoch=0, step=0)
+    assert out.metrics["dnp"].item() == pytest.approx(
+        dnp(model.head.prototypes.detach(), 1e-4).item(), rel=1e-6)
+
+
 # ------------------------------------------------------------------ (4) dual branch, (5) eq. 7
 def _model_and_batch():
     defense = make_defense(AdvDPNP, hparams=KW)

@@ -127,7 +127,8 @@ def test_objectives_are_per_sample_training_losses_with_cached_clean_pass() -> N
         defense = make_defense(DEFENSES.get(name))
         model = defense.build_model("tiny", TINY_INFO)
         obj = defense.objective()
-        calls = count_forwards(model.backbone.conv)  # every feature computation passes here
+        trunk = getattr(model.backbone, "inner", model.backbone)  # OC's feature head wraps it
+        calls = count_forwards(trunk.conv)  # every feature computation passes here
         values = [obj(model, xa, x, y) for xa in (x_adv, x_adv.flip(0), x)]
         expected = 3 if name == "at-he" else 4  # 3 attack steps (+ 1 clean pass, cached)
         assert calls[0] == expected, f"{name}: {calls[0]} backbone passes, expected {expected}"
@@ -263,7 +264,25 @@ def test_oc_head_is_fixed_buffer_and_loss_uses_features(monkeypatch: pytest.Monk
     opt.step()
     assert model.head.weight.grad is None and torch.equal(model.head.weight, head_before)
     assert torch.allclose(model.eval()(x), model.features(x) @ head_before.t())
-    assert resolve_run_config("oc", "mnist5k").hparams["lam"] == 0.2
+    assert resolve_run_config("oc", "mnist5k").hparams["lam"] == 0.3
+
+
+def test_oc_feature_head_makes_features_signed_and_none_keeps_relu() -> None:
+    """Default: features end in Linear+PReLU (roboc), so they take negative values that the
+    ±s/√d targets need; "none" keeps the backbone's ReLU features (all ≥ 0)."""
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 8, 8)
+    signed = make_defense(DEFENSES.get("oc")).build_model("tiny", TINY_INFO)
+    plain = make_defense(DEFENSES.get("oc"), hparams={"feature_head": "none"}).build_model(
+        "tiny", TINY_INFO)
+    assert isinstance(signed.backbone.embed[1], nn.PReLU)
+    with torch.no_grad():
+        assert (signed.features(x) < 0).any() and (plain.features(x) >= 0).all()
+        assert torch.allclose(signed(x), signed.features(x) @ signed.head.weight.t())
+    assert any(n.startswith("backbone.embed") for n, _ in signed.named_parameters())
+    with pytest.raises(UsageError):
+        make_defense(DEFENSES.get("oc"), hparams={"feature_head": "relu"}).build_model(
+            "tiny", TINY_INFO)
 
 
 # ---------------------------------------------------------------- IKL

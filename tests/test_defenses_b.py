@@ -158,13 +158,48 @@ def test_proximity_terms_equal_loops() -> None:
     assert contrastive_proximity(f, y, c).item() == pytest.approx(con, rel=1e-5)
 
 
+def test_pcl_feature_head_is_a_linear_layer_after_the_backbone() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8)
+    model = make_defense(PCL).build_model("tiny", TINY_INFO).eval()
+    plain = make_defense(PCL, hparams={"feature_head": "none"}).build_model("tiny", TINY_INFO)
+    embed = model.backbone.embed
+    assert isinstance(embed, torch.nn.Linear)
+    with torch.no_grad():
+        inner = model.backbone.inner(model.normalize(x))
+        assert torch.allclose(model.features(x), embed(inner))
+        assert (model.features(x) < 0).any() and (plain.features(x) >= 0).all()
+
+
+def test_pcl_pretrain_stage_is_clean_softmax_without_attack() -> None:
+    """The official softmax stage: CE on clean x only, no attack, centres get no gradient."""
+    defense = make_defense(PCL, hparams={"epochs": 8})
+    assert defense.pretrain_epochs() == 2
+    model = defense.build_model("tiny", TINY_INFO).train()
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("the softmax stage must not attack")
+
+    defense.adversarial = no_attack
+    out = defense.training_step(model, x, y, epoch=1, step=0)
+    logits = model(x)
+    assert out.loss.item() == pytest.approx(
+        sum(_ce(z, k) for z, k in zip(logits.tolist(), y.tolist())) / 4, rel=1e-5)
+    grads = torch.autograd.grad(out.loss, [model.head.centers, model.head.con_centers],
+                                allow_unused=True)
+    assert all(g is None for g in grads)
+    assert make_defense(PCL, hparams={"epochs": 8, "pretrain_frac": 0.0}).pretrain_epochs() == 0
+
+
 def test_pcl_step_concatenates_clean_and_adversarial() -> None:
     defense = make_defense(PCL, hparams={"weight_conprox": 0.01})
     model = defense.build_model("tiny", TINY_INFO).train()
     x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     x_adv = (x - 0.03).clamp(0, 1)
     _fixed_adversary(defense, x_adv)
-    out = defense.training_step(model, x, y, epoch=0, step=0)
+    assert defense.pretrain_epochs() == 2  # round(0.25 · 10 cpu-profile epochs)
+    out = defense.training_step(model, x, y, epoch=2, step=0)
     head = model.head
     c, cc = head.centers.detach(), head.con_centers.detach()
     with torch.no_grad():
@@ -178,6 +213,15 @@ def test_pcl_step_concatenates_clean_and_adversarial() -> None:
     con = sum(float(((f[i] - cc[j]) ** 2).sum()) for i, k in enumerate(labels)
               for j in range(10) if j != k)
     assert out.loss.item() == pytest.approx(ce + prox / 8 - 0.01 * con / 72, rel=1e-5)
-    grads = torch.autograd.grad(out.loss, [head.centers, head.con_centers])
+    grads = torch.autograd.grad(out.loss, [head.centers, head.con_centers], retain_graph=True)
     assert all(g.abs().sum() > 0 for g in grads)  # the harness optimizer trains the centres
+    ref_g, _ = pcl_loss(head(f), f, torch.cat([y, y]), head.centers, head.con_centers,
+                        weight_prox=1.0, weight_conprox=0.01)
+    ref_grads = torch.autograd.grad(ref_g, [head.centers, head.con_centers], retain_graph=True)
+    # official lrs: model 0.01 = 0.1 × protocol-stage lr; c 50× and c' 100× the model's
+    assert torch.allclose(grads[0], 0.1 * 50 * ref_grads[0], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(grads[1], 0.1 * 100 * ref_grads[1], rtol=1e-4, atol=1e-9)
+    w = model.head.fc.weight
+    (g_model,), (g_ref,) = torch.autograd.grad(out.loss, [w]), torch.autograd.grad(ref_g, [w])
+    assert torch.allclose(g_model, 0.1 * g_ref, rtol=1e-4, atol=1e-7)
     assert torch.equal(defense.class_centers(model), head.centers.detach())

@@ -42,6 +42,11 @@ def test_profiles_and_dataset_scale_resolve_protocol_values() -> None:
     assert hp["train_attack_steps"] == 10 and hp["weight_decay"] == 5e-4
     assert resolve_run_config("at", "svhn", profile="paper").hparams["train_step_size"] == \
         pytest.approx(1 / 255)
+    # cpu: 5 steps at half the CIFAR cpu step still travel beyond ε (10/255), as 10 × 1/255 do
+    sv = resolve_run_config("at", "svhn", profile="cpu").hparams
+    cf = resolve_run_config("at", "cifar10", profile="cpu").hparams
+    assert sv["train_step_size"] == pytest.approx(cf["train_step_size"] / 2)
+    assert sv["train_attack_steps"] * sv["train_step_size"] > sv["eps"]
     mn = resolve_run_config("at", "mnist", profile="paper").hparams
     assert (mn["eps"], mn["train_step_size"], mn["train_attack_steps"]) == (0.3, 0.01, 40)
 

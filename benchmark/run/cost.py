@@ -39,7 +39,7 @@ def _log_cost(run_dir: Path) -> dict[str, Optional[float]]:
             "peak_mem_mb": max(mems) if mems else None, "epochs_logged": len(log)}
 
 
-def _passes(config: dict[str, Any]) -> Optional[int]:
+def _passes(config: dict[str, Any]) -> Optional[float]:
     from attacks.base import Norm, ThreatModel
     from defenses import DEFENSES
 
@@ -48,7 +48,8 @@ def _passes(config: dict[str, Any]) -> Optional[int]:
         hp = config.get("hparams") or {}
         defense = cls(hp, threat=ThreatModel(Norm.LINF, float(hp.get("eps", 0.0))),
                       num_classes=int((config.get("data") or {}).get("num_classes", 10)))
-        return int(defense.passes_per_sample())
+        passes = float(defense.passes_per_sample())  # PCL: epoch mean over its two stages
+        return int(passes) if passes.is_integer() else round(passes, 2)
     except Exception as exc:  # an unknown plugin or an old config: no declared cost
         logger.warning("no declared cost for %s: %s", config.get("defense"), exc)
         return None
