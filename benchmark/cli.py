@@ -223,6 +223,44 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
 
 
 @cli.command()
+@click.option("--run", "run_paths", multiple=True, required=True, type=click.Path(exists=True),
+              help="Run folder (repeatable).")
+@click.option("--eps", default=None, help="Comma list of ε to check [the run's nominal ε].")
+@click.option("--n-examples", type=int, default=None,
+              help="Points [those of the run's AutoAttack row, else 100 cpu / 1000 paper].")
+@click.option("--checks", "names", default=None,
+              help="Comma list of checks [all]: aa-vs-pgd, eps-monotone, unbounded-eps, square, "
+                   "transfer, more-budget, zero-gradient, fgsm-vs-pgd.")
+@click.option("--cheap", is_flag=True, help="Only what `advbench run` checks (nothing costly "
+                                            "that is not stored).")
+@click.option("--source", default=None, type=click.Path(exists=True),
+              help="Transfer source run folder or checkpoint [the `st` run of the protocol].")
+@click.option("--checkpoint", "which", default="best", show_default=True,
+              type=click.Choice(["best", "last"]))
+@click.option("--batch-size", type=int, default=None,
+              help="Eval batch size [256 on CPU, 512-1024 on a GPU].")
+@click.option("--data-dir", default=None, type=click.Path())
+@click.option("--device", default="auto", show_default=True)
+def check(run_paths: tuple[str, ...], eps: Optional[str], n_examples: Optional[int],
+          names: Optional[str], cheap: bool, source: Optional[str], which: str,
+          batch_size: Optional[int], data_dir: Optional[str], device: str) -> None:
+    """Training-health and gradient-masking verdicts; rows go to RUN/eval (kind health/check)."""
+    from benchmark.eval.checks import CHECKS, check_run, format_checks
+    from benchmark.protocols import parse_eps_list
+
+    chosen = [c.strip() for c in names.split(",") if c.strip()] if names else list(CHECKS)
+    bad = sorted(set(chosen) - set(CHECKS))
+    if bad:
+        raise UsageError(f"unknown checks {bad}; valid: {', '.join(CHECKS)}")
+    rows = []
+    for path in run_paths:
+        rows += check_run(path, eps=parse_eps_list(eps), n_examples=n_examples, names=chosen,
+                          cheap=cheap, checkpoint=which, device=device, batch_size=batch_size,
+                          data_dir=Path(data_dir) if data_dir else None, source=source)
+    click.echo(format_checks(rows))
+
+
+@cli.command()
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path())
 @click.option("--rows", "rows_file", default=None, type=click.Path(exists=True),
               help="Build from a rows.jsonl file instead of run folders.")

@@ -46,6 +46,7 @@ def run_job(job: Job) -> str:
 
     Every DDP rank calls this; rank 0 evaluates. Returns the run folder.
     """
+    from benchmark.eval.checks import check_run
     from benchmark.eval.evaluate import evaluate_run
     from benchmark.run import distributed
     from benchmark.run.train import train_run
@@ -65,6 +66,8 @@ def run_job(job: Job) -> str:
     for which in job.checkpoints:
         evaluate_run(run_dir, specs, checkpoint=which, n_examples=job.n_examples,
                      device=job.device, batch_size=batch, data=data, progress=job.progress)
+        check_run(run_dir, cheap=True, checkpoint=which, n_examples=job.n_examples,
+                  device=job.device, batch_size=batch, data=data)  # the cheap verdicts
     return str(run_dir)
 
 
@@ -81,6 +84,9 @@ def collect_rows(jobs: Sequence[Job], scale: str) -> list[dict[str, Any]]:
             path = job.run_dir() / "eval" / f"{key}.json"
             if path.exists():
                 rows.append(read_json(path))
+        verdicts = sorted((job.run_dir() / "eval").glob("check-*.json"))  # advbench check rows
+        rows += [read_json(p) for p in [job.run_dir() / "eval" / "health.json", *verdicts]
+                 if p.exists()]
     return rows
 
 

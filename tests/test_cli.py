@@ -27,15 +27,21 @@ def test_run_then_report_end_to_end(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "2 jobs: 0 done, 0 partial, 0 trained, 2 new" in res.output
     assert "| st |" in res.output and "| at |" in res.output
-    rows = [json.loads(p.read_text()) for p in runs.glob("*/*/*/eval/*.json")]
+    every = [json.loads(p.read_text()) for p in runs.glob("*/*/*/eval/*.json")]
+    rows = [r for r in every if r.get("kind", "attack") == "attack"]
     assert len(rows) == 4
+    assert sorted(r["defense"] for r in every if r["kind"] == "health") == ["at", "st"]
+    assert {r["check"] for r in every if r["kind"] == "check"} == {  # run's cheap checks
+        "aa-vs-pgd", "eps-monotone", "unbounded-eps", "more-budget", "zero-gradient",
+        "fgsm-vs-pgd", "square", "transfer"}
     for r in rows:
         assert {"run_id", "eval_key", "defense", "dataset", "arch", "seed", "checkpoint", "attack",
                 "norm", "eps", "eps_str", "attack_hparams", "n_examples", "clean_acc",
                 "robust_acc", "hparams", "env", "git", "profile"} <= set(r)
         assert r["n_examples"] == 64 and 0 <= r["robust_acc"] <= r["clean_acc"] <= 1
         assert r["eps_str"] == "8/255" and r["env"]["torch"]
-    assert len(list(runs.glob("*/*/*/flags/*.pt"))) == 4
+    assert all((runs / r["dataset"] / r["defense"] / r["run_id"] / "flags" /
+                f"{r['eval_key']}.pt").exists() for r in rows)
 
     stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/*/*/*/*") if p.is_file()}
     again = invoke(*args)  # everything is done: nothing retrained or re-attacked

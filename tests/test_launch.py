@@ -65,10 +65,13 @@ def test_local_launcher_runs_required_job_first_and_report_merges(
                                 user_hparams=HP, scale="cifar")
     st_dir, at_dir = RunStore(runs).run_dir(helper), RunStore(runs).run_dir(_cfg("at"))
     assert (st_dir / "TRAINED").exists() and (at_dir / "TRAINED").exists()
-    assert not (st_dir / "eval").exists(), "a pure requirement is trained, not evaluated"
+    assert [p.name for p in (st_dir / "eval").glob("*.json")] == ["health.json"], \
+        "a pure requirement is trained (and gets its health verdict), not evaluated"
     # the dependent started only after its requirement had finished
     assert (st_dir / "TRAINED").stat().st_mtime <= (at_dir / "config.json").stat().st_mtime
-    assert (at_dir / "job.log").exists() and len(list((at_dir / "eval").glob("*.json"))) == 1
+    attack_rows = [p for p in (at_dir / "eval").glob("*.json")
+                   if read_json(p).get("kind", "attack") == "attack"]
+    assert (at_dir / "job.log").exists() and len(attack_rows) == 1
     assert "1 jobs:" in res.output and "2 jobs via local" in res.output
     dry = CliRunner().invoke(cli, ["run", "--dry-run", "--defenses", "at", "--runs-dir",
                                    str(runs), *ARGS])
@@ -84,6 +87,7 @@ def test_submitit_local_executor(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     run_dir = RunStore(runs).run_dir(_cfg("st"))
     rows = [read_json(f) for f in (run_dir / "eval").glob("*.json")]
+    rows = [r for r in rows if r.get("kind", "attack") == "attack"]
     assert [r["attack"] for r in rows] == ["fgsm"] and rows[0]["n_examples"] == 32
     assert list((runs / ".submitit").glob("*_result.pkl")), "submitit ran the job"
 

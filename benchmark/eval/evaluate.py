@@ -209,13 +209,26 @@ def evaluate_target(t: Target, specs: Sequence[AttackSpec], *, n_examples: Optio
                "attack_hparams": dict(attack.hparams), "attack_seed": ATTACK_SEED,
                "n_examples": int(len(clean)), "clean_acc": float(clean.float().mean()),
                "robust_acc": float(flags.float().mean()), "adv_ce": float(adv_ce.float().mean()),
-               "wall_s": round(wall, 3), "batch_size": batch_size, **extra}
+               "wall_s": round(wall, 3), "batch_size": batch_size, **extra,
+               "acc_on_first": prefix_stats(clean, flags, adv_ce)}  # same-point tables
         atomic_write_json(path, row)
         logger.info("%s seed %d [%s] %s eps %s: clean %.4f robust %.4f adv_ce %.4f (%.1fs, n=%d)",
                     t.cfg.defense, t.cfg.seed, t.checkpoint, spec.label, row["eps_str"],
                     row["clean_acc"], row["robust_acc"], row["adv_ce"], wall, m)
         rows[slot] = row
     return [r for r in rows if r is not None]
+
+
+#: prefixes of the test order whose accuracies every attack row records, so that a table can
+#: show every column of a run on the same points as its AutoAttack column (cpu caps 100, 200)
+PREFIXES = (100, 200, 500, 1000)
+
+
+def prefix_stats(clean: Tensor, robust: Tensor, adv_ce: Tensor) -> dict[str, list[float]]:
+    """``{"N": [clean_acc, robust_acc, adv_ce]}`` on the first N points, for each prefix N
+    shorter than the evaluation."""
+    return {str(n): [float(clean[:n].float().mean()), float(robust[:n].float().mean()),
+                     float(adv_ce[:n].float().mean())] for n in PREFIXES if n < len(clean)}
 
 
 def _ensemble(t: Target, spec: AttackSpec, attack: Any, x: Tensor, y: Tensor, clean: Tensor,

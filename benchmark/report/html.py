@@ -119,7 +119,7 @@ def reliability(records: list[dict], run_ids: Iterable[str]) -> tuple[str, str]:
         return "✗", f"training: {r.get('verdict')} (seed {r.get('seed')}): {reasons}"
     failed = [r for r in checks if r.get("status") == "fail"]
     if failed:
-        names = sorted({str(r.get("name")) for r in failed})
+        names = sorted({str(r.get("check") or r.get("name")) for r in failed})
         detail = str(failed[0].get("detail") or "")
         return "⚠", "potentially unreliable: " + ", ".join(names) + (f" ({detail})" if detail
                                                                      else "")

@@ -34,9 +34,10 @@ import pandas as pd
 
 from benchmark.run.cost import cost_rows
 from benchmark.store import RunStore, atomic_write_bytes, read_jsonl
+from benchmark.report import verdicts as vd
 from benchmark.report.latex import tex_escape, to_latex
 from benchmark.report.grid import BLOCK, INDEX, _groups, _index, _points, aggregate, build_table
-from benchmark.report.tables import TABLES, TableSpec, display, frames
+from benchmark.report.tables import TABLES, TableSpec, _labels, display, frames
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +95,15 @@ def _fmt(v: float, s: float, d: int) -> str:
 
 
 def to_markdown(table: pd.DataFrame, spec: Optional[TableSpec] = None, *,
-                counts: Optional[pd.DataFrame] = None, points: Optional[dict] = None) -> str:
+                counts: Optional[pd.DataFrame] = None, points: Optional[dict] = None,
+                verdicts: Optional[dict] = None) -> str:
     """Markdown sections (one per arch × checkpoint): ``mean ± std`` cells, best per column bold.
 
     Best is the highest value (lowest for the spec's ``lower`` columns) at the shown precision,
     all tied rows bold, and nothing bold when every row ties. Missing cells are ``–`` and listed with the
-    spec's reason; cells over fewer seeds than the row has are listed too.
+    spec's reason; cells over fewer seeds than the row has are listed too. With ``verdicts``
+    (:func:`benchmark.report.verdicts.row_verdicts`) cells carry health/reliability marks,
+    attack tables get a ``reliable`` column, and footnotes say why.
     """
     spec = spec or TABLES[0]
     if not isinstance(table.index, pd.MultiIndex):
@@ -108,9 +112,12 @@ def to_markdown(table: pd.DataFrame, spec: Optional[TableSpec] = None, *,
     cols = [c for c in table.columns if not c.endswith("_std") and c != "n_seeds"]
     parts = []
     for (arch, ckpt), block in table.groupby(level=BLOCK, sort=False):
+        attack_table = spec.kind == "attack"
+        rel = verdicts is not None and attack_table
         lines = [f"#### arch `{arch}`, checkpoint `{ckpt}`", "",
-                 "| defense | " + " | ".join(display(c) for c in cols) + " | seeds |",
-                 "|---|" + "---:|" * len(cols) + "---:|"]
+                 "| defense | " + " | ".join(display(c) for c in cols) + " | seeds |"
+                 + (" reliable |" if rel else ""),
+                 "|---|" + "---:|" * len(cols) + "---:|" + ("---|" if rel else "")]
         best = {}
         for c in cols:
             d = spec.decimals(c)
@@ -127,20 +134,35 @@ def to_markdown(table: pd.DataFrame, spec: Optional[TableSpec] = None, *,
                     missing.append((name, c))
                     continue
                 text = _fmt(v, s, d)
-                cells.append(f"**{text}**" if c in best and round(v, d) == best[c] else text)
+                mark = verdicts[idx].mark(c, attack_table) if verdicts and idx in verdicts else ""
+                cells.append((f"**{text}**" if c in best and round(v, d) == best[c] else text)
+                             + (f" {mark}" if mark else ""))
                 if counts is not None and 0 < counts.loc[idx, c] < r["n_seeds"]:
                     partial.append(f"- `{name}` / {display(c)}: {counts.loc[idx, c]} of "
                                    f"{int(r['n_seeds'])} seeds")
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {int(r['n_seeds'])} |")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {int(r['n_seeds'])} |" + (
+                f" {_reliable(verdicts, idx)} |" if rel else ""))
         if points and points.get((arch, ckpt)):
             lines += ["", "Test points per column: " + ", ".join(
                 f"{display(c)} {n}" for c, n in points[(arch, ckpt)].items()) + "."]
+        notes = vd.footnotes(verdicts, arch, ckpt, [i[-1] for i in block.index],
+                             attack_table) if verdicts else []
+        if notes:
+            lines += ["", "Verdicts (`advbench check`; thresholds in benchmark/eval/checks.py "
+                          "and benchmark/run/health.py):"] + notes
         if missing:
             lines += ["", "Missing (–):"] + _missing_lines(missing, cols, spec)
         if partial:
             lines += ["", "Fewer seeds than the row:"] + partial
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def _reliable(verdicts: dict, idx: tuple) -> str:
+    v = verdicts.get(idx)
+    if v is None:
+        return "–"
+    return f"no {vd.RELIABILITY_MARK}" if v.failed else v.reliable
 
 
 def _missing_lines(missing: list[tuple[str, str]], cols: list[str], spec: TableSpec) -> list[str]:
@@ -202,14 +224,19 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
                 cprov = sorted({str(r.get("corruption_provenance")) for r in recs
                                 if r.get("kind") == "corruption" and r.get("corruption_provenance")})
                 extra = " Corruptions: " + "; ".join(cprov) + "." if cprov else ""
+            verdicts = vd.row_verdicts(recs, _labels(recs), any_eps=spec.name == "table3") \
+                if vd.has_verdicts(recs) else None
+            numeric = wide.assign(**vd.csv_columns(verdicts, wide.index)) \
+                if verdicts is not None and spec.kind == "attack" else wide
             md = (f"### {spec.title} — `{dataset}`, profile `{profile}`\n\n"
                   f"Data: {prov or 'provenance not recorded'}.{extra} Profile `{profile}`. "
                   + (spec.note + " " if spec.note else "")
                   + "Cells: mean ± std over seeds (std only with several seeds); best per column "
                     "in bold.\n\n"
-                  + to_markdown(wide, spec, counts=counts, points=_points(cells, columns)))
+                  + to_markdown(wide, spec, counts=counts, points=_points(cells, columns),
+                                verdicts=verdicts))
             stem = f"{spec.name}_{suffix}"
-            atomic_write_bytes(out_dir / "tables" / f"{stem}.csv", to_csv(wide).encode())
+            atomic_write_bytes(out_dir / "tables" / f"{stem}.csv", to_csv(numeric).encode())
             atomic_write_bytes(out_dir / "tables" / f"{stem}.md", md.encode())
             atomic_write_bytes(out_dir / "tables" / f"{stem}.tex", to_latex(
                 wide, spec, tex_escape(f"{spec.title} — {dataset}, profile {profile}. Mean ± std "

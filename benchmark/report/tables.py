@@ -139,7 +139,7 @@ def frames(records: Iterable[dict]) -> dict[str, pd.DataFrame]:
             base.update(attack=str(r.get("attack")), norm=norm, eps=eps,
                         eps_str=str(r.get("eps_str") or eps_to_str(eps)), nominal=nominal,
                         clean=100 * _nan(r.get("clean_acc")), robust=100 * _nan(r.get("robust_acc")),
-                        ce=_nan(r.get("adv_ce")))
+                        ce=_nan(r.get("adv_ce")), first=r.get("acc_on_first") or {})
             cost = costs.get(base["run_id"], {})
             base.update(epoch_s=_nan(cost.get("epoch_s")), passes=_nan(cost.get("passes_per_sample")),
                         peak_mem_mb=_nan(cost.get("peak_mem_mb")))
@@ -247,11 +247,30 @@ class TableSpec:
         return "lower" if column in self.lower else "higher"
 
 
+def same_points(a: pd.DataFrame, labels: Iterable[str], *, nominal: bool = True) -> pd.DataFrame:
+    """Every row of a unit on that unit's fewest points among ``labels`` (e.g. AutoAttack's
+    100 of 1000), where the row records its accuracies on that prefix (``acc_on_first``);
+    rows without them keep their own points (the table's points line shows it)."""
+    if not len(a) or "first" not in a:
+        return a
+    sel = a[a["attack"].isin(list(labels)) & (a["nominal"] if nominal else True)]
+    fewest = sel.groupby(UNIT)["n"].min()
+    a = a.copy()
+    for i, r in a.iterrows():
+        n = fewest.get(tuple(r[k] for k in UNIT))
+        pre = (r["first"] or {}).get(str(int(n))) if n is not None and r["n"] > n else None
+        if pre:
+            a.at[i, "clean"], a.at[i, "robust"], a.at[i, "ce"] = 100 * pre[0], 100 * pre[1], pre[2]
+            a.at[i, "n"] = n
+    return a
+
+
 def _fixed(columns: list[str], avg_of: Optional[tuple[str, str]] = None,
            rename: Optional[dict[str, str]] = None) -> Callable:
     rename = rename or {}
 
     def build(a: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+        a = same_points(a, [rename.get(c, c) for c in columns])
         parts = [_clean(a)] if "clean" in columns else []
         parts += [_attack(a, rename.get(c, c), column=c) for c in columns
                   if c not in ("clean", "avg", *COST)]
@@ -273,6 +292,7 @@ def _summary(a: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
 
 def _eps_sweep(a: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    a = same_points(a, ["pgd", "autoattack"], nominal=False)
     sel = a[a["attack"].isin(["pgd", "autoattack"]) & (a["norm"] == "linf")] if len(a) else a
     if not len(sel) or sel["nominal"].all():
         return pd.DataFrame(columns=CELL), []

@@ -37,7 +37,8 @@ from benchmark.checkpoint import (build_defense, checkpoint_state, model_from_ch
 from benchmark.config import RunConfig, helper_config
 from benchmark.data import BatchLoader, Data, DataInfo, split_train_val
 from benchmark.device import peak_memory_mb, resolve_device
-from benchmark.errors import TrainingError, UsageError
+from benchmark.errors import UsageError
+from benchmark.run.health import FAILURE_FILE, DivergedError, record_failure, write_health
 from benchmark.store import (RunStore, append_jsonl, atomic_torch_save, atomic_write_json,
                              code_version, environment, now, read_jsonl)
 from defenses.base import StepOutput
@@ -139,7 +140,9 @@ def train_run(cfg: RunConfig, data: Data, store: RunStore, *, device: str = "cpu
         sync_bn: under DDP, BatchNorm statistics over the global batch (CUDA only).
 
     Raises:
-        TrainingError: the loss became NaN/inf (the last good checkpoint is kept).
+        DivergedError: the loss became NaN/inf (a ``TrainingError``, exit status 3); the
+            last good checkpoint is kept, ``FAILED.json`` and the ``nan`` health row
+            (:mod:`benchmark.run.health`) name the epoch and step.
     """
     env = distributed.current()
     run_dir = store.run_dir(cfg)
@@ -263,8 +266,13 @@ def _epoch(s: _Session, epoch: int, best: float) -> float:
     if env.active:
         distributed.seed_rank(cfg.seed, epoch, env)
     assert s.step_model is not None
-    stats = train_epoch(s.step_model, s.defense, s.optimizer, s.loader, hp, s.dev, epoch, epochs,
-                        s.progress, cfg, ddp=s.ddp, env=env)
+    try:
+        stats = train_epoch(s.step_model, s.defense, s.optimizer, s.loader, hp, s.dev, epoch,
+                            epochs, s.progress, cfg, ddp=s.ddp, env=env)
+    except DivergedError as err:
+        if env.is_main:
+            record_failure(s.run_dir, err)
+        raise
     distributed.broadcast_defense_state(s.defense, env)
     if not env.is_main:
         return best
@@ -298,6 +306,8 @@ def _finish(s: _Session, best: float) -> None:
         atomic_torch_save(s.run_dir / "ckpt_last.pt", checkpoint_state(
             s.cfg, s.info, epoch=0, best_val=best, model=s.model, defense=s.defense))
     (s.run_dir / "TRAINED").write_text(now() + "\n")
+    (s.run_dir / FAILURE_FILE).unlink(missing_ok=True)  # a stale record of an earlier attempt
+    write_health(s.run_dir)
 
 
 def train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer,
@@ -308,6 +318,7 @@ def train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer
     :func:`distributed.wrap_step`) each rank steps on its shard of every global batch."""
     sums: dict[str, Tensor] = {}
     n_seen, correct = 0, torch.zeros((), device=dev)
+    first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first non-finite step, no sync
     bar = tqdm(loader, desc=f"{cfg.defense} s{cfg.seed} ep {epoch + 1}/{epochs}", leave=False,
                disable=not progress, unit="batch", dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
@@ -330,6 +341,8 @@ def train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer
             sums[k] = sums.get(k, 0) + v.detach().float() * b
         if out.logits is not None:
             correct += (out.logits.detach().argmax(1) == y).sum()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(out.loss.detach()),
+                                torch.full_like(first_bad, step), first_bad)
         if step % 20 == 0 or step == len(loader) - 1:  # the only host syncs of the loop
             if ddp is None:
                 loss_val = float(out.loss.detach())
@@ -338,9 +351,10 @@ def train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer
                     [out.loss.detach().double() * b, torch.tensor(float(b), device=dev,
                                                                  dtype=torch.float64)]), env)
                 loss_val = float(num / den)
-            if not math.isfinite(loss_val):
-                raise TrainingError(f"{cfg.defense}: loss became {loss_val} at epoch {epoch + 1} "
-                                    f"step {step}; last good checkpoint kept (lower lr?)")
+            if not math.isfinite(loss_val) or int(first_bad) >= 0:
+                at = int(first_bad)
+                raise DivergedError(cfg.defense, epoch + 1, at if at >= 0 else step,
+                                    loss_val if not math.isfinite(loss_val) else math.nan)
             bar.set_postfix(loss=f"{float(sums['loss']) / n_seen:.3f}",
                             acc=f"{float(correct) / n_seen:.3f}")
     bar.close()
@@ -354,8 +368,8 @@ def train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer
         correct, n_seen = total[-2], int(total[-1])
     stats = {k: float(v) / max(n_seen, 1) for k, v in sums.items()}
     if not all(math.isfinite(v) for v in stats.values()):
-        raise TrainingError(f"{cfg.defense}: non-finite loss in epoch {epoch + 1}; last good "
-                            f"checkpoint kept")
+        bad = next(k for k, v in stats.items() if not math.isfinite(v))
+        raise DivergedError(cfg.defense, epoch + 1, None, stats[bad])
     stats["train_acc"] = float(correct) / max(n_seen, 1)
     return stats
 

@@ -1,0 +1,257 @@
+"""Verdicts: training health (NaN, did not train) and the gradient-masking checks.
+
+Every check must fail on a constructed masked model and pass on a plain adversarially trained
+one: logits through a rounding step (zero gradients), a large logit temperature (saturated
+softmax), a randomized model, and shattered gradients (a deterministic high-frequency term). The models are small MLPs on 3×8×8 class templates, so the
+whole file runs in seconds.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks import ATTACKS
+from attacks.base import Norm, ThreatModel, lp_norms
+from attacks.pgd import PGD
+from benchmark.eval.checks import CHECKS, THRESHOLDS, Checker
+from benchmark.run.health import health_verdict, write_health
+
+EPS = 8 / 255
+#: quick AutoAttack / Square budgets (the checks' logic does not depend on them)
+FAST = {"autoattack": {"version": "custom", "attacks": ["apgd-ce", "apgd-t", "square"],
+                       "n_iter": 20, "n_queries": 300}, "square": {"n_queries": 300}}
+
+
+def templates_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    t = 0.5 + 0.3 * (torch.rand(10, 3, 8, 8, generator=g) - 0.5)
+    g.manual_seed(seed)
+    y = torch.arange(n) % 10
+    return (t[y] + 0.3 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1), y
+
+
+def adversarially_trained(seed: int) -> nn.Module:
+    """An MLP trained with PGD-5 adversarial training at ε = 0.03 (clean ~94%, PGD ~56%)."""
+    x, y = templates_data(1000, 1)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    attack = PGD(ThreatModel(Norm.LINF, 0.03), steps=5, rel_step_size=0.5, seed=0)
+    for _ in range(15):
+        for i in range(0, 1000, 100):
+            xa = attack(model, x[i:i + 100], y[i:i + 100])
+            model.train()
+            loss = F.cross_entropy(model(xa), y[i:i + 100])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+class Rounded(nn.Module):
+    """Logits through a rounding step: the input gradient is exactly zero everywhere."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(self.base(x))
+
+
+class Saturated(nn.Module):
+    """Logits × 10⁴: the softmax saturates and CE gradients vanish at confident points."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) * 1e4
+
+
+class Randomized(nn.Module):
+    """Gaussian noise on the logits at every forward (a randomized defense)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + 3 * torch.randn(x.shape[0], 10)
+
+
+class Shattered(nn.Module):
+    """A deterministic high-frequency term on the logits: shattered gradients (Athalye et al.
+    2018), so PGD's path is a random walk that restarts can get lucky on."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        g = torch.Generator().manual_seed(5)
+        self.register_buffer("proj", torch.randn(192, 10, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + 4 * torch.sin(1e3 * x.flatten(1) @ self.proj)
+
+
+@pytest.fixture(scope="module")
+def verdicts() -> dict[str, dict[str, str]]:
+    plain, source = adversarially_trained(0), adversarially_trained(1)
+    x, y = templates_data(100, 2)
+    out = {}
+    for name, model in (("plain", plain), ("rounded", Rounded(plain)),
+                        ("saturated", Saturated(plain)), ("randomized", Randomized(plain)),
+                        ("shattered", Shattered(plain))):
+        torch.manual_seed(0)
+        checker = Checker(model, x, y, "cifar", overrides=FAST, transfer_source=source)
+        out[name] = {r.name: r.status for r in checker.run(EPS)}
+    return out
+
+
+def test_every_check_passes_on_a_plain_adversarially_trained_model(verdicts: dict) -> None:
+    assert verdicts["plain"] == {name: "pass" for name in CHECKS}
+
+
+#: the masked model each check must catch (others may be caught by it too)
+CAUGHT_BY = {"aa-vs-pgd": "saturated", "eps-monotone": "shattered", "unbounded-eps": "rounded",
+             "square": "saturated", "transfer": "rounded", "more-budget": "shattered",
+             "zero-gradient": "rounded", "fgsm-vs-pgd": "randomized"}
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_each_check_fails_on_a_masked_model(verdicts: dict, check: str) -> None:
+    assert verdicts[CAUGHT_BY[check]][check] == "fail", verdicts
+    assert set(CAUGHT_BY) == set(THRESHOLDS)
+
+
+def test_saturated_and_rounded_models_fail_the_gradient_check(verdicts: dict) -> None:
+    assert verdicts["rounded"]["zero-gradient"] == "fail"
+    assert verdicts["saturated"]["zero-gradient"] == "fail"
+
+
+def test_transfer_stays_in_ball_and_box_and_never_reads_target_gradients() -> None:
+    x, y = templates_data(20, 3)
+    x[0], x[1] = 0.0, 1.0  # corners of the box
+    source, target = adversarially_trained(1), Rounded(adversarially_trained(0))
+    for norm, eps in ((Norm.LINF, EPS), (Norm.L2, 0.5)):
+        atk = ATTACKS.get("transfer")(ThreatModel(norm, eps), seed=0, source_model=source)
+        x_adv = atk(target, x, y)  # the rounded target has zero gradients: only the source's
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        assert (lp_norms(x_adv - x, norm) <= eps * (1 + 1e-5) + 1e-6).all()
+        assert (x_adv != x).flatten(1).any(1).sum() >= 18
+        expected = PGD(ThreatModel(norm, eps), steps=20, rel_step_size=0.1, seed=0)(source, x, y)
+        assert torch.equal(x_adv, expected)
+
+
+# --------------------------------------------------------------------------- health
+def run_folder(tmp_path: Path, log: list[dict], *, trained: bool = True) -> Path:
+    run = tmp_path / "mnist" / "oc" / "abc"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({
+        "defense": "oc", "dataset": "mnist", "arch": "small-cnn", "profile": "cpu", "seed": 0,
+        "run_id": "abc", "hparams": {"epochs": len(log), "eps": 0.3},
+        "data": {"num_classes": 10, "provenance": "MNIST"}}))
+    (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    if trained:
+        (run / "TRAINED").write_text("done\n")
+    return run
+
+
+def test_health_after_the_fact_flags_a_run_at_chance(tmp_path: Path) -> None:
+    log = [{"epoch": e, "loss": 2.3, "train_acc": 0.11, "val_clean": 0.09} for e in (1, 2)]
+    row = write_health(run_folder(tmp_path, log))
+    assert row["kind"] == "health" and row["verdict"] == "did-not-train"
+    assert len(row["reasons"]) == 2 and "chance" in row["reasons"][0]
+    saved = json.loads((tmp_path / "mnist/oc/abc/eval/health.json").read_text())
+    assert saved["verdict"] == "did-not-train" and saved["run_id"] == "abc"
+
+
+def test_health_thresholds_are_what_the_docstring_says() -> None:
+    cfg = {"data": {"num_classes": 10}, "hparams": {"epochs": 1}}
+    ok = health_verdict(cfg, [{"loss": 1.0, "train_acc": 0.16, "val_clean": 0.33}], trained=True)
+    low_val = health_verdict(cfg, [{"loss": 1.0, "train_acc": 0.5, "val_clean": 0.32}],
+                             trained=True)
+    at_chance = health_verdict(cfg, [{"loss": 1.0, "train_acc": 0.15, "val_clean": 0.9}],
+                               trained=True)
+    unfinished = health_verdict(cfg, [], trained=False)
+    assert ok["verdict"] == "ok" and ok["healthy"]
+    assert low_val["verdict"] == at_chance["verdict"] == "did-not-train"
+    assert unfinished["verdict"] == "incomplete" and not unfinished["healthy"]
+
+
+def test_nan_loss_stops_training_with_exit_3_naming_epoch_and_step(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from benchmark.cli import cli
+    hp = json.dumps({"epochs": 3, "lr_milestones": [2], "train_attack_steps": 1,
+                     "val_attack_steps": 1, "batch_size": 64, "lr": 1e30})
+    res = CliRunner().invoke(cli, ["train", "--defense", "st", "--dataset", "synthetic",
+                                   "--arch", "tiny", "--hparams", hp, "--runs-dir",
+                                   str(tmp_path), "--no-progress", "--device", "cpu"])
+    assert res.exit_code == 3, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("advbench: error")]
+    assert len(lines) == 1 and "loss became" in lines[0]
+    assert "epoch 1 step" in lines[0] or "epoch 2 step" in lines[0]
+    (run,) = list(tmp_path.glob("synthetic/st/*"))
+    health = json.loads((run / "eval" / "health.json").read_text())
+    assert health["verdict"] == "nan" and health["epoch"] >= 1 and health["step"] is not None
+    assert f"epoch {health['epoch']} step {health['step']}" in lines[0]
+    assert not (run / "TRAINED").exists()
+
+
+# --------------------------------------------------------------------------- report marks
+def test_tables_mark_unhealthy_and_unreliable_rows_with_footnotes(tmp_path: Path) -> None:
+    from benchmark.report.report import write_report
+    base = {"dataset": "mnist", "arch": "small-cnn", "profile": "cpu", "checkpoint": "best",
+            "hparams": {"eps": 0.3}, "data_provenance": "MNIST"}
+
+    def attack(defense: str, label: str, acc: float) -> dict:
+        return {**base, "kind": "attack", "defense": defense, "seed": 0, "run_id": defense,
+                "eval_key": f"{defense}-{label}", "attack": label, "norm": "linf", "eps": 0.3,
+                "eps_str": "0.3", "clean_acc": 0.95, "robust_acc": acc, "n_examples": 100}
+
+    rows = [attack("at", "pgd", 0.6), attack("adv-dpnp", "pgd", 0.7), attack("oc", "pgd", 0.08),
+            {**base, "kind": "health", "defense": "oc", "seed": 0, "run_id": "oc",
+             "eval_key": "h-oc", "verdict": "did-not-train", "healthy": False,
+             "reasons": ["final training accuracy 9.5% is within 5 points of chance"]},
+            {**base, "kind": "check", "defense": "adv-dpnp", "seed": 0, "run_id": "adv-dpnp",
+             "eval_key": "c1", "check": "more-budget", "letter": "e", "status": "fail",
+             "value": 0.12, "threshold": 0.05, "eps": 0.3, "eps_str": "0.3", "detail": "drop"},
+            {**base, "kind": "check", "defense": "at", "seed": 0, "run_id": "at",
+             "eval_key": "c2", "check": "more-budget", "letter": "e", "status": "pass",
+             "value": 0.01, "threshold": 0.05, "eps": 0.3, "eps_str": "0.3", "detail": "ok"}]
+    md = write_report(rows, tmp_path, plots=False)[0]
+    lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ")}
+    assert lines["at"].rstrip().endswith("| yes |") and "†" not in lines["at"]
+    assert lines["adv-dpnp"].rstrip().endswith("| no † |")
+    assert "**70.00** †" in lines["adv-dpnp"] and "95.00 |" in lines["adv-dpnp"]  # clean: no †
+    assert lines["oc"].count("‡") == 2 and lines["oc"].rstrip().endswith("| – |")
+    assert "- ‡ `oc`: training health: seed 0: did-not-train" in md
+    assert "- † `adv-dpnp`: evaluation potentially unreliable, failed checks: (e) more-budget" \
+        in md
+    csv = (tmp_path / "tables" / "accuracy_mnist_cpu.csv").read_text().splitlines()
+    assert csv[0].endswith(",reliable,healthy")
+
+
+def test_every_column_of_a_run_comes_from_autoattacks_points(tmp_path: Path) -> None:
+    from benchmark.report.report import write_report
+    base = {"dataset": "mnist", "arch": "small-cnn", "profile": "cpu", "checkpoint": "best",
+            "hparams": {"eps": 0.3}, "data_provenance": "MNIST", "defense": "at", "seed": 0,
+            "run_id": "r", "kind": "attack", "norm": "linf", "eps": 0.3, "eps_str": "0.3"}
+    rows = [{**base, "eval_key": "p", "attack": "pgd", "clean_acc": 0.95, "robust_acc": 0.61,
+             "n_examples": 1000, "acc_on_first": {"100": [0.9, 0.5, 1.0],
+                                                  "500": [0.94, 0.6, 1.0]}},
+            {**base, "eval_key": "a", "attack": "autoattack", "clean_acc": 0.9,
+             "robust_acc": 0.45, "n_examples": 100}]
+    write_report(rows, tmp_path, plots=False)
+    md = (tmp_path / "tables" / "table1_mnist_cpu.md").read_text()
+    assert "| at | 90.00 | 45.00 | 67.50 | – | – | 50.00 | 1 |" in md
+    assert "Test points per column: Clean 100, AA 100, Avg 100, PGD l∞ 100." in md
+    alone = write_report(rows[:1], tmp_path / "pgd-only", plots=False)[0]  # no AA: all points
+    assert "| at | 95.00 | 61.00 | 1 |" in alone
