@@ -41,6 +41,8 @@ class Transfer(Attack):
 
     description = "transfer attack: PGD on a source checkpoint (default the st run) applied to the target"
     supported_norms = frozenset({Norm.LINF, Norm.L2, Norm.L1})
+    #: the public test kit hands such an attack a surrogate ``source_model``
+    needs_source_model = True
     default_hparams = {**PGD.default_hparams, "steps": 20, "rel_step_size": 0.1,
                        "source": None, "checkpoint": "best"}
 

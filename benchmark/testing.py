@@ -123,6 +123,10 @@ def check_attack(cls: type, *, norms: Optional[Iterable[Norm]] = None, eps: floa
         model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
     x = torch.rand(batch, 3, 8, 8)
     y = torch.arange(batch) % 10
+    # an attack that crafts x' on another model (``transfer``) gets a fixed surrogate source
+    extra = {"source_model": nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))} \
+        if getattr(cls, "needs_source_model", False) else {}
+    hparams = {**(hparams or {}), **extra}
     for norm in norms or cls.supported_norms:
         e = eps if norm is Norm.LINF else (0.5 if norm is Norm.L2 else 2.0)
         atk: Attack = cls(ThreatModel(norm, e), seed=1, **(hparams or {}))

@@ -409,7 +409,8 @@ def transfer_source(run_dir: Path, cfg: Any) -> tuple[Optional[Path], str]:
 def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
               n_examples: Optional[int] = None, names: Sequence[str] = CHECKS,
               cheap: bool = False, checkpoint: str = "best", device: str = "cpu",
-              batch_size: int = 256, data: Any = None, data_dir: Optional[Path] = None,
+              batch_size: Optional[int] = None, data: Any = None,
+              data_dir: Optional[Path] = None,
               source: Optional[Path | str] = None) -> list[dict[str, Any]]:
     """Write the health row and the check rows of one run folder; return them.
 
@@ -423,10 +424,10 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
     """
     import time
 
-    from benchmark.data import load_dataset
-    from benchmark.eval.evaluate import adapt_spec, check_model, open_target, predict
+    from benchmark.device import default_eval_batch_size, resolve_device
+    from benchmark.eval.evaluate import adapt_spec, predict
+    from benchmark.eval.target import check_model, open_target
     from benchmark.run.health import write_health
-    from benchmark.run.train import resolve_device
 
     run_dir = Path(run_dir)
     dev = resolve_device(device)
@@ -434,8 +435,8 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
     health = run_dir / "eval" / "health.json"
     if (run_dir / "config.json").exists():
         out.append(read_json(health) if cheap and health.exists() else write_health(run_dir))
-    t = open_target(run_dir, checkpoint)
-    t.model.to(dev).eval()
+    t = open_target(run_dir, checkpoint, device=dev)
+    batch_size = batch_size or default_eval_batch_size(dev, t.cfg.arch)
     rows = _rows_of(run_dir)
     if not cheap:
         backfill_prefixes(run_dir, rows)
@@ -449,8 +450,7 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
 
     def test_points() -> tuple[Tensor, Tensor]:
         if "xy" not in cache:
-            d = data if data is not None else load_dataset(t.cfg.dataset, data_dir)
-            cache["xy"] = d.test.floats(dev)
+            cache["xy"] = t.test_data(data, data_dir).test.floats(dev)
             check_model(t.model, cache["xy"][0][:8], randomized=t.defense.randomized)
         return cache["xy"]
 
