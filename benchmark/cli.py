@@ -230,7 +230,8 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
               help="Points [those of the run's AutoAttack row, else 100 cpu / 1000 paper].")
 @click.option("--checks", "names", default=None,
               help="Comma list of checks [all]: aa-vs-pgd, eps-monotone, unbounded-eps, square, "
-                   "transfer, more-budget, zero-gradient, fgsm-vs-pgd.")
+                   "transfer, more-budget, zero-gradient, fgsm-vs-pgd; 'health' for the "
+                   "training-health verdict only (always written).")
 @click.option("--cheap", is_flag=True, help="Only what `advbench run` checks (nothing costly "
                                             "that is not stored).")
 @click.option("--source", default=None, type=click.Path(exists=True),
@@ -248,7 +249,8 @@ def check(run_paths: tuple[str, ...], eps: Optional[str], n_examples: Optional[i
     from benchmark.eval.checks import CHECKS, check_run, format_checks
     from benchmark.protocols import parse_eps_list
 
-    chosen = [c.strip() for c in names.split(",") if c.strip()] if names else list(CHECKS)
+    chosen = [c.strip() for c in names.split(",") if c.strip() and c.strip() != "health"] \
+        if names else list(CHECKS)
     bad = sorted(set(chosen) - set(CHECKS))
     if bad:
         raise UsageError(f"unknown checks {bad}; valid: {', '.join(CHECKS)}")

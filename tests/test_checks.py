@@ -255,3 +255,15 @@ def test_every_column_of_a_run_comes_from_autoattacks_points(tmp_path: Path) -> 
     assert "Test points per column: Clean 100, AA 100, Avg 100, PGD l∞ 100." in md
     alone = write_report(rows[:1], tmp_path / "pgd-only", plots=False)[0]  # no AA: all points
     assert "| at | 95.00 | 61.00 | 1 |" in alone
+
+
+def test_check_health_only_writes_the_row_after_the_fact(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from benchmark.cli import cli
+    log = [{"epoch": 1, "loss": 0.3, "train_acc": 0.9, "val_clean": 0.95}]
+    run = run_folder(tmp_path, log)
+    res = CliRunner().invoke(cli, ["check", "--run", str(run), "--checks", "health"])
+    assert res.exit_code == 0, res.output
+    assert "| oc | 0 | – | – | health | ok |" in res.output
+    assert json.loads((run / "eval" / "health.json").read_text())["verdict"] == "ok"

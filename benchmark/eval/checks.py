@@ -435,6 +435,8 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
     health = run_dir / "eval" / "health.json"
     if (run_dir / "config.json").exists():
         out.append(read_json(health) if cheap and health.exists() else write_health(run_dir))
+    if not names:  # the health verdict only (works for a run without a checkpoint yet)
+        return out
     t = open_target(run_dir, checkpoint, device=dev)
     batch_size = batch_size or default_eval_batch_size(dev, t.cfg.arch)
     rows = _rows_of(run_dir)
