@@ -206,6 +206,8 @@ class Checker:
         overrides: attack name → hyperparameters replacing the spec's (tests, quick checks).
         randomized: the defense is randomized (AutoAttack's ``rand`` version).
         transfer_source: run folder / checkpoint / model of the transfer source (None: skip).
+        existing: whether a spec's flags are already stored (the cheap subset uses only those).
+        batch_size: attack batch.
     """
 
     model: nn.Module

@@ -19,7 +19,7 @@ Verdicts:
 
 Thresholds (documented choices, measured against the committed cpu-profile runs): AT's final
 training accuracy (on adversarial inputs) is 26% on CIFAR-10-JPEG and 58-62% on MNIST, the
-runs that never left chance (OC, PCL) sit at 9.5-12%; a margin of 5 points over chance
+runs that never left chance (OC, PCL) sit at 9.4-12%; a margin of 5 points over chance
 separates them. Validation clean accuracy: AT reaches 43-47% on CIFAR-10-JPEG and 94-95% on
 MNIST; a threshold at chance + 0.25·(1 − chance) (32.5% for 10 classes, 25.75% for 100)
 leaves every defense that learned anything above it and flags models that are barely better
