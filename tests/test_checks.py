@@ -251,7 +251,7 @@ def test_every_column_of_a_run_comes_from_autoattacks_points(tmp_path: Path) -> 
              "robust_acc": 0.45, "n_examples": 100}]
     write_report(rows, tmp_path, plots=False)
     md = (tmp_path / "tables" / "table1_mnist_cpu.md").read_text()
-    assert "| at | 90.00 | 45.00 | 67.50 | – | – | 50.00 | 1 |" in md
+    assert "| at | 90.00 | 45.00 | 67.50 | – | – | 50.00 |" in md
     assert "Test points per column: Clean 100, AA 100, Avg 100, PGD l∞ 100." in md
     alone = write_report(rows[:1], tmp_path / "pgd-only", plots=False)[0]  # no AA: all points
     assert "| at | 95.00 | 61.00 | 1 |" in alone

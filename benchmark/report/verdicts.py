@@ -20,9 +20,11 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from benchmark.report.tables import COST
+
 HEALTH_MARK, RELIABILITY_MARK = "‡", "†"
 #: columns that are not robustness numbers (they get the health mark only)
-NOT_ROBUSTNESS = frozenset({"clean"})
+NOT_ROBUSTNESS = frozenset({"clean", *COST})
 
 
 @dataclass
