@@ -345,13 +345,14 @@ def train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer
                                 torch.full_like(first_bad, step), first_bad)
         if step % 20 == 0 or step == len(loader) - 1:  # the only host syncs of the loop
             if ddp is None:
-                loss_val = float(out.loss.detach())
-            else:  # every rank must see the same value, or one raises while others wait
-                num, den = distributed.all_reduce_sum(torch.stack(
+                loss_val, bad_anywhere = float(out.loss.detach()), int(first_bad) >= 0
+            else:  # every rank must see the same values, or one raises while others wait
+                num, den, bad = distributed.all_reduce_sum(torch.stack(
                     [out.loss.detach().double() * b, torch.tensor(float(b), device=dev,
-                                                                 dtype=torch.float64)]), env)
-                loss_val = float(num / den)
-            if not math.isfinite(loss_val) or int(first_bad) >= 0:
+                                                                 dtype=torch.float64),
+                     (first_bad >= 0).double()]), env)
+                loss_val, bad_anywhere = float(num / den), float(bad) > 0
+            if not math.isfinite(loss_val) or bad_anywhere:
                 at = int(first_bad)
                 raise DivergedError(cfg.defense, epoch + 1, at if at >= 0 else step,
                                     loss_val if not math.isfinite(loss_val) else math.nan)
