@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -28,8 +28,12 @@ from benchmark.config import parse_seeds, sweep_configs
 from benchmark.data import Data, dataset_scale, load_dataset
 from benchmark.device import default_eval_batch_size
 from benchmark.errors import UsageError
+from benchmark.eval.checks import check_run
+from benchmark.eval.evaluate import evaluate_run, expected_keys
 from benchmark.protocols import resolve_specs
-from benchmark.run.launch import Job, launch, plan
+from benchmark.run import distributed
+from benchmark.run.launch import Job, choose_launcher, launch, plan
+from benchmark.run.train import train_run
 from benchmark.store import RunStore, read_json
 
 logger = logging.getLogger(__name__)
@@ -46,11 +50,6 @@ def run_job(job: Job) -> str:
 
     Every DDP rank calls this; rank 0 evaluates. Returns the run folder.
     """
-    from benchmark.eval.checks import check_run
-    from benchmark.eval.evaluate import evaluate_run
-    from benchmark.run import distributed
-    from benchmark.run.train import train_run
-
     if job.gpus > 1 and "SUBMITIT_EXECUTOR" in os.environ and distributed.env_world_size() <= 1:
         import submitit
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -73,8 +72,6 @@ def run_job(job: Job) -> str:
 
 def collect_rows(jobs: Sequence[Job], scale: str) -> list[dict[str, Any]]:
     """The result rows the evaluated jobs were asked for, read from their run folders."""
-    from benchmark.eval.evaluate import expected_keys
-
     rows = []
     for job in jobs:
         if not job.evaluate:
@@ -168,7 +165,6 @@ def sweep(defenses: str, dataset: str, *, arch: Optional[str] = None, profile: s
         raise UsageError(f"--checkpoints takes best and/or last, got {checkpoints!r}")
     params = _json_object(executor_params, "--executor-params")
     store = RunStore(runs_dir)
-    from benchmark.eval.evaluate import expected_keys
     states = [store.state(store.run_dir(c), expected_keys(c, which, specs, n_examples)).value
               for c in cfgs]
     jobs = plan(cfgs, scale, runs_dir=runs_dir, data_dir=data_dir, download=download,
@@ -179,20 +175,18 @@ def sweep(defenses: str, dataset: str, *, arch: Optional[str] = None, profile: s
         on_plan(result)
     if dry_run:
         return result
-    if launcher in ("auto", "local"):
-        if launcher == "auto":
-            from benchmark.run.launch import choose_launcher
-            launcher, extra = choose_launcher(jobs, device, parallel)
-            parallel = extra.get("parallel", parallel)
-        if launcher in ("serial", "local"):  # same machine: fail on missing data here, once
-            _dataset(dataset, data_dir, download)
+    if launcher == "auto":
+        launcher, extra = choose_launcher(jobs, device, parallel)
+        parallel = extra.get("parallel", parallel)
+    if launcher in ("serial", "local"):  # this machine: fail on missing data here, once
+        _dataset(dataset, data_dir, download)
     result.launcher = launcher
     if force:
         for job in jobs:
             if job.evaluate and job.run_dir().exists():
                 shutil.rmtree(job.run_dir())
     if launcher == "serial":
-        jobs = [_with(job, progress=progress) for job in jobs]
+        jobs = [replace(job, progress=progress) for job in jobs]
         kwargs: dict[str, Any] = {}
     elif launcher == "local":
         kwargs = {"parallel": parallel}
@@ -208,11 +202,6 @@ def sweep(defenses: str, dataset: str, *, arch: Optional[str] = None, profile: s
                                  catalog=catalog())
     result.wall_s = time.perf_counter() - t0
     return result
-
-
-def _with(job: Job, **changes: Any) -> Job:
-    from dataclasses import replace
-    return replace(job, **changes)
 
 
 def _json_object(text: Optional[str], option: str) -> dict[str, Any]:

@@ -18,8 +18,9 @@ one dataset (and data provenance: a second provenance of the same dataset name g
 files, suffixed by a hash) and one profile: profiles are never mixed. Inside a file, one
 section per (arch, checkpoint); rows follow the defense order the caller passes (``advbench
 report`` passes the registry order, ``DEFENSES.names()``), others after by name: the report
-reads only rows and imports no defense. CSV floats use a fixed format (``%.4f``) and missing cells are ``NaN``, so a rebuild from
-the same rows is byte-identical; in Markdown missing cells are ``–`` and listed with a reason.
+reads only rows and imports no defense. CSV floats use a fixed format (``%.4f``) and missing
+cells are ``NaN``, so a rebuild from the same rows is byte-identical; in Markdown missing
+cells are ``–`` and listed with a reason.
 """
 from __future__ import annotations
 
