@@ -80,7 +80,7 @@ def _info(classes: int):  # noqa: ANN202
 
 
 def test_contract_model_shape_and_no_training_attack() -> None:
-    check_defense(DeepRepulsivePrototypes)
+    check_defense(DeepRepulsivePrototypes, archs=("tiny", "small-cnn", "lenets++"))
     defense = make_defense(DeepRepulsivePrototypes)
     model = defense.build_model("tiny", _info(10))
     assert model.features(torch.rand(2, 3, 8, 8)).shape == (2, 100)  # the backbone ends in d

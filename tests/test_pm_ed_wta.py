@@ -76,7 +76,7 @@ def test_switching_rule_routes_prototype_gradients_by_class() -> None:
 
 
 def test_contract_beta_lr_and_rejection_score() -> None:
-    check_defense(PMEDWTA)
+    check_defense(PMEDWTA, archs=("tiny", "small-cnn", "lenets++"))
     check_defense(PMEDWTA, hparams={"neurons_per_class": 3})
     defense = make_defense(PMEDWTA, hparams={"neurons_per_class": 2, "beta_lr_scale": 0.01})
     from benchmark.testing import TINY_INFO

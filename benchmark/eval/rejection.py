@@ -71,7 +71,7 @@ def threshold_at_tpr(pos: Tensor | np.ndarray, tpr: float = 0.95) -> float:
     p = np.sort(np.asarray(pos, dtype=np.float64))
     if not len(p):
         raise UsageError("no positive (clean) scores to set a threshold")
-    return float(p[max(math.ceil(tpr * len(p)) - 1, 0)])
+    return float(p[max(math.ceil(tpr * len(p) - 1e-9) - 1, 0)])  # 0.95·1000 = 950.0000000000001
 
 
 def fpr_at(neg: Tensor | np.ndarray, tau: float) -> float:
