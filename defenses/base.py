@@ -105,7 +105,8 @@ class Defense(abc.ABC):
 
     def training_attack(self) -> Optional[Attack]:
         """The training attack, built once; None for a defense that declares
-        ``uses_training_attack = False`` (the harness calls this before the first epoch)."""
+        ``uses_training_attack = False`` (the harness calls this before the first epoch and
+        builds nothing for such a defense; :meth:`adversarial` then refuses to run)."""
         if not self.uses_training_attack:
             return None
         if self._train_attack is None:

@@ -61,7 +61,6 @@ class DPNP(PrototypeDefense):
     default_hparams = {"alpha": 40.0, "lambda_dpp": 0.1, "lambda_dnp": 0.1,
                        "dnp_guard": SQRT_GUARD, "select_by": "val_clean"}
     dataset_hparams = {"cifar100": {"lambda_dpp": 0.3, "lambda_dnp": 3.0}}
-    uses_training_attack = False
 
     def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
                       step: int) -> StepOutput:

@@ -25,7 +25,6 @@ class StandardTraining(Defense):
     uses_training_attack = False
     paper = "-"
     default_hparams = {"select_by": "val_clean"}
-    uses_training_attack = False
 
     def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
                       step: int) -> StepOutput:
