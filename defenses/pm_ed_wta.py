@@ -84,8 +84,9 @@ class PMEDWTAHead(nn.Module):
         super().__init__()
         self.num_classes, self.k = num_classes, int(neurons_per_class)
         bound = 1.0 / math.sqrt(feature_dim)
-        self.pos = nn.Parameter(torch.empty(num_classes * self.k, feature_dim).uniform_(-bound, bound))
-        self.neg = nn.Parameter(torch.empty(num_classes * self.k, feature_dim).uniform_(-bound, bound))
+        shape = (num_classes * self.k, feature_dim)
+        self.pos = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+        self.neg = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
         self.beta = nn.Parameter(torch.tensor(float(beta_init)))
         self.register_buffer("neuron_class", torch.arange(num_classes).repeat_interleave(self.k),
                              persistent=False)

@@ -63,7 +63,8 @@ def test_switching_rule_routes_prototype_gradients_by_class() -> None:
         assert torch.all(g_pos[~mine] == 0) and torch.all(g_neg[mine] == 0)
         # ... where they do learn, it is the true gradient, and the true one is not zero
         # where the rule blocks it (so the zeros above are the rule's doing)
-        assert torch.allclose(g_pos[mine], t_pos[mine]) and torch.allclose(g_neg[~mine], t_neg[~mine])
+        assert torch.allclose(g_pos[mine], t_pos[mine])
+        assert torch.allclose(g_neg[~mine], t_neg[~mine])
         assert t_pos[~mine].abs().sum() > 0 and t_neg[mine].abs().sum() > 0
         assert torch.allclose(g_f, t_f)  # the backbone gets the full gradient
     # batch form: a class without samples in the batch (class 1) moves no positive prototype

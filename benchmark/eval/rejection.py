@@ -309,7 +309,8 @@ def evaluate_rejection(run_dir: Path | str, *, checkpoint: str = "best",
                     if "robust_acc_reject" in row else "")
 
     def cached(negatives: str, extra_key: dict[str, Any]) -> bool:
-        path = t.out_dir / "eval" / f"{_key(t.cfg.run_id, t.checkpoint, negatives, n, tpr, extra_key)}.json"
+        key = _key(t.cfg.run_id, t.checkpoint, negatives, n, tpr, extra_key)
+        path = t.out_dir / "eval" / f"{key}.json"
         if path.exists() and not force:
             rows.append(read_json(path))
             return True
