@@ -44,11 +44,12 @@ from torch import Tensor, nn
 from attacks.base import check_perturbation
 from benchmark.config import DEFAULT_N_EXAMPLES, stable_hash
 from benchmark.data import Data, DataInfo, find_image_folder, load_dataset
+from benchmark.device import default_eval_batch_size
 from benchmark.errors import DataError, UsageError
+from benchmark.eval.target import check_model, open_target
 from benchmark.protocols import AttackSpec, attack_specs
 
 logger = logging.getLogger(__name__)
-SCHEMA = 1
 DEFAULT_LAMBDAS = (0.1, 1.0, 10.0)
 #: OOD source per dataset scale: (set name, dataset name)
 OOD_SOURCES = {"mnist": ("cifar10-grey", "cifar10"), "cifar": ("mnist-rgb", "mnist")}
@@ -239,11 +240,10 @@ def _key(run_id: str, checkpoint: str, negatives: str, n: int, tpr: float,
 
 def evaluate_rejection(run_dir: Path | str, *, checkpoint: str = "best",
                        n_examples: Optional[int] = None, device: str = "cpu",
-                       batch_size: int = 256, data: Optional[Data] = None,
+                       batch_size: Optional[int] = None, data: Optional[Data] = None,
                        data_dir: Optional[Path | str] = None, force: bool = False,
                        tpr: float = 0.95, lambdas: Sequence[float] = DEFAULT_LAMBDAS,
-                       ood_data_dir: Optional[Path | str] = None,
-                       progress: bool = False) -> list[dict[str, Any]]:
+                       ood_data_dir: Optional[Path | str] = None) -> list[dict[str, Any]]:
     """Rejection rows of one run folder (see the module docstring); existing rows are reused.
 
     Args:
@@ -251,29 +251,22 @@ def evaluate_rejection(run_dir: Path | str, *, checkpoint: str = "best",
         checkpoint: ``best`` or ``last``.
         n_examples: first N test points (default: the profile's, 1000 on ``cpu``).
         device: where the model runs.
-        batch_size: evaluation batch.
+        batch_size: evaluation batch (default: sized for the device and arch).
         data: the run's dataset already in memory (else loaded from ``data_dir``).
         data_dir: where the run's dataset lives; also searched for the OOD source.
         force: recompute existing rows.
         tpr: fraction of clean points accepted by the threshold.
         lambdas: detector weights of the adaptive attack.
         ood_data_dir: where to look for the OOD source (default ``data_dir``).
-        progress: log each set as it finishes.
     """
-    from benchmark.eval.evaluate import check_model, open_target
-    from benchmark.run.train import resolve_device
     from benchmark.store import atomic_write_json, read_json
 
     if not 0 < tpr < 1:
         raise UsageError(f"tpr must lie in (0, 1), got {tpr}")
-    dev = resolve_device(device)
-    t = open_target(run_dir, checkpoint)
-    model, defense = t.model.to(dev).eval(), t.defense
-    if data is None:
-        data = load_dataset(t.cfg.dataset, data_dir)
-    if data.info.num_classes != t.info.num_classes:
-        raise UsageError(f"checkpoint has {t.info.num_classes} classes, dataset {data.info.name} "
-                         f"has {data.info.num_classes}")
+    t = open_target(run_dir, checkpoint, device=device)
+    model, defense, dev = t.model, t.defense, t.device
+    batch_size = batch_size or default_eval_batch_size(dev, t.cfg.arch)
+    data = t.test_data(data, data_dir)
     if n_examples is None:
         n_examples = DEFAULT_N_EXAMPLES.get(t.cfg.profile)
     n = len(data.test) if n_examples is None else min(int(n_examples), len(data.test))
@@ -288,7 +281,7 @@ def evaluate_rejection(run_dir: Path | str, *, checkpoint: str = "best",
     sigma = float(pos.std()) if len(pos) > 1 else 1.0
     clean = pred == y.cpu()
     accepted = pos <= tau
-    base = {**_provenance(t, dev), "score": defense.score_name, "tpr_target": tpr, "tau": tau,
+    base = {"score": defense.score_name, "tpr_target": tpr, "tau": tau,
             "score_std_clean": sigma, "n_examples": n, "clean_acc": float(clean.float().mean()),
             "clean_accept_acc": float((clean & accepted).float().mean())}
     clean_s = time.perf_counter() - t0
@@ -297,7 +290,7 @@ def evaluate_rejection(run_dir: Path | str, *, checkpoint: str = "best",
     def emit(negatives: str, extra_key: dict[str, Any], neg: Tensor,
              fields: dict[str, Any], wall: float) -> None:
         key = _key(t.cfg.run_id, t.checkpoint, negatives, n, tpr, extra_key)
-        row = {**base, "eval_key": key, "negatives": negatives, "n_negatives": int(len(neg)),
+        row = {**t.row(key, "rejection"), **base, "negatives": negatives, "n_negatives": int(len(neg)),
                "auroc": auroc(pos, neg), "fpr_at_tpr": fpr_at(neg, tau),
                "roc": roc_points(pos, neg), **fields, "wall_s": round(wall + clean_s, 3)}
         atomic_write_json(t.out_dir / "eval" / f"{key}.json", row)
@@ -365,19 +358,6 @@ def evaluate_rejection(run_dir: Path | str, *, checkpoint: str = "best",
         emit(f"ood-{name}", {"ood": name}, s_ood, {"ood_provenance": prov},
              time.perf_counter() - t1)
     return rows
-
-
-def _provenance(t: Any, dev: torch.device) -> dict[str, Any]:
-    """The provenance fields of every row (as in the attack rows)."""
-    from benchmark.store import code_version, environment, now
-    cfg = t.cfg
-    return {"schema": SCHEMA, "kind": "rejection", "run_id": cfg.run_id, "defense": cfg.defense,
-            "dataset": cfg.dataset, "data_provenance": t.info.provenance, "arch": cfg.arch,
-            "profile": cfg.profile, "seed": cfg.seed, "checkpoint": t.checkpoint,
-            "checkpoint_file": t.ckpt_path.name, "checkpoint_epoch": t.epoch,
-            "hparams": cfg.hparams, "env": environment(dev),
-            "git": t.config.get("git") or code_version(), "eval_git": code_version(),
-            "created": now()}
 
 
 def format_rejection(rows: Sequence[dict[str, Any]]) -> str:
