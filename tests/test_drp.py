@@ -89,6 +89,11 @@ def test_contract_model_shape_and_no_training_attack() -> None:
     assert defense.training_attack() is None
     with pytest.raises(RuntimeError, match="uses_training_attack"):
         defense.adversarial(model, torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))
+    from benchmark.eval.metrics import feature_metrics  # Table 4: centres = prototypes, in R^d
+    x = torch.rand(20, 3, 8, 8)
+    metrics = feature_metrics(model.features(x).detach(), torch.arange(20) % 10,
+                              defense.class_centers(model))
+    assert all(math.isfinite(v) for v in metrics.values())
     other = make_defense(DeepRepulsivePrototypes, hparams={"proto_seed": 1})
     other.load_state_dict(defense.state_dict())
     assert torch.equal(other.prototypes, defense.prototypes)

@@ -146,3 +146,12 @@ def test_rejection_suite_rejects_checkpoint_files(tiny_run: Path) -> None:
     res = CliRunner().invoke(cli, ["evaluate", "--suite", "rejection", "--checkpoint-file",
                                    str(tiny_run / "ckpt_last.pt")])
     assert res.exit_code == 2 and "--run folders only" in res.output
+
+
+def test_features_use_the_positive_prototypes_as_class_centres(tiny_run: Path) -> None:
+    from benchmark.eval.features import evaluate_features
+    rows = evaluate_features(tiny_run, n_examples=40, device="cpu")
+    assert {r["condition"] for r in rows} == {"clean", "pgd20"}
+    for r in rows:
+        assert r["centers"] == "PMEDWTA.class_centers" and math.isfinite(r["scr"])
+        assert r["feature_dim"] == 32  # the tiny backbone's features, where p_k live
