@@ -83,6 +83,17 @@ class _Softmax:
         return 1 - torch.softmax(model(x), 1).amax(1)
 
 
+def test_default_score_shortcut_equals_the_hook() -> None:
+    from benchmark.eval.rejection import score_and_logits
+    from benchmark.testing import TINY_INFO, make_defense
+    from defenses.at import MadryAT
+    defense = make_defense(MadryAT)
+    model = defense.build_model("tiny", TINY_INFO).eval()
+    x = torch.rand(5, 3, 8, 8)
+    r, logits = score_and_logits(defense, model, x)
+    assert torch.allclose(r, defense.rejection_score(model, x)) and torch.equal(logits, model(x))
+
+
 def test_adaptive_attack_needs_an_accepted_misclassification() -> None:
     model, defense = _Toy().eval(), _Softmax()
     # class 0 iff mean pixel > 0.5; points near the boundary can be flipped with ε = 0.3
@@ -96,6 +107,9 @@ def test_adaptive_attack_needs_an_accepted_misclassification() -> None:
     # τ above every score accepts everything: broken = misclassified at the returned x'
     assert torch.equal(accept_all, wrong) and accept_all[:2].all() and not accept_all[2]
     assert per_lambda == {"0": 2} and (chosen - x).abs().max() <= 0.3 + 1e-6
+    # a later λ attacks only the points no earlier λ broke (here the unbreakable third one)
+    assert adaptive_attack(defense, model, spec, x, y, 2.0, 1.0, [0.0, 10.0])[2] == \
+        {"0": 2, "10": 0}
     # τ below every score: nothing is ever accepted, so nothing is broken
     reject_all = adaptive_attack(defense, model, spec, x, y, tau=-1.0, sigma=1.0,
                                  lambdas=[0.0, 10.0])[0]
