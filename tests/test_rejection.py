@@ -169,3 +169,22 @@ def test_features_use_the_positive_prototypes_as_class_centres(tiny_run: Path) -
     for r in rows:
         assert r["centers"] == "PMEDWTA.class_centers" and math.isfinite(r["scr"])
         assert r["feature_dim"] == 32  # the tiny backbone's features, where p_k live
+
+
+def test_ood_source_is_never_the_runs_own_image_folder(tmp_path: Path) -> None:
+    from PIL import Image
+    own = tmp_path / "cifar10-jpeg"  # the run's data: --data-dir points at it
+    for split in ("train", "test"):
+        for c in range(10):  # ten classes, like MNIST: still not taken for MNIST
+            (own / split / str(c)).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (255, 0, 0)).save(own / split / str(c) / "a.png")
+    rgb = DataInfo("c", 10, 3, 32, (0.5,) * 3, (0.5,) * 3, "cifar")
+    sets, skipped = ood_sets(rgb, 3, own)
+    assert "mnist-rgb" not in sets and "mnist-rgb skipped" in skipped[0]
+    digits = tmp_path / "mnist"  # a sibling image folder named after the source is used
+    for split in ("train", "test"):
+        (digits / split / "0").mkdir(parents=True)
+        Image.new("L", (28, 28), 255).save(digits / split / "0" / "a.png")
+    sets, skipped = ood_sets(rgb, 3, own)
+    assert not skipped and sets["mnist-rgb"][0].shape == (1, 3, 32, 32)
+    assert torch.allclose(sets["mnist-rgb"][0], torch.ones(1, 3, 32, 32))

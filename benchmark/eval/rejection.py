@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from attacks.base import check_perturbation
 from benchmark.config import DEFAULT_N_EXAMPLES, stable_hash
-from benchmark.data import Data, DataInfo, find_image_folder, load_dataset
+from benchmark.data import Data, DataInfo, load_dataset
 from benchmark.device import default_eval_batch_size
 from benchmark.errors import DataError, UsageError
 from benchmark.eval.target import check_model, open_target
@@ -138,11 +138,15 @@ def ood_sets(info: DataInfo, n: int, data_dir: Optional[Path | str]
     roots = [root, root.parent] if root is not None else []
     errors = []
     for cand in roots:
-        folder = next((f for nm in (source, f"{source}-jpeg")
-                       if (f := find_image_folder(nm, cand)) is not None), None)
+        # a sub-folder named after the source only: the folder itself is the run's own data
+        folder = next((cand / nm for nm in (source, f"{source}-jpeg")
+                       if (cand / nm / "train").is_dir() and (cand / nm / "test").is_dir()), None)
         try:
             if folder is not None:
                 x, prov = _folder_test_images(folder, n), f"{source} test images from {folder}"
+            elif (cand / "train").is_dir() and (cand / "test").is_dir():
+                raise DataError(f"{cand} is an image folder (the run's own data?), not a "
+                                f"{source} root")
             else:
                 data = load_dataset(source, cand)
                 x, _ = data.test.subset(torch.arange(min(n, len(data.test)))).floats()
