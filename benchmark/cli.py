@@ -163,7 +163,8 @@ def _train_and_print(job: Any) -> None:
               help="Attack columns, e.g. fgsm,pgd,pgd@4/255,pgd-k50 ('all' for every one).")
 @click.option("--suite", default=None,
               help="Named suite: table1, table2, table3, table6, table7, table8, fig4, sanity, "
-                   "default (see `advbench list suites`).")
+                   "default (see `advbench list suites`); `rejection` runs the detector "
+                   "evaluation (benchmark.eval.rejection).")
 @click.option("--eps", default=None, help="Comma list of eps overriding every column's, "
                                           "e.g. 2/255,4/255.")
 @click.option("--n-examples", type=int, default=None,
@@ -204,6 +205,15 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
 
     if not run_paths and not ckpt_files and not zoo_name:
         raise UsageError("give --run RUN_DIR, --checkpoint-file FILE or --robustbench NAME")
+    if suite == "rejection":
+        from benchmark.eval.rejection import evaluate_rejection, format_rejection
+        if ckpt_files or zoo_name or attacks or eps:
+            raise UsageError("--suite rejection takes --run folders only (no --attacks/--eps)")
+        click.echo(format_rejection([r for path in run_paths for r in evaluate_rejection(
+            path, checkpoint=which, n_examples=n_examples, device=device,
+            batch_size=batch_size, data_dir=Path(data_dir) if data_dir else None,
+            force=force)]))
+        return
     rows = []
     if zoo_name:
         from benchmark.eval.zoo import evaluate_zoo
@@ -407,6 +417,8 @@ def list_(what: str) -> None:
             grids = "; ".join(f"{scale} eps {','.join(format_eps(e) for e in grid)}"
                               for scale, grid in SUITE_EPS.get(name, {}).items())
             click.echo(f"{name}\tbuilt-in\t{','.join(labels)}" + (f"\t[{grids}]" if grids else ""))
+        click.echo("rejection\tbuilt-in\tdetector score vs pgd, adaptive, OOD "
+                   "(benchmark.eval.rejection)")
 
 
 @cli.command()

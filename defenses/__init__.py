@@ -12,7 +12,7 @@ register_defense = DEFENSES.register
 
 # built-ins, imported for their registration side effect; order = table/listing order
 from defenses import (st, at, trades, mart, at_he, oc, fsr, ikl, adv_dpnp, dpnp,  # noqa: E402,F401
-                      hat, dio, pcl)
+                      hat, dio, pcl, drp, pm_ed_wta)
 
 
 

@@ -148,7 +148,10 @@ def prototype_head(model: nn.Module) -> PrototypeHead:
 
 
 class PrototypeDefense(Defense):
-    """Model side shared by ``adv-dpnp`` and ``dpnp``: prototype head, renormalisation."""
+    """Model side shared by ``adv-dpnp`` and ``dpnp``: prototype head, renormalisation,
+    rejection score = distance to the nearest prototype."""
+
+    score_name = "min_j ‖f − c_j‖₂"
 
     def make_head(self, feature_dim: int, num_classes: int) -> nn.Module:
         return PrototypeHead(feature_dim, num_classes, float(self.hparams["alpha"]))
@@ -158,6 +161,11 @@ class PrototypeDefense(Defense):
 
     def class_centers(self, model: nn.Module) -> Optional[Tensor]:
         return prototype_head(model).prototypes.detach()
+
+    def rejection_score(self, model: nn.Module, x: Tensor) -> Tensor:
+        """Distance to the nearest prototype, min_j ‖f(x) − c_j‖₂."""
+        return torch.cdist(model.features(x).float(),
+                           prototype_head(model).prototypes.float()).amin(dim=1)
 
     def _weights(self, *names: str) -> dict[str, Any]:
         return {"alpha": float(self.hparams["alpha"]),

@@ -46,9 +46,11 @@ class Defense(abc.ABC):
             one needs; the harness trains or reuses them and passes them to :meth:`setup`.
         randomized: stochastic at inference (AutoAttack's "rand" version, repeated evaluation).
         uses_training_attack: training runs the training attack (PGD-k); ``st``, ``dpnp`` and
-            defenses such as ``drp`` that train on clean data only set it False.
+            defenses such as ``drp`` that train on clean data only set it False
+            (the harness then builds no training attack and :meth:`adversarial` refuses).
         loss_passes: forward+backward passes per training sample outside the training attack:
             1 for a loss on x' alone (AT), 2 for a loss on x and x' (TRADES-style).
+        score_name: what :meth:`rejection_score` computes (recorded in rejection rows).
 
     Args:
         hparams: the fully merged hyperparameters (protocol + method).
@@ -66,6 +68,7 @@ class Defense(abc.ABC):
     randomized: ClassVar[bool] = False
     uses_training_attack: ClassVar[bool] = True
     loss_passes: ClassVar[int] = 1
+    score_name: ClassVar[str] = "1 - max softmax"
 
     def __init__(self, hparams: Mapping[str, Any], *, threat: ThreatModel,
                  num_classes: int) -> None:
@@ -100,12 +103,28 @@ class Defense(abc.ABC):
         return protocol_pgd(self.threat, self.hparams,
                             str(self.hparams.get("attack_start", "uniform")))
 
-    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, *,
-                    loss: Optional[Objective] = None) -> Tensor:
-        """x' from the training attack (model in eval mode while it runs, then restored)."""
+    def training_attack(self) -> Optional[Attack]:
+        """The training attack, built once; None for a defense that declares
+        ``uses_training_attack = False`` (the harness calls this before the first epoch and
+        builds nothing for such a defense; :meth:`adversarial` then refuses to run)."""
+        if not self.uses_training_attack:
+            return None
         if self._train_attack is None:
             self._train_attack = self.attack_for_training()
-        return self._train_attack(model, x, y, loss=loss)
+        return self._train_attack
+
+    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, *,
+                    loss: Optional[Objective] = None) -> Tensor:
+        """x' from the training attack (model in eval mode while it runs, then restored).
+
+        Raises:
+            RuntimeError: the defense declared ``uses_training_attack = False``.
+        """
+        attack = self.training_attack()
+        if attack is None:
+            raise RuntimeError(f"{self.name or type(self).__name__} declares "
+                               f"uses_training_attack = False but asked for a training attack")
+        return attack(model, x, y, loss=loss)
 
     @abc.abstractmethod
     def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
@@ -128,6 +147,14 @@ class Defense(abc.ABC):
     def setup(self, helpers: Mapping[str, nn.Module]) -> None:
         """Receive trained models of the defenses named in ``requires`` (eval mode, frozen)."""
 
+    def param_groups(self, model: nn.Module) -> Optional[list[dict[str, Any]]]:
+        """Optimizer parameter groups, or None for one group with the protocol's values.
+
+        A group may carry ``lr_scale`` (its lr is the scheduled lr times this factor) and its
+        own ``weight_decay``; every trainable parameter must appear in exactly one group.
+        """
+        return None
+
     # ---------------------------------------------------------------- evaluation
     def objective(self) -> Objective:
         """Per-sample training objective as a function of x' (the adaptive attack's loss).
@@ -135,6 +162,14 @@ class Defense(abc.ABC):
         Returns ``loss(model, x_adv, x, y) -> Tensor[N]``; default cross-entropy on x'.
         """
         return ce_objective
+
+    def rejection_score(self, model: nn.Module, x: Tensor) -> Tensor:
+        """Per-sample rejection score r(x) (higher = more suspicious; reject when r > τ).
+
+        Default: 1 − max softmax of the logits (Hendrycks & Gimpel's baseline). Differentiable,
+        so an adaptive attack can target the detector as well as the classifier.
+        """
+        return 1.0 - F.softmax(model(x).float(), dim=1).amax(dim=1)
 
     def class_centers(self, model: nn.Module) -> Optional[Tensor]:
         """Class centres for feature-space metrics: classifier weights by default."""

@@ -1,4 +1,4 @@
-"""The paper's figures with matplotlib (Agg): Figure 2, Figure 3 and Figure 4.
+"""The paper's figures with matplotlib (Agg): Figure 2, Figure 3, Figure 4 and the rejection ROC.
 
 Each function returns a ``Figure`` (or None when the rows hold nothing to plot); :func:`save`
 writes the PNG. Colours are fixed per defense: its position in the order the caller passes
@@ -179,5 +179,36 @@ def figure2(panels: Sequence[dict[str, Any]]) -> Figure:
     fig.suptitle(f"LeNets++ features on {panels[0].get('dataset')}: adversarial = PGD "
                  f"ε={atk.get('eps_str', '?')}, {atk.get('attack_hparams', {}).get('steps', '?')} "
                  f"steps of {atk.get('attack_hparams', {}).get('step_size', '?')}", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def roc_figure(rej: pd.DataFrame, order: Sequence[str] = ()) -> Optional[Figure]:
+    """ROC curves of the rejection score (``rejection`` rows): one panel per negative set, one
+    line per defense (its first seed), TPR = clean points accepted, FPR = negatives accepted."""
+    if not len(rej) or not any(len(r) for r in rej["roc"]):
+        return None
+    sets = [s for s in ("pgd", "adaptive") if s in set(rej["negatives"])]
+    sets += sorted(set(rej["negatives"]) - set(sets))
+    blocks = _blocks(rej)
+    fig, axes = plt.subplots(len(blocks), len(sets), figsize=(3.6 * len(sets), 3.6 * len(blocks)),
+                             squeeze=False)
+    for row, ((arch, ckpt), df) in zip(axes, blocks):
+        for ax, neg in zip(row, sets):
+            part = df[df["negatives"] == neg].sort_values("seed", kind="stable")
+            for lab in order_labels(part["label"], order):
+                r = part[part["label"] == lab].iloc[0]
+                if len(r["roc"]):
+                    pts = np.asarray(r["roc"], dtype=float)
+                    ax.plot(pts[:, 0], pts[:, 1], color=defense_colour(lab, order),
+                            label=f"{lab} ({r['auroc']:.1f})")
+            ax.plot([0, 1], [0, 1], color="grey", lw=0.6, ls=":")
+            ax.axhline(0.95, color="grey", lw=0.5)
+            ax.set_title(f"{neg} — {arch}, {ckpt}", fontsize=9)
+            ax.set_xlabel("FPR (negatives accepted)")
+            ax.grid(alpha=0.3)
+            if len(part):
+                ax.legend(fontsize=7, title="AUROC %", title_fontsize=7)
+        row[0].set_ylabel("TPR (clean accepted)")
     fig.tight_layout()
     return fig

@@ -12,6 +12,7 @@
     tables/missing.csv                      every absent cell and why
     plots/figure3_<dataset>_<profile>.png   CIFAR-10-C accuracy per severity
     plots/figure4_<dataset>_<profile>.png   accuracy vs ε (FGSM, PGD)
+    plots/roc_<dataset>_<profile>.png       ROC of the rejection score per negative set
 
 Tables are built by :mod:`benchmark.report.tables` (which rows feed which column). One file holds
 one dataset (and data provenance: a second provenance of the same dataset name gets its own
@@ -265,7 +266,8 @@ def _figures(fr: dict[str, pd.DataFrame], plot_dir: Path, suffix: str,
     from benchmark.report import plots
 
     for name, fig in (("figure3", plots.severity_figure(fr["corruption"], order)),
-                      ("figure4", plots.eps_figure(fr["attack"], order))):
+                      ("figure4", plots.eps_figure(fr["attack"], order)),
+                      ("roc", plots.roc_figure(fr["rejection"], order))):
         if fig is not None:
             plots.save(fig, plot_dir / f"{name}_{suffix}.png")
             plt.close(fig)

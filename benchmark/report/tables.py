@@ -7,7 +7,9 @@ them. Three row kinds feed the tables (a row without ``kind`` is an attack row):
 * ``attack`` (``benchmark.eval.evaluate``): ``attack`` column label, ``norm``, ``eps``,
   ``clean_acc``, ``robust_acc``, ``adv_ce``, ``n_examples``;
 * ``features`` (``benchmark.eval.features``): ``condition`` clean|pgd20 and the five metrics;
-* ``corruption`` (``benchmark.eval.corruptions``): ``corruption``, ``severity``, ``accuracy``.
+* ``corruption`` (``benchmark.eval.corruptions``): ``corruption``, ``severity``, ``accuracy``;
+* ``rejection`` (``benchmark.eval.rejection``): ``negatives`` (pgd, adaptive, ood-<set>),
+  ``auroc``, ``fpr_at_tpr``, ``robust_acc_reject``, ``roc``.
 
 ``cost`` rows (:mod:`benchmark.run.cost`, one per trained run) are not cells of their own:
 their ``epoch_s``, ``passes_per_sample`` and ``peak_mem_mb`` join the attack rows of the same
@@ -51,6 +53,7 @@ DISPLAY = {"clean": "Clean", "autoattack": "AA", "avg": "Avg", "pgd-l1": "PGD l1
            "epoch_s": "s/epoch", "passes": "passes/sample", "peak_mem_mb": "peak MiB"}
 #: training-cost columns of Tables 1 and 2 (from ``"kind": "cost"`` rows, joined by run_id)
 COST = ["epoch_s", "passes", "peak_mem_mb"]
+_REJ = {"auroc": "AUROC", "fpr": "FPR@95", "acc": "Acc", "accrej": "Acc+rej"}
 
 
 def display(column: str) -> str:
@@ -62,6 +65,9 @@ def display(column: str) -> str:
     if m:
         what = "Acc" if m.group(1) == "acc" else "CE"
         return f"{what} {'K' if m.group(2) == 'k' else 'R'}={m.group(3)}"
+    m = re.match(r"^(auroc|fpr|acc|accrej)_(pgd|adaptive|ood-.+)$", column)
+    if m:
+        return f"{_REJ[m.group(1)]} {m.group(2)}"
     if re.match(r"^s[1-5]$", column):
         return f"Severity {column[1]}"
     return DISPLAY.get(column, column)
@@ -119,7 +125,7 @@ def frames(records: Iterable[dict]) -> dict[str, pd.DataFrame]:
     costs = {str(r.get("run_id")): r for r in records if _kind(r) == "cost"}
     records = [r for r in records if _kind(r) != "cost"]
     labels = _labels(records)
-    out: dict[str, list[dict]] = {"attack": [], "features": [], "corruption": []}
+    out: dict[str, list[dict]] = {"attack": [], "features": [], "corruption": [], "rejection": []}
     for r, label in zip(records, labels):
         kind = _kind(r)
         if kind not in out or (kind == "corruption" and r.get("aggregate")):
@@ -143,6 +149,12 @@ def frames(records: Iterable[dict]) -> dict[str, pd.DataFrame]:
             cost = costs.get(base["run_id"], {})
             base.update(epoch_s=_nan(cost.get("epoch_s")), passes=_nan(cost.get("passes_per_sample")),
                         peak_mem_mb=_nan(cost.get("peak_mem_mb")))
+        elif kind == "rejection":
+            base.update(negatives=str(r.get("negatives")), score=str(r.get("score")),
+                        auroc=100 * _nan(r.get("auroc")), fpr=100 * _nan(r.get("fpr_at_tpr")),
+                        robust=100 * _nan(r.get("robust_acc")),
+                        robust_reject=100 * _nan(r.get("robust_acc_reject")),
+                        roc=r.get("roc") or [])
         elif kind == "features":
             base.update(condition=str(r.get("condition", "clean")),
                         **{m: _nan(r.get(m)) for m in ("fdr", "afs", "scr", "mean_sep", "min_sep")})
@@ -362,6 +374,27 @@ def _per_corruption(c: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return g[CELL], cols
 
 
+def _rejection(j: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """AUROC and FPR at the TPR target per negative set; robust accuracy with rejection."""
+    if not len(j):
+        return pd.DataFrame(columns=CELL), []
+    found = set(j["negatives"])
+    sets = [s for s in ("pgd", "adaptive") if s in found] + sorted(found - {"pgd", "adaptive"})
+    parts, cols = [], []
+    for s in sets:
+        sel = _best_n(j[j["negatives"] == s], UNIT)
+        cols += [f"auroc_{s}", f"fpr_{s}"]
+        parts += [_cells(sel, f"auroc_{s}", "auroc"), _cells(sel, f"fpr_{s}", "fpr")]
+        if s in ("pgd", "adaptive"):
+            cols += [f"acc_{s}", f"accrej_{s}"]
+            parts += [_cells(sel, f"acc_{s}", "robust"),
+                      _cells(sel, f"accrej_{s}", "robust_reject")]
+    return _concat(parts), cols
+
+
+def _why_rejection(c: str) -> str:
+    return f"no `rejection` row for `{c.split('_', 1)[1]}` (`advbench evaluate --suite rejection`)"
+
 #: Tables 1 and 2 carry the training cost: no bold, never enough alone to write a table
 _COST_SPEC: dict[str, Any] = dict(
     derived=frozenset({"clean", "avg", *COST}), neutral=lambda c: c in COST,
@@ -409,4 +442,14 @@ TABLES: list[TableSpec] = [
               "attack", _fixed(["pgd20", "adaptive"]), derived=frozenset(),
               note="`pgd20`: PGD-20 on cross-entropy; `adaptive`: the same PGD maximising "
                    "the defense's own per-sample training loss."),
+    TableSpec("rejection", "Rejection: detector AUROC (%), FPR (%) at 95% TPR, and robust "
+                           "accuracy (%) without and with rejection", "rejection", _rejection,
+              derived=frozenset(), lower=frozenset({"fpr_pgd", "fpr_adaptive", "fpr_ood-noise",
+                                                     "fpr_ood-cifar10-grey", "fpr_ood-mnist-rgb"}),
+              why=_why_rejection,
+              note="Score: ±ED-WTA min_k ½‖f − p_k‖², Adv-DPNP/DPNP distance to the nearest "
+                   "prototype, 1 − max softmax otherwise; τ accepts 95% of the clean test points. "
+                   "`pgd`: successful PGD x'; `adaptive`: PGD on margin − λ·max(0, r − τ)/σ; "
+                   "`ood-*`: out-of-distribution sets. `acc_*`: robust accuracy; `accrej_*`: "
+                   "points correct clean whose attack gives no accepted misclassification."),
 ]

@@ -134,7 +134,7 @@ def bench(defense: str = "at", arch: str = "small-cnn", *, dataset: str = "cifar
         req_cfg = resolve_run_config(req, dataset, profile=profile, arch=arch)
         helpers[req] = build_defense(req_cfg, info).build_model(arch, info).to(dev).eval()
     dfn.setup(helpers)
-    optimizer = make_optimizer(model, hp)
+    optimizer = make_optimizer(model, hp, dfn)
     gen = torch.Generator().manual_seed(0)
     xb = _random_split(batch_size, info, gen).floats(dev)[0]
     yb = torch.randint(0, info.num_classes, (batch_size,), generator=gen).to(dev)
@@ -144,7 +144,8 @@ def bench(defense: str = "at", arch: str = "small-cnn", *, dataset: str = "cifar
     model.train()
     with count_forwards(model) as passes, autocast(hp, dev):
         dfn.training_step(model, xb, yb, epoch=0, step=0)
-    k = int(hp["train_attack_steps"]) if passes["grad"] > 1 else 0
+    # k from the declaration (a defense with uses_training_attack = False runs no attack)
+    k = int(hp["train_attack_steps"]) if dfn.uses_training_attack else 0
     step_model = maybe_compile(model, hp)
 
     def loader_of(n_batches: int) -> BatchLoader:
@@ -216,7 +217,8 @@ def bench(defense: str = "at", arch: str = "small-cnn", *, dataset: str = "cifar
         "compile": compile, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "host": platform.processor() or platform.machine(),
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-        "k": k, "passes_grad": passes["grad"], "passes_nograd": passes["nograd"],
+        "k": k, "training_attack": dfn.uses_training_attack, "passes_grad": passes["grad"],
+        "passes_nograd": passes["nograd"],
         "formula": "k+1" if n_pass == k + 1 else "k+2" if n_pass == k + 2 else f"k+{n_pass - k}",
         "forward_img_s": batch_size / fwd_s, "fwd_bwd_img_s": batch_size / fb_s,
         "attack_step_img_s": batch_size / atk_s, "train_img_s": batch_size / train_s,
@@ -268,7 +270,8 @@ def format_bench(r: Mapping[str, Any]) -> str:
         f"  loader (augmentation)        {r['loader_img_s']:9.1f} img/s",
         f"  training step (harness)      {r['train_img_s']:9.1f} img/s   "
         f"(first {r['warmup_s']:.1f}s of warm-up{' incl. compile' if r['compile'] else ''})",
-        f"  passes per step: {r['passes_grad']} with grad (= {r['formula']}, k = {r['k']}), "
+        f"  passes per step: {r['passes_grad']} with grad (= {r['formula']}, k = {r['k']}"
+        f"{'' if r.get('training_attack', True) else ': declares no training attack'}), "
         f"{r['passes_nograd']} without",
         f"  training step / ({r['passes_grad']} x forward+backward) = "
         f"{r['ratio_to_floor']:.3f}   (overhead {100 * (r['ratio_to_floor'] - 1):+.1f}% over the "

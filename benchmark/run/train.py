@@ -58,10 +58,23 @@ def lr_at(hp: Mapping[str, Any], epoch: int) -> float:
     return float(hp["lr"]) * float(hp["lr_gamma"]) ** drops
 
 
-def make_optimizer(model: nn.Module, hp: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """SGD with momentum; weight decay on every trainable parameter (the common protocol)."""
-    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=float(hp["lr"]),
-                           momentum=float(hp["momentum"]), weight_decay=float(hp["weight_decay"]))
+def set_lr(optimizer: torch.optim.Optimizer, hp: Mapping[str, Any], epoch: int) -> None:
+    """The scheduled lr in every group, times the group's ``lr_scale`` (default 1)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(hp, epoch) * float(group.get("lr_scale", 1.0))
+
+
+def make_optimizer(model: nn.Module, hp: Mapping[str, Any],
+                   defense: Any = None) -> torch.optim.Optimizer:
+    """SGD with momentum; weight decay on every trainable parameter (the common protocol),
+    unless the defense's :meth:`~defenses.base.Defense.param_groups` gives its own groups."""
+    groups = defense.param_groups(model) if defense is not None else None
+    params = groups if groups else [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=float(hp["lr"]), momentum=float(hp["momentum"]),
+                                weight_decay=float(hp["weight_decay"]))
+    for group in optimizer.param_groups:
+        group["lr"] = float(hp["lr"]) * float(group.get("lr_scale", 1.0))
+    return optimizer
 
 
 def autocast(hp: Mapping[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
@@ -222,7 +235,8 @@ def _setup(cfg: RunConfig, data: Data, run_dir: Path, helpers: Mapping[str, nn.M
     if hp.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
     defense.setup({k: m.to(dev) for k, m in helpers.items()})
-    optimizer = make_optimizer(model, hp)
+    defense.training_attack()  # None for a defense that declares it uses no training attack
+    optimizer = make_optimizer(model, hp, defense)
     train_split, val_split = split_train_val(data.train, int(hp["val_size"]),
                                              subset=hp.get("train_subset"))
     if env.active and 0 < len(train_split) % int(hp["batch_size"]) < env.world_size:
@@ -259,8 +273,7 @@ def _epoch(s: _Session, epoch: int, best: float) -> float:
     cfg, hp, env = s.cfg, s.hp, s.env
     epochs = int(hp["epochs"])
     t0 = time.perf_counter()
-    for group in s.optimizer.param_groups:
-        group["lr"] = lr_at(hp, epoch)
+    set_lr(s.optimizer, hp, epoch)
     s.model.train()
     s.defense.on_epoch_start(s.model, epoch)
     if env.active:

@@ -1,0 +1,147 @@
+"""DRP: repelled prototypes, the ℓ∞ loss and logits on hand-made inputs, no training attack,
+and prototypes that survive a kill -9 and resume exactly as the checkpoint holds them."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from benchmark.run.bench import bench, format_bench
+from benchmark.store import read_jsonl
+from benchmark.testing import check_defense, make_defense
+from defenses.drp import DeepRepulsivePrototypes, RepulsiveHead, repulsive_prototypes
+
+
+def _pairwise_linf(p: Tensor) -> Tensor:
+    """All ℓ∞ distances i < j, by a plain double loop."""
+    return torch.tensor([float((p[i] - p[j]).abs().max())
+                         for i in range(len(p)) for j in range(i + 1, len(p))])
+
+
+def test_repelled_prototypes_are_farther_apart_than_random_ones() -> None:
+    protos = repulsive_prototypes(10, 100, steps=100, seed=0)
+    assert torch.equal(protos, repulsive_prototypes(10, 100, steps=100, seed=0))  # seeded
+    ours = _pairwise_linf(protos)
+    for seed in range(20):  # U(−1, 1) draws, the optimisation's starting distribution
+        rand = _pairwise_linf(torch.rand(10, 100, generator=torch.Generator().manual_seed(seed))
+                              * 2 - 1)
+        assert ours.min() > rand.max(), (float(ours.min()), float(rand.max()))
+        assert ours.sum() > rand.sum()
+    start = repulsive_prototypes(10, 100, steps=0, seed=0)
+    assert _pairwise_linf(start).max() <= 2.0 < ours.min()  # started in [−1, 1], pushed out
+
+
+class _Stub(nn.Module):
+    """A 'model' whose features are fixed numbers, with DRP's head."""
+
+    def __init__(self, features: Tensor, prototypes: Tensor) -> None:
+        super().__init__()
+        self.feats = nn.Parameter(features)
+        self.head = RepulsiveHead(prototypes)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.feats
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.feats)
+
+
+def test_loss_logits_and_objective_match_a_hand_computation() -> None:
+    P = torch.tensor([[1.0, -1.0, 0.5], [0.0, 2.0, -1.0]])
+    f = torch.tensor([[0.5, 0.0, 0.0], [3.0, 1.0, 1.0]])
+    y = torch.tensor([0, 1])
+    # ‖f0 − p0‖∞ = max(.5, 1, .5) = 1 ; ‖f1 − p1‖∞ = max(3, 1, 2) = 3 → mean 2
+    model = _Stub(f, P)
+    defense = make_defense(DeepRepulsivePrototypes, info=_info(2))
+    out = defense.training_step(model, torch.zeros(2, 1), y, epoch=0, step=0)
+    assert math.isclose(float(out.loss.detach()), 2.0, rel_tol=1e-6)
+    # f/‖f‖∞ · Pᵀ: [1,0,0]·P = [1, 0]; [1,1/3,1/3]·P = [1 − 1/3 + 1/6, 2/3 − 1/3]
+    expected = torch.tensor([[1.0, 0.0], [1 - 1 / 3 + 1 / 6, 2 / 3 - 1 / 3]])
+    assert torch.allclose(model(None), expected, atol=1e-6)
+    obj = defense.objective()(model, torch.zeros(2, 1), torch.zeros(2, 1), y)
+    assert torch.allclose(obj, torch.tensor([1.0, 3.0]))
+    # the ℓ∞ gradient reaches exactly one coordinate per sample (the arg-max one)
+    out.loss.backward()
+    assert torch.equal((model.feats.grad != 0).sum(1), torch.tensor([1, 1]))
+
+
+def _info(classes: int):  # noqa: ANN202
+    from benchmark.data import DataInfo
+    return DataInfo("tiny", classes, 3, 8, (0.5,) * 3, (0.25,) * 3, "cifar")
+
+
+def test_contract_model_shape_and_no_training_attack() -> None:
+    check_defense(DeepRepulsivePrototypes, archs=("tiny", "small-cnn", "lenets++"))
+    defense = make_defense(DeepRepulsivePrototypes)
+    model = defense.build_model("tiny", _info(10))
+    assert model.features(torch.rand(2, 3, 8, 8)).shape == (2, 100)  # the backbone ends in d
+    assert torch.equal(model.head.prototypes, defense.prototypes)
+    assert torch.equal(defense.class_centers(model), defense.prototypes)
+    assert defense.training_attack() is None
+    with pytest.raises(RuntimeError, match="uses_training_attack"):
+        defense.adversarial(model, torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))
+    from benchmark.eval.metrics import feature_metrics  # Table 4: centres = prototypes, in R^d
+    x = torch.rand(20, 3, 8, 8)
+    metrics = feature_metrics(model.features(x).detach(), torch.arange(20) % 10,
+                              defense.class_centers(model))
+    assert all(math.isfinite(v) for v in metrics.values())
+    other = make_defense(DeepRepulsivePrototypes, hparams={"proto_seed": 1})
+    other.load_state_dict(defense.state_dict())
+    assert torch.equal(other.prototypes, defense.prototypes)
+
+
+def test_bench_counts_one_forward_backward_per_sample() -> None:
+    r = bench("drp", "tiny", dataset="synthetic", profile="cpu", batch_size=16, steps=1,
+              warmup=1, reps=1, attacks="", device="cpu")
+    assert (r["k"], r["passes_grad"], r["passes_nograd"], r["training_attack"]) == (0, 1, 0, False)
+    assert "1 with grad (= k+1, k = 0: declares no training attack)" in format_bench(r)
+
+
+def _protos(ckpt: Path) -> tuple[Tensor, Tensor]:
+    state = torch.load(ckpt, weights_only=True)
+    return state["model"]["head.prototypes"], state["defense"]["prototypes"]
+
+
+def test_kill_minus_nine_then_resume_keeps_the_stored_prototypes(tmp_path: Path) -> None:
+    hp = json.dumps({"epochs": 80, "lr_milestones": [70], "val_attack_steps": 1,
+                     "batch_size": 64})
+    cmd = [sys.executable, "-m", "benchmark.cli", "-q", "train", "--defense", "drp",
+           "--dataset", "synthetic", "--arch", "tiny", "--hparams", hp, "--no-progress",
+           "--device", "cpu", "--runs-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline, logs = time.time() + 120, []
+    while time.time() < deadline and proc.poll() is None:
+        logs = list(tmp_path.glob("*/*/*/train_log.jsonl"))
+        if logs and len(read_jsonl(logs[0])) >= 2:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_dir = logs[0].parent
+    assert not (run_dir / "TRAINED").exists()
+    ckpt = run_dir / "ckpt_last.pt"
+    in_model, in_state = _protos(ckpt)
+    assert torch.equal(in_model, repulsive_prototypes(10, 100, steps=100, seed=0))
+    assert torch.equal(in_model, in_state)
+    # Swap two prototypes in the checkpoint: a resume that regenerated them instead of
+    # restoring what the checkpoint holds would end with the original order.
+    state = torch.load(ckpt, weights_only=True)
+    swapped = in_model[[1, 0, *range(2, 10)]].clone()
+    state["model"]["head.prototypes"] = swapped
+    state["defense"]["prototypes"] = swapped.clone()
+    torch.save(state, ckpt)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert (run_dir / "TRAINED").exists()
+    final_model, final_state = _protos(ckpt)
+    assert torch.equal(final_model, swapped) and torch.equal(final_state, swapped)
