@@ -137,5 +137,5 @@ def test_lenets_pp_initialisation_keeps_the_signal_scale() -> None:
         f = net.forward_pool(h)
     assert min(rms) > 0.3 and max(rms) < 10, rms
     assert float(f.norm(dim=1).mean()) > 0.3
-    assert all(float(m.bias.abs().max()) == 0 for m in net.modules()
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in net.modules()
                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
