@@ -67,6 +67,12 @@ DATASET_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {"svhn": {"train_step_size": 2 / 255}},
 }
 
+#: per-architecture protocol values. LeNets++ has no batch norm: Adv-DPNP's pull of its 2-d
+#: features towards prototypes of norm α = 40 blew the weights up (NaN) at every lr tried
+#: from 0.003 up, so its runs clip the global gradient norm (``grad_clip``, applied by the
+#: harness to every defense alike; other architectures have no such key)
+ARCH_OVERRIDES: dict[str, dict[str, Any]] = {"lenets++": {"grad_clip": 5.0}}
+
 #: architecture used when --arch is not given
 DEFAULT_ARCH = {"paper": "resnet18", "cpu": "small-cnn"}
 #: test points evaluated when --n-examples is not given (None = the whole test set)
@@ -179,6 +185,7 @@ def resolve_run_config(defense: str, dataset: str, *, profile: str = "cpu",
         scale = dataset_info(dataset).scale
     base = profile_defaults(profile, scale, dataset)
     arch = arch or DEFAULT_ARCH[profile]
+    base.update(ARCH_OVERRIDES.get(arch, {}))
     hp = merge_hparams(base, cls.default_hparams, cls.dataset_hparams.get(dataset, {}),
                        cls.arch_hparams.get(arch, {}), user=user_hparams)
     return RunConfig(defense=defense, dataset=dataset, arch=arch, profile=profile, seed=seed,

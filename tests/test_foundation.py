@@ -8,6 +8,7 @@ from torch import nn
 
 from attacks.base import Norm, ThreatModel, check_perturbation, eps_to_str, model_mode, parse_eps
 from attacks.pgd import PGD
+from benchmark import models
 from benchmark.errors import PerturbationError, UsageError
 from benchmark.testing import TINY_INFO, make_defense
 from defenses import DEFENSES
@@ -118,3 +119,23 @@ def test_models_normalise_inside_and_expose_features(arch: str) -> None:
         manual = model.backbone(model.normalize(x))
         assert torch.allclose(f, manual, atol=1e-6)
         assert torch.allclose(model.normalize(x), (x - 0.5) / 0.25)
+
+
+def test_lenets_pp_initialisation_keeps_the_signal_scale() -> None:
+    """No batch norm: with PyTorch's default init the 2-d features of normalised inputs start
+    near 0.03 and AT never leaves chance; He's PReLU init keeps every layer at order 1."""
+    torch.manual_seed(0)
+    net = models.LeNetsPP(1)
+    x = torch.randn(64, 1, 28, 28)
+    rms = []
+    with torch.no_grad():
+        h = x
+        for layer in net.convs:
+            h = layer(h)
+            if isinstance(layer, torch.nn.PReLU):
+                rms.append(float(h.pow(2).mean().sqrt()))
+        f = net.forward_pool(h)
+    assert min(rms) > 0.3 and max(rms) < 10, rms
+    assert float(f.norm(dim=1).mean()) > 0.3
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in net.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))

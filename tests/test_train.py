@@ -130,3 +130,26 @@ def test_mnist_trains_without_augmentation_in_every_profile() -> None:
         for dataset in ("mnist", "mnist5k"):
             assert resolve_run_config("at", dataset, profile=profile).hparams["augment"] is False
         assert resolve_run_config("at", "cifar10", profile=profile).hparams["augment"] is True
+
+
+def test_lenets_pp_runs_record_and_apply_gradient_clipping(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """LeNets++ (no batch norm) clips the global gradient norm, as a recorded protocol value;
+    other architectures have no such key, so their run ids are unchanged."""
+    assert "grad_clip" not in resolve_run_config("at", "synthetic", arch="tiny").hparams
+    assert "grad_clip" not in resolve_run_config("at", "mnist", arch="small-cnn").hparams
+    cfg = resolve_run_config("adv-dpnp", "synthetic", arch="lenets++",
+                             user_hparams={**FAST, "epochs": 1, "train_subset": 64})
+    assert cfg.hparams["grad_clip"] == 5.0
+    norms: list[float] = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        total = real(params, max_norm, *args, **kwargs)
+        norms.append(float(max_norm))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    run_dir = train_run(cfg, load_dataset("synthetic"), RunStore(tmp_path), progress=False)
+    assert norms and set(norms) == {5.0}
+    assert json.loads((run_dir / "config.json").read_text())["hparams"]["grad_clip"] == 5.0

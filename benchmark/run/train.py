@@ -347,6 +347,8 @@ def train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer
             out = StepOutput(*ddp(x, y, epoch, step))
         optimizer.zero_grad(set_to_none=True)
         (out.loss * weight if weight != 1.0 else out.loss).backward()
+        if hp.get("grad_clip"):  # a recorded protocol value (config.ARCH_OVERRIDES: lenets++)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(hp["grad_clip"]))
         optimizer.step()
         b = y.shape[0]
         n_seen += b
