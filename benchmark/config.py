@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
@@ -106,38 +105,29 @@ def parse_hparams(text: Optional[str]) -> dict[str, Any]:
     return value
 
 
-def _compatible(default: Any, value: Any) -> bool:
-    if default is None or value is None:
-        return True
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, (int, float)):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, type(default))
-
-
 def merge_hparams(base: Mapping[str, Any], *layers: Mapping[str, Any],
-                  user: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+                  user: Optional[Mapping[str, Any]] = None,
+                  choices: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """Merge layers of defaults, then validate and apply the user's overrides.
 
+    Validation (:mod:`benchmark.validate`) only accepts or refuses; it never changes a value.
+
     Raises:
-        UsageError: unknown key, wrong type, or an out-of-range ε / epoch count.
+        UsageError: unknown key, wrong type (an int where an int is meant, null, NaN/inf),
+            a value out of range, a string outside its allowed set, or a cross-field rule
+            (``lr_milestones`` inside ``[1, epochs]``).
     """
+    from benchmark.validate import check_hparams, check_user_value
+
     merged = dict(base)
     for layer in layers:
         merged.update(layer)
     for key, value in (user or {}).items():
         if key not in merged:
             raise UsageError(f"unknown hyperparameter {key!r}; valid: {', '.join(sorted(merged))}")
-        if not _compatible(merged[key], value):
-            raise UsageError(f"hyperparameter {key!r} expects {type(merged[key]).__name__}, "
-                             f"got {value!r}")
+        check_user_value(key, merged[key], value)
         merged[key] = value
-    eps = merged.get("eps")
-    if eps is not None and (not math.isfinite(eps) or not 0 <= eps <= 1):
-        raise UsageError(f"eps must lie in [0, 1] (pixel units), got {eps}")
-    if merged.get("epochs", 1) < 0 or merged.get("batch_size", 1) < 1:
-        raise UsageError("epochs must be >= 0 and batch_size >= 1")
+    check_hparams(merged, user or {}, choices)
     return merged
 
 
@@ -181,13 +171,16 @@ def resolve_run_config(defense: str, dataset: str, *, profile: str = "cpu",
     from defenses import DEFENSES
 
     cls = DEFENSES.get(defense)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
+        raise UsageError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if scale is None:
         scale = dataset_info(dataset).scale
     base = profile_defaults(profile, scale, dataset)
     arch = arch or DEFAULT_ARCH[profile]
     base.update(ARCH_OVERRIDES.get(arch, {}))
     hp = merge_hparams(base, cls.default_hparams, cls.dataset_hparams.get(dataset, {}),
-                       cls.arch_hparams.get(arch, {}), user=user_hparams)
+                       cls.arch_hparams.get(arch, {}), user=user_hparams,
+                       choices=getattr(cls, "hparam_choices", None))
     return RunConfig(defense=defense, dataset=dataset, arch=arch, profile=profile, seed=seed,
                      hparams=hp)
 

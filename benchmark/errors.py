@@ -36,3 +36,9 @@ class PerturbationError(AdvbenchError):
     """An attack returned x' outside [0,1] or outside its ε-ball."""
 
     exit_code = 4
+
+
+class NonFiniteError(AdvbenchError):
+    """Weights, outputs or results are NaN/inf: nothing is declared good or written."""
+
+    exit_code = 3

@@ -70,6 +70,10 @@ class Defense(abc.ABC):
     loss_passes: ClassVar[int] = 1
     score_name: ClassVar[str] = "1 - max softmax"
 
+
+    #: allowed values of this defense's string hyperparameters (checked before training)
+    hparam_choices: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+
     def __init__(self, hparams: Mapping[str, Any], *, threat: ThreatModel,
                  num_classes: int) -> None:
         self.hparams = dict(hparams)

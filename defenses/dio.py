@@ -105,6 +105,7 @@ class DIO(Defense):
     paper = "Fang et al., Pattern Recognition 2024, arXiv:2010.12190"
     default_hparams = {"num_heads": 10, "alpha": 0.1, "beta": 0.1, "tau": 0.2,
                        "attack_head": "random"}
+    hparam_choices = {"attack_head": ("random", "mean")}
     arch_hparams = {"wrn-34-10": {"tau": 0.5}}
 
     def make_head(self, feature_dim: int, num_classes: int) -> nn.Module:

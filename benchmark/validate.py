@@ -1,0 +1,363 @@
+"""One validation layer at the boundary: hyperparameters, CLI options, rows and weights.
+
+Everything a user can type is checked here before any run folder or row exists, and every
+failure is one :class:`~benchmark.errors.UsageError` (exit 2) naming the field and the problem.
+Validation never changes a valid value (run ids are hashes of the resolved config).
+
+* :func:`check_hparams`: types (an int where an int is meant, finite floats, no ``null``
+  except where a default is ``None``), ranges and cross-field rules of a merged config.
+* click parameter types and callbacks for the options (:data:`POSITIVE`, :func:`seeds_option`,
+  :func:`device_option`, :func:`writable_dir_option`).
+* :func:`row_problem`: a result row that must not be written or reused (``n_examples`` 0,
+  NaN accuracy, missing fields).
+* :func:`check_finite_model`: weights, buffers and outputs finite before a checkpoint is
+  declared good or a row is written.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import click
+import torch
+from torch import Tensor, nn
+
+from benchmark.errors import NonFiniteError, UsageError
+
+#: allowed values of string hyperparameters (defenses add theirs via ``hparam_choices``)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "select_by": ("val_pgd", "val_clean"),
+    "amp": ("none", "bf16"),
+    "attack_start": ("uniform", "normal"),
+}
+
+#: (minimum, maximum, minimum is exclusive) of numeric protocol hyperparameters
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "epochs": (0, math.inf, False),
+    "batch_size": (1, math.inf, False),
+    "lr": (0, math.inf, True),
+    "momentum": (0, 1, False),
+    "weight_decay": (0, math.inf, False),
+    "lr_gamma": (0, math.inf, True),
+    "eps": (0, 1, False),
+    "train_attack_steps": (0, math.inf, False),
+    "train_step_size": (0, math.inf, False),
+    "train_subset": (1, math.inf, False),
+    "val_size": (1, math.inf, False),
+    "val_attack_steps": (0, math.inf, False),
+    "val_every": (1, math.inf, False),
+}
+
+#: protocol hyperparameters that count something
+INT_KEYS = frozenset({"epochs", "batch_size", "train_attack_steps", "train_subset", "val_size",
+                      "val_attack_steps", "val_every"})
+
+#: a seed must fit numpy's ``RandomState`` (and the run's loader generator)
+SEED_LIMIT = 2 ** 32
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _type_problem(default: Any, value: Any) -> Optional[str]:
+    """Why ``value`` cannot replace ``default`` (None if it can)."""
+    if value is None:
+        return None if default is None else "a value, got null"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"a finite number, got {value!r}"
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else f"bool (true or false), got {value!r}"
+    if _is_int(default):
+        return None if _is_int(value) else f"int (an integer), got {value!r}"
+    if isinstance(default, float):
+        return None if _is_number(value) else f"float (a number), got {value!r}"
+    if isinstance(default, (list, tuple)):
+        return None if isinstance(value, (list, tuple)) else f"list, got {value!r}"
+    if not isinstance(value, type(default)):
+        return f"{type(default).__name__}, got {value!r}"
+    return None
+
+
+def check_user_value(key: str, default: Any, value: Any) -> None:
+    """One ``--hparams`` override against the default it replaces.
+
+    Raises:
+        UsageError: wrong type, null, or a non-finite number.
+    """
+    problem = _type_problem(default, value)
+    if problem:
+        raise UsageError(f"hyperparameter {key!r} expects {problem}")
+
+
+def check_hparams(hp: Mapping[str, Any], user: Mapping[str, Any] = (),  # type: ignore[assignment]
+                  choices: Optional[Mapping[str, Sequence[str]]] = None) -> None:
+    """Ranges and cross-field rules of a merged hyperparameter dict.
+
+    ``user`` are the keys the user set: a user-given ``lr_milestones`` must lie inside
+    ``[1, epochs]`` (``epochs`` itself is the usual way to write "no drop"); the profile's
+    milestones may exceed a shortened ``epochs`` (they then never fire, as in every short
+    test run).
+
+    Raises:
+        UsageError: the first problem found, naming the key.
+    """
+    allowed = {**CHOICES, **(choices or {})}
+    for key, value in hp.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"hyperparameter {key!r} must be finite, got {value!r}")
+        if key in allowed and value not in allowed[key]:
+            raise UsageError(f"hyperparameter {key!r} must be one of "
+                             f"{', '.join(map(repr, allowed[key]))}; got {value!r}")
+        if key == "eps" and value is not None and (not _is_number(value) or not 0 <= value <= 1):
+            raise UsageError(f"eps must lie in [0, 1] (pixel units), got {value}")
+        if key in RANGES and value is not None:
+            lo, hi, open_lo = RANGES[key]
+            if key in INT_KEYS and not _is_int(value):
+                raise UsageError(f"hyperparameter {key!r} expects an integer, got {value!r}")
+            if not _is_number(value) or (value <= lo if open_lo else value < lo) or value > hi:
+                bound = f"> {lo:g}" if open_lo else f">= {lo:g}"
+                rng = bound if hi == math.inf else f"in [{lo:g}, {hi:g}]"
+                raise UsageError(f"hyperparameter {key!r} must be {rng}, got {value!r}")
+    if "lr_milestones" in hp:
+        ms = hp["lr_milestones"]
+        if not isinstance(ms, (list, tuple)) or not all(_is_int(m) for m in ms):
+            raise UsageError(f"hyperparameter 'lr_milestones' expects a list of integers "
+                             f"(epochs), got {ms!r}")
+        if any(m < 1 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:])):
+            raise UsageError(f"lr_milestones must be increasing epochs >= 1, got {list(ms)}")
+        epochs = hp.get("epochs")
+        if "lr_milestones" in user and _is_int(epochs) and epochs > 0 and \
+                any(m > epochs for m in ms):
+            raise UsageError(f"lr_milestones {list(ms)} must be <= epochs ({epochs}); a milestone "
+                             f"after the last epoch never lowers the lr")
+
+
+# ------------------------------------------------------------------------------ CLI options
+#: ``--n-examples``, ``--batch-size``, ``--jobs``: an integer >= 1
+POSITIVE = click.IntRange(min=1)
+#: ``--warmup`` and similar: an integer >= 0
+NON_NEGATIVE = click.IntRange(min=0)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: a non-empty comma list of integers in ``[0, 2**32)``.
+
+    Raises:
+        UsageError: empty, not integers, or out of range.
+    """
+    parts = [s.strip() for s in str(text).split(",")]
+    if not any(parts):
+        raise UsageError(f"--seeds must list at least one integer, got {text!r}")
+    try:
+        seeds = [int(s) for s in parts if s]
+    except ValueError:
+        raise UsageError(f"--seeds must be a comma list of integers, got {text!r}") from None
+    bad = [s for s in seeds if not 0 <= s < SEED_LIMIT]
+    if bad:
+        raise UsageError(f"--seeds must lie in [0, 2**32), got {bad[0]}")
+    return seeds
+
+
+def seeds_option(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    """click callback: validate ``--seeds`` and keep it as given."""
+    if value is not None:
+        try:
+            parse_seeds(value)
+        except UsageError as exc:
+            raise click.BadParameter(str(exc).removeprefix("--seeds ")) from None
+    return value
+
+
+def checkpoints_option(ctx: click.Context, param: click.Parameter, value: Optional[str]
+                       ) -> Optional[str]:
+    """click callback: ``--checkpoints`` is a non-empty comma list of best and/or last."""
+    if value is not None:
+        which = [c.strip() for c in value.split(",") if c.strip()]
+        if not which or not set(which) <= {"best", "last"}:
+            raise click.BadParameter(f"takes best and/or last (e.g. best,last), got {value!r}")
+    return value
+
+
+def check_device(text: str) -> None:
+    """``--device``: auto, cpu, cuda, cuda:N or mps, and available on this machine.
+
+    Raises:
+        UsageError: not a device name, or that device is absent.
+    """
+    if text == "auto":
+        return
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {text!r} is not a device; use auto, cpu, cuda, cuda:N "
+                         f"or mps") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text}: no CUDA GPU is available here (use cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+        return
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {text}: MPS is not available here")
+        return
+    raise UsageError(f"--device {text!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+
+
+def device_option(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    """click callback for ``--device``."""
+    if value is not None:
+        try:
+            check_device(value)
+        except UsageError as exc:
+            raise click.BadParameter(str(exc).removeprefix("--device ")) from None
+    return value
+
+
+def check_writable_dir(path: Path | str, what: str) -> None:
+    """A folder advbench will write into: an existing writable directory, or creatable.
+
+    Nothing is created here (``--dry-run`` writes nothing).
+
+    Raises:
+        UsageError: it is a file, or it (or its nearest existing parent) is not writable.
+    """
+    p = Path(path).expanduser()
+    probe = p
+    while not probe.exists():
+        if probe.is_symlink():
+            raise UsageError(f"{what} {path}: {probe} is a broken symbolic link")
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is a file" if probe == p else f"cannot be created: {probe} is a file"
+        raise UsageError(f"{what} {path} {where}, not a directory")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        where = "is not writable" if probe == p else f"cannot be created: {probe} is not writable"
+        raise UsageError(f"{what} {path} {where}")
+
+
+def writable_dir_option(ctx: click.Context, param: click.Parameter,
+                        value: Optional[str]) -> Optional[str]:
+    """click callback: ``--runs-dir`` / ``--out`` must be (or become) a writable directory."""
+    if value is not None:
+        try:
+            check_writable_dir(value, "")
+        except UsageError as exc:
+            raise click.BadParameter(str(exc).strip()) from None
+    return value
+
+
+def check_eval_sizes(n_examples: Optional[int], batch_size: Optional[int]) -> None:
+    """Library-level guard for evaluation sizes (the CLI checks them as options).
+
+    Raises:
+        UsageError: ``n_examples`` or ``batch_size`` below 1.
+    """
+    if n_examples is not None and (not _is_int(n_examples) or n_examples < 1):
+        raise UsageError(f"n_examples must be an integer >= 1, got {n_examples!r}")
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+# ------------------------------------------------------------------------------ rows
+#: fields every attack row has (the report and ``format_rows`` read them)
+ATTACK_FIELDS = ("run_id", "eval_key", "defense", "dataset", "seed", "checkpoint", "attack",
+                 "eps", "n_examples", "clean_acc", "robust_acc")
+#: fractions that must be finite and in [0, 1] wherever present
+ACCURACY_FIELDS = ("clean_acc", "robust_acc", "accuracy", "clean_accuracy")
+
+
+def row_problem(row: Any) -> Optional[str]:
+    """Why a result row must not be written or reused (None if it is fine).
+
+    A row is a JSON object; an attack row has :data:`ATTACK_FIELDS`; ``n_examples`` (where
+    present) is an integer >= 1; accuracies are finite and within [0, 1]; ``adv_ce`` is finite.
+    """
+    if not isinstance(row, dict):
+        return f"not a JSON object ({type(row).__name__})"
+    if row.get("kind", "attack") == "attack":
+        missing = [k for k in ATTACK_FIELDS if k not in row]
+        if missing:
+            return f"missing field(s) {', '.join(missing)}"
+    if row.get("n_examples") is not None and (not _is_int(row["n_examples"]) or row["n_examples"] < 1):
+        return f"n_examples is {row['n_examples']!r} (must be >= 1)"
+    for k in ACCURACY_FIELDS:
+        if k in row:
+            v = row[k]
+            if not _is_number(v) or not math.isfinite(v) or not 0 <= v <= 1:
+                return f"{k} is {v!r} (must be a finite fraction)"
+    if "adv_ce" in row and (not _is_number(row["adv_ce"]) or not math.isfinite(row["adv_ce"])):
+        return f"adv_ce is {row['adv_ce']!r} (must be finite)"
+    return None
+
+
+def check_row(row: Mapping[str, Any], where: str = "row") -> None:
+    """Refuse to write a bad row.
+
+    Raises:
+        NonFiniteError: NaN/inf accuracy or loss (exit 3).
+        UsageError: no evaluated points or missing fields (exit 2).
+    """
+    problem = row_problem(row)
+    if problem is None:
+        return
+    if "finite" in problem:
+        raise NonFiniteError(f"{where} not written: {problem}")
+    raise UsageError(f"{where} not written: {problem}")
+
+
+# ------------------------------------------------------------------------------ weights
+def nonfinite_tensors(tensors: Mapping[str, Any]) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf (nested dicts are searched)."""
+    bad = []
+    for name, t in tensors.items():
+        if isinstance(t, Mapping):
+            bad += [f"{name}.{n}" for n in nonfinite_tensors(t)]
+        elif isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append(name)
+    return bad
+
+
+@torch.no_grad()
+def check_finite_model(model: nn.Module, x: Optional[Tensor], what: str) -> None:
+    """Weights, buffers and eval-mode outputs on ``x`` are all finite.
+
+    The forward pass runs in eval mode on a forked RNG, so it changes neither the model's
+    mode nor any random stream (resumed runs stay bit-identical).
+
+    Raises:
+        NonFiniteError: names the first bad tensors, or the outputs' largest magnitude.
+    """
+    bad = nonfinite_tensors(model.state_dict())
+    if bad:
+        raise NonFiniteError(f"{what}: non-finite weights in {', '.join(bad[:3])}"
+                             + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
+    if x is None or len(x) == 0:
+        return
+    devices = [x.device] if x.device.type == "cuda" else []
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=devices):
+            out = model(x)
+    finally:
+        model.train(was_training)
+    if not bool(torch.isfinite(out).all()):
+        big = float(max((model.state_dict()[k].abs().max() for k in model.state_dict()
+                         if model.state_dict()[k].is_floating_point()
+                         and model.state_dict()[k].numel()), default=torch.tensor(0.0)))
+        raise NonFiniteError(f"{what}: the model outputs NaN/inf (largest weight "
+                             f"magnitude {big:.3g})")
