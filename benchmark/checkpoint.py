@@ -56,6 +56,9 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     ckpt = safe_torch_load(Path(path))
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not an advbench checkpoint")
+    problem = _structure_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"{path} is a damaged advbench checkpoint: {problem}")
     return ckpt
 
 
@@ -109,6 +112,33 @@ def restore_training(ckpt: Mapping[str, Any], model: nn.Module,
     defense.load_state_dict(ckpt["defense"])
     _set_rng_state(ckpt["rng"], loader_gen)
     return int(ckpt["epoch"]), float(ckpt["best_val"])
+
+
+_CONFIG_KEYS = ("defense", "dataset", "arch", "profile", "seed", "hparams")
+_INFO_KEYS = ("name", "num_classes", "in_channels", "image_size", "mean", "std", "scale")
+
+
+def _structure_problem(ckpt: Mapping[str, Any]) -> str:
+    """What is missing or malformed in a checkpoint dict ('' if nothing)."""
+    for key, kind in (("config", dict), ("info", dict), ("model", dict)):
+        if key not in ckpt:
+            return f"no {key!r} entry"
+        if not isinstance(ckpt[key], kind):
+            return f"{key!r} is a {type(ckpt[key]).__name__}, not a dict"
+    missing = [k for k in _CONFIG_KEYS if k not in ckpt["config"]]
+    if missing:
+        return f"its config lacks {', '.join(missing)}"
+    if not isinstance(ckpt["config"]["hparams"], dict):
+        return "its config's hparams is not a dict"
+    missing = [k for k in _INFO_KEYS if k not in ckpt["info"]]
+    if missing:
+        return f"its dataset info lacks {', '.join(missing)}"
+    unknown = set(ckpt["info"]) - set(DataInfo.__dataclass_fields__)
+    if unknown:
+        return f"its dataset info has unknown fields {sorted(unknown)}"
+    if "epoch" in ckpt and not isinstance(ckpt["epoch"], int):
+        return f"epoch is {ckpt['epoch']!r}"
+    return ""
 
 
 def model_from_checkpoint(ckpt: Mapping[str, Any]) -> tuple[nn.Module, Any, RunConfig, DataInfo]:

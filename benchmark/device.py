@@ -8,7 +8,14 @@ import torch
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; anything else as given."""
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; anything else as given.
+
+    Raises:
+        UsageError: not a device name, or a device this machine does not have.
+    """
+    from benchmark.validate import check_device
+
+    check_device(str(device))
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

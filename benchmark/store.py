@@ -20,10 +20,13 @@ import logging
 import os
 import platform
 import subprocess
-import tempfile
+import re
+import secrets
+import socket
+import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 
@@ -34,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 CKPT_FORMAT = "advbench-checkpoint"
 CKPT_VERSION = 1
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+_TMP_OWNER = re.compile(r"\.([A-Za-z0-9]+)-(\d+)\.[0-9a-f]+\.tmp$")
 
 
 class JobState(str, enum.Enum):
@@ -43,19 +48,64 @@ class JobState(str, enum.Enum):
     DONE = "done"
 
 
+def _tmp_name(path: Path) -> Path:
+    """``.<name>.<host>-<pid>.<random>.tmp`` beside ``path`` (its owner can be told later)."""
+    return path.parent / f".{path.name}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + ``os.replace`` (never a half-written file)."""
+    """Write via a temp file in the same folder + ``os.replace`` (never a half-written file).
+
+    The file gets the process umask's permissions (0644 under umask 022), like any other file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _tmp_name(path)
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_tmp(folder: Path, *, max_age_s: float = 86400.0) -> list[Path]:
+    """Remove temp files of atomic writes that were killed mid-write; return them.
+
+    A temp file is an orphan when its writer (named in the file name) is a dead process on
+    this host, or it is older than ``max_age_s`` (another host's, or an old naming).
+    """
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for f in folder.glob(".*.tmp"):
+        m = _TMP_OWNER.search(f.name)
+        try:
+            if m and m.group(1) == _HOST:
+                orphan = int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2)))
+            else:
+                orphan = time.time() - f.stat().st_mtime > (max_age_s if m else min(max_age_s, 60.0))
+            if orphan:
+                f.unlink()
+                removed.append(f)
+        except (OSError, ValueError):
+            continue
+    if removed:
+        logger.info("removed %d orphan temp file(s) in %s", len(removed), folder)
+    return removed
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -80,38 +130,119 @@ def safe_torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+        size = Path(path).stat().st_size
         raise CheckpointError(f"cannot load {path} as a weights-only checkpoint "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+                              f"({'empty file' if size == 0 else detail})") from None
+
+
+def repair_jsonl(path: Path) -> bool:
+    """Make a JSONL file end in a complete line; return True if it was changed.
+
+    A crash mid-append leaves a last line without its newline: if that line is a complete
+    JSON object it only gets its newline, otherwise the fragment is cut off (with a warning),
+    so that the next record never gets glued onto it.
+    """
+    if not path.exists():
+        return False
+    with open(path, "rb+") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return False
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return False
+        start = 0
+        fh.seek(start)
+        tail = fh.read()
+        cut = tail.rfind(b"\n")
+        last = tail[cut + 1:]
+        try:
+            complete = isinstance(json.loads(last), dict)
+        except ValueError:
+            complete = False
+        if complete:
+            fh.write(b"\n")
+        else:
+            fh.truncate(start + cut + 1 if cut >= 0 else 0)
+            logger.warning("%s: dropped a truncated last line (%d bytes, a write cut short)",
+                           path, len(last))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
 
 
 def append_jsonl(path: Path, row: Mapping[str, Any]) -> None:
+    """Append one JSON object as one line (after repairing a truncated last line)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    repair_jsonl(path)
     with open(path, "a") as fh:
         fh.write(json.dumps(row, sort_keys=True, default=str) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
 
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Replace a JSONL file atomically with ``rows``."""
+    atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True, default=str) + "\n"
+                                     for r in rows).encode())
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a truncated or corrupt line (crash mid-write) is skipped."""
+    """JSON objects of a JSONL file; a truncated or corrupt line (crash mid-write) and a line
+    that is not an object are skipped with a warning."""
     rows: list[dict[str, Any]] = []
     if not path.exists():
         return rows
-    for i, line in enumerate(path.read_text().splitlines()):
+    for i, line in enumerate(path.read_text(errors="replace").splitlines()):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            value = json.loads(line)
         except json.JSONDecodeError:
             logger.warning("skipping unreadable line %d of %s", i + 1, path)
+            continue
+        if isinstance(value, dict):
+            rows.append(value)
+        else:
+            logger.warning("skipping line %d of %s: not a JSON object", i + 1, path)
     return rows
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file.
+
+    Raises:
+        CheckpointError: unreadable, not JSON, or not an object.
+    """
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"cannot read {path}: expected a JSON object, got "
+                              f"{type(value).__name__}")
+    return value
+
+
+def read_row(path: Path) -> Optional[dict[str, Any]]:
+    """A stored result row, or None (with a warning) if it is unreadable or invalid
+    (:func:`benchmark.validate.row_problem`): such a row is recomputed, never reused."""
+    from benchmark.validate import row_problem
+
+    if not Path(path).exists():
+        return None
+    try:
+        row = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        logger.warning("ignoring unreadable result %s (%s)", path, exc)
+        return None
+    problem = row_problem(row)
+    if problem:
+        logger.warning("ignoring invalid result %s: %s", path, problem)
+        return None
+    return row
 
 
 def code_version() -> str:
@@ -166,18 +297,17 @@ class RunStore:
     @staticmethod
     def state(run_dir: Path, eval_keys: list[str] = ()) -> JobState:  # type: ignore[assignment]
         if (run_dir / "TRAINED").exists():
-            done = all((run_dir / "eval" / f"{k}.json").exists() for k in eval_keys)
+            done = all(read_row(run_dir / "eval" / f"{k}.json") is not None for k in eval_keys)
             return JobState.DONE if done else JobState.TRAINED
         if (run_dir / "ckpt_last.pt").exists():
             return JobState.PARTIAL
         return JobState.NEW
 
     def rows(self) -> list[dict[str, Any]]:
-        """All evaluation rows under the root (unreadable files skipped with a warning)."""
+        """All valid evaluation rows under the root (others skipped with a warning)."""
         out = []
         for f in sorted(self.root.glob("*/*/*/eval/*.json")):
-            try:
-                out.append(json.loads(f.read_text()))
-            except (OSError, json.JSONDecodeError):
-                logger.warning("skipping unreadable result %s", f)
+            row = read_row(f)
+            if row is not None:
+                out.append(row)
         return out

@@ -34,7 +34,7 @@ from benchmark.protocols import resolve_specs
 from benchmark.run import distributed
 from benchmark.run.launch import Job, choose_launcher, launch, plan
 from benchmark.run.train import train_run
-from benchmark.store import RunStore, read_json
+from benchmark.store import RunStore, read_json, read_row
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +78,9 @@ def collect_rows(jobs: Sequence[Job], scale: str) -> list[dict[str, Any]]:
             continue
         specs = resolve_specs(job.attacks, scale, suite=job.suite)
         for key in expected_keys(job.cfg, job.checkpoints, specs, job.n_examples):
-            path = job.run_dir() / "eval" / f"{key}.json"
-            if path.exists():
-                rows.append(read_json(path))
+            row = read_row(job.run_dir() / "eval" / f"{key}.json")
+            if row is not None:
+                rows.append(row)
         verdicts = sorted((job.run_dir() / "eval").glob("check-*.json"))  # advbench check rows
         rows += [read_json(p) for p in [job.run_dir() / "eval" / "health.json", *verdicts]
                  if p.exists()]

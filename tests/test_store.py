@@ -96,8 +96,15 @@ def test_job_states(tmp_path: Path) -> None:
     (run / "TRAINED").write_text("")
     assert RunStore.state(run, ["k1"]) is JobState.TRAINED
     (run / "eval").mkdir()
-    (run / "eval" / "k1.json").write_text("{}")
+    (run / "eval" / "k1.json").write_text("{}")  # not a row: recomputed, never reused
+    assert RunStore.state(run, ["k1"]) is JobState.TRAINED
+    row = {"run_id": "r", "eval_key": "k1", "defense": "at", "dataset": "synthetic", "seed": 0,
+           "checkpoint": "best", "attack": "pgd", "eps": 0.03, "n_examples": 8,
+           "clean_acc": 0.5, "robust_acc": 0.25}
+    (run / "eval" / "k1.json").write_text(json.dumps(row))
     assert RunStore.state(run, ["k1"]) is JobState.DONE
+    (run / "eval" / "k1.json").write_text(json.dumps({**row, "clean_acc": float("nan")}))
+    assert RunStore.state(run, ["k1"]) is JobState.TRAINED
 
 
 def test_checkpoints_load_weights_only(tmp_path: Path) -> None:

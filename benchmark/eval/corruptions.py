@@ -28,7 +28,8 @@ from torch import Tensor
 from benchmark.config import DEFAULT_N_EXAMPLES, stable_hash
 from benchmark.errors import DataError, UsageError
 from benchmark.eval.target import check_model, open_target
-from benchmark.store import atomic_write_json, read_json
+from benchmark.store import atomic_write_json, read_row
+from benchmark.validate import check_row
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +156,9 @@ def evaluate_corruptions(run_dir: Path | str, data_dir: Path | str, *, checkpoin
                                "kind": "corruption", "corruption": name, "severity": sev,
                                "n_examples": n_examples if n_examples is not None else -1})
             path = run.out_dir / "eval" / f"{key}.json"
-            if path.exists() and not force:
-                rows.append(read_json(path))
+            cached = read_row(path) if path.exists() and not force else None
+            if cached is not None:
+                rows.append(cached)
                 continue
             x, y = load_corruption(root, name, sev, n_examples, labels)
             if not checked:
@@ -169,6 +171,7 @@ def evaluate_corruptions(run_dir: Path | str, data_dir: Path | str, *, checkpoin
                    "corruption_provenance": f"{PROVENANCE} from {root}",
                    "n_examples": int(len(y)), "accuracy": acc,
                    "wall_s": round(time.perf_counter() - t0, 3)}
+            check_row(row, f"row {path}")
             atomic_write_json(path, row)
             logger.info("%s seed %d [%s] %s s%d: %.4f", run.cfg.defense, run.cfg.seed, checkpoint,
                         name, sev, acc)

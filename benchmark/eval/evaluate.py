@@ -36,7 +36,9 @@ from benchmark.data import Data
 from benchmark.device import default_eval_batch_size
 from benchmark.eval.target import Target, check_model, open_target
 from benchmark.protocols import AttackSpec, parse_eps_list, resolve_specs
-from benchmark.store import atomic_torch_save, atomic_write_json, read_json, safe_torch_load
+from benchmark.store import (atomic_torch_save, atomic_write_json, clean_tmp, read_row,
+                             safe_torch_load)
+from benchmark.validate import check_eval_sizes, check_row
 
 logger = logging.getLogger(__name__)
 ATTACK_SEED = 0
@@ -165,6 +167,7 @@ def evaluate_target(t: Target, specs: Sequence[AttackSpec], *, n_examples: Optio
     Existing rows are reused unless ``force``. Each spec uses the first
     :func:`effective_n` test points (profile default, e.g. 1000 for ``cpu``, capped per spec).
     """
+    check_eval_sizes(n_examples, batch_size)
     dev = t.device
     rows: list[Optional[dict[str, Any]]] = []
     pending = []
@@ -173,13 +176,16 @@ def evaluate_target(t: Target, specs: Sequence[AttackSpec], *, n_examples: Optio
         n = effective_n(spec, t.cfg.profile, n_examples)
         key = eval_key(t.cfg.run_id, t.checkpoint, spec, n)
         path = t.out_dir / "eval" / f"{key}.json"
-        if path.exists() and not force:
-            rows.append(read_json(path))
+        cached = read_row(path) if path.exists() and not force else None
+        if cached is not None:
+            rows.append(cached)
         else:
             pending.append((len(rows), spec, n, key, path))
             rows.append(None)
     if not pending:
         return [r for r in rows if r is not None]
+    for sub in ("eval", "flags"):
+        clean_tmp(t.out_dir / sub)
     data = t.test_data(data, data_dir)
     x_all, y_all = data.test.floats(dev)
     check_model(t.model, x_all[:8], randomized=t.defense.randomized)
@@ -203,14 +209,15 @@ def evaluate_target(t: Target, specs: Sequence[AttackSpec], *, n_examples: Optio
                                           partial=t.out_dir / "flags" / f"{key}.partial.pt",
                                           stats=extra)
         wall = time.perf_counter() - t0 + extra.get("resumed_wall_s", 0.0)
-        atomic_torch_save(t.out_dir / "flags" / f"{key}.pt",
-                          {"clean": clean, "robust": flags, "adv_ce": adv_ce})
         row = {**t.row(key, "attack", data_provenance=data.info.provenance), **spec.record(),
                "attack_hparams": dict(attack.hparams), "attack_seed": ATTACK_SEED,
                "n_examples": int(len(clean)), "clean_acc": float(clean.float().mean()),
                "robust_acc": float(flags.float().mean()), "adv_ce": float(adv_ce.float().mean()),
                "wall_s": round(wall, 3), "batch_size": batch_size, **extra,
                "acc_on_first": prefix_stats(clean, flags, adv_ce)}  # same-point tables
+        check_row(row, f"row {path}")  # never a row without points or with NaN accuracy
+        atomic_torch_save(t.out_dir / "flags" / f"{key}.pt",
+                          {"clean": clean, "robust": flags, "adv_ce": adv_ce})
         atomic_write_json(path, row)
         logger.info("%s seed %d [%s] %s eps %s: clean %.4f robust %.4f adv_ce %.4f (%.1fs, n=%d)",
                     t.cfg.defense, t.cfg.seed, t.checkpoint, spec.label, row["eps_str"],

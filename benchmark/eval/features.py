@@ -30,7 +30,8 @@ from benchmark.errors import UsageError
 from benchmark.eval.metrics import feature_metrics
 from benchmark.eval.target import Target, check_model, open_target
 from benchmark.protocols import AttackSpec
-from benchmark.store import atomic_write_json, read_json
+from benchmark.store import atomic_write_json, read_row
+from benchmark.validate import check_row
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,9 @@ def evaluate_features(run_dir: Path | str, *, checkpoint: str = "best",
                            "n_examples": n_examples if n_examples is not None else -1,
                            "subset": _subset(n_examples)})
         path = run.out_dir / "eval" / f"{key}.json"
-        if path.exists() and not force:
-            rows.append(read_json(path))
+        cached = read_row(path) if path.exists() and not force else None
+        if cached is not None:
+            rows.append(cached)
         else:
             pending.append((cond, sp, key, path))
     if not pending:
@@ -131,6 +133,7 @@ def evaluate_features(run_dir: Path | str, *, checkpoint: str = "best",
                **metrics, "feature_dim": int(feats.shape[1]),
                "centers": centers_source(run.defense, centers),
                "wall_s": round(time.perf_counter() - t0, 3)}
+        check_row(row, f"row {path}")
         atomic_write_json(path, row)
         logger.info("%s seed %d [%s] features %s: %s", run.cfg.defense, run.cfg.seed, checkpoint,
                     cond, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

@@ -31,8 +31,9 @@ from benchmark.checkpoint import model_from_checkpoint, read_checkpoint, resolve
 from benchmark.config import RunConfig
 from benchmark.data import Data, DataInfo, load_dataset
 from benchmark.device import resolve_device
-from benchmark.errors import UsageError
+from benchmark.errors import NonFiniteError, UsageError
 from benchmark.store import code_version, environment, now, read_json
+from benchmark.validate import check_finite_model
 
 logger = logging.getLogger(__name__)
 
@@ -142,11 +143,14 @@ def open_target(path: Path | str, checkpoint: str = "best", *, device: str | tor
 
 
 def check_model(model: nn.Module, x: Tensor, *, randomized: bool = False) -> None:
-    """AutoAttack-style sanity checks: eval mode, logits (not probabilities), determinism.
+    """AutoAttack-style sanity checks: eval mode, logits (not probabilities), finite outputs,
+    determinism.
 
     Raises:
         UsageError: train mode, outputs that are not N×K, or a nondeterministic model that is
             not marked ``randomized``.
+        NonFiniteError: NaN/inf weights or outputs (exit 3), named before determinism is
+            judged (NaN != NaN).
     """
     if model.training:
         raise UsageError("model must be in eval mode for evaluation")
@@ -154,6 +158,9 @@ def check_model(model: nn.Module, x: Tensor, *, randomized: bool = False) -> Non
         a, b = model(x), model(x)
     if a.dim() != 2:
         raise UsageError(f"model must return N×K logits, got shape {tuple(a.shape)}")
+    if not bool(torch.isfinite(a).all()):
+        check_finite_model(model, None, "checkpoint not usable")
+        raise NonFiniteError("checkpoint not usable: the model outputs NaN/inf on test points")
     if (a >= 0).all() and torch.allclose(a.sum(1), torch.ones_like(a[:, 0]), atol=1e-4):
         logger.warning("model outputs look like probabilities; attacks expect logits")
     if not randomized and not torch.equal(a, b):

@@ -53,6 +53,16 @@ def _clean_record(r: dict) -> dict:
     return {k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
+def _usable(row: dict, source: Path) -> bool:
+    """A row that may enter a table (see :func:`benchmark.validate.row_problem`)."""
+    from benchmark.validate import row_problem
+
+    problem = row_problem(row)
+    if problem:
+        logger.warning("%s: skipping invalid row %s: %s", source, row.get("eval_key", ""), problem)
+    return problem is None
+
+
 def load_records(source: Path | str | pd.DataFrame | Iterable[dict]) -> list[dict[str, Any]]:
     """Rows from a runs folder, a ``rows.jsonl`` file, a DataFrame or dicts; sorted, deduplicated.
 
@@ -63,6 +73,7 @@ def load_records(source: Path | str | pd.DataFrame | Iterable[dict]) -> list[dic
     if isinstance(source, (str, Path)):
         p = Path(source)
         rows = read_jsonl(p) if p.is_file() else RunStore(p).rows() + cost_rows(p)
+        rows = [r for r in rows if _usable(r, p)]
     elif isinstance(source, pd.DataFrame):
         rows = [_clean_record(r) for r in source.to_dict(orient="records")]
     else:

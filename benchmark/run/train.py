@@ -37,10 +37,11 @@ from benchmark.checkpoint import (build_defense, checkpoint_state, model_from_ch
 from benchmark.config import RunConfig, helper_config
 from benchmark.data import BatchLoader, Data, DataInfo, split_train_val
 from benchmark.device import peak_memory_mb, resolve_device
-from benchmark.errors import UsageError
+from benchmark.errors import NonFiniteError, UsageError
 from benchmark.run.health import FAILURE_FILE, DivergedError, record_failure, write_health
 from benchmark.store import (RunStore, append_jsonl, atomic_torch_save, atomic_write_json,
-                             code_version, environment, now, read_jsonl)
+                             clean_tmp, code_version, environment, now, read_jsonl, write_jsonl)
+from benchmark.validate import check_finite_model
 from defenses.base import StepOutput
 
 logger = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ def train_run(cfg: RunConfig, data: Data, store: RunStore, *, device: str = "cpu
     if (run_dir / "TRAINED").exists():
         logger.info("%s/%s seed %d already trained: %s", cfg.defense, cfg.dataset, cfg.seed, run_dir)
         return run_dir
+    _check_split(cfg, data)
     helpers = {req: _helper_model(req, cfg, data, store, device, progress)
                for req in _requires(cfg.defense)}
     with _run_lock(run_dir, enabled=not env.active):
@@ -220,6 +222,7 @@ def _setup(cfg: RunConfig, data: Data, run_dir: Path, helpers: Mapping[str, nn.M
     hp = cfg.hparams
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        clean_tmp(run_dir, max_age_s=0.0 if not env.active else 86400.0)  # killed writes
         if not (run_dir / "config.json").exists():
             atomic_write_json(run_dir / "config.json", {
                 **cfg.to_dict(), "run_id": cfg.run_id, "data": data.info.to_dict(),
@@ -262,6 +265,8 @@ def _resume(s: _Session) -> tuple[int, float]:
         start_epoch, best = restore_training(read_checkpoint(s.run_dir / "ckpt_last.pt"),
                                              s.model, s.optimizer, s.defense, s.loader_gen)
         logger.info("resuming %s from epoch %d", s.run_dir, start_epoch)
+    if s.env.is_main:
+        _sync_log(s.run_dir / "train_log.jsonl", start_epoch)
     s.step_model = maybe_compile(s.model, s.hp)
     s.ddp = distributed.wrap_step(s.step_model, s.defense, lambda: autocast(s.hp, s.dev), s.dev) \
         if s.env.active else None
@@ -287,6 +292,8 @@ def _epoch(s: _Session, epoch: int, best: float) -> float:
             record_failure(s.run_dir, err)
         raise
     distributed.broadcast_defense_state(s.defense, env)
+    # every rank checks (same weights under DDP), so all stop together
+    _check_finite(s.model, s.x_val, cfg, epoch + 1)
     if not env.is_main:
         return best
     record = {"epoch": epoch + 1, "lr": lr_at(hp, epoch), **stats,
@@ -298,13 +305,15 @@ def _epoch(s: _Session, epoch: int, best: float) -> float:
     score = record.get(str(hp.get("select_by", "val_pgd")), -math.inf)
     is_best = score >= best  # ties go to the later epoch
     best = max(best, score)
+    # the log line first: a kill before the checkpoint only makes the resume retrain and
+    # re-log this epoch (_sync_log drops lines after the checkpoint's epoch)
+    append_jsonl(s.run_dir / "train_log.jsonl", record)
     if is_best:
         atomic_torch_save(s.run_dir / "ckpt_best.pt", checkpoint_state(
             cfg, s.info, epoch=epoch + 1, best_val=best, model=s.model, defense=s.defense))
     atomic_torch_save(s.run_dir / "ckpt_last.pt", checkpoint_state(
         cfg, s.info, epoch=epoch + 1, best_val=best, model=s.model, defense=s.defense,
         optimizer=s.optimizer, loader_gen=s.loader_gen))
-    append_jsonl(s.run_dir / "train_log.jsonl", record)
     logger.info("%s seed %d epoch %d/%d %s", cfg.defense, cfg.seed, epoch + 1, epochs,
                 " ".join(f"{k}={v:.4g}" for k, v in record.items()
                          if isinstance(v, float) and k != "lr"))
@@ -315,12 +324,65 @@ def _finish(s: _Session, best: float) -> None:
     """Mark the run trained (rank 0); a 0-epoch run still gets a ``ckpt_last.pt``."""
     if not s.env.is_main:
         return
+    _check_finite(s.model, s.x_val, s.cfg, int(s.hp["epochs"]))
     if int(s.hp["epochs"]) == 0:
         atomic_torch_save(s.run_dir / "ckpt_last.pt", checkpoint_state(
             s.cfg, s.info, epoch=0, best_val=best, model=s.model, defense=s.defense))
     (s.run_dir / "TRAINED").write_text(now() + "\n")
     (s.run_dir / FAILURE_FILE).unlink(missing_ok=True)  # a stale record of an earlier attempt
     write_health(s.run_dir)
+
+
+def _check_split(cfg: RunConfig, data: Data) -> None:
+    """The validation split must leave training samples (checked before any folder exists).
+
+    Raises:
+        UsageError: no training samples would remain.
+    """
+    n = len(data.train)
+    val = min(int(cfg.hparams["val_size"]), n // 5)
+    left = n - val
+    if cfg.hparams.get("train_subset") is not None:
+        left = min(left, int(cfg.hparams["train_subset"]))
+    if left < 1:
+        raise UsageError(f"{data.info.name} has {n} training samples: nothing is left to train on "
+                         f"after a validation split of {val}")
+
+
+def _check_finite(model: nn.Module, x_val: Tensor, cfg: RunConfig, epoch: int) -> None:
+    """Weights and outputs finite before a checkpoint is declared good or TRAINED written.
+
+    Raises:
+        NonFiniteError: exit 3; the checkpoints on disk are those of the earlier epochs.
+    """
+    try:
+        check_finite_model(model, x_val[:256], f"{cfg.defense} seed {cfg.seed} epoch {epoch}")
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"{exc}; nothing saved for this epoch, the last good checkpoint "
+                             f"is kept (lower lr or lr_gamma?)") from None
+
+
+def _sync_log(path: Path, epoch: int) -> None:
+    """Make the training log hold exactly one line per finished epoch up to ``epoch`` (the
+    checkpoint's): lines written for an epoch whose checkpoint a kill prevented are dropped,
+    duplicates keep their last copy."""
+    if not path.exists():
+        return
+    rows = read_jsonl(path)
+    by_epoch = {}
+    for r in rows:
+        if isinstance(r.get("epoch"), int) and 1 <= r["epoch"] <= epoch:
+            by_epoch[r["epoch"]] = r
+    kept = [by_epoch[e] for e in sorted(by_epoch)]
+    missing = sorted(set(range(1, epoch + 1)) - set(by_epoch))
+    if missing:  # only runs written before the log line came first can lack one
+        logger.warning("%s lacks the record of epoch(s) %s (written by an older advbench)",
+                       path, missing)
+    if kept != rows or path.read_bytes()[-1:] not in (b"\n", b""):
+        if len(kept) < len(rows):
+            logger.info("%s: dropped %d line(s) after epoch %d (not covered by the checkpoint)",
+                        path, len(rows) - len(kept), epoch)
+        write_jsonl(path, kept)
 
 
 def train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer,
