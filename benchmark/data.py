@@ -184,10 +184,13 @@ def _torchvision(name: str, root: Path, download: bool) -> tuple[Split, Split]:
         cifar100 = type("CIFAR100Files", (tvd.CIFAR100,), lenient)
         svhn = type("SVHNFiles", (tvd.SVHN,), {"_check_integrity": _svhn_exists})
 
+    if name == "mnist":
+        if download:
+            tvd.MNIST(str(root), train=True, download=True)
+            tvd.MNIST(str(root), train=False, download=True)
+        return _mnist(root)
+
     def load(train: bool) -> Split:
-        if name == "mnist":
-            ds = tvd.MNIST(str(root), train=train, download=download)
-            return Split(_to_nchw(ds.data), torch.as_tensor(ds.targets, dtype=torch.int64))
         if name in ("cifar10", "cifar100"):
             cls = cifar10 if name == "cifar10" else cifar100
             ds = cls(str(root), train=train, download=download)
@@ -201,6 +204,72 @@ def _torchvision(name: str, root: Path, download: bool) -> tuple[Split, Split]:
         raise DataError(f"{name} not found under {root}: expected {root}/{_EXPECTED[name]} "
                         f"(fetch it with `advbench download --dataset {name} --data-dir {root}` "
                         f"or pass --download) [{exc}]") from None
+
+
+_IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}
+
+
+def _idx_file(raw: Path, stem: str) -> Path:
+    """``raw/stem`` or, if only that exists, ``raw/stem.gz``."""
+    for cand in (raw / stem, raw / f"{stem}.gz"):
+        if cand.is_file():
+            return cand
+    raise DataError(f"mnist not found: no {raw / stem}[.gz] (expected {_EXPECTED['mnist']} "
+                    f"under --data-dir; fetch it with `advbench download --dataset mnist "
+                    f"--data-dir DIR`)")
+
+
+def read_idx(path: Path, kind: str) -> np.ndarray:
+    """One MNIST idx file (``kind`` = images or labels), plain or gzip, fully checked.
+
+    Raises:
+        DataError: names the file and its problem (magic number, counts, shape, length).
+    """
+    import gzip
+    import struct
+
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"corrupt MNIST file {path}: cannot read it ({exc})") from None
+    head = 16 if kind == "images" else 8
+    if len(raw) < head:
+        raise DataError(f"corrupt MNIST file {path}: {len(raw)} bytes, shorter than its header")
+    magic, count = struct.unpack(">II", raw[:8])
+    if magic != _IDX_MAGIC[kind]:
+        raise DataError(f"corrupt MNIST file {path}: magic number {magic:#010x}, expected "
+                        f"{_IDX_MAGIC[kind]:#010x} for an idx {kind} file")
+    shape: tuple[int, ...] = (count,)
+    if kind == "images":
+        rows, cols = struct.unpack(">II", raw[8:16])
+        if (rows, cols) != (28, 28):
+            raise DataError(f"corrupt MNIST file {path}: images are {rows}x{cols}, expected 28x28")
+        shape = (count, rows, cols)
+    expected = head + int(np.prod(shape))
+    if len(raw) != expected:
+        raise DataError(f"corrupt MNIST file {path}: header says {count} {kind} ({expected} "
+                        f"bytes), the file has {len(raw)} bytes (truncated or padded)")
+    arr = np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(shape)
+    if kind == "labels" and count and int(arr.max()) > 9:
+        raise DataError(f"corrupt MNIST file {path}: label {int(arr.max())} outside 0-9")
+    return arr
+
+
+def _mnist(root: Path) -> tuple[Split, Split]:
+    """MNIST from ``root/MNIST/raw`` idx files (plain or ``.gz``), with consistency checks."""
+    raw = root / "MNIST" / "raw"
+    splits = []
+    for part in ("train", "t10k"):
+        img_path = _idx_file(raw, f"{part}-images-idx3-ubyte")
+        lab_path = _idx_file(raw, f"{part}-labels-idx1-ubyte")
+        images, labels = read_idx(img_path, "images"), read_idx(lab_path, "labels")
+        if len(images) != len(labels):
+            raise DataError(f"MNIST files do not match: {img_path} has {len(images)} images, "
+                            f"{lab_path} has {len(labels)} labels")
+        if len(images) == 0:
+            raise DataError(f"MNIST file {img_path} holds no images")
+        splits.append(Split(_to_nchw(images.copy()), torch.from_numpy(labels.astype(np.int64))))
+    return splits[0], splits[1]
 
 
 def _image_folder(root: Path) -> tuple[Split, Split, list[str]]:
