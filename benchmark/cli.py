@@ -9,29 +9,44 @@ import click
 
 from benchmark.errors import AdvbenchError, UsageError
 from benchmark.logs import setup_logging
+from benchmark.validate import (NON_NEGATIVE, POSITIVE, checkpoints_option, device_option,
+                                seeds_option, writable_dir_option)
 
 logger = logging.getLogger("advbench")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (files are written atomically; a rerun resumes)."""
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
 class _Group(click.Group):
-    """Turns advbench errors into one line on stderr and their exit status."""
+    """Turns advbench errors and OSErrors into one line on stderr and their exit status."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except AdvbenchError as exc:
-            click.echo(f"advbench: error: {exc}", err=True)
+            click.echo(f"advbench: error: {_one_line(exc)}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("advbench: interrupted; finished epochs and rows are saved, rerun to "
+        except OSError as exc:  # full disk, permissions, a file where a folder should be
+            click.echo(f"advbench: error: {_one_line(exc)}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt as exc:
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            click.echo(f"advbench: {what}; finished epochs and rows are saved, rerun to "
                        "resume", err=True)
-            ctx.exit(130)
+            ctx.exit(143 if isinstance(exc, Terminated) else 130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-def cli(verbose: int, quiet: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error.")
+def cli(verbose: int, quiet: bool, debug: bool) -> None:
     """advbench: train and attack adversarial-training defenses under one protocol."""
     setup_logging(-1 if quiet else verbose)
 
@@ -45,14 +60,16 @@ def common_options(multi: bool) -> Any:
             click.option("--arch", default=None, help="Backbone (default: the profile's)."),
             click.option("--profile", default="cpu", show_default=True,
                          type=click.Choice(["cpu", "paper"])),
-            click.option("--seeds", default="0", show_default=True, help="Comma list, e.g. 0,1,2."),
+            click.option("--seeds", default="0", show_default=True, callback=seeds_option,
+                         help="Comma list, e.g. 0,1,2."),
             click.option("--hparams", default=None, help='JSON overrides, e.g. \'{"beta": 6.0}\'.'),
-            click.option("--runs-dir", default="runs", show_default=True, type=click.Path()),
+            click.option("--runs-dir", default="runs", show_default=True, type=click.Path(),
+                         callback=writable_dir_option),
             click.option("--data-dir", default=None, type=click.Path(),
                          help="Root of dataset files (torchvision or image-folder layout)."),
             click.option("--download", is_flag=True, help="Allow torchvision to download data."),
             click.option("--device", default="auto", show_default=True,
-                         help="cpu, cuda, cuda:N or auto."),
+                         callback=device_option, help="cpu, cuda, cuda:N or auto."),
             click.option("--no-progress", is_flag=True, help="No progress bars."),
         ]
         for opt in reversed(opts):
@@ -67,11 +84,14 @@ def common_options(multi: bool) -> Any:
 @common_options(multi=True)
 @click.option("--attacks", default=None, help="Attack columns, e.g. fgsm,pgd (default suite).")
 @click.option("--suite", default=None, help="Named attack suite.")
-@click.option("--n-examples", type=int, default=None, help="Test points (default: profile's).")
-@click.option("--checkpoints", default="best", show_default=True, help="best, last or best,last.")
-@click.option("--batch-size", type=int, default=None,
+@click.option("--n-examples", type=POSITIVE, default=None,
+              help="Test points (default: profile's).")
+@click.option("--checkpoints", default="best", show_default=True, callback=checkpoints_option,
+              help="best, last or best,last.")
+@click.option("--batch-size", type=POSITIVE, default=None,
               help="Eval batch size [256 on CPU, 512-1024 on a GPU].")
-@click.option("--out", default=None, type=click.Path(), help="Report folder [RUNS_DIR/report].")
+@click.option("--out", default=None, type=click.Path(), callback=writable_dir_option,
+              help="Report folder [RUNS_DIR/report].")
 @click.option("--force", is_flag=True, help="Delete and recompute the selected runs.")
 @click.option("--dry-run", is_flag=True, help="List the jobs and their states; run nothing.")
 @click.option("--launcher", default="auto", show_default=True,
@@ -79,10 +99,10 @@ def common_options(multi: bool) -> Any:
               help="auto: the whole machine (local with one job per CPU core or GPU when "
                    "jobs can run side by side, else serial); serial: in this process; local: "
                    "one subprocess per job; submitit: Slurm.")
-@click.option("--jobs", "parallel", type=int, default=None,
+@click.option("--jobs", "parallel", type=POSITIVE, default=None,
               help="auto/local launcher: jobs at a time [one per GPU (group), else one per "
                    "CPU core].")
-@click.option("--gpus-per-job", type=int, default=1, show_default=True,
+@click.option("--gpus-per-job", type=POSITIVE, default=1, show_default=True,
               help="DDP processes per job (local: torchrun; submitit: Slurm tasks).")
 @click.option("--cluster", default=None,
               help="submitit cluster: slurm [auto-detected], local or debug.")
@@ -117,7 +137,7 @@ def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: s
 @cli.command()
 @click.option("--defense", required=True, help="Defense name.")
 @common_options(multi=False)
-@click.option("--ddp", "nproc", type=int, default=None,
+@click.option("--ddp", "nproc", type=POSITIVE, default=None,
               help="Train each run with DDP on N local processes (= torchrun "
                    "--nproc_per_node=N -m benchmark.cli train ...).")
 @click.option("--sync-bn", is_flag=True, help="DDP: BatchNorm statistics over the global "
@@ -167,15 +187,15 @@ def _train_and_print(job: Any) -> None:
                    "evaluation (benchmark.eval.rejection).")
 @click.option("--eps", default=None, help="Comma list of eps overriding every column's, "
                                           "e.g. 2/255,4/255.")
-@click.option("--n-examples", type=int, default=None,
+@click.option("--n-examples", type=POSITIVE, default=None,
               help="First N test points (default: the profile's, capped per attack).")
 @click.option("--checkpoint", "which", default="best", show_default=True,
               type=click.Choice(["best", "last"]))
-@click.option("--batch-size", type=int, default=None,
+@click.option("--batch-size", type=POSITIVE, default=None,
               help="Eval batch size [256 on CPU, 512-1024 on a GPU].")
 @click.option("--data-dir", default=None, type=click.Path())
-@click.option("--device", default="auto", show_default=True)
-@click.option("--out", default=None, type=click.Path(),
+@click.option("--device", default="auto", show_default=True, callback=device_option)
+@click.option("--out", default=None, type=click.Path(), callback=writable_dir_option,
               help="Result folder for --checkpoint-file [<file stem>-eval beside the file].")
 @click.option("--force", is_flag=True, help="Recompute existing rows.")
 @click.option("--no-progress", is_flag=True)
@@ -276,7 +296,8 @@ def check(run_paths: tuple[str, ...], eps: Optional[str], n_examples: Optional[i
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path())
 @click.option("--rows", "rows_file", default=None, type=click.Path(exists=True),
               help="Build from a rows.jsonl file instead of run folders.")
-@click.option("--out", default="results", show_default=True, type=click.Path())
+@click.option("--out", default="results", show_default=True, type=click.Path(),
+              callback=writable_dir_option)
 @click.option("--no-plots", is_flag=True, help="Tables only.")
 @click.option("--print/--no-print", "echo", default=True, show_default=True,
               help="Print the Markdown tables.")
@@ -312,12 +333,12 @@ def report(runs_dir: str, rows_file: Optional[str], out: str, no_plots: bool, ec
 @cli.command()
 @click.option("--run", "run_paths", multiple=True, required=True, type=click.Path(exists=True),
               help="Run folder (repeatable).")
-@click.option("--n-examples", type=int, default=None, help="Test points (default: profile's).")
+@click.option("--n-examples", type=POSITIVE, default=None, help="Test points (default: profile's).")
 @click.option("--checkpoint", "which", default="best", show_default=True,
               type=click.Choice(["best", "last"]))
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
 @click.option("--data-dir", default=None, type=click.Path())
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=device_option)
 @click.option("--force", is_flag=True, help="Recompute existing rows.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def features(run_paths: tuple[str, ...], n_examples: Optional[int], which: str, batch_size: int,
@@ -340,12 +361,12 @@ def features(run_paths: tuple[str, ...], n_examples: Optional[int], which: str, 
 @click.option("--data-dir", required=True, type=click.Path(exists=True),
               help="Folder with CIFAR-10-C's <corruption>.npy and labels.npy (or its parent).")
 @click.option("--corruptions", default=None, help="Comma list (default: every .npy present).")
-@click.option("--n-examples", type=int, default=None,
+@click.option("--n-examples", type=POSITIVE, default=None,
               help="Images per severity (default: profile's).")
 @click.option("--checkpoint", "which", default="best", show_default=True,
               type=click.Choice(["best", "last"]))
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=device_option)
 @click.option("--force", is_flag=True, help="Recompute existing rows.")
 def corruptions(run_paths: tuple[str, ...], data_dir: str, corruptions: Optional[str],
                 n_examples: Optional[int], which: str, batch_size: int, device: str,
@@ -373,11 +394,11 @@ def corruptions(run_paths: tuple[str, ...], data_dir: str, corruptions: Optional
               help="Run folder of the Adv-DPNP model (arch lenets++).")
 @click.option("--out", default="results/plots/figure2.png", show_default=True,
               type=click.Path())
-@click.option("--n-examples", type=int, default=None, help="Test points (default: profile's).")
+@click.option("--n-examples", type=POSITIVE, default=None, help="Test points (default: profile's).")
 @click.option("--checkpoint", "which", default="best", show_default=True,
               type=click.Choice(["best", "last"]))
 @click.option("--data-dir", default=None, type=click.Path())
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=device_option)
 def figure2(at_run: str, dpnp_run: str, out: str, n_examples: Optional[int], which: str,
             data_dir: Optional[str], device: str) -> None:
     """Figure 2: 2-D LeNets++ features, clean and adversarial, AT vs Adv-DPNP."""
@@ -438,20 +459,22 @@ def download(dataset: str, data_dir: str) -> None:
 @click.option("--dataset", default="cifar10", show_default=True,
               help="Input shape and classes (random data; nothing is loaded).")
 @click.option("--profile", default="paper", show_default=True, type=click.Choice(["cpu", "paper"]))
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--steps", type=int, default=3, show_default=True, help="Timed training steps.")
-@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed steps first.")
-@click.option("--reps", type=int, default=3, show_default=True,
+@click.option("--batch-size", type=POSITIVE, default=128, show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=device_option)
+@click.option("--steps", type=POSITIVE, default=3, show_default=True, help="Timed training steps.")
+@click.option("--warmup", type=NON_NEGATIVE, default=1, show_default=True,
+              help="Untimed steps first.")
+@click.option("--reps", type=POSITIVE, default=3, show_default=True,
               help="Timed repetitions of each plain forward/backward measurement.")
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16"]))
 @click.option("--channels-last", is_flag=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the training model.")
 @click.option("--attacks", default="fgsm,pgd", show_default=True,
               help="Evaluation attacks to time ('' for none).")
-@click.option("--eval-samples", type=int, default=None, help="Samples per attack [batch size].")
+@click.option("--eval-samples", type=POSITIVE, default=None,
+              help="Samples per attack [batch size].")
 @click.option("--hparams", default=None, help="JSON hyperparameter overrides.")
-@click.option("--threads", type=int, default=None, help="torch intra-op threads [torch's].")
+@click.option("--threads", type=POSITIVE, default=None, help="torch intra-op threads [torch's].")
 @click.option("--json", "json_path", default=None, type=click.Path(),
               help="Also write the measurements as JSON.")
 def bench(defense: str, arch: str, dataset: str, profile: str, batch_size: int, device: str,
@@ -476,8 +499,54 @@ def bench(defense: str, arch: str, dataset: str, profile: str, batch_size: int, 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console-script entry point."""
-    cli.main(args=list(argv) if argv is not None else None, prog_name="advbench")
+    """Console-script entry point: every error is one line on stderr and an exit status.
+
+    2: bad input (options, hyperparameters, data, checkpoints) and OSErrors (full disk, ...);
+    3: NaN/inf in training or in a model; 130/143: Ctrl-C / SIGTERM (rerun to resume);
+    1: an unexpected error, as a one-line summary (the traceback with ``--debug``).
+    """
+    import signal
+    import sys
+
+    args = list(argv) if argv is not None else sys.argv[1:]
+    debug = "--debug" in args
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread
+        previous = None
+    code: Any = 0
+    try:
+        code = cli.main(args=args, prog_name="advbench", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("advbench: interrupted", err=True)
+        code = 130
+    except click.ClickException as exc:  # an option value or usage error found by click
+        click.echo(f"advbench: error: {_one_line(exc.format_message())}", err=True)
+        code = 2
+    except AdvbenchError as exc:
+        click.echo(f"advbench: error: {_one_line(exc)}", err=True)
+        code = exc.exit_code
+    except OSError as exc:
+        click.echo(f"advbench: error: {_one_line(exc)}", err=True)
+        code = 2
+    except KeyboardInterrupt:
+        click.echo("advbench: interrupted", err=True)
+        code = 130
+    except Exception as exc:  # a bug: one line, the traceback only when asked for
+        if debug:
+            import traceback
+            traceback.print_exc()
+        click.echo(f"advbench: internal error: {type(exc).__name__}: {_one_line(exc)[:300]} "
+                   f"(rerun with --debug for the traceback)", err=True)
+        code = 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # python -m benchmark.cli

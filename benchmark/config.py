@@ -186,15 +186,14 @@ def resolve_run_config(defense: str, dataset: str, *, profile: str = "cpu",
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``--seeds`` (``0,1,2``) as integers.
+    """``--seeds`` (``0,1,2``) as integers (see :func:`benchmark.validate.parse_seeds`).
 
     Raises:
-        UsageError: not a comma list of integers.
+        UsageError: empty, not a comma list of integers, or outside ``[0, 2**32)``.
     """
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise UsageError(f"--seeds must be a comma list of integers, got {text!r}") from None
+    from benchmark.validate import parse_seeds as parse
+
+    return parse(text)
 
 
 def sweep_configs(defenses: Sequence[str], dataset: str, *, profile: str = "cpu",

@@ -161,7 +161,7 @@ def sweep(defenses: str, dataset: str, *, arch: Optional[str] = None, profile: s
                          hparams=hparams, scale=scale)
     specs = resolve_specs(attacks, scale, suite=suite)
     which = tuple(c.strip() for c in checkpoints.split(",") if c.strip())
-    if not set(which) <= {"best", "last"}:
+    if not which or not set(which) <= {"best", "last"}:
         raise UsageError(f"--checkpoints takes best and/or last, got {checkpoints!r}")
     params = _json_object(executor_params, "--executor-params")
     store = RunStore(runs_dir)
