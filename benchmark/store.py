@@ -189,9 +189,9 @@ def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
                                      for r in rows).encode())
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, skipped: Optional[list[str]] = None) -> list[dict[str, Any]]:
     """JSON objects of a JSONL file; a truncated or corrupt line (crash mid-write) and a line
-    that is not an object are skipped with a warning."""
+    that is not an object are skipped: with a warning each, or described in ``skipped``."""
     rows: list[dict[str, Any]] = []
     if not path.exists():
         return rows
@@ -201,12 +201,16 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError:
-            logger.warning("skipping unreadable line %d of %s", i + 1, path)
-            continue
-        if isinstance(value, dict):
-            rows.append(value)
+            problem = f"line {i + 1}: not JSON (truncated?)"
         else:
-            logger.warning("skipping line %d of %s: not a JSON object", i + 1, path)
+            if isinstance(value, dict):
+                rows.append(value)
+                continue
+            problem = f"line {i + 1}: not a JSON object"
+        if skipped is None:
+            logger.warning("%s: skipping %s", path, problem)
+        else:
+            skipped.append(problem)
     return rows
 
 

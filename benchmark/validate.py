@@ -66,10 +66,14 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _type_problem(default: Any, value: Any) -> Optional[str]:
+#: keys whose value may be null in some profile (``train_subset`` null = the whole set)
+NULLABLE = frozenset({"train_subset"})
+
+
+def _type_problem(default: Any, value: Any, key: str = "") -> Optional[str]:
     """Why ``value`` cannot replace ``default`` (None if it can)."""
     if value is None:
-        return None if default is None else "a value, got null"
+        return None if default is None or key in NULLABLE else "a value, got null"
     if isinstance(value, float) and not math.isfinite(value):
         return f"a finite number, got {value!r}"
     if default is None:
@@ -93,7 +97,7 @@ def check_user_value(key: str, default: Any, value: Any) -> None:
     Raises:
         UsageError: wrong type, null, or a non-finite number.
     """
-    problem = _type_problem(default, value)
+    problem = _type_problem(default, value, key)
     if problem:
         raise UsageError(f"hyperparameter {key!r} expects {problem}")
 

@@ -53,14 +53,26 @@ def _clean_record(r: dict) -> dict:
     return {k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
-def _usable(row: dict, source: Path) -> bool:
-    """A row that may enter a table (see :func:`benchmark.validate.row_problem`)."""
+def _usable_rows(path: Path) -> list[dict[str, Any]]:
+    """The valid rows of a rows.jsonl (:func:`benchmark.validate.row_problem`); the others are
+    summarised in one warning, or one error if no row is valid."""
+    from benchmark.errors import UsageError
     from benchmark.validate import row_problem
 
-    problem = row_problem(row)
-    if problem:
-        logger.warning("%s: skipping invalid row %s: %s", source, row.get("eval_key", ""), problem)
-    return problem is None
+    skipped: list[str] = []
+    rows = []
+    for i, r in enumerate(read_jsonl(path, skipped)):
+        problem = row_problem(r)
+        if problem:
+            skipped.append(f"row {i + 1}: {problem}")
+        else:
+            rows.append(r)
+    if skipped and not rows:
+        raise UsageError(f"no result rows in {path}: {len(skipped)} invalid line(s), first "
+                         f"{skipped[0]}")
+    if skipped:
+        logger.warning("%s: skipped %d invalid line(s), first %s", path, len(skipped), skipped[0])
+    return rows
 
 
 def load_records(source: Path | str | pd.DataFrame | Iterable[dict]) -> list[dict[str, Any]]:
@@ -72,8 +84,7 @@ def load_records(source: Path | str | pd.DataFrame | Iterable[dict]) -> list[dic
     """
     if isinstance(source, (str, Path)):
         p = Path(source)
-        rows = read_jsonl(p) if p.is_file() else RunStore(p).rows() + cost_rows(p)
-        rows = [r for r in rows if _usable(r, p)]
+        rows = _usable_rows(p) if p.is_file() else RunStore(p).rows() + cost_rows(p)
     elif isinstance(source, pd.DataFrame):
         rows = [_clean_record(r) for r in source.to_dict(orient="records")]
     else:

@@ -1,0 +1,617 @@
+"""Bad input and faults through the CLI: one line on stderr, the documented exit status, no
+traceback, and no run folder or row where none should be.
+
+The table drives ``benchmark.cli.main`` in-process (fast); kill -9 and SIGTERM use a
+subprocess. Every case records (clean error, traceback, wrong exit status, data lost);
+``test_zz_table_counts`` prints the totals (``pytest -s``) and asserts them.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import gzip
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+from benchmark.cli import main
+from benchmark.config import resolve_run_config
+from benchmark.data import load_dataset
+from benchmark.store import RunStore, append_jsonl, read_jsonl
+from benchmark.run.train import train_run
+
+HP = {"epochs": 2, "lr_milestones": [1], "train_attack_steps": 1, "val_attack_steps": 1,
+      "batch_size": 64, "train_subset": 128, "val_size": 32}
+TOTALS = {"cases": 0, "clean errors": 0, "tracebacks": 0, "wrong exit statuses": 0,
+          "data lost": 0}
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def lines(self) -> list[str]:
+        return [ln for ln in self.err.splitlines() if ln.strip()]
+
+
+def advbench(*args: str) -> Result:
+    """``advbench ARGS`` in this process: exit status, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(["-q", *args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished tiny run (synthetic data), copied by the cases that need one."""
+    root = tmp_path_factory.mktemp("trained")
+    cfg = resolve_run_config("st", "synthetic", arch="tiny", user_hparams=HP)
+    return train_run(cfg, load_dataset("synthetic"), RunStore(root / "runs"), progress=False)
+
+
+def copy_run(trained: Path, tmp: Path) -> Path:
+    dst = tmp / "runs" / "synthetic" / "st" / trained.name
+    shutil.copytree(trained, dst)
+    return dst
+
+
+def train_args(runs: Path, hp: Optional[dict] = None, *extra: str, defense: str = "st") -> list:
+    return ["train", "--defense", defense, "--dataset", "synthetic", "--arch", "tiny",
+            "--runs-dir", str(runs), "--no-progress", "--device", "cpu",
+            "--hparams", json.dumps({**HP, **(hp or {})}, allow_nan=True), *extra]
+
+
+def run_args(runs: Path, *extra: str) -> list:
+    return ["run", "--defenses", "st", "--dataset", "synthetic", "--arch", "tiny",
+            "--runs-dir", str(runs), "--no-progress", "--device", "cpu", "--attacks", "fgsm",
+            "--hparams", json.dumps(HP), *extra]
+
+
+def idx(path: Path, magic: int, dims: tuple, payload: bytes, gz: bool = False) -> None:
+    raw = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in dims) + payload
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        raw = gzip.compress(raw)
+    path.write_bytes(raw)
+
+
+def mnist(tmp: Path, n_train: int = 20, n_test: int = 10, *, labels_train: Optional[int] = None,
+          bad: str = "", gz: bool = False) -> Path:
+    """A small MNIST layout under tmp/mnist; ``bad`` breaks one thing."""
+    raw = tmp / "mnist" / "MNIST" / "raw"
+    for part, n in (("train", n_train), ("t10k", n_test)):
+        size = 27 if bad == "size" and part == "train" else 28
+        payload = bytes(n * size * size)
+        if bad == "truncated" and part == "train":
+            payload = payload[:-100]
+        magic = 0x0803 if not (bad == "magic" and part == "train") else 0x0903
+        idx(raw / f"{part}-images-idx3-ubyte", magic, (n, size, size), payload, gz)
+        m = labels_train if (labels_train is not None and part == "train") else n
+        labels = bytes([i % 10 for i in range(m)])
+        if bad == "label" and part == "train":
+            labels = bytes([12] * m)
+        idx(raw / f"{part}-labels-idx1-ubyte", 0x0801, (m,), labels, gz)
+    if bad == "badgz":
+        (raw / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8bnot really gzip")
+    return tmp / "mnist"
+
+
+def ckpt_file(trained: Path, tmp: Path, edit: Callable[[dict], object],
+              replace: bool = False) -> Path:
+    """A copy of the run's checkpoint after ``edit`` (or its result, with ``replace``)."""
+    ck = torch.load(trained / "ckpt_best.pt", weights_only=True)
+    new = edit(ck)
+    path = tmp / "edited.pt"
+    torch.save(new if replace else ck, path)
+    return path
+
+
+class Evil:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, ("touch /tmp/advbench-pwned",))
+
+
+# ------------------------------------------------------------------------------ the table
+@dataclass
+class Case:
+    name: str
+    argv: Callable[[Path, Path], list]  # (tmp, trained run) -> args; may set up files
+    needle: str
+    code: int = 2
+    creates: bool = False  # a run folder may (or must, for faults) exist afterwards
+    check: Optional[Callable[[Path], bool]] = None  # True if no data was lost
+    marks: list = field(default_factory=list)
+
+
+def R(tmp: Path) -> Path:
+    return tmp / "runs"
+
+
+def hp_case(name: str, hp: dict, needle: str, defense: str = "st") -> Case:
+    return Case(name, lambda t, tr: train_args(R(t), hp, defense=defense), needle)
+
+
+def no_cuda() -> list:
+    return [pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")]
+
+
+def _file(t: Path, name: str = "afile") -> Path:
+    (t / name).write_text("x")
+    return t / name
+
+
+def _readonly(t: Path) -> Path:
+    if os.geteuid() == 0:  # root writes through permission bits; use a read-only mount
+        return Path("/proc/sys/advbench-runs")
+    d = t / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    return d / "runs"
+
+
+def _eval_args(run: Path, *extra: str) -> list:
+    return ["evaluate", "--run", str(run), "--attacks", "fgsm", "--n-examples", "16",
+            "--no-progress", "--device", "cpu", *extra]
+
+
+def _ckpt_eval(edit: Callable[[dict], object], replace: bool = False
+               ) -> Callable[[Path, Path], list]:
+    def argv(t: Path, tr: Path) -> list:
+        return ["evaluate", "--checkpoint-file", str(ckpt_file(tr, t, edit, replace)),
+                "--attacks", "fgsm",
+                "--n-examples", "16", "--no-progress", "--device", "cpu",
+                "--out", str(t / "out")]
+    return argv
+
+
+def _scale_weights(ck: dict, value: float) -> None:
+    for k, v in ck["model"].items():
+        if v.is_floating_point() and "weight" in k:
+            v.fill_(value)
+
+
+def _set_nan(ck: dict) -> None:
+    next(v for v in ck["model"].values() if v.is_floating_point()).fill_(float("nan"))
+
+
+def _bad_config(text: str) -> Callable[[Path, Path], list]:
+    def argv(t: Path, tr: Path) -> list:
+        run = copy_run(tr, t)
+        (run / "config.json").write_text(text)
+        shutil.rmtree(run / "eval", ignore_errors=True)
+        return _eval_args(run)
+    return argv
+
+
+def _rows_file(text: str) -> Callable[[Path, Path], list]:
+    def argv(t: Path, tr: Path) -> list:
+        (t / "rows.jsonl").write_text(text)
+        return ["report", "--rows", str(t / "rows.jsonl"), "--out", str(t / "out"), "--no-plots"]
+    return argv
+
+
+def _mnist_train(missing: bool = False, **kw: object) -> Callable[[Path, Path], list]:
+    def argv(t: Path, tr: Path) -> list:
+        root = t / "empty" if missing else mnist(t, **kw)  # type: ignore[arg-type]
+        return ["train", "--defense", "st", "--dataset", "mnist", "--data-dir", str(root),
+                "--arch", "tiny", "--runs-dir", str(R(t)), "--no-progress", "--device", "cpu",
+                "--hparams", json.dumps(HP)]
+    return argv
+
+
+CASES = [
+    # --- hyperparameters (issue 15 items 3, 4) ---
+    hp_case("lr null", {"lr": None}, "'lr' expects a value, got null"),
+    hp_case("lr_milestones ['a']", {"lr_milestones": ["a"]}, "lr_milestones"),
+    hp_case("val_every 0", {"val_every": 0}, "'val_every' must be >= 1"),
+    hp_case("epochs 1e400", {"epochs": float("inf")}, "'epochs' expects a finite number"),
+    hp_case("epochs 1.5", {"epochs": 1.5}, "'epochs' expects int"),
+    hp_case("train_subset 0", {"train_subset": 0}, "'train_subset' must be >= 1"),
+    hp_case("val_size -5", {"val_size": -5}, "'val_size' must be >= 1"),
+    hp_case("select_by bogus", {"select_by": "bogus"}, "'select_by' must be one of"),
+    hp_case("lr Infinity", {"lr": float("inf")}, "'lr' expects a finite number"),
+    hp_case("lr NaN", {"lr": float("nan")}, "'lr' expects a finite number"),
+    hp_case("lr 0", {"lr": 0.0}, "'lr' must be > 0"),
+    hp_case("lr negative", {"lr": -0.1}, "'lr' must be > 0"),
+    hp_case("batch_size 0", {"batch_size": 0}, "'batch_size' must be >= 1"),
+    hp_case("batch_size 2.5", {"batch_size": 2.5}, "'batch_size' expects int"),
+    hp_case("epochs -1", {"epochs": -1}, "'epochs' must be >= 0"),
+    hp_case("momentum 1.5", {"momentum": 1.5}, "'momentum' must be in [0, 1]"),
+    hp_case("weight_decay -1", {"weight_decay": -1.0}, "'weight_decay' must be >= 0"),
+    hp_case("lr_gamma 0", {"lr_gamma": 0.0}, "'lr_gamma' must be > 0"),
+    hp_case("eps 2", {"eps": 2.0}, "eps must lie in [0, 1]"),
+    hp_case("train_attack_steps -1", {"train_attack_steps": -1}, "'train_attack_steps' must be"),
+    hp_case("train_step_size -0.1", {"train_step_size": -0.1}, "'train_step_size' must be >= 0"),
+    hp_case("val_attack_steps 1.0", {"val_attack_steps": 1.0}, "'val_attack_steps' expects int"),
+    hp_case("lr_milestones decreasing", {"epochs": 4, "lr_milestones": [3, 2]}, "increasing"),
+    hp_case("lr_milestones after epochs", {"lr_milestones": [5]}, "must be <= epochs (2)"),
+    hp_case("lr_milestones not a list", {"lr_milestones": 3}, "'lr_milestones' expects list"),
+    hp_case("lr_milestones 0", {"lr_milestones": [0]}, "increasing epochs >= 1"),
+    hp_case("augment 'yes'", {"augment": "yes"}, "'augment' expects bool"),
+    hp_case("amp fp8", {"amp": "fp8"}, "'amp' must be one of"),
+    hp_case("unknown key", {"betta": 2}, "unknown hyperparameter 'betta'"),
+    hp_case("mart attack_start bogus", {"attack_start": "bogus"}, "'attack_start' must be one of",
+            defense="mart"),
+    hp_case("dio attack_head sum", {"attack_head": "sum"}, "'attack_head' must be one of",
+            defense="dio"),
+    hp_case("trades beta 'six'", {"beta": "six"}, "'beta' expects float", defense="trades"),
+    hp_case("fsr width 64.5", {"width": 64.5}, "'width' expects int", defense="fsr"),
+    Case("hparams not an object", lambda t, tr: train_args(R(t))[:-1] + ["[1]"],
+         "must be a JSON object"),
+    Case("hparams not JSON", lambda t, tr: train_args(R(t))[:-1] + ["{bad"], "not valid JSON"),
+    # --- options ---
+    Case("--seeds ''", lambda t, tr: train_args(R(t), None, "--seeds", ""), "at least one"),
+    Case("--seeds ','", lambda t, tr: train_args(R(t), None, "--seeds", ","), "at least one"),
+    Case("--seeds -1", lambda t, tr: train_args(R(t), None, "--seeds", "-1"), "[0, 2**32)"),
+    Case("--seeds 2**70", lambda t, tr: train_args(R(t), None, "--seeds", str(2 ** 70)),
+         "[0, 2**32)"),
+    Case("--seeds a,b", lambda t, tr: train_args(R(t), None, "--seeds", "a,b"), "integers"),
+    Case("--device bogus", lambda t, tr: train_args(R(t))[:-5] + ["--device", "bogus"],
+         "'bogus' is not a device"),
+    Case("--device cuda without GPU", lambda t, tr: train_args(R(t), None, "--device", "cuda"),
+         "no CUDA GPU", marks=no_cuda()),
+    Case("evaluate --device cuda:3 without GPU",
+         lambda t, tr: _eval_args(copy_run(tr, t), "--device", "cuda:3"), "no CUDA GPU",
+         marks=no_cuda()),
+    Case("--jobs 0", lambda t, tr: run_args(R(t), "--launcher", "local", "--jobs", "0"),
+         "'--jobs': 0 is not in the range x>=1"),
+    Case("--gpus-per-job 0", lambda t, tr: run_args(R(t), "--gpus-per-job", "0"), "x>=1"),
+    Case("--ddp 0", lambda t, tr: train_args(R(t), None, "--ddp", "0"), "x>=1"),
+    Case("--runs-dir is a file", lambda t, tr: train_args(_file(t)), "is a file"),
+    Case("--runs-dir under a file", lambda t, tr: train_args(_file(t) / "runs"), "is a file"),
+    Case("--runs-dir read-only", lambda t, tr: train_args(_readonly(t)), "not writable"),
+    Case("report --out is a file", lambda t, tr: ["report", "--runs-dir", str(tr.parents[2]),
+                                                  "--out", str(_file(t))], "is a file"),
+    Case("evaluate --out is a file",
+         lambda t, tr: ["evaluate", "--checkpoint-file", str(tr / "ckpt_best.pt"), "--out",
+                        str(_file(t)), "--no-progress"], "is a file"),
+    Case("report --rows missing", lambda t, tr: ["report", "--rows", str(t / "nope.jsonl")],
+         "does not exist"),
+    Case("run --n-examples 0", lambda t, tr: run_args(R(t), "--n-examples", "0"), "x>=1"),
+    Case("run --n-examples -5", lambda t, tr: run_args(R(t), "--n-examples", "-5"), "x>=1"),
+    Case("run --batch-size 0", lambda t, tr: run_args(R(t), "--batch-size", "0"), "x>=1"),
+    Case("run --batch-size -1", lambda t, tr: run_args(R(t), "--batch-size", "-1"), "x>=1"),
+    Case("evaluate --n-examples 0", lambda t, tr: _eval_args(copy_run(tr, t), "--n-examples", "0"),
+         "x>=1", creates=True),
+    Case("evaluate --batch-size -1",
+         lambda t, tr: _eval_args(copy_run(tr, t), "--batch-size", "-1"), "x>=1", creates=True),
+    Case("features --n-examples 0",
+         lambda t, tr: ["features", "--run", str(copy_run(tr, t)), "--n-examples", "0"], "x>=1",
+         creates=True),
+    Case("--checkpoints ''", lambda t, tr: run_args(R(t), "--checkpoints", ""), "best and/or last"),
+    Case("--checkpoints best,worst", lambda t, tr: run_args(R(t), "--checkpoints", "best,worst"),
+         "best and/or last"),
+    Case("bench --steps 0", lambda t, tr: ["bench", "--steps", "0"], "x>=1"),
+    Case("unknown option", lambda t, tr: train_args(R(t), None, "--bogus"), "No such option"),
+    Case("unknown command", lambda t, tr: ["trian"], "No such command"),
+    Case("--profile bogus", lambda t, tr: train_args(R(t), None, "--profile", "bogus"),
+         "'bogus' is not one of"),
+    Case("unknown defense", lambda t, tr: run_args(R(t))[:2] + ["nope"] + run_args(R(t))[3:],
+         "unknown defense 'nope'"),
+    Case("unknown dataset", lambda t, tr: train_args(R(t), None, "--dataset", "imagenet"),
+         "unknown dataset 'imagenet'"),
+    Case("evaluate without a target", lambda t, tr: ["evaluate"], "give --run"),
+    # --- data files (items 3, 6) ---
+    Case("mnist labels shorter than images", _mnist_train(labels_train=15), "do not match"),
+    Case("mnist bad magic", _mnist_train(bad="magic"), "magic number"),
+    Case("mnist truncated images", _mnist_train(bad="truncated"), "truncated or padded"),
+    Case("mnist label 12", _mnist_train(bad="label"), "label 12 outside 0-9"),
+    Case("mnist 27x27 images", _mnist_train(bad="size"), "27x27"),
+    Case("mnist corrupt .gz", _mnist_train(bad="badgz", gz=True), "cannot read it"),
+    Case("mnist missing", _mnist_train(missing=True), "mnist not found"),
+    Case("image folder without test images",
+         lambda t, tr: (_imgfolder(t), ["train", "--defense", "st", "--dataset", "pics",
+                                        "--data-dir", str(t / "pics"), "--arch", "tiny",
+                                        "--runs-dir", str(R(t)), "--no-progress"])[1],
+         "no images under"),
+    # --- checkpoints and run folders (item 4) ---
+    Case("zero-byte checkpoint",
+         lambda t, tr: ["evaluate", "--checkpoint-file", str(_bytes(t, b""))], "empty file"),
+    Case("checkpoint without config", _ckpt_eval(lambda ck: ck.pop("config")), "no 'config'"),
+    Case("checkpoint without info", _ckpt_eval(lambda ck: ck.pop("info")), "no 'info'"),
+    Case("checkpoint config lacks arch", _ckpt_eval(lambda ck: ck["config"].pop("arch")),
+         "lacks arch"),
+    Case("checkpoint is a list", _ckpt_eval(lambda ck: [1, 2], replace=True),
+         "not an advbench checkpoint"),
+    Case("checkpoint is random bytes", lambda t, tr: ["evaluate", "--checkpoint-file",
+                                                      str(_bytes(t, os.urandom(300)))],
+         "cannot load"),
+    Case("malicious pickle", lambda t, tr: ["evaluate", "--checkpoint-file", str(_evil(t))],
+         "weights-only"),
+    Case("weights do not fit", _ckpt_eval(lambda ck: ck["model"].update(
+        {k: v[:1] for k, v in ck["model"].items() if v.dim() >= 1})), "do not fit"),
+    Case("NaN weights in checkpoint", _ckpt_eval(_set_nan), "non-finite weights", code=3),
+    Case("weights 1e30: outputs inf", _ckpt_eval(lambda ck: _scale_weights(ck, 1e30)),
+         "outputs NaN/inf", code=3),
+    Case("truncated config.json", _bad_config('{"arch": "ti'), "config.json", creates=True),
+    Case("config.json is []", _bad_config("[]"), "expected a JSON object", creates=True),
+    Case("run folder without checkpoint", lambda t, tr: _eval_args(_empty_run(t)),
+         "no ckpt_best.pt", creates=True),
+    Case("rows.jsonl of bare numbers", _rows_file("1\n2\n3\n"), "no result rows in"),
+    Case("rows.jsonl of {}", _rows_file("{}\n{}\n"), "no result rows in"),
+    Case("rows.jsonl NaN row", _rows_file(json.dumps({
+        "run_id": "r", "eval_key": "k", "defense": "st", "dataset": "synthetic", "seed": 0,
+        "checkpoint": "best", "attack": "pgd", "eps": 0.03, "n_examples": 0,
+        "clean_acc": float("nan"), "robust_acc": float("nan")}) + "\n"), "no result rows in"),
+]
+
+
+def _bytes(t: Path, data: bytes) -> Path:
+    (t / "blob.pt").write_bytes(data)
+    return t / "blob.pt"
+
+
+def _evil(t: Path) -> Path:
+    import pickle
+    path = t / "evil.pt"
+    path.write_bytes(pickle.dumps({"format": "advbench-checkpoint", "x": Evil()}))
+    return path
+
+
+def _empty_run(t: Path) -> Path:
+    run = R(t) / "synthetic" / "st" / "abc"
+    run.mkdir(parents=True)
+    return run
+
+
+def _imgfolder(t: Path) -> None:
+    from PIL import Image
+    for part in ("train", "test"):
+        for c in ("a", "b"):
+            (t / "pics" / part / c).mkdir(parents=True)
+    for c in ("a", "b"):
+        Image.new("RGB", (8, 8)).save(t / "pics" / "train" / c / "0.png")
+
+
+def record(*, clean: bool, traceback: bool, wrong: bool, lost: bool) -> None:
+    TOTALS["cases"] += 1
+    TOTALS["clean errors"] += clean
+    TOTALS["tracebacks"] += traceback
+    TOTALS["wrong exit statuses"] += wrong
+    TOTALS["data lost"] += lost
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=c.marks) for c in CASES])
+def test_bad_input(case: Case, tmp_path: Path, trained: Path) -> None:
+    argv = [str(a) for a in case.argv(tmp_path, trained)]
+    before = files(R(tmp_path))
+    res = advbench(*argv)
+    after = files(R(tmp_path))
+    traceback = "Traceback" in res.err
+    wrong = res.code != case.code
+    created = after - before
+    lost = bool(before - after) or (not case.creates and bool(created)) or \
+        (case.check is not None and not case.check(tmp_path))
+    clean = len(res.lines) == 1 and case.needle in res.lines[0] and \
+        res.lines[0].startswith("advbench: error:") and not traceback and not wrong and not lost
+    record(clean=clean, traceback=traceback, wrong=wrong, lost=lost)
+    assert not traceback, res.err
+    assert res.code == case.code, (res.code, res.err)
+    assert len(res.lines) == 1, res.err
+    assert res.lines[0].startswith("advbench: error:") and case.needle in res.lines[0], res.lines
+    assert not created or case.creates, f"created {sorted(created)[:5]}"
+    assert not (before - after), "files disappeared"
+    assert not Path("/tmp/advbench-pwned").exists()
+
+
+# ------------------------------------------------------------------------------ faults
+def _count(res: Result, expected: int, lost: bool) -> None:
+    traceback = "Traceback" in res.err
+    record(clean=not traceback and res.code == expected and not lost and len(res.lines) <= 1,
+           traceback=traceback, wrong=res.code != expected, lost=lost)
+
+
+def test_weights_blow_up_with_finite_loss_exit_3_last_good_checkpoint_finite(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue item 1: weights that blow up while the logged loss is finite are never saved."""
+    import benchmark.run.train as train_mod
+    real = train_mod._train_epoch
+
+    def epoch(model, *a, **k):  # type: ignore[no-untyped-def]
+        stats = real(model, *a, **k)
+        if a[5] == 1:  # the second epoch: a weight overflows after the last loss check
+            next(p for p in model.parameters() if p.dim() > 1).data.mul_(1e30).mul_(1e30)
+        return stats
+    monkeypatch.setattr(train_mod, "_train_epoch", epoch)
+    res = advbench(*train_args(R(tmp_path), {"epochs": 3, "lr_milestones": [2]}))
+    run = next(R(tmp_path).glob("*/*/*"))
+    last = torch.load(run / "ckpt_last.pt", weights_only=True)
+    finite = all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    log = [r["epoch"] for r in read_jsonl(run / "train_log.jsonl")]
+    _count(res, 3, lost=log != [1])
+    assert res.code == 3 and len(res.lines) == 1 and "epoch 2" in res.lines[0], res.err
+    assert "non-finite weights" in res.lines[0] or "outputs NaN/inf" in res.lines[0]
+    assert last["epoch"] == 1 and finite and log == [1]
+    assert not (run / "TRAINED").exists()
+
+
+def test_lr_gamma_1e30_never_marked_trained(tmp_path: Path) -> None:
+    """Issue item 1's command: exit 3 (loss or weights), no TRAINED, checkpoints finite."""
+    res = advbench(*train_args(R(tmp_path), {"lr": 1e30, "epochs": 2}))
+    run = next(R(tmp_path).glob("*/*/*"))
+    ok = all(torch.isfinite(v).all() for f in run.glob("ckpt_*.pt")
+             for v in torch.load(f, weights_only=True)["model"].values() if v.is_floating_point())
+    _count(res, 3, lost=not ok)
+    assert res.code == 3 and len(res.lines) == 1 and "last good checkpoint" in res.lines[0]
+    assert ok and not (run / "TRAINED").exists()
+
+
+def test_full_disk_is_one_line_and_resume_loses_nothing(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.fsync
+    calls = {"n": 0}
+
+    def fsync(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] > 4:  # config, epoch 1 (log, best, last) fit; then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    res = advbench(*train_args(R(tmp_path), {"epochs": 3, "lr_milestones": [2]}))
+    monkeypatch.setattr(os, "fsync", real)
+    run = next(R(tmp_path).glob("*/*/*"))
+    tmp_left = list(run.glob(".*.tmp"))
+    again = advbench(*train_args(R(tmp_path), {"epochs": 3, "lr_milestones": [2]}))
+    log = [r["epoch"] for r in read_jsonl(run / "train_log.jsonl")]
+    _count(res, 2, lost=log != [1, 2, 3] or bool(tmp_left))
+    assert res.code == 2 and len(res.lines) == 1 and "No space left on device" in res.lines[0]
+    assert not tmp_left and again.code == 0, again.err
+    assert log == [1, 2, 3] and (run / "TRAINED").exists()
+
+
+def _resume_case(tmp_path: Path, damage: Callable[[Path], None]) -> tuple[Result, Path]:
+    args = train_args(R(tmp_path), {"epochs": 3, "lr_milestones": [2]})
+    cfg = resolve_run_config("st", "synthetic", arch="tiny",
+                             user_hparams={**HP, "epochs": 3, "lr_milestones": [2]})
+    run = train_run(cfg, load_dataset("synthetic"), RunStore(R(tmp_path)), progress=False,
+                    stop_after=2)
+    damage(run)
+    return advbench(*args), run
+
+
+def test_truncated_log_line_is_repaired_on_resume(tmp_path: Path) -> None:
+    def cut(run: Path) -> None:  # killed mid-append of epoch 3's line (before its checkpoint)
+        with open(run / "train_log.jsonl", "a") as fh:
+            fh.write('{"epoch": 3, "lo')
+    res, run = _resume_case(tmp_path, cut)
+    log = [r["epoch"] for r in read_jsonl(run / "train_log.jsonl")]
+    _count(res, 0, lost=log != [1, 2, 3])
+    assert res.code == 0 and log == [1, 2, 3]
+
+
+def test_log_line_without_its_checkpoint_is_not_duplicated(tmp_path: Path) -> None:
+    """A kill between the log line and the checkpoint: the epoch is retrained, logged once."""
+    def extra_line(run: Path) -> None:
+        append_jsonl(run / "train_log.jsonl", {"epoch": 3, "loss": 9.0})
+    res, run = _resume_case(tmp_path, extra_line)
+    log = read_jsonl(run / "train_log.jsonl")
+    _count(res, 0, lost=[r["epoch"] for r in log] != [1, 2, 3])
+    assert res.code == 0 and [r["epoch"] for r in log] == [1, 2, 3] and log[-1]["loss"] != 9.0
+
+
+def test_orphan_tmp_removed_on_resume_and_files_follow_umask(tmp_path: Path) -> None:
+    def orphan(run: Path) -> None:
+        (run / ".ckpt_last.pt.somehost-999999.deadbeef.tmp").write_bytes(b"half")
+        (run / ".ckpt_last.pt.abc123.tmp").write_bytes(b"half")  # older naming
+    old = os.umask(0o022)
+    try:
+        res, run = _resume_case(tmp_path, orphan)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in run.iterdir() if p.is_file()}
+    _count(res, 0, lost=False)
+    assert res.code == 0 and not list(run.glob(".*.tmp"))
+    assert modes["ckpt_last.pt"] == 0o644 and modes["config.json"] == 0o644, modes
+
+
+def test_cached_bad_rows_are_recomputed_not_reused(tmp_path: Path, trained: Path) -> None:
+    run = copy_run(trained, tmp_path)
+    first = advbench(*_eval_args(run))
+    assert first.code == 0, first.err
+    row_file = next((run / "eval").glob("*.json"))
+    good = json.loads(row_file.read_text())
+    for bad in ("{}", json.dumps({**good, "n_examples": 0, "clean_acc": float("nan")}), "7"):
+        row_file.write_text(bad)
+        res = advbench(*_eval_args(run))
+        fixed = json.loads(row_file.read_text())
+        _count(res, 0, lost=fixed.get("clean_acc") != good["clean_acc"])
+        assert res.code == 0 and fixed["n_examples"] == 16, res.err
+        assert fixed["clean_acc"] == good["clean_acc"]
+        assert any("ignoring" in ln for ln in res.lines), res.err
+
+
+def test_gz_only_mnist_is_accepted(tmp_path: Path) -> None:
+    data = load_dataset("mnist", mnist(tmp_path, gz=True))
+    assert len(data.train) == 20 and len(data.test) == 10 and data.train.x.shape[1:] == (1, 28, 28)
+
+
+def test_unexpected_error_is_one_line_exit_1_traceback_only_with_debug(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import benchmark.run.train as train_mod
+
+    def boom(*a, **k):  # type: ignore[no-untyped-def]
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(train_mod, "train_run", boom)
+    res = advbench(*train_args(R(tmp_path)))
+    _count(res, 1, lost=False)
+    assert res.code == 1 and len(res.lines) == 1 and "ZeroDivisionError: a bug" in res.lines[0]
+    dbg = advbench("--debug", *train_args(R(tmp_path)))
+    assert dbg.code == 1 and "Traceback" in dbg.err
+
+
+def _spawn(runs: Path, epochs: int) -> subprocess.Popen:
+    hp = json.dumps({**HP, "epochs": epochs, "lr_milestones": [epochs], "train_subset": 256})
+    cmd = [sys.executable, "-m", "benchmark.cli", "-q", *train_args(runs)[:-2], "--hparams", hp]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_epochs(runs: Path, n: int, proc: subprocess.Popen) -> Path:
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        logs = list(runs.glob("*/*/*/train_log.jsonl"))
+        if logs and len(read_jsonl(logs[0])) >= n:
+            return logs[0].parent
+        time.sleep(0.01)
+    raise AssertionError("run ended before it could be stopped")
+
+
+def test_sigterm_then_kill_minus_nine_then_resume_lose_no_epoch(tmp_path: Path) -> None:
+    """SIGTERM at epoch >= 2 (one line, exit 143), resume, kill -9 at epoch >= 4, resume: the
+    log holds every epoch exactly once and no temp file is left."""
+    runs, epochs = tmp_path / "runs", 8
+    for sig, code, at in ((signal.SIGTERM, 143, 2), (signal.SIGKILL, -9, 4)):
+        proc = _spawn(runs, epochs)
+        run = _wait_for_epochs(runs, at, proc)
+        os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        traceback = "Traceback" in err
+        done = [r["epoch"] for r in read_jsonl(run / "train_log.jsonl")]
+        lost = done != list(range(1, len(done) + 1)) or len(done) < at
+        record(clean=proc.returncode == code and not traceback and not lost and
+               (sig == signal.SIGKILL or len(lines) == 1),
+               traceback=traceback, wrong=proc.returncode != code, lost=lost)
+        assert proc.returncode == code and not traceback, err
+        if sig == signal.SIGTERM:
+            assert len(lines) == 1 and "terminated" in lines[0], err
+    again = _spawn(runs, epochs)
+    again.communicate(timeout=300)
+    log = [r["epoch"] for r in read_jsonl(run / "train_log.jsonl")]
+    assert again.returncode == 0
+    assert log == list(range(1, epochs + 1)) and not list(run.glob(".*.tmp"))
+    assert (run / "TRAINED").exists()
+
+
+def test_zz_table_counts() -> None:
+    """The totals of every case above (run the whole file; ``-s`` shows them)."""
+    print("\nbad-input table: " + ", ".join(f"{k} {v}" for k, v in TOTALS.items()))
+    if TOTALS["cases"] < 60:
+        pytest.skip(f"only {TOTALS['cases']} cases ran (run the whole file for the totals)")
+    assert TOTALS["clean errors"] == TOTALS["cases"]
+    assert TOTALS["tracebacks"] == TOTALS["wrong exit statuses"] == TOTALS["data lost"] == 0
