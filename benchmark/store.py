@@ -230,9 +230,10 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def read_row(path: Path) -> Optional[dict[str, Any]]:
-    """A stored result row, or None (with a warning) if it is unreadable or invalid
-    (:func:`benchmark.validate.row_problem`): such a row is recomputed, never reused."""
+def read_row(path: Path, skipped: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
+    """A stored result row, or None if it is unreadable or invalid
+    (:func:`benchmark.validate.row_problem`): such a row is recomputed, never reused. The
+    problem is logged as a warning, or appended to ``skipped``."""
     from benchmark.validate import row_problem
 
     if not Path(path).exists():
@@ -240,13 +241,16 @@ def read_row(path: Path) -> Optional[dict[str, Any]]:
     try:
         row = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        logger.warning("ignoring unreadable result %s (%s)", path, exc)
-        return None
-    problem = row_problem(row)
-    if problem:
-        logger.warning("ignoring invalid result %s: %s", path, problem)
-        return None
-    return row
+        problem: Optional[str] = f"unreadable ({exc})"
+    else:
+        problem = row_problem(row)
+    if problem is None:
+        return row
+    if skipped is None:
+        logger.warning("ignoring result %s: %s", path, problem)
+    else:
+        skipped.append(f"{path}: {problem}")
+    return None
 
 
 def code_version() -> str:
@@ -307,11 +311,12 @@ class RunStore:
             return JobState.PARTIAL
         return JobState.NEW
 
-    def rows(self) -> list[dict[str, Any]]:
-        """All valid evaluation rows under the root (others skipped with a warning)."""
+    def rows(self, skipped: Optional[list[str]] = None) -> list[dict[str, Any]]:
+        """All valid evaluation rows under the root; the others are skipped (a warning each,
+        or described in ``skipped``)."""
         out = []
         for f in sorted(self.root.glob("*/*/*/eval/*.json")):
-            row = read_row(f)
+            row = read_row(f, skipped)
             if row is not None:
                 out.append(row)
         return out

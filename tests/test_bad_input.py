@@ -353,6 +353,9 @@ CASES = [
     Case("config.json is []", _bad_config("[]"), "expected a JSON object", creates=True),
     Case("run folder without checkpoint", lambda t, tr: _eval_args(_empty_run(t)),
          "no ckpt_best.pt", creates=True),
+    Case("report over a run whose only row is {}", lambda t, tr: [
+        "report", "--runs-dir", str(_empty_row(copy_run(tr, t)).parents[4]), "--out",
+        str(t / "out"), "--no-plots"], "no result rows in", creates=True),
     Case("rows.jsonl of bare numbers", _rows_file("1\n2\n3\n"), "no result rows in"),
     Case("rows.jsonl of {}", _rows_file("{}\n{}\n"), "no result rows in"),
     Case("rows.jsonl NaN row", _rows_file(json.dumps({
@@ -378,6 +381,12 @@ def _empty_run(t: Path) -> Path:
     run = R(t) / "synthetic" / "st" / "abc"
     run.mkdir(parents=True)
     return run
+
+
+def _empty_row(run: Path) -> Path:
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "k.json").write_text("{}")
+    return run / "eval" / "k.json"
 
 
 def _imgfolder(t: Path) -> None:

@@ -54,14 +54,16 @@ def _clean_record(r: dict) -> dict:
 
 
 def _usable_rows(path: Path) -> list[dict[str, Any]]:
-    """The valid rows of a rows.jsonl (:func:`benchmark.validate.row_problem`); the others are
-    summarised in one warning, or one error if no row is valid."""
+    """The valid rows of a rows.jsonl or a runs folder (:func:`benchmark.validate.row_problem`);
+    the others are summarised in one warning, or one error if no row is valid."""
     from benchmark.errors import UsageError
     from benchmark.validate import row_problem
 
     skipped: list[str] = []
     rows = []
-    for i, r in enumerate(read_jsonl(path, skipped)):
+    if not path.is_file():
+        rows = RunStore(path).rows(skipped)
+    for i, r in enumerate(read_jsonl(path, skipped) if path.is_file() else []):
         problem = row_problem(r)
         if problem:
             skipped.append(f"row {i + 1}: {problem}")
@@ -84,7 +86,7 @@ def load_records(source: Path | str | pd.DataFrame | Iterable[dict]) -> list[dic
     """
     if isinstance(source, (str, Path)):
         p = Path(source)
-        rows = _usable_rows(p) if p.is_file() else RunStore(p).rows() + cost_rows(p)
+        rows = _usable_rows(p) + ([] if p.is_file() else cost_rows(p))
     elif isinstance(source, pd.DataFrame):
         rows = [_clean_record(r) for r in source.to_dict(orient="records")]
     else:
