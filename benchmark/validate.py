@@ -296,7 +296,8 @@ def row_problem(row: Any) -> Optional[str]:
         missing = [k for k in ATTACK_FIELDS if k not in row]
         if missing:
             return f"missing field(s) {', '.join(missing)}"
-    if row.get("n_examples") is not None and (not _is_int(row["n_examples"]) or row["n_examples"] < 1):
+    n = row.get("n_examples")
+    if n is not None and (not _is_int(n) or n < 1):
         return f"n_examples is {row['n_examples']!r} (must be >= 1)"
     for k in ACCURACY_FIELDS:
         if k in row:
@@ -360,8 +361,7 @@ def check_finite_model(model: nn.Module, x: Optional[Tensor], what: str) -> None
     finally:
         model.train(was_training)
     if not bool(torch.isfinite(out).all()):
-        big = float(max((model.state_dict()[k].abs().max() for k in model.state_dict()
-                         if model.state_dict()[k].is_floating_point()
-                         and model.state_dict()[k].numel()), default=torch.tensor(0.0)))
+        big = max((float(t.abs().max()) for t in model.state_dict().values()
+                   if t.is_floating_point() and t.numel()), default=0.0)
         raise NonFiniteError(f"{what}: the model outputs NaN/inf (largest weight "
                              f"magnitude {big:.3g})")

@@ -87,6 +87,20 @@ def test_jsonl_reader_tolerates_truncated_last_line(tmp_path: Path) -> None:
     assert read_jsonl(log) == [{"epoch": 1}, {"epoch": 2}]
 
 
+def test_append_after_a_truncated_line_keeps_every_record(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    append_jsonl(log, {"epoch": 1})
+    with open(log, "a") as fh:
+        fh.write('{"epoch": 2, "lo')  # killed mid-append
+    append_jsonl(log, {"epoch": 2})
+    append_jsonl(log, {"epoch": 3})
+    assert read_jsonl(log) == [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
+    with open(log, "a") as fh:
+        fh.write('{"epoch": 4}')  # complete object, only the newline was lost
+    append_jsonl(log, {"epoch": 5})
+    assert [r["epoch"] for r in read_jsonl(log)] == [1, 2, 3, 4, 5]
+
+
 def test_job_states(tmp_path: Path) -> None:
     run = tmp_path / "r"
     assert RunStore.state(run) is JobState.NEW
