@@ -308,6 +308,13 @@ CASES = [
     Case("--checkpoints best,worst", lambda t, tr: run_args(R(t), "--checkpoints", "best,worst"),
          "best and/or last"),
     Case("bench --steps 0", lambda t, tr: ["bench", "--steps", "0"], "x>=1"),
+    Case("bench --hparams lr null", lambda t, tr: ["bench", "--arch", "tiny", "--dataset",
+                                                   "synthetic", "--hparams", '{"lr": null}'],
+         "'lr' expects a value, got null"),
+    Case("list bogus", lambda t, tr: ["list", "bogus"], "'bogus' is not one of"),
+    Case("corruptions --data-dir missing", lambda t, tr: [
+        "corruptions", "--run", str(copy_run(tr, t)), "--data-dir", str(t / "nope")],
+         "does not exist", creates=True),
     Case("unknown option", lambda t, tr: train_args(R(t), None, "--bogus"), "No such option"),
     Case("unknown command", lambda t, tr: ["trian"], "No such command"),
     Case("--profile bogus", lambda t, tr: train_args(R(t), None, "--profile", "bogus"),
