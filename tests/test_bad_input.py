@@ -447,14 +447,14 @@ def test_weights_blow_up_with_finite_loss_exit_3_last_good_checkpoint_finite(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue item 1: weights that blow up while the logged loss is finite are never saved."""
     import benchmark.run.train as train_mod
-    real = train_mod._train_epoch
+    real = train_mod.train_epoch
 
     def epoch(model, *a, **k):  # type: ignore[no-untyped-def]
         stats = real(model, *a, **k)
         if a[5] == 1:  # the second epoch: a weight overflows after the last loss check
             next(p for p in model.parameters() if p.dim() > 1).data.mul_(1e30).mul_(1e30)
         return stats
-    monkeypatch.setattr(train_mod, "_train_epoch", epoch)
+    monkeypatch.setattr(train_mod, "train_epoch", epoch)
     res = advbench(*train_args(R(tmp_path), {"epochs": 3, "lr_milestones": [2]}))
     run = next(R(tmp_path).glob("*/*/*"))
     last = torch.load(run / "ckpt_last.pt", weights_only=True)
