@@ -631,3 +631,21 @@ def test_zz_table_counts() -> None:
         pytest.skip(f"only {TOTALS['cases']} cases ran (run the whole file for the totals)")
     assert TOTALS["clean errors"] == TOTALS["cases"]
     assert TOTALS["tracebacks"] == TOTALS["wrong exit statuses"] == TOTALS["data lost"] == 0
+
+
+def test_validation_keeps_every_committed_run_id() -> None:
+    """Validation only accepts or refuses: each committed run's config resolves (with its
+    overrides) to the same hyperparameters and run id."""
+    import dataclasses
+
+    configs = sorted(Path(__file__).resolve().parents[1].glob("results/runs/*/*/*/config.json"))
+    if not configs:
+        pytest.skip("no committed runs in this checkout")
+    for f in configs:
+        c = json.loads(f.read_text())
+        kw = dict(profile=c["profile"], arch=c["arch"], seed=c["seed"], scale=c["data"]["scale"])
+        base = resolve_run_config(c["defense"], c["dataset"], **kw).hparams
+        user = {k: v for k, v in c["hparams"].items() if base.get(k) != v}
+        cfg = resolve_run_config(c["defense"], c["dataset"], user_hparams=user, **kw)
+        cfg = dataclasses.replace(cfg, protocol_version=c.get("protocol_version", 1))
+        assert cfg.hparams == c["hparams"] and cfg.run_id == c["run_id"], f
