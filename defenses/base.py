@@ -69,8 +69,6 @@ class Defense(abc.ABC):
     uses_training_attack: ClassVar[bool] = True
     loss_passes: ClassVar[int] = 1
     score_name: ClassVar[str] = "1 - max softmax"
-
-
     #: allowed values of this defense's string hyperparameters (checked before training)
     hparam_choices: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
