@@ -314,9 +314,14 @@ def report(runs_dir: str, rows_file: Optional[str], out: str, no_plots: bool, ec
     from benchmark.report.report import load_records, write_report
     from defenses import DEFENSES, catalog
 
+    from benchmark.validate import is_result_row
+
     records = load_records(rows_file or runs_dir)
     if not records:
         raise UsageError(f"no result rows under {rows_file or runs_dir}")
+    if not any(is_result_row(r) for r in records):
+        raise UsageError(f"no evaluation rows under {rows_file or runs_dir}, only {len(records)} "
+                         f"training/health row(s); run advbench evaluate first")
     mds = write_report(records, Path(out), plots=not no_plots, order=DEFENSES.names(),
                        catalog=catalog())
     for md in mds if echo else []:

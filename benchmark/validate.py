@@ -309,6 +309,15 @@ def row_problem(row: Any) -> Optional[str]:
     return None
 
 
+#: row kinds that describe training or checks, not results: no table is built from them alone
+NON_RESULT_KINDS = frozenset({"cost", "health", "check"})
+
+
+def is_result_row(row: Mapping[str, Any]) -> bool:
+    """An evaluation result (attack, features, corruption, rejection, ...) row."""
+    return row.get("kind", "attack") not in NON_RESULT_KINDS
+
+
 def check_row(row: Mapping[str, Any], where: str = "row") -> None:
     """Refuse to write a bad row.
 

@@ -363,6 +363,9 @@ CASES = [
     Case("report over a run whose only row is {}", lambda t, tr: [
         "report", "--runs-dir", str(_empty_row(copy_run(tr, t)).parents[4]), "--out",
         str(t / "out"), "--no-plots"], "no result rows in", creates=True),
+    Case("report over a trained run never evaluated", lambda t, tr: [
+        "report", "--runs-dir", str(copy_run(tr, t).parents[2]), "--out", str(t / "out"),
+        "--no-plots"], "no evaluation rows under", creates=True),
     Case("rows.jsonl of bare numbers", _rows_file("1\n2\n3\n"), "no result rows in"),
     Case("rows.jsonl of {}", _rows_file("{}\n{}\n"), "no result rows in"),
     Case("rows.jsonl NaN row", _rows_file(json.dumps({

@@ -57,7 +57,7 @@ def _usable_rows(path: Path) -> list[dict[str, Any]]:
     """The valid rows of a rows.jsonl or a runs folder (:func:`benchmark.validate.row_problem`);
     the others are summarised in one warning, or one error if no row is valid."""
     from benchmark.errors import UsageError
-    from benchmark.validate import row_problem
+    from benchmark.validate import is_result_row, row_problem
 
     skipped: list[str] = []
     rows = []
@@ -69,7 +69,7 @@ def _usable_rows(path: Path) -> list[dict[str, Any]]:
             skipped.append(f"row {i + 1}: {problem}")
         else:
             rows.append(r)
-    if skipped and not rows:
+    if skipped and not any(is_result_row(r) for r in rows):
         raise UsageError(f"no result rows in {path}: {len(skipped)} invalid line(s), first "
                          f"{skipped[0]}")
     if skipped:
