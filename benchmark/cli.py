@@ -78,6 +78,20 @@ def common_options(multi: bool) -> Any:
     return deco
 
 
+def checkpoint_options(f: Any) -> Any:
+    """--checkpoint, --batch-size, --data-dir, --device: the options of commands that attack
+    a trained checkpoint."""
+    for opt in reversed([
+        click.option("--checkpoint", "which", default="best", show_default=True,
+                     type=click.Choice(["best", "last"])),
+        click.option("--batch-size", type=POSITIVE, default=None,
+                     help="Eval batch size [256 on CPU, 512-1024 on a GPU]."),
+        click.option("--data-dir", default=None, type=click.Path()),
+        click.option("--device", default="auto", show_default=True, callback=device_option)]):
+        f = opt(f)
+    return f
+
+
 @cli.command()
 @click.option("--defenses", default="all", show_default=True,
               help="all | st,at | 'tr*' (shell wildcards), in registry order.")
@@ -189,12 +203,7 @@ def _train_and_print(job: Any) -> None:
                                           "e.g. 2/255,4/255.")
 @click.option("--n-examples", type=POSITIVE, default=None,
               help="First N test points (default: the profile's, capped per attack).")
-@click.option("--checkpoint", "which", default="best", show_default=True,
-              type=click.Choice(["best", "last"]))
-@click.option("--batch-size", type=POSITIVE, default=None,
-              help="Eval batch size [256 on CPU, 512-1024 on a GPU].")
-@click.option("--data-dir", default=None, type=click.Path())
-@click.option("--device", default="auto", show_default=True, callback=device_option)
+@checkpoint_options
 @click.option("--out", default=None, type=click.Path(), callback=writable_dir_option,
               help="Result folder for --checkpoint-file [<file stem>-eval beside the file].")
 @click.option("--force", is_flag=True, help="Recompute existing rows.")
@@ -256,7 +265,7 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
 @click.option("--run", "run_paths", multiple=True, required=True, type=click.Path(exists=True),
               help="Run folder (repeatable).")
 @click.option("--eps", default=None, help="Comma list of ε to check [the run's nominal ε].")
-@click.option("--n-examples", type=int, default=None,
+@click.option("--n-examples", type=POSITIVE, default=None,
               help="Points [those of the run's AutoAttack row, else 100 cpu / 1000 paper].")
 @click.option("--checks", "names", default=None,
               help="Comma list of checks [all]: aa-vs-pgd, eps-monotone, unbounded-eps, square, "
@@ -266,12 +275,7 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
                                             "that is not stored).")
 @click.option("--source", default=None, type=click.Path(exists=True),
               help="Transfer source run folder or checkpoint [the `st` run of the protocol].")
-@click.option("--checkpoint", "which", default="best", show_default=True,
-              type=click.Choice(["best", "last"]))
-@click.option("--batch-size", type=int, default=None,
-              help="Eval batch size [256 on CPU, 512-1024 on a GPU].")
-@click.option("--data-dir", default=None, type=click.Path())
-@click.option("--device", default="auto", show_default=True)
+@checkpoint_options
 def check(run_paths: tuple[str, ...], eps: Optional[str], n_examples: Optional[int],
           names: Optional[str], cheap: bool, source: Optional[str], which: str,
           batch_size: Optional[int], data_dir: Optional[str], device: str) -> None:

@@ -223,7 +223,7 @@ class Checker:
     batch_size: int = 256
 
     def __post_init__(self) -> None:
-        from benchmark.eval.evaluate import predict
+        from benchmark.eval.flags import predict
         self.clean = predict(self.model, self.x, self.y, self.batch_size)[0]
         self._cache: dict[str, Tensor] = {}
 
@@ -231,7 +231,7 @@ class Checker:
         specs = attack_specs(self.scale)
         base = specs.get(label) or AttackSpec(label, attack or label, "linf", eps)
         spec = base.with_eps(eps).with_hparams(**hp)
-        from benchmark.eval.evaluate import adapt_spec
+        from benchmark.eval.flags import adapt_spec
         spec = adapt_spec(spec, self.randomized)
         return spec.with_hparams(**self.overrides.get(spec.attack, {}))
 
@@ -242,7 +242,7 @@ class Checker:
             if self.flags is not None:
                 self._cache[key] = self.flags(spec)
             else:
-                from benchmark.eval.evaluate import attack_points
+                from benchmark.eval.flags import attack_points
                 source = self.transfer_source if spec.attack == "transfer" else None
                 atk = spec.build(seed=0)
                 if isinstance(source, nn.Module):
@@ -355,7 +355,7 @@ class RunFlags:
         self.computed: list[str] = []
 
     def _flag_file(self, spec: AttackSpec) -> Optional[tuple[Path, str]]:
-        from benchmark.eval.evaluate import eval_key
+        from benchmark.eval.flags import eval_key
         best = None
         for row in self.rows:
             if _matches(row, spec, self.t.checkpoint) and int(row.get("n_examples", 0)) >= \
@@ -372,7 +372,7 @@ class RunFlags:
         return self._flag_file(spec) is not None
 
     def __call__(self, spec: AttackSpec) -> Tensor:
-        from benchmark.eval.evaluate import attack_points, eval_key, predict
+        from benchmark.eval.flags import attack_points, eval_key, predict
         label = f"{spec.label}@{format_eps(spec.eps)}"
         found = self._flag_file(spec)
         if found is not None:
@@ -427,7 +427,7 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
     import time
 
     from benchmark.device import default_eval_batch_size, resolve_device
-    from benchmark.eval.evaluate import adapt_spec, predict
+    from benchmark.eval.flags import adapt_spec, predict
     from benchmark.eval.target import check_model, open_target
     from benchmark.run.health import write_health
 
@@ -518,7 +518,7 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
 def backfill_prefixes(run_dir: Path, rows: Sequence[dict[str, Any]]) -> int:
     """Add ``acc_on_first`` (accuracies on test-order prefixes, for same-point tables) to
     attack rows written before it existed, from their stored flags; return how many."""
-    from benchmark.eval.evaluate import prefix_stats
+    from benchmark.eval.flags import prefix_stats
     done = 0
     for row in rows:
         flags = run_dir / "flags" / f"{row.get('eval_key')}.pt"
