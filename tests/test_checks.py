@@ -267,3 +267,22 @@ def test_check_health_only_writes_the_row_after_the_fact(tmp_path: Path) -> None
     assert res.exit_code == 0, res.output
     assert "| oc | 0 | – | – | health | ok |" in res.output
     assert json.loads((run / "eval" / "health.json").read_text())["verdict"] == "ok"
+
+
+def test_row_more_than_10_points_below_at_is_marked_under_trained() -> None:
+    """Issue 12's yardstick: clean accuracy more than 10 points below AT's in the same section
+    is a health mark with its numbers; 9 points below is not."""
+    from benchmark.report.verdicts import row_verdicts
+
+    def row(defense: str, seed: int, clean: float) -> dict:
+        return {"kind": "attack", "defense": defense, "arch": "small-cnn", "checkpoint": "best",
+                "seed": seed, "clean_acc": clean}
+
+    recs = [row("at", 0, 0.95), row("at", 1, 0.97), row("oc", 0, 0.80), row("oc", 1, 0.88),
+            row("trades", 0, 0.87), row("st", 0, 0.99)]
+    verdicts = row_verdicts(recs, [r["defense"] for r in recs])
+    oc = verdicts[("small-cnn", "best", "oc")]
+    assert oc.unhealthy and "12.0 points below at's 96.0" in oc.unhealthy[0]
+    assert oc.mark("clean", attack_table=True) == "‡"
+    for name in ("at", "trades", "st"):
+        assert ("small-cnn", "best", name) not in verdicts

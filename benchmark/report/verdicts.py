@@ -5,7 +5,9 @@ Reads the ``health`` rows (:mod:`benchmark.run.health`) and ``check`` rows
 label in an arch × checkpoint section, averaged over seeds) its marks:
 
 * ‡ on every cell when one of the row's runs did not train healthily (verdict ``nan``,
-  ``did-not-train`` or ``incomplete``), with a footnote giving the verdict and its reasons;
+  ``did-not-train`` or ``incomplete``), with a footnote giving the verdict and its reasons,
+  and when the row's clean accuracy is more than :data:`BEHIND_AT_POINTS` below AT's in the
+  same section (trained, but under-trained at this budget: issue 12's yardstick);
 * a ``reliable`` column on attack tables, like RobustBench's "AA eval potentially unreliable":
   ``no`` when a gradient-masking check failed for one of the row's runs at the ε of the table
   (the nominal ε; every ε for Table 3), ``yes`` when checks ran and none failed, ``–`` when no
@@ -23,6 +25,11 @@ import numpy as np
 from benchmark.report.tables import COST
 
 HEALTH_MARK, RELIABILITY_MARK = "‡", "†"
+#: a defense whose clean accuracy (mean over seeds) is more than this many points below AT's,
+#: in the same dataset × profile × arch × checkpoint section, is marked as under-trained
+BEHIND_AT_POINTS = 10.0
+#: the reference defense of that comparison
+REFERENCE = "at"
 #: columns that are not robustness numbers (they get the health mark only)
 NOT_ROBUSTNESS = frozenset({"clean", *COST})
 
@@ -81,6 +88,30 @@ def row_verdicts(records: Iterable[dict], labels: list[str], *, any_eps: bool = 
                 v.failed.append(f"({r.get('letter')}) {r.get('check')} at ε={r.get('eps_str')}, "
                                 f"seed {r.get('seed')}: {r.get('value'):.3g} > "
                                 f"{r.get('threshold'):g}, {r.get('detail')}")
+    for key, why in behind_reference(records, labels).items():
+        out.setdefault(key, RowVerdict()).unhealthy.append(why)
+    return out
+
+
+def behind_reference(records: Iterable[dict], labels: list[str]) -> dict[tuple[str, str, str], str]:
+    """(arch, checkpoint, label) → reason, for rows whose clean accuracy (attack rows, mean per
+    seed, then over seeds) is more than :data:`BEHIND_AT_POINTS` below the ``at`` row's."""
+    per_seed: dict[tuple[str, str, str], dict[Any, list[float]]] = {}
+    for r, label in zip(records, labels):
+        acc = r.get("clean_acc")
+        if r.get("kind") != "attack" or not isinstance(acc, (int, float)) or not math.isfinite(acc):
+            continue
+        key = (str(r.get("arch", "?")), str(r.get("checkpoint") or "best"), label)
+        per_seed.setdefault(key, {}).setdefault(r.get("seed"), []).append(100.0 * acc)
+    clean = {k: float(np.mean([np.mean(v) for v in seeds.values()]))
+             for k, seeds in per_seed.items()}
+    out = {}
+    for (arch, ckpt, label), acc in clean.items():
+        ref = clean.get((arch, ckpt, REFERENCE))
+        if label != REFERENCE and ref is not None and acc < ref - BEHIND_AT_POINTS:
+            out[(arch, ckpt, label)] = (f"under-trained: clean accuracy {acc:.1f} is "
+                                        f"{ref - acc:.1f} points below {REFERENCE}'s {ref:.1f} "
+                                        f"(> {BEHIND_AT_POINTS:g}) under the same protocol")
     return out
 
 
