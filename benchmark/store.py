@@ -24,6 +24,7 @@ import re
 import secrets
 import socket
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional
@@ -128,7 +129,9 @@ def safe_torch_load(path: Path) -> Any:
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle protocol before
+            warnings.simplefilter("ignore", UserWarning)  # refusing it: the error says enough
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         lines = str(exc).strip().splitlines()
         detail = f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
