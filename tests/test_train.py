@@ -139,7 +139,8 @@ def test_lenets_pp_runs_record_and_apply_gradient_clipping(tmp_path: Path,
     assert "grad_clip" not in resolve_run_config("at", "synthetic", arch="tiny").hparams
     assert "grad_clip" not in resolve_run_config("at", "mnist", arch="small-cnn").hparams
     cfg = resolve_run_config("adv-dpnp", "synthetic", arch="lenets++",
-                             user_hparams={**FAST, "epochs": 1, "lr_milestones": [1], "train_subset": 64})
+                             user_hparams={**FAST, "epochs": 1, "lr_milestones": [1],
+                                           "train_subset": 64})
     assert cfg.hparams["grad_clip"] == 5.0
     norms: list[float] = []
     real = torch.nn.utils.clip_grad_norm_
