@@ -286,3 +286,15 @@ def test_row_more_than_10_points_below_at_is_marked_under_trained() -> None:
     assert oc.mark("clean", attack_table=True) == "‡"
     for name in ("at", "trades", "st"):
         assert ("small-cnn", "best", name) not in verdicts
+
+
+def test_transfer_source_of_an_image_folder_run(tmp_path) -> None:
+    """An image-folder dataset (cifar10-jpeg) is not a built-in name: the source lookup takes
+    the run's scale instead of failing with 'unknown dataset' (found on a real drp run)."""
+    from benchmark.config import RunConfig, resolve_run_config
+    from benchmark.eval.checks import transfer_source
+
+    cfg = resolve_run_config("drp", "cifar10-jpeg", scale="cifar")
+    run_dir = tmp_path / "cifar10-jpeg" / "drp" / cfg.run_id
+    path, note = transfer_source(run_dir, RunConfig.from_dict(cfg.to_dict()), "cifar")
+    assert path is None and "no trained `st` run" in note

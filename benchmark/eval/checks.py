@@ -396,12 +396,15 @@ class RunFlags:
         return robust
 
 
-def transfer_source(run_dir: Path, cfg: Any) -> tuple[Optional[Path], str]:
-    """The default transfer source of a run: the ``st`` run of its protocol, if trained."""
+def transfer_source(run_dir: Path, cfg: Any, scale: Optional[str] = None
+                    ) -> tuple[Optional[Path], str]:
+    """The default transfer source of a run: the ``st`` run of its protocol, if trained.
+    ``scale`` (the run's data scale) is needed for image-folder datasets such as
+    ``cifar10-jpeg``, whose name alone does not tell it."""
     if cfg.defense == SOURCE_DEFENSE:
         return None, "the target is itself the `st` source run"
     from benchmark.store import RunStore
-    src_cfg = helper_config(SOURCE_DEFENSE, cfg)
+    src_cfg = helper_config(SOURCE_DEFENSE, cfg, scale)
     path = RunStore(run_dir.parent.parent.parent).run_dir(src_cfg)
     if not (path / "ckpt_best.pt").exists() and not (path / "ckpt_last.pt").exists():
         return None, f"no trained `st` run of this protocol at {path}"
@@ -449,7 +452,7 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
     if source is not None:
         src_path, src_note = Path(source), str(source)
     else:
-        src_path, src_note = transfer_source(run_dir, t.cfg)
+        src_path, src_note = transfer_source(run_dir, t.cfg, scale)
     cache: dict[str, Any] = {}
 
     def test_points() -> tuple[Tensor, Tensor]:
