@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import click
 import torch
@@ -171,14 +171,22 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def seeds_option(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
-    """click callback: validate ``--seeds`` and keep it as given."""
-    if value is not None:
-        try:
-            parse_seeds(value)
-        except UsageError as exc:
-            raise click.BadParameter(str(exc).removeprefix("--seeds ")) from None
-    return value
+def _validating_callback(check: Callable[[str], Any], option: str) -> Callable[..., Optional[str]]:
+    """A click callback that runs ``check`` on the value and keeps the value as given; the
+    check's message (without its leading option name, which click adds) becomes the error."""
+    def callback(ctx: click.Context, param: click.Parameter, value: Optional[str]
+                 ) -> Optional[str]:
+        if value is not None:
+            try:
+                check(value)
+            except UsageError as exc:
+                raise click.BadParameter(str(exc).removeprefix(f"{option} ")) from None
+        return value
+    return callback
+
+
+#: click callback: validate ``--seeds`` and keep it as given
+seeds_option = _validating_callback(parse_seeds, "--seeds")
 
 
 def checkpoints_option(ctx: click.Context, param: click.Parameter, value: Optional[str]
@@ -219,14 +227,8 @@ def check_device(text: str) -> None:
     raise UsageError(f"--device {text!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
 
 
-def device_option(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
-    """click callback for ``--device``."""
-    if value is not None:
-        try:
-            check_device(value)
-        except UsageError as exc:
-            raise click.BadParameter(str(exc).removeprefix("--device ")) from None
-    return value
+#: click callback for ``--device``
+device_option = _validating_callback(check_device, "--device")
 
 
 def check_writable_dir(path: Path | str, what: str) -> None:
