@@ -228,3 +228,29 @@ def test_checkpoint_file_and_cli(run_dir, data, tmp_path) -> None:
     assert same["robust_acc"] == row["robust_acc"] and same["eval_key"] != row["eval_key"]
     bad = CliRunner().invoke(cli, ["evaluate", "--run", str(run), "--suite", "nope"])
     assert bad.exit_code == 2 and "unknown suite" in bad.output
+
+
+def test_complete_stored_flags_are_reused_not_recomputed(run_dir: Path, data, tmp_path: Path,
+                                                          monkeypatch) -> None:
+    """Flags of the same key (e.g. AutoAttack computed by `advbench check`) become the row
+    without running the attack again; flags whose clean part disagrees are not trusted."""
+    import benchmark.eval.evaluate as ev
+
+    run = fresh(run_dir, tmp_path)
+    spec = attack_specs("cifar")["fgsm"]
+    (first,) = evaluate_run(run, [spec], n_examples=N, data=data, progress=False)
+    (run / "eval" / f"{first['eval_key']}.json").unlink()  # flags stay, the row is gone
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("the attack ran although complete flags were stored")
+
+    monkeypatch.setattr(ev, "attack_points", no_attack)
+    (again,) = evaluate_run(run, [spec], n_examples=N, data=data, progress=False)
+    assert again["flags_reused"] is True
+    assert again["robust_acc"] == first["robust_acc"] and again["clean_acc"] == first["clean_acc"]
+    flags = load_flags(run, first["eval_key"])  # a stored file that disagrees: attack runs
+    flags["clean"] = ~flags["clean"]
+    torch.save(flags, run / "flags" / f"{first['eval_key']}.pt")
+    (run / "eval" / f"{first['eval_key']}.json").unlink()
+    with pytest.raises(AssertionError, match="the attack ran"):
+        evaluate_run(run, [spec], n_examples=N, data=data, progress=False)

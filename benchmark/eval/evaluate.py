@@ -104,7 +104,11 @@ def evaluate_target(t: Target, specs: Sequence[AttackSpec], *, n_examples: Optio
         t0 = time.perf_counter()
         extra: dict[str, Any] = {}
         attack = spec.build(seed=ATTACK_SEED)
-        if spec.attack == "ensemble":
+        reused = None if force else _stored_flags(t.out_dir / "flags" / f"{key}.pt", clean)
+        if reused is not None:  # e.g. AutoAttack flags that `advbench check` computed
+            flags, adv_ce = reused
+            extra["flags_reused"] = True
+        elif spec.attack == "ensemble":
             flags, adv_ce, extra = _ensemble(t, spec, attack, x, y, clean, clean_ce, n,
                                              batch_size, progress, desc)
         else:
@@ -130,6 +134,20 @@ def evaluate_target(t: Target, specs: Sequence[AttackSpec], *, n_examples: Optio
                     row["clean_acc"], row["robust_acc"], row["adv_ce"], wall, m)
         rows[slot] = row
     return [r for r in rows if r is not None]
+
+
+def _stored_flags(path: Path, clean: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """(robust, adv_ce) from a complete flags file of this key whose clean flags equal the
+    model's clean predictions on these points, else None (the attack then runs)."""
+    if not path.exists():
+        return None
+    try:
+        state = safe_torch_load(path)
+        robust, adv_ce = state["robust"], state["adv_ce"]
+        ok = torch.equal(state["clean"].to(clean.device), clean) and len(robust) == len(clean)
+    except Exception:  # a damaged or foreign file: recompute, never trust it
+        return None
+    return (robust.to(clean.device), adv_ce.to(clean.device)) if ok else None
 
 
 def _ensemble(t: Target, spec: AttackSpec, attack: Any, x: Tensor, y: Tensor, clean: Tensor,

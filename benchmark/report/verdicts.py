@@ -108,7 +108,7 @@ def behind_reference(records: Iterable[dict], labels: list[str]) -> dict[tuple[s
     out = {}
     for (arch, ckpt, label), acc in clean.items():
         ref = clean.get((arch, ckpt, REFERENCE))
-        if label != REFERENCE and ref is not None and acc < ref - BEHIND_AT_POINTS:
+        if label != REFERENCE and ref is not None and round(ref - acc, 6) > BEHIND_AT_POINTS:
             out[(arch, ckpt, label)] = (f"under-trained: clean accuracy {acc:.1f} is "
                                         f"{ref - acc:.1f} points below {REFERENCE}'s {ref:.1f} "
                                         f"(> {BEHIND_AT_POINTS:g}) under the same protocol")
