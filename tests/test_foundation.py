@@ -139,3 +139,15 @@ def test_lenets_pp_initialisation_keeps_the_signal_scale() -> None:
     assert float(f.norm(dim=1).mean()) > 0.3
     assert all(float(m.bias.detach().abs().max()) == 0 for m in net.modules()
                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+
+
+def test_ci_runs_exactly_the_readme_commands() -> None:
+    """.ci/run ends with the README's two command lines, verbatim and in order."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line for line in readme.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[1].endswith("python -m pytest -q")
+    ci = [line for line in (root / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    assert ci[-2:] == lines
