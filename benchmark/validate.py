@@ -48,11 +48,14 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "val_size": (1, math.inf, False),
     "val_attack_steps": (0, math.inf, False),
     "val_every": (1, math.inf, False),
+    "grad_clip": (0, math.inf, True),
+    "clean_epochs": (0, math.inf, False),
+    "eps_warmup_epochs": (0, math.inf, False),
 }
 
 #: protocol hyperparameters that count something
 INT_KEYS = frozenset({"epochs", "batch_size", "train_attack_steps", "train_subset", "val_size",
-                      "val_attack_steps", "val_every"})
+                      "val_attack_steps", "val_every", "clean_epochs"})
 
 #: a seed must fit numpy's ``RandomState`` (and the run's loader generator)
 SEED_LIMIT = 2 ** 32
@@ -131,6 +134,11 @@ def check_hparams(hp: Mapping[str, Any], user: Mapping[str, Any] = (),  # type: 
                 bound = f"> {lo:g}" if open_lo else f">= {lo:g}"
                 rng = bound if hi == math.inf else f"in [{lo:g}, {hi:g}]"
                 raise UsageError(f"hyperparameter {key!r} must be {rng}, got {value!r}")
+    if {"clean_epochs", "eps_warmup_epochs"} & set(user) and _is_int(hp.get("epochs")):
+        warm = hp.get("clean_epochs", 0) + hp.get("eps_warmup_epochs", 0)
+        if warm > hp["epochs"]:
+            raise UsageError(f"clean_epochs + eps_warmup_epochs ({warm:g}) must be <= epochs "
+                             f"({hp['epochs']}); the training attack would never reach ε")
     if "lr_milestones" in hp:
         ms = hp["lr_milestones"]
         if not isinstance(ms, (list, tuple)) or not all(_is_int(m) for m in ms):

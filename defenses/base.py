@@ -75,9 +75,27 @@ class Defense(abc.ABC):
     def __init__(self, hparams: Mapping[str, Any], *, threat: ThreatModel,
                  num_classes: int) -> None:
         self.hparams = dict(hparams)
-        self.threat = threat
+        self._threat = threat
         self.num_classes = num_classes
         self._train_attack: Optional[Attack] = None
+        self.eps_scale = 1.0
+
+    @property
+    def threat(self) -> ThreatModel:
+        """The training threat model now: the protocol's ε times :attr:`eps_scale`."""
+        if self.eps_scale == 1.0:
+            return self._threat
+        return ThreatModel(self._threat.norm, self._threat.eps * self.eps_scale)
+
+    def set_eps_scale(self, scale: float) -> None:
+        """Train against ``scale`` × the protocol's ε (the harness's ε warm-up sets this
+        before every step; see :func:`benchmark.run.train.eps_scale_at`). At 0 the training
+        attack is skipped and x' = x."""
+        if not 0.0 <= scale <= 1.0:
+            raise ValueError(f"eps scale must lie in [0, 1], got {scale}")
+        if scale != self.eps_scale:
+            self.eps_scale = float(scale)
+            self._train_attack = None  # rebuilt for the new ε on its next use
 
     # ---------------------------------------------------------------- model
     def make_head(self, feature_dim: int, num_classes: int) -> nn.Module:
@@ -126,6 +144,8 @@ class Defense(abc.ABC):
         if attack is None:
             raise RuntimeError(f"{self.name or type(self).__name__} declares "
                                f"uses_training_attack = False but asked for a training attack")
+        if self.eps_scale == 0.0:  # clean warm-up epochs of the harness's ε schedule
+            return x.detach().clone()
         return attack(model, x, y, loss=loss)
 
     @abc.abstractmethod

@@ -15,9 +15,9 @@ import torch
 from benchmark import load_model
 from benchmark.config import resolve_run_config
 from benchmark.data import load_dataset
-from benchmark.errors import CheckpointError, TrainingError
+from benchmark.errors import CheckpointError, TrainingError, UsageError
 from benchmark.store import RunStore, read_jsonl
-from benchmark.run.train import train_run
+from benchmark.run.train import eps_scale_at, train_run
 
 FAST = {"epochs": 4, "lr_milestones": [3], "train_attack_steps": 2, "val_attack_steps": 2,
         "batch_size": 64}
@@ -130,6 +130,59 @@ def test_mnist_trains_without_augmentation_in_every_profile() -> None:
         for dataset in ("mnist", "mnist5k"):
             assert resolve_run_config("at", dataset, profile=profile).hparams["augment"] is False
         assert resolve_run_config("at", "cifar10", profile=profile).hparams["augment"] is True
+
+
+def test_eps_warmup_schedule_equals_its_formula() -> None:
+    """E₀ clean epochs (scale 0), then ε·(t − E₀)/E₁ at the end of each step, then ε."""
+    hp = {"clean_epochs": 2, "eps_warmup_epochs": 6}
+    assert eps_scale_at(hp, 0, 0, 10) == 0.0 and eps_scale_at(hp, 1, 9, 10) == 0.0
+    assert eps_scale_at(hp, 2, 0, 10) == pytest.approx(0.1 / 6)
+    assert eps_scale_at(hp, 5, 4, 10) == pytest.approx(3.5 / 6)
+    assert eps_scale_at(hp, 7, 9, 10) == 1.0 and eps_scale_at(hp, 11, 3, 10) == 1.0
+    assert eps_scale_at({}, 0, 0, 10) == 1.0  # no warm-up keys: full ε from the first step
+    assert eps_scale_at({"clean_epochs": 1}, 1, 0, 10) == 1.0
+
+
+def test_eps_warmup_trains_clean_then_ramps_the_training_attack(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The harness's ε warm-up reaches the defense: x' = x in the clean epochs, then
+    ‖x' − x‖∞ ≤ (scale·ε) with a growing scale, then the full ε; the log records the scale."""
+    from defenses.base import Defense
+
+    cfg = resolve_run_config("at", "synthetic", arch="lenets++", user_hparams={
+        **FAST, "epochs": 3, "lr_milestones": [3], "train_subset": 64, "batch_size": 16,
+        "clean_epochs": 1, "eps_warmup_epochs": 1})
+    eps = cfg.hparams["eps"]
+    seen: list[tuple[float, float, float]] = []
+    real = Defense.adversarial
+
+    def spy(self, model, x, y, **kwargs):
+        x_adv = real(self, model, x, y, **kwargs)
+        seen.append((self.eps_scale, self.threat.eps, float((x_adv - x).abs().max())))
+        return x_adv
+
+    monkeypatch.setattr(Defense, "adversarial", spy)
+    run_dir = train_run(cfg, load_dataset("synthetic"), RunStore(tmp_path), progress=False)
+    per_epoch = len(seen) // 3
+    clean, ramp, full = seen[:per_epoch], seen[per_epoch:2 * per_epoch], seen[2 * per_epoch:]
+    assert all(s == 0.0 and d == 0.0 for s, _, d in clean)
+    scales = [s for s, _, _ in ramp]
+    assert scales == sorted(scales) and 0 < scales[0] < 1 and scales[-1] == 1.0
+    assert all(t == pytest.approx(s * eps) and d <= t + 1e-6 for s, t, d in ramp)
+    assert all(s == 1.0 and t == eps for s, t, _ in full) and max(d for *_, d in full) > 0.5 * eps
+    log = read_jsonl(run_dir / "train_log.jsonl")
+    assert [r["eps_scale"] for r in log] == [0.0, 1.0, 1.0]
+
+
+def test_eps_warmup_is_validated_and_only_recorded_for_lenets_pp() -> None:
+    assert "clean_epochs" not in resolve_run_config("at", "mnist", arch="small-cnn").hparams
+    hp = resolve_run_config("at", "mnist", arch="lenets++").hparams
+    assert (hp["clean_epochs"], hp["eps_warmup_epochs"], hp["lr"]) == (2, 6, 0.01)
+    with pytest.raises(UsageError, match="never reach"):
+        resolve_run_config("at", "mnist", arch="lenets++",
+                           user_hparams={"epochs": 4, "lr_milestones": [3], "clean_epochs": 3})
+    with pytest.raises(UsageError, match="clean_epochs"):
+        resolve_run_config("at", "mnist", arch="lenets++", user_hparams={"clean_epochs": 1.5})
 
 
 def test_lenets_pp_runs_record_and_apply_gradient_clipping(tmp_path: Path,

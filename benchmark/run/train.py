@@ -300,6 +300,8 @@ def _epoch(s: _Session, epoch: int, best: float) -> float:
               "epoch_s": round(time.perf_counter() - t0, 3), "peak_mem_mb": peak_memory_mb(s.dev)}
     if env.active:
         record["world_size"] = env.world_size
+    if hp.get("clean_epochs") or hp.get("eps_warmup_epochs"):
+        record["eps_scale"] = s.defense.eps_scale  # the ε warm-up's value at the epoch's end
     if (epoch + 1) % int(hp.get("val_every", 1)) == 0 or epoch + 1 == epochs:
         record.update(validate(s.model, s.x_val, s.y_val, hp))
     score = record.get(str(hp.get("select_by", "val_pgd")), -math.inf)
@@ -385,6 +387,23 @@ def _sync_log(path: Path, epoch: int) -> None:
         write_jsonl(path, kept)
 
 
+def eps_scale_at(hp: Mapping[str, Any], epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Fraction of the protocol's ε the training attack uses at ``step`` of ``epoch`` (0-based).
+
+    ``clean_epochs`` E₀ epochs train on clean inputs (x' = x), then ε grows linearly over
+    ``eps_warmup_epochs`` E₁ epochs, reaching the full ε at the end of epoch E₀ + E₁ (a step's
+    value is the schedule at the step's end); afterwards 1. Both default to 0 (no warm-up);
+    only architectures that record them use them (``config.ARCH_OVERRIDES``: LeNets++).
+    """
+    clean, ramp = float(hp.get("clean_epochs", 0)), float(hp.get("eps_warmup_epochs", 0))
+    if epoch < clean:
+        return 0.0
+    if ramp <= 0:
+        return 1.0
+    done = epoch - clean + (step + 1) / max(steps_per_epoch, 1)
+    return min(1.0, done / ramp)
+
+
 def train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer,
                  loader: BatchLoader, hp: Mapping[str, Any], dev: torch.device, epoch: int,
                  epochs: int, progress: bool, cfg: RunConfig, *, ddp: Optional[nn.Module] = None,
@@ -396,8 +415,11 @@ def train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer
     first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first non-finite step, no sync
     bar = tqdm(loader, desc=f"{cfg.defense} s{cfg.seed} ep {epoch + 1}/{epochs}", leave=False,
                disable=not progress, unit="batch", dynamic_ncols=True)
+    warmup = bool(hp.get("clean_epochs") or hp.get("eps_warmup_epochs"))
     for step, (x, y) in enumerate(bar):
         weight = 1.0
+        if warmup:
+            defense.set_eps_scale(eps_scale_at(hp, epoch, step, len(loader)))
         if ddp is not None:
             x, y, weight = env.shard(x, y)
         if hp.get("channels_last"):
