@@ -9,7 +9,12 @@ Example (in a plugin's own tests)::
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Mapping, Optional
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -138,3 +143,42 @@ def check_attack(cls: type, *, norms: Optional[Iterable[Norm]] = None, eps: floa
         assert (lp_norms(x_adv - x, norm) <= e * (1 + 1e-5) + 1e-6).all()
         again = cls(ThreatModel(norm, e), seed=1, **(hparams or {}))(model, x, y)
         assert torch.equal(x_adv, again), f"{cls.name}: seeded runs differ"
+
+
+def kill_after_epochs(cmd: Sequence[str], runs_dir: Path, epochs: int, *,
+                      sig: int = signal.SIGKILL, timeout_s: float = 120.0) -> Path:
+    """Start a training command that writes under ``runs_dir``, send it ``sig`` once its
+    ``train_log.jsonl`` holds ``epochs`` lines, and return the (unfinished) run folder.
+
+    Raises:
+        AssertionError: the run finished, or logged too little, before it could be killed.
+    """
+    from benchmark.store import read_jsonl
+
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline, logs = time.time() + timeout_s, []
+    while time.time() < deadline and proc.poll() is None:
+        logs = list(Path(runs_dir).glob("*/*/*/train_log.jsonl"))
+        if logs and len(read_jsonl(logs[0])) >= epochs:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "run finished before it could be killed"
+    os.kill(proc.pid, sig)
+    proc.communicate()
+    assert logs, f"no train log under {runs_dir} within {timeout_s:g} s"
+    run_dir = logs[0].parent
+    assert not (run_dir / "TRAINED").exists()
+    return run_dir
+
+
+def tiny_st_run(runs_dir: Path, epochs: int = 1) -> Path:
+    """A briefly trained ``st`` model (arch ``tiny``, synthetic data) for evaluation tests."""
+    from benchmark.config import resolve_run_config
+    from benchmark.data import load_dataset
+    from benchmark.run.train import train_run
+    from benchmark.store import RunStore
+
+    cfg = resolve_run_config("st", "synthetic", profile="cpu", arch="tiny", user_hparams={
+        "epochs": epochs, "lr_milestones": [min(2, epochs)], "val_attack_steps": 1,
+        "val_size": 32, "batch_size": 64})
+    return train_run(cfg, load_dataset("synthetic"), RunStore(runs_dir), progress=False)

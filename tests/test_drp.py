@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.run.bench import bench, format_bench
-from benchmark.store import read_jsonl
-from benchmark.testing import check_defense, make_defense
+from benchmark.testing import check_defense, kill_after_epochs, make_defense
 from defenses.drp import DeepRepulsivePrototypes, RepulsiveHead, repulsive_prototypes
 
 
@@ -117,18 +113,7 @@ def test_kill_minus_nine_then_resume_keeps_the_stored_prototypes(tmp_path: Path)
     cmd = [sys.executable, "-m", "benchmark.cli", "-q", "train", "--defense", "drp",
            "--dataset", "synthetic", "--arch", "tiny", "--hparams", hp, "--no-progress",
            "--device", "cpu", "--runs-dir", str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline, logs = time.time() + 120, []
-    while time.time() < deadline and proc.poll() is None:
-        logs = list(tmp_path.glob("*/*/*/train_log.jsonl"))
-        if logs and len(read_jsonl(logs[0])) >= 2:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    run_dir = logs[0].parent
-    assert not (run_dir / "TRAINED").exists()
+    run_dir = kill_after_epochs(cmd, tmp_path, 2)
     ckpt = run_dir / "ckpt_last.pt"
     in_model, in_state = _protos(ckpt)
     assert torch.equal(in_model, repulsive_prototypes(10, 100, steps=100, seed=0))

@@ -13,14 +13,12 @@ from click.testing import CliRunner
 from attacks.base import Norm, ThreatModel
 from attacks.pgd import PGD
 from benchmark.cli import cli
-from benchmark.config import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.errors import UsageError
 from benchmark.eval.evaluate import (adapt_spec, attack_points, effective_n, eval_key, evaluate_path,
                                 evaluate_run, load_flags, open_target, predict)
 from benchmark.protocols import AttackSpec, attack_specs, resolve_specs
-from benchmark.store import RunStore
-from benchmark.run.train import train_run
+from benchmark.testing import tiny_st_run
 
 N = 48
 MEMBERS = [{"label": "fgsm", "attack": "fgsm", "hparams": {}},
@@ -34,12 +32,9 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, data) -> Path:
+def run_dir(tmp_path_factory) -> Path:
     """A briefly trained tiny model: some points wrong clean, some broken, some robust."""
-    cfg = resolve_run_config("st", "synthetic", profile="cpu", arch="tiny", user_hparams={
-        "epochs": 3, "lr_milestones": [2], "val_attack_steps": 1, "val_size": 32,
-        "batch_size": 64})
-    return train_run(cfg, data, RunStore(tmp_path_factory.mktemp("runs")), progress=False)
+    return tiny_st_run(tmp_path_factory.mktemp("runs"), epochs=3)
 
 
 def fresh(run_dir: Path, tmp_path: Path) -> Path:

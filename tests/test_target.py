@@ -8,14 +8,12 @@ import torch
 from torch import nn
 
 import benchmark.eval.target as target
-from benchmark.config import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.errors import UsageError
 from benchmark.eval.corruptions import evaluate_corruptions
 from benchmark.eval.evaluate import evaluate_path
 from benchmark.eval.features import evaluate_features
-from benchmark.run.train import train_run
-from benchmark.store import RunStore
+from benchmark.testing import tiny_st_run
 
 #: fields that legitimately differ between two rows of one checkpoint
 PER_ROW = {"eval_key", "kind", "created"}
@@ -27,11 +25,8 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, data) -> Path:
-    cfg = resolve_run_config("st", "synthetic", profile="cpu", arch="tiny", user_hparams={
-        "epochs": 1, "lr_milestones": [1], "val_attack_steps": 1, "val_size": 32,
-        "batch_size": 64})
-    return train_run(cfg, data, RunStore(tmp_path_factory.mktemp("runs")), progress=False)
+def run_dir(tmp_path_factory) -> Path:
+    return tiny_st_run(tmp_path_factory.mktemp("runs"), epochs=1)
 
 
 @pytest.fixture

@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from benchmark.data import load_dataset
 from benchmark.errors import CheckpointError, TrainingError, UsageError
 from benchmark.store import RunStore, read_jsonl
 from benchmark.run.train import eps_scale_at, train_run
+from benchmark.testing import kill_after_epochs
 
 FAST = {"epochs": 4, "lr_milestones": [3], "train_attack_steps": 2, "val_attack_steps": 2,
         "batch_size": 64}
@@ -71,20 +69,7 @@ def test_kill_minus_nine_then_resume_matches(tmp_path: Path) -> None:
     ref_dir = Path(ref.stdout.strip().splitlines()[-1])
 
     runs = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + ["--runs-dir", str(runs)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    logs: list = []
-    while time.time() < deadline and proc.poll() is None:
-        logs = list(runs.glob("*/*/*/train_log.jsonl"))
-        if logs and len(read_jsonl(logs[0])) >= 3:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    run_dir = logs[0].parent
-    assert not (run_dir / "TRAINED").exists()
+    run_dir = kill_after_epochs(cmd + ["--runs-dir", str(runs)], runs, 3)
     done_before = len(read_jsonl(run_dir / "train_log.jsonl"))
     assert 3 <= done_before < 30
     again = subprocess.run(cmd + ["--runs-dir", str(runs)], capture_output=True, text=True,
