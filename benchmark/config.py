@@ -75,15 +75,19 @@ DATASET_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
 #: * ``lr`` 0.01: the center-loss paper's LeNets++ learning rate (its Caffe solver; the
 #:   PyTorch port KaiyangZhou/pytorch-center-loss uses 0.001). At the MNIST cpu lr 0.05 even
 #:   clean training collapses the features to 0 within 20 steps (measured).
-#: * ``clean_epochs`` 2, ``eps_warmup_epochs`` 6 and 12 ``epochs`` (milestones 10, 11): PGD-AT
+#: * ``clean_epochs`` 2, ``eps_warmup_epochs`` 6 (and in ``cpu`` 12 ``epochs``, lr drops at 10,
+#:   11, so that 4 epochs train at the full ε; :data:`ARCH_PROFILE_OVERRIDES`): PGD-AT
 #:   at ε = 0.3 from scratch collapses every 2-d feature onto 0 (constant output, loss ln 10)
 #:   within 30 steps at lr 0.01 and 0.05, also with a 60-step ε ramp or after 40 clean
 #:   steps (measured); two clean epochs and a slow linear ramp of ε keep it learning. The paper
 #:   states no LeNets++ schedule (Figure 2: ε 0.3, step 0.01, 40 steps); an ε warm-up is a
 #:   common AT practice (e.g. Gowal et al. 2018, IBP; Wong et al. 2020 for MNIST FGSM-AT).
 ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
-    "lenets++": {"grad_clip": 5.0, "lr": 0.01, "epochs": 12, "lr_milestones": [10, 11],
-                 "clean_epochs": 2, "eps_warmup_epochs": 6},
+    "lenets++": {"grad_clip": 5.0, "lr": 0.01, "clean_epochs": 2, "eps_warmup_epochs": 6},
+}
+#: per-architecture values of one profile (applied after :data:`ARCH_OVERRIDES`)
+ARCH_PROFILE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "cpu": {"lenets++": {"epochs": 12, "lr_milestones": [10, 11]}},
 }
 
 #: architecture used when --arch is not given
@@ -192,6 +196,7 @@ def resolve_run_config(defense: str, dataset: str, *, profile: str = "cpu",
     base = profile_defaults(profile, scale, dataset)
     arch = arch or DEFAULT_ARCH[profile]
     base.update(ARCH_OVERRIDES.get(arch, {}))
+    base.update(ARCH_PROFILE_OVERRIDES.get(profile, {}).get(arch, {}))
     hp = merge_hparams(base, cls.default_hparams, cls.dataset_hparams.get(dataset, {}),
                        cls.arch_hparams.get(arch, {}), user=user_hparams,
                        choices=getattr(cls, "hparam_choices", None))

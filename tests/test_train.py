@@ -163,6 +163,9 @@ def test_eps_warmup_is_validated_and_only_recorded_for_lenets_pp() -> None:
     assert "clean_epochs" not in resolve_run_config("at", "mnist", arch="small-cnn").hparams
     hp = resolve_run_config("at", "mnist", arch="lenets++").hparams
     assert (hp["clean_epochs"], hp["eps_warmup_epochs"], hp["lr"]) == (2, 6, 0.01)
+    assert hp["epochs"] == 12 and hp["lr_milestones"] == [10, 11]
+    paper = resolve_run_config("at", "mnist", arch="lenets++", profile="paper").hparams
+    assert paper["epochs"] == 110 and paper["clean_epochs"] == 2
     with pytest.raises(UsageError, match="never reach"):
         resolve_run_config("at", "mnist", arch="lenets++",
                            user_hparams={"epochs": 4, "lr_milestones": [3], "clean_epochs": 3})
