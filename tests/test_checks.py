@@ -239,6 +239,37 @@ def test_tables_mark_unhealthy_and_unreliable_rows_with_footnotes(tmp_path: Path
     assert csv[0].endswith(",reliable,healthy")
 
 
+def test_rejection_tables_mark_robust_accuracy_of_unreliable_rows(tmp_path: Path) -> None:
+    """The rejection table's robust accuracies are PGD numbers: an unreliable row gets † on
+    them (not on AUROC/FPR) and the table a ``reliable`` column."""
+    from benchmark.report.report import write_report
+    base = {"dataset": "mnist", "arch": "small-cnn", "profile": "cpu", "checkpoint": "best",
+            "hparams": {"eps": 0.3}, "data_provenance": "MNIST", "seed": 0, "norm": "linf",
+            "eps": 0.3, "eps_str": "0.3"}
+
+    def rej(defense: str, acc: float) -> dict:
+        return {**base, "kind": "rejection", "defense": defense, "run_id": defense,
+                "eval_key": f"r-{defense}", "attack": "pgd", "negatives": "pgd", "auroc": 0.9,
+                "fpr_at_tpr": 0.3, "clean_acc": 0.95, "robust_acc": acc,
+                "robust_acc_reject": acc + 0.05, "n_examples": 200}
+
+    def check(defense: str, status: str) -> dict:
+        return {**base, "kind": "check", "defense": defense, "run_id": defense,
+                "eval_key": f"c-{defense}", "check": "aa-vs-pgd", "letter": "a",
+                "status": status, "value": 0.3, "threshold": 0.2, "detail": "AA breaks 27"}
+
+    rows = [rej("at", 0.8), rej("adv-dpnp", 0.85), check("at", "pass"),
+            check("adv-dpnp", "fail")]
+    write_report(rows, tmp_path, plots=False)
+    md = (tmp_path / "tables" / "rejection_mnist_cpu.md").read_text()
+    lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ")}
+    assert lines["defense"].rstrip().endswith("| reliable |")
+    assert lines["at"].rstrip().endswith("| yes |") and "†" not in lines["at"]
+    cells = [c.strip() for c in lines["adv-dpnp"].split("|")[2:-1]]
+    assert cells[:4] == ["90.00", "30.00", "**85.00** †", "**90.00** †"] and cells[-1] == "no †"
+    assert "- † `adv-dpnp`: evaluation potentially unreliable, failed checks: (a) aa-vs-pgd" in md
+
+
 def test_every_column_of_a_run_comes_from_autoattacks_points(tmp_path: Path) -> None:
     from benchmark.report.report import write_report
     base = {"dataset": "mnist", "arch": "small-cnn", "profile": "cpu", "checkpoint": "best",
@@ -283,7 +314,7 @@ def test_row_more_than_10_points_below_at_is_marked_under_trained() -> None:
     verdicts = row_verdicts(recs, [r["defense"] for r in recs])
     oc = verdicts[("small-cnn", "best", "oc")]
     assert oc.unhealthy and "12.0 points below at's 96.0" in oc.unhealthy[0]
-    assert oc.mark("clean", attack_table=True) == "‡"
+    assert oc.mark(robustness=False) == "‡"
     for name in ("at", "trades", "st"):
         assert ("small-cnn", "best", name) not in verdicts
 

@@ -138,8 +138,7 @@ def to_markdown(table: pd.DataFrame, spec: Optional[TableSpec] = None, *,
     cols = [c for c in table.columns if not c.endswith("_std") and c != "n_seeds"]
     parts = []
     for (arch, ckpt), block in table.groupby(level=BLOCK, sort=False):
-        attack_table = spec.kind == "attack"
-        rel = verdicts is not None and attack_table
+        rel = verdicts is not None and spec.has_reliability
         lines = [f"#### arch `{arch}`, checkpoint `{ckpt}`", "",
                  "| defense | " + " | ".join(display(c) for c in cols) + " | seeds |"
                  + (" reliable |" if rel else ""),
@@ -160,7 +159,8 @@ def to_markdown(table: pd.DataFrame, spec: Optional[TableSpec] = None, *,
                     missing.append((name, c))
                     continue
                 text = _fmt(v, s, d)
-                mark = verdicts[idx].mark(c, attack_table) if verdicts and idx in verdicts else ""
+                mark = verdicts[idx].mark(spec.is_robustness(c)) \
+                    if verdicts and idx in verdicts else ""
                 cells.append((f"**{text}**" if c in best and round(v, d) == best[c] else text)
                              + (f" {mark}" if mark else ""))
                 if counts is not None and 0 < counts.loc[idx, c] < r["n_seeds"]:
@@ -172,7 +172,7 @@ def to_markdown(table: pd.DataFrame, spec: Optional[TableSpec] = None, *,
             lines += ["", "Test points per column: " + ", ".join(
                 f"{display(c)} {n}" for c, n in points[(arch, ckpt)].items()) + "."]
         notes = vd.footnotes(verdicts, arch, ckpt, [i[-1] for i in block.index],
-                             attack_table) if verdicts else []
+                             spec.has_reliability) if verdicts else []
         if notes:
             lines += ["", "Verdicts (`advbench check`; thresholds in benchmark/eval/checks.py "
                           "and benchmark/run/health.py):"] + notes
@@ -253,7 +253,7 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
             verdicts = vd.row_verdicts(recs, _labels(recs), any_eps=spec.name == "table3") \
                 if vd.has_verdicts(recs) else None
             numeric = wide.assign(**vd.csv_columns(verdicts, wide.index)) \
-                if verdicts is not None and spec.kind == "attack" else wide
+                if verdicts is not None and spec.has_reliability else wide
             md = (f"### {spec.title} — `{dataset}`, profile `{profile}`\n\n"
                   f"Data: {prov or 'provenance not recorded'}.{extra} Profile `{profile}`. "
                   + (spec.note + " " if spec.note else "")

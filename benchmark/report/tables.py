@@ -240,6 +240,9 @@ class TableSpec:
         decimals: decimals shown in Markdown (CSV always has 4).
         note: sentence printed under the title.
         why: the reason given for a missing cell of a column.
+        robust: on a table of another kind than ``attack``, the columns that are robust
+            accuracies (they then get the reliability mark and the table a ``reliable``
+            column, as attack tables do).
     """
 
     name: str
@@ -252,6 +255,18 @@ class TableSpec:
     decimals: Callable[[str], int] = lambda c: 2
     note: str = ""
     why: Callable[[str], str] = _why_attack
+    robust: Optional[Callable[[str], bool]] = None
+
+    @property
+    def has_reliability(self) -> bool:
+        """Whether the table shows robust accuracies (and so a ``reliable`` column)."""
+        return self.kind == "attack" or self.robust is not None
+
+    def is_robustness(self, column: str) -> bool:
+        """Whether ``column`` is a robust accuracy (it carries † when a check failed)."""
+        if self.robust is not None:
+            return self.robust(column)
+        return self.kind == "attack" and column not in {"clean", *COST}
 
     def better(self, column: str) -> Optional[str]:
         if self.neutral(column):
@@ -446,7 +461,7 @@ TABLES: list[TableSpec] = [
                            "accuracy (%) without and with rejection", "rejection", _rejection,
               derived=frozenset(), lower=frozenset({"fpr_pgd", "fpr_adaptive", "fpr_ood-noise",
                                                      "fpr_ood-cifar10-grey", "fpr_ood-mnist-rgb"}),
-              why=_why_rejection,
+              why=_why_rejection, robust=lambda c: c.startswith(("acc_", "accrej_")),
               note="Score: ±ED-WTA min_k ½‖f − p_k‖², Adv-DPNP/DPNP distance to the nearest "
                    "prototype, 1 − max softmax otherwise; τ accepts 95% of the clean test points. "
                    "`pgd`: successful PGD x'; `adaptive`: PGD on margin − λ·max(0, r − τ)/σ; "

@@ -22,7 +22,6 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from benchmark.report.tables import COST
 
 HEALTH_MARK, RELIABILITY_MARK = "‡", "†"
 #: a defense whose clean accuracy (mean over seeds) is more than this many points below AT's,
@@ -30,8 +29,6 @@ HEALTH_MARK, RELIABILITY_MARK = "‡", "†"
 BEHIND_AT_POINTS = 10.0
 #: the reference defense of that comparison
 REFERENCE = "at"
-#: columns that are not robustness numbers (they get the health mark only)
-NOT_ROBUSTNESS = frozenset({"clean", *COST})
 
 
 @dataclass
@@ -46,9 +43,10 @@ class RowVerdict:
     def reliable(self) -> str:
         return "no" if self.failed else "yes" if self.passed else "–"
 
-    def mark(self, column: str, attack_table: bool) -> str:
+    def mark(self, robustness: bool) -> str:
+        """‡ when the row is unhealthy, plus † on a robust-accuracy cell of an unreliable row."""
         marks = HEALTH_MARK if self.unhealthy else ""
-        if attack_table and self.failed and column not in NOT_ROBUSTNESS:
+        if robustness and self.failed:
             marks += RELIABILITY_MARK
         return marks
 
@@ -116,7 +114,7 @@ def behind_reference(records: Iterable[dict], labels: list[str]) -> dict[tuple[s
 
 
 def footnotes(verdicts: dict[tuple[str, str, str], RowVerdict], arch: str, ckpt: str,
-              names: list[str], attack_table: bool) -> list[str]:
+              names: list[str], reliability: bool) -> list[str]:
     """Footnote lines for one section."""
     lines = []
     for name in names:
@@ -125,7 +123,7 @@ def footnotes(verdicts: dict[tuple[str, str, str], RowVerdict], arch: str, ckpt:
             continue
         if v.unhealthy:
             lines.append(f"- {HEALTH_MARK} `{name}`: training health: " + "; ".join(v.unhealthy))
-        if attack_table and v.failed:
+        if reliability and v.failed:
             lines.append(f"- {RELIABILITY_MARK} `{name}`: evaluation potentially unreliable, "
                          f"failed checks: " + "; ".join(v.failed))
     return lines
