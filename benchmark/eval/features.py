@@ -151,6 +151,8 @@ def figure2_panels(run_dir: Path | str, *, checkpoint: str = "best",
         UsageError: the model's features are not 2-D (train with ``--arch lenets++``).
     """
     run = open_target(run_dir, checkpoint, device=device)
+    if n_examples is None:  # the profile's, as every other evaluation (cpu: 1000 points)
+        n_examples = DEFAULT_N_EXAMPLES.get(run.cfg.profile)
     x, y = _test_points(run, data, data_dir, n_examples)
     from benchmark.protocols import attack_specs
     spec = attack_specs(run.info.scale)["pgd"]
