@@ -239,6 +239,25 @@ def test_tables_mark_unhealthy_and_unreliable_rows_with_footnotes(tmp_path: Path
     assert csv[0].endswith(",reliable,healthy")
 
 
+def test_page_marks_an_under_trained_row_as_the_tables_do(tmp_path: Path) -> None:
+    """The leaderboard's reliability cell applies the tables' yardstick (clean accuracy more
+    than 10 points below AT's): ✗ with the reason, although the run's own health row is ok."""
+    from benchmark.report.report import write_report
+    base = {"dataset": "mnist", "arch": "small-cnn", "profile": "cpu", "checkpoint": "best",
+            "hparams": {"eps": 0.3}, "data_provenance": "MNIST", "seed": 0, "norm": "linf",
+            "eps": 0.3, "eps_str": "0.3", "kind": "attack", "attack": "pgd", "n_examples": 100}
+    rows = [{**base, "defense": d, "run_id": d, "eval_key": d, "clean_acc": c, "robust_acc": 0.5}
+            for d, c in (("at", 0.96), ("oc", 0.70), ("trades", 0.95))]
+    rows += [{**base, "kind": "health", "defense": d, "run_id": d, "eval_key": f"h-{d}",
+              "verdict": "ok", "healthy": True, "reasons": []} for d in ("at", "oc", "trades")]
+    write_report(rows, tmp_path, plots=False)
+    page = (tmp_path / "index.html").read_text()
+    oc_row = page[page.index(">oc<"):].split("</tr>")[0]
+    assert "✗" in oc_row and "under-trained: clean accuracy 70.0 is 26.0 points below" in oc_row
+    trades_row = page[page.index(">trades<"):].split("</tr>")[0]
+    assert "✗" not in trades_row and "✓" in trades_row
+
+
 def test_rejection_tables_mark_robust_accuracy_of_unreliable_rows(tmp_path: Path) -> None:
     """The rejection table's robust accuracies are PGD numbers: an unreliable row gets † on
     them (not on AUROC/FPR) and the table a ``reliable`` column."""

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from benchmark.report.latex import cell_text
-from benchmark.report.tables import COST, TableSpec, _fixed, frames
+from benchmark.report.tables import COST, TableSpec, _fixed, _labels, frames
+from benchmark.report.verdicts import behind_reference
 
 #: columns of the page's table (machine name → header)
 HEADERS = {"rank": "Rank", "defense": "Defense", "clean": "Clean (%)",
@@ -102,12 +103,14 @@ def _citation(defense: str, records: Iterable[dict],
     return str((catalog or {}).get(defense, {}).get("paper", "") or "")
 
 
-def reliability(records: list[dict], run_ids: Iterable[str]) -> tuple[str, str]:
+def reliability(records: list[dict], run_ids: Iterable[str],
+                under_trained: str = "") -> tuple[str, str]:
     """(mark, reason) for the runs of one table row from ``health`` and ``check`` rows.
 
-    ``✗`` when a run's training-health verdict is not ok, ``⚠`` (potentially unreliable, as
-    RobustBench flags it) when a gradient-masking check failed, ``✓`` when every check found
-    passed, ``–`` when no such row exists.
+    ``✗`` when a run's training-health verdict is not ok or the row is ``under_trained`` (the
+    tables' ‡ yardstick: clean accuracy more than 10 points below AT's), ``⚠`` (potentially
+    unreliable, as RobustBench flags it) when a gradient-masking check failed, ``✓`` when every
+    check found passed, ``–`` when no such row exists.
     """
     ids = set(run_ids)
     health = [r for r in records if r.get("kind") == "health" and r.get("run_id") in ids]
@@ -117,6 +120,8 @@ def reliability(records: list[dict], run_ids: Iterable[str]) -> tuple[str, str]:
         r = sick[0]
         reasons = "; ".join(r.get("reasons") or []) or str(r.get("verdict"))
         return "✗", f"training: {r.get('verdict')} (seed {r.get('seed')}): {reasons}"
+    if under_trained:
+        return "✗", f"training: {under_trained}"
     failed = [r for r in checks if r.get("status") == "fail"]
     if failed:
         names = sorted({str(r.get("check") or r.get("name")) for r in failed})
@@ -170,7 +175,8 @@ def board(records: list[dict], order: Sequence[str] = ()) -> tuple[pd.DataFrame,
 
 
 def _row_cells(r: pd.Series, records: list[dict], prov: str,
-               catalog: Optional[Mapping[str, Mapping[str, str]]] = None) -> dict[str, str]:
+               catalog: Optional[Mapping[str, Mapping[str, str]]] = None,
+               behind: Optional[Mapping[tuple[str, str, str], str]] = None) -> dict[str, str]:
     label = str(r["defense"])
     defense = label.split(" ")[0]
     link = paper_link(_citation(defense, records, catalog))
@@ -185,7 +191,8 @@ def _row_cells(r: pd.Series, records: list[dict], prov: str,
             cells[c] += f' <span class="few">({int(n)} of {int(r["n_seeds"])} seeds)</span>'
     runs = {str(x.get("run_id")) for x in records if str(x.get("defense")) == defense
             and str(x.get("arch")) == str(r["arch"])}
-    mark, why = reliability(records, runs)
+    mark, why = reliability(records, runs, (behind or {}).get(
+        (str(r["arch"]), str(r["checkpoint"]), label), ""))
     cls = {"✓": "ok", "✗": "bad", "⚠": "warn"}.get(mark, "")
     cells["reliable"] = (f'<span class="{cls}">{mark}</span>'
                          + (f'<span class="why">{html.escape(why)}</span>' if why else ""))
@@ -208,8 +215,9 @@ def section_html(records: list[dict], *, suffix: str, prov: str, profile: str,
              f"Profile <code>{html.escape(profile)}</code>: one training protocol for every "
              "defense; numbers are comparable within this section only.</p>"]
     if len(wide):
-        cells = pd.DataFrame([_row_cells(r, records, prov, catalog) for _, r in wide.iterrows()],
-                             columns=list(HEADERS))
+        behind = behind_reference(records, _labels(records))
+        cells = pd.DataFrame([_row_cells(r, records, prov, catalog, behind)
+                              for _, r in wide.iterrows()], columns=list(HEADERS))
         cells.columns = [HEADERS[c] for c in cells.columns]
         styler = cells.style.hide(axis="index").set_table_attributes(
             f'class="board" id="board-{html.escape(suffix)}"')
