@@ -348,3 +348,14 @@ def test_transfer_source_of_an_image_folder_run(tmp_path) -> None:
     run_dir = tmp_path / "cifar10-jpeg" / "drp" / cfg.run_id
     path, note = transfer_source(run_dir, RunConfig.from_dict(cfg.to_dict()), "cifar")
     assert path is None and "no trained `st` run" in note
+
+
+def test_a_value_exactly_at_the_threshold_passes_despite_float32_rounding() -> None:
+    """72% → 67% is a drop of exactly 5 points (threshold 5): float32 accuracies make it
+    0.05000001, which must not fail while 72% → 66% (6 points) does."""
+    from benchmark.eval.checks import more_budget
+
+    a, b = torch.tensor(0.72).item(), torch.tensor(0.67).item()
+    assert a - b > 0.05  # the rounding the check must tolerate
+    assert more_budget([("pgd", a, "pgd-k100", b)], 100).status == "pass"
+    assert more_budget([("pgd", a, "pgd-k100", torch.tensor(0.66).item())], 100).status == "fail"

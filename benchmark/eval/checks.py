@@ -107,8 +107,15 @@ class CheckResult:
         return "skipped" if self.passed is None else "pass" if self.passed else "fail"
 
 
+#: tolerance of the threshold comparison: accuracies are float32 means, so a drop of exactly
+#: 5 of 100 points can come out as 0.05000001 (measured on a real MART run: 72% → 67%)
+JUDGE_TOL = 1e-6
+
+
 def _judge(name: str, value: float, detail: str, n: int, **extra: Any) -> CheckResult:
-    return CheckResult(name, float(value), bool(value <= THRESHOLDS[name][1]), detail, n, extra)
+    """Pass when ``value`` does not exceed the threshold (up to :data:`JUDGE_TOL`)."""
+    return CheckResult(name, float(value), bool(value <= THRESHOLDS[name][1] + JUDGE_TOL),
+                       detail, n, extra)
 
 
 def skipped(name: str, why: str) -> CheckResult:
