@@ -145,6 +145,26 @@ def check_attack(cls: type, *, norms: Optional[Iterable[Norm]] = None, eps: floa
         assert torch.equal(x_adv, again), f"{cls.name}: seeded runs differ"
 
 
+def wait_for_epochs(proc: subprocess.Popen, runs_dir: Path, epochs: int, *,
+                    timeout_s: float = 120.0) -> Path:
+    """The run folder under ``runs_dir`` once its ``train_log.jsonl`` holds ``epochs`` lines,
+    with ``proc`` (the training command writing it) still running.
+
+    Raises:
+        AssertionError: the process ended, or the deadline passed, first.
+    """
+    from benchmark.store import read_jsonl
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        logs = list(Path(runs_dir).glob("*/*/*/train_log.jsonl"))
+        if logs and len(read_jsonl(logs[0])) >= epochs:
+            return logs[0].parent
+        time.sleep(0.005)
+    raise AssertionError(f"the run ended, or logged fewer than {epochs} epochs within "
+                         f"{timeout_s:g} s, before it could be stopped")
+
+
 def kill_after_epochs(cmd: Sequence[str], runs_dir: Path, epochs: int, *,
                       sig: int = signal.SIGKILL, timeout_s: float = 120.0) -> Path:
     """Start a training command that writes under ``runs_dir``, send it ``sig`` once its
@@ -153,20 +173,10 @@ def kill_after_epochs(cmd: Sequence[str], runs_dir: Path, epochs: int, *,
     Raises:
         AssertionError: the run finished, or logged too little, before it could be killed.
     """
-    from benchmark.store import read_jsonl
-
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline, logs = time.time() + timeout_s, []
-    while time.time() < deadline and proc.poll() is None:
-        logs = list(Path(runs_dir).glob("*/*/*/train_log.jsonl"))
-        if logs and len(read_jsonl(logs[0])) >= epochs:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "run finished before it could be killed"
+    run_dir = wait_for_epochs(proc, runs_dir, epochs, timeout_s=timeout_s)
     os.kill(proc.pid, sig)
     proc.communicate()
-    assert logs, f"no train log under {runs_dir} within {timeout_s:g} s"
-    run_dir = logs[0].parent
     assert not (run_dir / "TRAINED").exists()
     return run_dir
 

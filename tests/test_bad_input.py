@@ -18,7 +18,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,6 +30,7 @@ from benchmark.config import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.store import RunStore, append_jsonl, read_jsonl
 from benchmark.run.train import train_run
+from benchmark.testing import wait_for_epochs
 
 HP = {"epochs": 2, "lr_milestones": [1], "train_attack_steps": 1, "val_attack_steps": 1,
       "batch_size": 64, "train_subset": 128, "val_size": 32}
@@ -591,23 +591,13 @@ def _spawn(runs: Path, epochs: int) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_epochs(runs: Path, n: int, proc: subprocess.Popen) -> Path:
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        logs = list(runs.glob("*/*/*/train_log.jsonl"))
-        if logs and len(read_jsonl(logs[0])) >= n:
-            return logs[0].parent
-        time.sleep(0.01)
-    raise AssertionError("run ended before it could be stopped")
-
-
 def test_sigterm_then_kill_minus_nine_then_resume_lose_no_epoch(tmp_path: Path) -> None:
     """SIGTERM at epoch >= 2 (one line, exit 143), resume, kill -9 at epoch >= 4, resume: the
     log holds every epoch exactly once and no temp file is left."""
     runs, epochs = tmp_path / "runs", 8
     for sig, code, at in ((signal.SIGTERM, 143, 2), (signal.SIGKILL, -9, 4)):
         proc = _spawn(runs, epochs)
-        run = _wait_for_epochs(runs, at, proc)
+        run = wait_for_epochs(proc, runs, at)
         os.kill(proc.pid, sig)
         _, err = proc.communicate(timeout=60)
         lines = [ln for ln in err.splitlines() if ln.strip()]
