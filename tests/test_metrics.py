@@ -176,13 +176,14 @@ def test_figure2_defaults_to_the_profiles_points(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Without --n-examples Figure 2 uses the profile's number of points (as the help says),
     not the whole test set (10,000 PGD-40 attacks on LeNets++ took over 15 CPU-minutes)."""
-    import benchmark.eval.features as features
+    import benchmark.config as config
+    from benchmark.eval.features import figure2_panels
 
     cfg = resolve_run_config("at", "synthetic", profile="cpu", arch="lenets++",
                              user_hparams={"epochs": 0})
     run = train_run(cfg, load_dataset("synthetic"), RunStore(tmp_path), progress=False)
-    monkeypatch.setitem(features.DEFAULT_N_EXAMPLES, "cpu", 12)
-    assert features.figure2_panels(run)["clean"].shape == (12, 2)
+    monkeypatch.setitem(config.DEFAULT_N_EXAMPLES, "cpu", 12)
+    assert figure2_panels(run)["clean"].shape == (12, 2)
 
 
 def test_features_command_prints_both_conditions(tiny_run: Path) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmark.config import DEFAULT_N_EXAMPLES, stable_hash
+from benchmark.config import stable_hash
 from benchmark.errors import DataError, UsageError
 from benchmark.eval.target import check_model, open_target
 from benchmark.store import atomic_write_json, read_row
@@ -145,8 +145,7 @@ def evaluate_corruptions(run_dir: Path | str, data_dir: Path | str, *, checkpoin
         logger.warning("evaluating a model trained on %s on CIFAR-10-C", run.cfg.dataset)
     root = find_root(data_dir)
     names = list(corruptions) if corruptions else list_corruptions(root)
-    if n_examples is None:
-        n_examples = DEFAULT_N_EXAMPLES.get(run.cfg.profile)
+    n_examples = run.n_points(n_examples)
     labels = load_labels(root)
     rows: list[dict[str, Any]] = []
     checked = False

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from benchmark.config import DEFAULT_N_EXAMPLES, stable_hash
+from benchmark.config import stable_hash
 from benchmark.data import Data
 from benchmark.errors import UsageError
 from benchmark.eval.metrics import feature_metrics
@@ -85,6 +85,7 @@ def centers_source(defense: Any, centers: Optional[Tensor]) -> Optional[str]:
 def _test_points(t: Target, data: Optional[Data], data_dir: Optional[Path | str],
                  n_examples: Optional[int]) -> tuple[Tensor, Tensor]:
     split = t.test_data(data, data_dir).test
+    n_examples = t.n_points(n_examples)  # the profile's when None (cpu: 1000 points)
     if n_examples is not None and n_examples < len(split):
         # the points `advbench evaluate` attacks (its first n), not a different sample
         split = split.subset(torch.arange(n_examples))
@@ -98,8 +99,7 @@ def evaluate_features(run_dir: Path | str, *, checkpoint: str = "best",
                       force: bool = False) -> list[dict[str, Any]]:
     """Feature metrics of one checkpoint, clean and under PGD-20; rows in ``RUN/eval``."""
     run = open_target(run_dir, checkpoint, device=device)
-    if n_examples is None:
-        n_examples = DEFAULT_N_EXAMPLES.get(run.cfg.profile)
+    n_examples = run.n_points(n_examples)
     spec = adversarial_spec(run.info.scale)
     conditions: list[tuple[str, Optional[AttackSpec]]] = [("clean", None), ("pgd20", spec)]
     rows, pending = [], []
@@ -151,8 +151,6 @@ def figure2_panels(run_dir: Path | str, *, checkpoint: str = "best",
         UsageError: the model's features are not 2-D (train with ``--arch lenets++``).
     """
     run = open_target(run_dir, checkpoint, device=device)
-    if n_examples is None:  # the profile's, as every other evaluation (cpu: 1000 points)
-        n_examples = DEFAULT_N_EXAMPLES.get(run.cfg.profile)
     x, y = _test_points(run, data, data_dir, n_examples)
     from benchmark.protocols import attack_specs
     spec = attack_specs(run.info.scale)["pgd"]

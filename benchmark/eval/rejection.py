@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attacks.base import check_perturbation
-from benchmark.config import DEFAULT_N_EXAMPLES, stable_hash
+from benchmark.config import stable_hash
 from benchmark.data import Data, DataInfo, load_dataset
 from benchmark.device import default_eval_batch_size
 from benchmark.errors import DataError, UsageError
@@ -282,8 +282,7 @@ def evaluate_rejection(run_dir: Path | str, *, checkpoint: str = "best",
     model, defense, dev = t.model, t.defense, t.device
     batch_size = batch_size or default_eval_batch_size(dev, t.cfg.arch)
     data = t.test_data(data, data_dir)
-    if n_examples is None:
-        n_examples = DEFAULT_N_EXAMPLES.get(t.cfg.profile)
+    n_examples = t.n_points(n_examples)
     n = len(data.test) if n_examples is None else min(int(n_examples), len(data.test))
     x, y = data.test.subset(torch.arange(n)).floats(dev)
     check_model(model, x[:8], randomized=defense.randomized)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.checkpoint import model_from_checkpoint, read_checkpoint, resolve_checkpoint
-from benchmark.config import RunConfig
+from benchmark.config import DEFAULT_N_EXAMPLES, RunConfig
 from benchmark.data import Data, DataInfo, load_dataset
 from benchmark.device import resolve_device
 from benchmark.errors import NonFiniteError, UsageError
@@ -70,6 +70,11 @@ class Target:
     out_dir: Path
     config: Mapping[str, Any]
     row_extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def n_points(self, n_examples: Optional[int]) -> Optional[int]:
+        """``n_examples``, or the profile's number of test points when it is None (``cpu``:
+        1000; ``paper``: None, the whole test set)."""
+        return DEFAULT_N_EXAMPLES.get(self.cfg.profile) if n_examples is None else n_examples
 
     def row(self, key: str, kind: str, *, data_provenance: Optional[str] = None
             ) -> dict[str, Any]:
