@@ -300,7 +300,7 @@ def _epoch(s: _Session, epoch: int, best: float) -> float:
               "epoch_s": round(time.perf_counter() - t0, 3), "peak_mem_mb": peak_memory_mb(s.dev)}
     if env.active:
         record["world_size"] = env.world_size
-    if hp.get("clean_epochs") or hp.get("eps_warmup_epochs"):
+    if has_eps_warmup(hp):
         record["eps_scale"] = s.defense.eps_scale  # the ε warm-up's value at the epoch's end
     if (epoch + 1) % int(hp.get("val_every", 1)) == 0 or epoch + 1 == epochs:
         record.update(validate(s.model, s.x_val, s.y_val, hp))
@@ -387,6 +387,11 @@ def _sync_log(path: Path, epoch: int) -> None:
         write_jsonl(path, kept)
 
 
+def has_eps_warmup(hp: Mapping[str, Any]) -> bool:
+    """Whether the run trains with the ε warm-up (``clean_epochs`` or ``eps_warmup_epochs``)."""
+    return bool(hp.get("clean_epochs") or hp.get("eps_warmup_epochs"))
+
+
 def eps_scale_at(hp: Mapping[str, Any], epoch: int, step: int, steps_per_epoch: int) -> float:
     """Fraction of the protocol's ε the training attack uses at ``step`` of ``epoch`` (0-based).
 
@@ -415,7 +420,7 @@ def train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer
     first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first non-finite step, no sync
     bar = tqdm(loader, desc=f"{cfg.defense} s{cfg.seed} ep {epoch + 1}/{epochs}", leave=False,
                disable=not progress, unit="batch", dynamic_ncols=True)
-    warmup = bool(hp.get("clean_epochs") or hp.get("eps_warmup_epochs"))
+    warmup = has_eps_warmup(hp)
     for step, (x, y) in enumerate(bar):
         weight = 1.0
         if warmup:
