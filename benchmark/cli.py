@@ -365,29 +365,60 @@ def features(run_paths: tuple[str, ...], n_examples: Optional[int], which: str, 
 
 
 @cli.command()
-@click.option("--run", "run_paths", multiple=True, required=True, type=click.Path(exists=True),
-              help="Run folder of a CIFAR-10 model (repeatable).")
-@click.option("--data-dir", required=True, type=click.Path(exists=True),
-              help="Folder with CIFAR-10-C's <corruption>.npy and labels.npy (or its parent).")
-@click.option("--corruptions", default=None, help="Comma list (default: every .npy present).")
+@click.option("--run", "run_paths", multiple=True, type=click.Path(exists=True),
+              help="Run folder of a CIFAR-10 model (repeatable; needed unless --generate).")
+@click.option("--data-dir", required=True, type=click.Path(),
+              help="Folder with CIFAR-10-C's <corruption>.npy and labels.npy (or its parent); "
+                   "with --generate, the folder to write them to.")
+@click.option("--corruptions", default=None, help="Comma list (default: every .npy present; "
+                                                   "with --generate, all 19).")
 @click.option("--n-examples", type=POSITIVE, default=None,
               help="Images per severity (default: profile's).")
 @click.option("--checkpoint", "which", default="best", show_default=True,
               type=click.Choice(["best", "last"]))
 @click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True, callback=device_option)
-@click.option("--force", is_flag=True, help="Recompute existing rows.")
+@click.option("--force", is_flag=True, help="Recompute existing rows (with --generate: rewrite "
+                                            "existing files, also of other settings).")
+@click.option("--generate", is_flag=True,
+              help="Regenerate CIFAR-10-C into --data-dir from CIFAR-10's test images "
+                   "(make_cifar_c.py's CIFAR parameters), then evaluate any --run.")
+@click.option("--dataset", default="cifar10", show_default=True,
+              help="--generate: source dataset (cifar10 torchvision layout, or an image-folder "
+                   "name such as cifar10-jpeg).")
+@click.option("--source-dir", default=None, type=click.Path(exists=True),
+              help="--generate: root of the source dataset's files (as --data-dir elsewhere).")
+@click.option("--n-images", type=POSITIVE, default=None,
+              help="--generate: the first N test images (default: all 10,000).")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True,
+              help="--generate: seed of the corruptions' random draws.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 def corruptions(run_paths: tuple[str, ...], data_dir: str, corruptions: Optional[str],
                 n_examples: Optional[int], which: str, batch_size: int, device: str,
-                force: bool) -> None:
-    """Accuracy on CIFAR-10-C per corruption and severity (Table 5, Figure 3)."""
+                force: bool, generate: bool, dataset: str, source_dir: Optional[str],
+                n_images: Optional[int], seed: int, no_progress: bool) -> None:
+    """Accuracy on CIFAR-10-C per corruption and severity (Table 5, Figure 3).
+
+    With --generate, first writes CIFAR-10-C (official layout, plus PROVENANCE.json) from the
+    test images of --dataset; rows and tables built on it say "regenerated CIFAR-10-C".
+    """
     from benchmark.eval.corruptions import evaluate_corruptions
 
     names = [c.strip() for c in corruptions.split(",") if c.strip()] if corruptions else None
+    if not generate and not run_paths:
+        raise UsageError("corruptions needs --run RUN (or --generate to write CIFAR-10-C)")
+    if generate:
+        from benchmark.eval.cifar_c import generate as make_cifar_c
+
+        meta = make_cifar_c(data_dir, dataset, source_dir, n_images=n_images, seed=seed,
+                            corruptions=names, force=force, progress=not no_progress)
+        click.echo(f"{data_dir}: regenerated CIFAR-10-C, {len(meta['corruptions'])} corruptions "
+                   f"× 5 severities × {meta['n_images']} images (seed {seed}); "
+                   f"{sum(meta['wall_s'].values()):.0f} s")
     for path in run_paths:
         rows = evaluate_corruptions(path, data_dir, checkpoint=which, n_examples=n_examples,
                                     corruptions=names, device=device, batch_size=batch_size,
-                                    force=force)
+                                    force=force and not generate)
         agg = [r for r in rows if r.get("aggregate")]
         if agg:
             r = agg[-1]

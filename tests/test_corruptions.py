@@ -130,3 +130,190 @@ def test_a_model_with_the_wrong_number_of_classes_is_refused(tmp_path: Path,
     monkeypatch.setattr(cc, "open_target", fake)
     with pytest.raises(UsageError, match="10-class"):
         cc.evaluate_corruptions(rgb_run, tmp_path)
+
+
+# ------------------------------------------------------------------ regenerated CIFAR-10-C
+from benchmark.eval import cifar_c  # noqa: E402
+
+
+def smooth_images(n: int = 3, seed: int = 1) -> list[np.ndarray]:
+    """Natural-like 32×32 RGB images: a smooth colour field (bilinear 4×4 → 32×32) and a disc."""
+    from scipy.ndimage import zoom
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:32, :32]
+    out = []
+    for _ in range(n):
+        img = zoom(rng.random((4, 4, 3)), (8, 8, 1), order=1)
+        img[(yy - 16) ** 2 + (xx - 12) ** 2 < 40] = rng.random(3)
+        out.append((np.clip(img, 0, 1) * 255).astype(np.uint8))
+    return out
+
+
+# Severity runs along which make_cifar_c.py's parameters make an image move further from the
+# clean one (mean |x − c(x)|). Default: all five. Exceptions, from the official parameters:
+ORDERED = {
+    # sigma 0.05, 0.25, 0.4 with one shuffle pass, then sigma 0.25, 0.4 with two
+    "glass_blur": [(1, 2, 3), (3, 4)],
+    # radius 6, 6, 6, 8, 9 with sigma 1 … 2.5: severities 3 and 4 share sigma 2
+    "motion_blur": [(1, 2, 3), (3, 5), (4, 5)],
+    # frost weight 0.2 … 0.45 but the image weight falls 1 → 0.75: brighter, not further, at 4, 5
+    "frost": [(1, 2, 3)],
+    # water (1–3), then mud (4–5)
+    "spatter": [(1, 2, 3), (4, 5)],
+    # saturation ×0.3, ×0.1 (greyer), then ×1.5, ×2+0.1, ×2.5+0.2 (more saturated)
+    "saturate": [(1, 2), (3, 4, 5)],
+    # affine shift 0.08 → 0.03 of the size shrinks while the elastic field grows from 0
+    "elastic_transform": [],
+}
+
+
+def _distances(name: str, images: list[np.ndarray], seed: int = 0) -> np.ndarray:
+    """Mean |x − c(x)| per severity over ``images``, the same random draws at every severity."""
+    d = np.zeros(5)
+    for i, x in enumerate(images):
+        for s in range(1, 6):
+            y = cifar_c.corrupt(x, name, s, np.random.default_rng([seed, i]))
+            d[s - 1] += np.abs(y.astype(float) - x).mean() / len(images)
+    return d
+
+
+@pytest.mark.parametrize("name", cc.CORRUPTIONS)
+def test_each_corruption_is_uint8_ordered_by_severity_and_seeded(name: str) -> None:
+    images = smooth_images()
+    for s in (1, 5):
+        out = cifar_c.corrupt(images[0], name, s, np.random.default_rng(7))
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+        again = cifar_c.corrupt(images[0], name, s, np.random.default_rng(7))
+        assert np.array_equal(out, again)
+    d = _distances(name, images)
+    assert (d > 0).all(), d  # every severity changes the images
+    for run in ORDERED.get(name, [(1, 2, 3, 4, 5)]):
+        assert all(d[a - 1] < d[b - 1] for a, b in zip(run, run[1:])), (run, d)
+
+
+def test_the_corruption_list_matches_the_official_files_and_order() -> None:
+    assert tuple(cifar_c.PARAMS) == tuple(cifar_c.CORRUPT) == cc.CORRUPTIONS
+    assert all(len(p) == 5 for p in cifar_c.PARAMS.values())
+
+
+def test_noise_uses_the_cifar_severities_not_imagenet_c_ones() -> None:
+    """make_cifar_c.py: Gaussian σ 0.04 … 0.10 (ImageNet-C: 0.08 … 0.38), JPEG quality 80 … 40."""
+    grey = np.full((32, 32, 3), 128, dtype=np.uint8)
+    for s, sigma in ((1, 0.04), (5, 0.10)):
+        out = np.stack([cifar_c.corrupt(grey, "gaussian_noise", s, np.random.default_rng(i))
+                        for i in range(8)])
+        assert (out.astype(float) - 128).std() / 255 == pytest.approx(sigma, rel=0.08)
+    noisy = cifar_c.corrupt(grey, "gaussian_noise", 1, np.random.default_rng(0))
+    assert not np.array_equal(noisy, cifar_c.corrupt(grey, "gaussian_noise", 1,
+                                                     np.random.default_rng(1)))
+
+
+def write_cifar10_folder(root: Path, n_test: int = 12) -> Path:
+    """A tiny CIFAR-10 stand-in in the image-folder layout the harness loads as ``cifar10``."""
+    from PIL import Image
+    images = smooth_images(n_test, seed=3)
+    for part, count in (("train", 10), ("test", n_test)):
+        for i in range(count):
+            folder = root / part / f"class{i % 10}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i % n_test]).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cifar_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_cifar10_folder(tmp_path_factory.mktemp("cifar10"))
+
+
+FEW = ["gaussian_noise", "frost", "zoom_blur"]
+
+
+def test_generate_writes_the_official_layout_that_the_loader_reads(cifar_src: Path,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "c10c"
+    meta = cifar_c.generate(out, "cifar10", cifar_src, n_images=4, seed=3, progress=False)
+    assert sorted(p.name for p in out.glob("*.npy")) == sorted(
+        [f"{c}.npy" for c in cc.CORRUPTIONS] + ["labels.npy"])
+    x, y, _ = cifar_c.source_images("cifar10", cifar_src, 4)
+    root = cc.find_root(out)
+    assert cc.list_corruptions(root) == list(cc.CORRUPTIONS)
+    for k, name in enumerate(cc.CORRUPTIONS):
+        arr = np.load(out / f"{name}.npy")
+        assert arr.dtype == np.uint8 and arr.shape == (20, 32, 32, 3)
+        for s in (1, 5):
+            xb, yb = cc.load_corruption(root, name, s)
+            assert np.array_equal(yb.numpy(), y)
+            expected = cifar_c.corrupt(x[2], name, s, np.random.default_rng([3, k, s, 2]))
+            assert np.array_equal(xb[2].permute(1, 2, 0).numpy(), expected)
+    saved = cifar_c.read_meta(out)
+    assert saved["what"] == "regenerated CIFAR-10-C" and saved["released_files"] is False
+    assert saved["seed"] == 3 and saved["n_images"] == 4 and meta["n_images"] == 4
+    assert "make_cifar_c.py" in saved["parameters_source"]
+    assert saved["versions"]["imagecorruptions"] != "not installed"
+    assert np.load(out / "labels.npy").dtype == np.uint8
+
+
+def test_generation_is_deterministic_resumable_and_prefix_stable(cifar_src: Path,
+                                                                tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    cifar_c.generate(a, "cifar10", cifar_src, n_images=4, corruptions=FEW, progress=False)
+    cifar_c.generate(b, "cifar10", cifar_src, n_images=2, corruptions=FEW, progress=False)
+    for name in FEW:
+        big, small = np.load(a / f"{name}.npy"), np.load(b / f"{name}.npy")
+        for s in range(5):  # the first 2 images of each severity block do not depend on n
+            assert np.array_equal(big[4 * s:4 * s + 2], small[2 * s:2 * s + 2])
+    first = {n: (a / f"{n}.npy").read_bytes() for n in FEW}
+    mtime = (a / "frost.npy").stat().st_mtime_ns
+    (a / "zoom_blur.npy").unlink()
+    (a / "gaussian_noise.npy").write_bytes(b"truncated")
+    cifar_c.generate(a, "cifar10", cifar_src, n_images=4, corruptions=FEW, progress=False)
+    assert (a / "frost.npy").stat().st_mtime_ns == mtime  # finished file skipped
+    assert {n: (a / f"{n}.npy").read_bytes() for n in FEW} == first  # redone identically
+    with pytest.raises(UsageError, match="seed"):
+        cifar_c.generate(a, "cifar10", cifar_src, n_images=4, seed=1, corruptions=FEW,
+                         progress=False)
+    cifar_c.generate(a, "cifar10", cifar_src, n_images=4, seed=1, corruptions=FEW[:1],
+                     force=True, progress=False)
+    from io import BytesIO
+    assert not np.array_equal(np.load(a / "gaussian_noise.npy"),
+                              np.load(BytesIO(first["gaussian_noise"])))
+    assert cifar_c.read_meta(a)["seed"] == 1
+
+
+def test_generate_cli_and_bad_input(cifar_src: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from benchmark.cli import cli
+    out = tmp_path / "out"
+    base = ["corruptions", "--generate", "--data-dir", str(out), "--dataset", "cifar10",
+            "--source-dir", str(cifar_src), "--no-progress"]
+    res = CliRunner().invoke(cli, base + ["--n-images", "99"])
+    assert res.exit_code == 2 and "only 12 test images" in res.output and not out.exists()
+    res = CliRunner().invoke(cli, base + ["--corruptions", "fog,nope"])
+    assert res.exit_code == 2 and "nope" in res.output and not out.exists()
+    res = CliRunner().invoke(cli, ["corruptions", "--data-dir", str(out)])
+    assert res.exit_code == 2 and "--run" in res.output
+    res = CliRunner().invoke(cli, base + ["--n-images", "2", "--corruptions", "fog,contrast"])
+    assert res.exit_code == 0, res.output
+    assert "regenerated CIFAR-10-C" in res.output
+    assert cc.list_corruptions(out) == ["fog", "contrast"]
+
+
+def test_rows_and_tables_on_regenerated_files_say_so(rgb_run: Path, cifar_src: Path,
+                                                     tmp_path: Path) -> None:
+    from benchmark.report.report import write_report
+
+    released = tmp_path / "released"
+    write_cifar10c(released, names=["fog"], n=4)
+    regen = tmp_path / "regen"
+    cifar_c.generate(regen, "cifar10", cifar_src, n_images=4, corruptions=["fog"],
+                     progress=False)
+    rows = cc.evaluate_corruptions(rgb_run, released, n_examples=4)
+    rows_regen = cc.evaluate_corruptions(rgb_run, regen, n_examples=4)
+    assert all(r["corruption_provenance"].startswith("regenerated CIFAR-10-C")
+               for r in rows_regen)
+    assert not any("regenerated" in r["corruption_provenance"] for r in rows)
+    assert {r["eval_key"] for r in rows}.isdisjoint({r["eval_key"] for r in rows_regen})
+    mds = write_report(rows_regen, tmp_path / "report", plots=False)
+    table5 = [m for m in mds if "Table 5" in m]
+    assert table5 and "regenerated CIFAR-10-C" in table5[0].splitlines()[0]

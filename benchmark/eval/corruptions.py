@@ -6,6 +6,10 @@ Official layout (zenodo record 2535967, ``CIFAR-10-C.tar``)::
     DIR/labels.npy         int, 5·n labels (the test labels repeated once per severity)
 
 with n = 10,000 and 19 corruptions. ``DIR`` may also be the parent of a ``CIFAR-10-C`` folder.
+``advbench corruptions --generate`` writes the same layout from CIFAR-10's test images
+(:mod:`benchmark.eval.cifar_c`) with a ``PROVENANCE.json``; rows built on such a folder record
+"regenerated CIFAR-10-C" and its generation in ``corruption_provenance``, and their keys include
+the generation, so they never mix with rows of the released files.
 Files are memory-mapped and read one severity block at a time. ``n`` is inferred from the
 file (length / 5), so small files in the same layout work too (the tests write such files).
 
@@ -27,6 +31,7 @@ from torch import Tensor
 
 from benchmark.config import stable_hash
 from benchmark.errors import DataError, UsageError
+from benchmark.eval.cifar_c import SEVERITIES, describe, generation_id, read_meta
 from benchmark.eval.target import check_model, open_target
 from benchmark.store import atomic_write_json, read_row
 from benchmark.validate import check_row
@@ -40,7 +45,6 @@ CORRUPTIONS = (
     "elastic_transform", "pixelate", "jpeg_compression",
     "speckle_noise", "gaussian_blur", "spatter", "saturate",
 )
-SEVERITIES = (1, 2, 3, 4, 5)
 PROVENANCE = "CIFAR-10-C (Hendrycks & Dietterich 2019), official .npy layout"
 _EXPECTED = "<corruption>.npy (5 severities × n images, n×32×32×3 uint8 each) and labels.npy"
 
@@ -147,13 +151,17 @@ def evaluate_corruptions(run_dir: Path | str, data_dir: Path | str, *, checkpoin
     names = list(corruptions) if corruptions else list_corruptions(root)
     n_examples = run.n_points(n_examples)
     labels = load_labels(root)
+    meta = read_meta(root)
+    cprov = f"{describe(meta) if meta else PROVENANCE} from {root}"
+    data_key = {"generation": generation_id(meta)} if meta else {}
     rows: list[dict[str, Any]] = []
     checked = False
     for name in names:
         for sev in severities:
             key = stable_hash({"run_id": run.cfg.run_id, "checkpoint": checkpoint,
                                "kind": "corruption", "corruption": name, "severity": sev,
-                               "n_examples": n_examples if n_examples is not None else -1})
+                               "n_examples": n_examples if n_examples is not None else -1,
+                               **data_key})
             path = run.out_dir / "eval" / f"{key}.json"
             cached = read_row(path) if path.exists() and not force else None
             if cached is not None:
@@ -167,7 +175,7 @@ def evaluate_corruptions(run_dir: Path | str, data_dir: Path | str, *, checkpoin
             t0 = time.perf_counter()
             acc = accuracy(run.model, x, y, batch_size=batch_size, device=run.device)
             row = {**run.row(key, "corruption"), "corruption": name, "severity": sev,
-                   "corruption_provenance": f"{PROVENANCE} from {root}",
+                   "corruption_provenance": cprov,
                    "n_examples": int(len(y)), "accuracy": acc,
                    "wall_s": round(time.perf_counter() - t0, 3)}
             check_row(row, f"row {path}")
@@ -179,13 +187,14 @@ def evaluate_corruptions(run_dir: Path | str, data_dir: Path | str, *, checkpoin
     if cells:
         key = stable_hash({"run_id": run.cfg.run_id, "checkpoint": checkpoint,
                            "kind": "corruption", "aggregate": sorted(names),
-                           "n_examples": n_examples if n_examples is not None else -1})
+                           "n_examples": n_examples if n_examples is not None else -1,
+                           **data_key})
         per_sev = {str(s): float(np.mean([r["accuracy"] for r in cells if r["severity"] == s]))
                    for s in sorted({r["severity"] for r in cells})}
         agg = {**run.row(key, "corruption"), "corruption": "all", "severity": None,
                "aggregate": True, "corruptions": names, "accuracy_by_severity": per_sev,
                "accuracy": float(np.mean([r["accuracy"] for r in cells])),
-               "n_examples": n_examples}
+               "n_examples": n_examples, "corruption_provenance": cprov}
         atomic_write_json(run.out_dir / "eval" / f"{key}.json", agg)
         rows.append(agg)
     return rows

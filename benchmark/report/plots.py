@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from benchmark.report.tables import order_labels  # noqa: E402
+from benchmark.report.tables import corruption_title, order_labels  # noqa: E402
 from benchmark.store import atomic_write_bytes  # noqa: E402
 
 _BLOCK = ["arch", "checkpoint"]
@@ -76,7 +76,9 @@ def severity_figure(corr: pd.DataFrame, order: Sequence[str] = ()) -> Optional[F
         ax.set_xticks(range(1, 6))
         ax.set_xlabel("corruption severity")
         ax.set_ylabel("accuracy (%), mean over corruptions")
-        ax.set_title(f"CIFAR-10-C — arch {arch}, checkpoint {ckpt} (y axis truncated)")
+        data = corruption_title("CIFAR-10-C", df.get("corruption_provenance",
+                                                     pd.Series(dtype=str)).unique())
+        ax.set_title(f"{data} — arch {arch}, checkpoint {ckpt} (y axis truncated)")
         ax.legend(fontsize=8, ncol=min(4, len(labels)))
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

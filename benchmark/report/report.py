@@ -39,7 +39,7 @@ from benchmark.store import RunStore, atomic_write_bytes, read_jsonl
 from benchmark.report import verdicts as vd
 from benchmark.report.latex import tex_escape, to_latex
 from benchmark.report.grid import BLOCK, INDEX, _groups, _index, _points, aggregate, build_table
-from benchmark.report.tables import TABLES, TableSpec, _labels, display, frames
+from benchmark.report.tables import TABLES, TableSpec, _labels, corruption_title, display, frames
 
 logger = logging.getLogger(__name__)
 
@@ -245,16 +245,17 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
             if built is None:
                 continue
             wide, counts, cells, columns = built
-            extra = ""
+            extra, title = "", spec.title
             if spec.kind == "corruption":
                 cprov = sorted({str(r.get("corruption_provenance")) for r in recs
                                 if r.get("kind") == "corruption" and r.get("corruption_provenance")})
                 extra = " Corruptions: " + "; ".join(cprov) + "." if cprov else ""
+                title = corruption_title(title, cprov)
             verdicts = vd.row_verdicts(recs, _labels(recs), any_eps=spec.name == "table3") \
                 if vd.has_verdicts(recs) else None
             numeric = wide.assign(**vd.csv_columns(verdicts, wide.index)) \
                 if verdicts is not None and spec.has_reliability else wide
-            md = (f"### {spec.title} — `{dataset}`, profile `{profile}`\n\n"
+            md = (f"### {title} — `{dataset}`, profile `{profile}`\n\n"
                   f"Data: {prov or 'provenance not recorded'}.{extra} Profile `{profile}`. "
                   + (spec.note + " " if spec.note else "")
                   + "Cells: mean ± std over seeds (std only with several seeds); best per column "
@@ -265,7 +266,7 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
             atomic_write_bytes(out_dir / "tables" / f"{stem}.csv", to_csv(numeric).encode())
             atomic_write_bytes(out_dir / "tables" / f"{stem}.md", md.encode())
             atomic_write_bytes(out_dir / "tables" / f"{stem}.tex", to_latex(
-                wide, spec, tex_escape(f"{spec.title} — {dataset}, profile {profile}. Mean ± std "
+                wide, spec, tex_escape(f"{title} — {dataset}, profile {profile}. Mean ± std "
                                        f"over seeds; best per column in bold.")).encode())
             mds.append(md)
             for idx, r in wide.iterrows():

@@ -160,9 +160,19 @@ def frames(records: Iterable[dict]) -> dict[str, pd.DataFrame]:
                         **{m: _nan(r.get(m)) for m in ("fdr", "afs", "scr", "mean_sep", "min_sep")})
         else:
             base.update(corruption=str(r.get("corruption")), severity=int(r.get("severity") or 0),
-                        accuracy=100 * _nan(r.get("accuracy")))
+                        accuracy=100 * _nan(r.get("accuracy")),
+                        corruption_provenance=str(r.get("corruption_provenance") or ""))
         out[kind].append(base)
     return {k: pd.DataFrame(v) for k, v in out.items()}
+
+
+def corruption_title(title: str, provenances: Sequence[str]) -> str:
+    """``title`` with "CIFAR-10-C" → "regenerated CIFAR-10-C" when any row's corruption data
+    were regenerated (``advbench corruptions --generate``), never the released files."""
+    from benchmark.eval.cifar_c import LABEL
+    if any(p.startswith(LABEL) for p in provenances):
+        return title.replace("CIFAR-10-C", LABEL)
+    return title
 
 
 # ------------------------------------------------------------------------- cell helpers
