@@ -20,6 +20,16 @@ per-sample ℓ∞ prototype loss ‖f(x') − p_y‖_∞ (the official PGD objec
 buffer of the head, so a checkpoint's model state (and ``benchmark.load_model``) carries it,
 and it is also the defense state; the class centres of the feature metrics are P.
 
+Rejection score (``advbench evaluate --suite rejection``): the ℓ∞ distance to the nearest
+prototype, r(x) = min_k ‖f(x) − p_k‖_∞, the quantity DRP's loss pulls down for its class
+and its PGD objective pushes up. Not the harness's default 1 − max softmax: DRP's logits
+(f/‖f‖_∞)·Pᵀ reach about 80 (‖p_k‖₁ is large after the repulsion), and once the top logit
+leads by more than about 17, float32 softmax rounds the top probability to exactly 1, so
+1 − max softmax was exactly 0 for 96–99% of clean and adversarial points: no ranking, no
+usable AUROC. The distance keeps its ranking in float32 over its whole range (a difference of
+two numbers of order 1, no exponential), and it is differentiable almost everywhere, so the
+adaptive classifier+detector attack can follow it.
+
 Hyperparameters:
 
     ==============  =====  ==============================================================
@@ -112,6 +122,7 @@ class DeepRepulsivePrototypes(Defense):
                        "proto_momentum": 0.9, "proto_seed": 0}
     dataset_hparams = {"cifar100": {"proto_dim": 500, "proto_steps": 1000}}
     uses_training_attack = False
+    score_name = "min_k ‖f − p_k‖∞"
 
     def __init__(self, hparams: Any, **kwargs: Any) -> None:
         super().__init__(hparams, **kwargs)
@@ -149,6 +160,12 @@ class DeepRepulsivePrototypes(Defense):
             return linf_distance(model.features(x_adv), head.prototypes[y])
 
         return loss
+
+    def rejection_score(self, model: nn.Module, x: Tensor) -> Tensor:
+        """min_k ‖f(x) − p_k‖_∞: ℓ∞ distance to the nearest prototype (module docstring)."""
+        protos = head_of(model, RepulsiveHead, "drp").prototypes
+        features = model.features(x).float()
+        return (features[:, None, :] - protos[None].to(features)).abs().amax(dim=2).amin(dim=1)
 
     def class_centers(self, model: nn.Module) -> Optional[Tensor]:
         return head_of(model, RepulsiveHead, "drp").prototypes.detach()

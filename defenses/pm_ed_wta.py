@@ -1,4 +1,9 @@
-"""±ED-WTA: positive/negative prototype neurons with a winner-take-all head, adversarially trained.
+"""±ED-WTA: positive/negative prototype neurons with a winner-take-all head.
+
+Two registered settings of one module: ``pm-ed-wta-st`` trains on clean inputs only, the
+setting the paper claims (standard training; the positive/negative prototypes then serve to
+detect adversarial and out-of-distribution inputs); ``pm-ed-wta`` trains on the protocol's
+PGD x' (advbench's adversarially trained variant, not in the paper).
 
 Paper: R. Zarei-Sabzevar, K. Ghiasi-Shirazi, A. Harati, "Prototype-based interpretation of the
 functionality of neurons in winner-take-all neural networks", IEEE TNNLS 2023,
@@ -8,10 +13,12 @@ Head: L = C·K neurons, K per class; neuron k has a positive prototype p_k and a
 n_k in feature space (f = ``model.features(x)``) and outputs, in the affine form the head
 computes (fp32, autocast off)::
 
-    o_k = β(½‖f − n_k‖² − ½‖f − p_k‖²) = β[(p_k·f − ½‖p_k‖²) − (n_k·f − ½‖n_k‖²)]
+    o_k = β(½‖f − n_k‖² − ½‖f − p_k‖²)
+        = β[(p_k·f − ½‖p_k‖²) − (n_k·f − ½‖n_k‖²)]
 
 Class logit = max over the class's K neurons (the eval logits every attack sees).
-Loss: competitive cross-entropy on x' (the protocol's PGD on CE of the logits, as AT)::
+Loss: competitive cross-entropy on x' (``pm-ed-wta``: the protocol's PGD on CE of the logits,
+as AT) or on the clean x (``pm-ed-wta-st``)::
 
     z = softmax(o),  E = −log Σ_{k∈y} z_k                       (plain CE when K = 1)
 
@@ -22,7 +29,14 @@ mixes the term built from the live prototype with the same term built from a det
 ``where(mask_ik, p_k·f_i − ½‖p_k‖², sg(p_k)·f_i − ½‖sg(p_k)‖²)`` (and likewise for n_k with
 the complementary mask). Values are unchanged; only the gradient routing differs.
 
-Rejection score: r(x) = min_k ½‖f(x) − p_k‖² (distance to the nearest positive prototype).
+Rejection score. The official code defines none (``CompetitiveCrossEntropy_pmEDWTA.py`` has
+``fit`` and ``classifyByMaxClassifier`` only, commit da3d529), and the paper's detection
+experiments do not fix which positive prototype the distance is taken to. Both readings are
+implemented and the rejection suite reports both (``score_options``):
+
+* ``nearest-positive`` (default): r(x) = min_k ½‖f(x) − p_k‖², the nearest positive prototype;
+* ``winner``: r(x) = ½‖f(x) − p_w‖², w = argmax_k o_k, the winning neuron's positive prototype
+  (the neuron that decides the class).
 Class centres for the feature metrics: the positive prototypes (the mean of a class's K
 positive prototypes when K > 1).
 
@@ -35,14 +49,22 @@ Hyperparameters:
                               beta_learning_rate 1e-4 next to learning_rate 0.01)
     =================  =====  ========================================================
 
+Initialisation. The official MNIST script runs in 'random' mode
+(``Train-pmED-WTA-on-MNIST.py`` line 25, ``initialization_epsilon = 'random'``, commit
+250fd22): ``CompetitiveCrossEntropy_pmEDWTA.py`` lines 27 and 32–34 first set p to the k-means
+subclass means, then overwrite both p and n with 0.01·U(−1, 1) (the k-means means are
+computed but unused). advbench starts p and n like ``nn.Linear`` weights, U(±1/√d): the same
+kind of small uniform start, scaled to the feature dimension d of a deep backbone.
+
 Deviations from the official code (a single-layer WTA on raw pixels trained by per-sample
-SGD): the head sits on a deep backbone trained with the common protocol; prototypes start
-like ``nn.Linear`` weights, U(±1/√d), instead of k-means subclass means (no features exist
-before training); p, n and the backbone get the protocol's weight decay, β none; β follows
-the protocol's lr schedule scaled by ``beta_lr_scale`` instead of a 0.95-per-epoch decay.
+SGD): the head sits on a deep backbone trained with the common protocol; the start's scale is
+1/√d instead of 0.01 (above); p, n and the backbone get the protocol's weight decay, β none;
+β follows the protocol's lr schedule scaled by ``beta_lr_scale`` instead of a 0.95-per-epoch
+decay; β is not chosen by ``chooseBeta`` (unused in 'random' mode: ``init_beta = 1``).
 
 Example:
-    advbench train --defense pm-ed-wta --dataset mnist5k --profile cpu
+    advbench train --defense pm-ed-wta-st --dataset mnist5k --profile cpu
+    advbench evaluate --suite rejection --run runs/mnist5k/pm-ed-wta-st/<run_id>
 """
 from __future__ import annotations
 
@@ -128,7 +150,10 @@ class PMEDWTA(Defense):
     description = "±ED-WTA head (positive/negative prototype neurons), competitive CE, PGD-AT"
     paper = "Zarei-Sabzevar, Ghiasi-Shirazi & Harati, TNNLS 2023, arXiv:2008.08750"
     default_hparams = {"neurons_per_class": 1, "beta_init": 1.0, "beta_lr_scale": 0.01}
-    score_name = "min_k ½‖f − p_k‖²"
+    #: rejection scores the suite reports (first: the default, :attr:`score_name`)
+    score_options = {"nearest-positive": "min_k ½‖f − p_k‖²",
+                     "winner": "½‖f − p_w‖², w = argmax_k o_k"}
+    score_name = score_options["nearest-positive"]
 
     def make_head(self, feature_dim: int, num_classes: int) -> nn.Module:
         return PMEDWTAHead(feature_dim, num_classes, int(self.hparams["neurons_per_class"]),
@@ -143,12 +168,12 @@ class PMEDWTA(Defense):
 
     def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
                       step: int) -> StepOutput:
-        x_adv = self.adversarial(model, x, y)
+        x_in = self.adversarial(model, x, y) if self.uses_training_attack else x
         head = pm_head(model)
-        neurons = head.neurons(model.features(x_adv), y)
+        neurons = head.neurons(model.features(x_in), y)
         loss = competitive_ce(neurons, y, head.neuron_class).mean()
-        return StepOutput(loss, detached(cce_adv=loss, beta=head.beta),
-                          head.class_logits(neurons).detach())
+        parts = {"cce_adv" if self.uses_training_attack else "cce": loss, "beta": head.beta}
+        return StepOutput(loss, detached(**parts), head.class_logits(neurons).detach())
 
     def objective(self) -> Objective:
         """Per-sample competitive CE at x' (the training loss)."""
@@ -159,13 +184,31 @@ class PMEDWTA(Defense):
 
         return loss
 
-    def rejection_score(self, model: nn.Module, x: Tensor) -> Tensor:
-        """r(x) = min_k ½‖f(x) − p_k‖² over every positive prototype."""
+    def rejection_score(self, model: nn.Module, x: Tensor, option: Optional[str] = None
+                        ) -> Tensor:
+        """r(x) = ½‖f(x) − p‖² to the nearest positive prototype (``nearest-positive``, the
+        default) or to the winning neuron's (``winner``); see the module docstring."""
+        option = option or "nearest-positive"
+        if option not in self.score_options:
+            raise ValueError(f"unknown ±ED-WTA score {option!r}; valid: "
+                             f"{', '.join(self.score_options)}")
         head = pm_head(model)
-        f, pos = model.features(x).float(), head.pos.float()
-        sq = f.pow(2).sum(1, keepdim=True) - 2 * f @ pos.t() + pos.pow(2).sum(1)
-        return 0.5 * sq.clamp_min(0).amin(dim=1)
+        features = model.features(x)
+        f, pos = features.float(), head.pos.float()
+        sq = (f.pow(2).sum(1, keepdim=True) - 2 * f @ pos.t() + pos.pow(2).sum(1)).clamp_min(0)
+        if option == "nearest-positive":
+            return 0.5 * sq.amin(dim=1)
+        winner = head.neurons(features).argmax(dim=1, keepdim=True)
+        return 0.5 * sq.gather(1, winner).squeeze(1)
 
     def class_centers(self, model: nn.Module) -> Optional[Tensor]:
         head = pm_head(model)
         return head.pos.detach().view(head.num_classes, head.k, -1).mean(dim=1)
+
+
+@register_defense("pm-ed-wta-st")
+class PMEDWTAStandard(PMEDWTA):
+    """The same ±ED-WTA head and loss trained on clean inputs only (the paper's setting)."""
+
+    description = "±ED-WTA head, competitive CE on clean inputs (standard training, as the paper)"
+    uses_training_attack = False

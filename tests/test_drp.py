@@ -130,3 +130,38 @@ def test_kill_minus_nine_then_resume_keeps_the_stored_prototypes(tmp_path: Path)
     assert (run_dir / "TRAINED").exists()
     final_model, final_state = _protos(ckpt)
     assert torch.equal(final_model, swapped) and torch.equal(final_state, swapped)
+
+
+def test_rejection_score_keeps_its_ranking_where_softmax_saturates() -> None:
+    """Features near their prototypes give DRP logits of order 80: 1 − max softmax is exactly 0
+    in float32 for all of them, the ℓ∞ distance to the nearest prototype still ranks them."""
+    from benchmark.eval.rejection import auroc, score_batches
+
+    defense = make_defense(DeepRepulsivePrototypes, info=_info(10))
+    protos = defense.prototypes
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 10
+    near = protos[y] + 0.05 * torch.randn(40, protos.shape[1], generator=g)  # "clean"
+    far = protos[y] + 0.6 * torch.randn(40, protos.shape[1], generator=g)  # off the prototypes
+    pos_model, neg_model = _Stub(near, protos), _Stub(far, protos)
+    logits = pos_model(None).detach()
+    assert float(logits.amax(1).min()) > 40  # DRP's logit scale
+    assert torch.equal(1 - torch.softmax(logits, 1).amax(1), torch.zeros(40))  # the old score
+    pos = defense.rejection_score(pos_model, torch.zeros(40, 1)).detach()
+    neg = defense.rejection_score(neg_model, torch.zeros(40, 1)).detach()
+    assert pos.dtype == torch.float32 and len(set(pos.tolist())) == 40  # no ties
+    assert auroc(pos, neg) > 0.99
+    # the harness's batched scoring uses the override, not the default softmax score
+    scores, _ = score_batches(defense, pos_model, torch.zeros(40, 1), batch_size=40)
+    assert torch.equal(scores, pos)
+
+
+def test_rejection_score_is_the_linf_distance_to_the_nearest_prototype() -> None:
+    P = torch.tensor([[1.0, -1.0, 0.5], [0.0, 2.0, -1.0]])
+    f = torch.tensor([[0.5, 0.0, 0.0], [0.0, 1.5, -1.0]])
+    # f0: ‖·‖∞ to p0 = 1, to p1 = 2 → 1 ; f1: to p0 = 2.5, to p1 = 0.5 → 0.5
+    defense = make_defense(DeepRepulsivePrototypes, info=_info(2))
+    score = defense.rejection_score(_Stub(f, P), torch.zeros(2, 1))
+    assert torch.allclose(score, torch.tensor([1.0, 0.5]))
+    score.sum().backward()  # differentiable: the adaptive attack can follow it
+    assert defense.score_name == "min_k ‖f − p_k‖∞"

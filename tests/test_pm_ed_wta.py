@@ -2,6 +2,7 @@
 the switching rule routes prototype gradients by class, and β trains with its own lr."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -96,3 +97,55 @@ def test_contract_beta_lr_and_rejection_score() -> None:
     centres = defense.class_centers(model)
     assert centres.shape == (10, f.shape[1])
     assert torch.allclose(centres[3], model.head.pos[6:8].mean(0))
+
+
+def test_standard_training_setting_reuses_the_module_on_clean_inputs() -> None:
+    """``pm-ed-wta-st``: the same head and loss, no training attack, the loss on clean x."""
+    from benchmark.testing import TINY_INFO
+    from defenses import DEFENSES
+    from defenses.pm_ed_wta import PMEDWTAStandard
+
+    assert DEFENSES.get("pm-ed-wta-st") is PMEDWTAStandard
+    assert issubclass(PMEDWTAStandard, PMEDWTA) and "pm-ed-wta-st" in DEFENSES.names()
+    assert PMEDWTAStandard.uses_training_attack is False and PMEDWTA.uses_training_attack
+    check_defense(PMEDWTAStandard, archs=("tiny",))
+    st = make_defense(PMEDWTAStandard)
+    assert st.training_attack() is None
+    model = st.build_model("tiny", TINY_INFO)
+    x, y = torch.rand(6, 3, 8, 8), torch.arange(6) % 10
+    out = st.training_step(model, x, y, epoch=0, step=0)
+    head = model.head
+    clean = competitive_ce(head.neurons(model.features(x)), y, head.neuron_class).mean()
+    assert torch.allclose(out.loss, clean) and "cce" in out.metrics and "cce_adv" not in out.metrics
+    at = make_defense(PMEDWTA)  # the adversarial setting's loss is on x' ≠ x
+    assert not torch.allclose(at.training_step(model, x, y, epoch=0, step=0).loss, clean)
+
+
+def test_rejection_score_options_nearest_positive_and_winner() -> None:
+    """Hand-made prototypes: the nearest positive prototype and the winner's can differ."""
+
+    defense = make_defense(PMEDWTA, hparams={"neurons_per_class": 1})
+    f = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    pos = torch.zeros(10, 2)
+    neg = torch.zeros(10, 2)
+    pos[0], pos[1] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])
+    neg[0], neg[1] = torch.tensor([1.0, 0.1]), torch.tensor([0.0, -10.0])
+    # o_k = ½‖f − n_k‖² − ½‖f − p_k‖² (β = 1); neurons 2..9 have p = n = 0, so o = 0.
+    # f0 = 0: o_0 = ½·1.01 − ½ = 0.005, o_1 = 50 − 4.5 = 45.5 → winner 1, ½‖f0 − p_1‖² = 4.5;
+    #         nearest positive: p_2..p_9 = 0, distance 0.
+    # f1 = (2,0): o_0 = ½·1.01 − ½ = 0.005, o_1 = ½·104 − ½·13 = 45.5 → winner 1, ½·13 = 6.5;
+    #         nearest positive: p_0 = (1,0), ½·1 = 0.5.
+    stub = type("Stub", (torch.nn.Module,), {"features": lambda self, x: f})()
+    stub.head = PMEDWTAHead(2, 10, 1, 1.0)
+    with torch.no_grad():
+        stub.head.pos.copy_(pos)
+        stub.head.neg.copy_(neg)
+    x = torch.zeros(2, 1)
+    assert torch.allclose(defense.rejection_score(stub, x), torch.tensor([0.0, 0.5]))
+    assert torch.allclose(defense.rejection_score(stub, x, "nearest-positive"),
+                          torch.tensor([0.0, 0.5]))
+    assert torch.allclose(defense.rejection_score(stub, x, "winner"), torch.tensor([4.5, 6.5]))
+    assert list(defense.score_options) == ["nearest-positive", "winner"]
+    assert defense.score_name == defense.score_options["nearest-positive"]
+    with pytest.raises(ValueError, match="winner"):
+        defense.rejection_score(stub, x, "farthest")

@@ -136,13 +136,23 @@ def test_cli_rejection_suite_writes_rows_then_report_table_and_roc(tiny_run: Pat
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     rows = [json.loads(p.read_text()) for p in (tiny_run / "eval").glob("*.json")]
-    rej = {r["negatives"]: r for r in rows if r["kind"] == "rejection"}
-    assert set(rej) == {"pgd", "adaptive", "ood-noise"}  # synthetic: no MNIST OOD source
-    for r in rej.values():
-        assert r["score"] == "min_k ½‖f − p_k‖²" and r["n_examples"] == 40
-        assert 0 <= r["auroc"] <= 1 or math.isnan(r["auroc"])
-    for s in ("pgd", "adaptive"):
-        assert rej[s]["robust_acc"] <= rej[s]["robust_acc_reject"] <= rej[s]["clean_acc"]
+    # ±ED-WTA's code leaves the score open: both options are reported, each a full row set
+    by_option = {opt: {r["negatives"]: r for r in rows if r["kind"] == "rejection"
+                       and r["score_option"] == opt} for opt in ("nearest-positive", "winner")}
+    assert len([r for r in rows if r["kind"] == "rejection"]) == 6
+    names = {"nearest-positive": "min_k ½‖f − p_k‖²", "winner": "½‖f − p_w‖², w = argmax_k o_k"}
+    for opt, rej in by_option.items():
+        assert set(rej) == {"pgd", "adaptive", "ood-noise"}  # synthetic: no MNIST OOD source
+        for r in rej.values():
+            assert r["score"] == names[opt] and r["n_examples"] == 40
+            assert r["score_default"] == (opt == "nearest-positive")
+            assert 0 <= r["auroc"] <= 1 or math.isnan(r["auroc"])
+        for s in ("pgd", "adaptive"):
+            assert rej[s]["robust_acc"] <= rej[s]["robust_acc_reject"] <= rej[s]["clean_acc"]
+    # PGD on CE does not depend on the score: the same x', the same robust accuracy
+    assert by_option["winner"]["pgd"]["robust_acc"] == \
+        by_option["nearest-positive"]["pgd"]["robust_acc"]
+    assert by_option["winner"]["pgd"]["tau"] != by_option["nearest-positive"]["pgd"]["tau"]
     stamp = {p: p.stat().st_mtime_ns for p in (tiny_run / "eval").glob("*.json")}
     assert CliRunner().invoke(cli, args).exit_code == 0  # rows are reused, not recomputed
     assert stamp == {p: p.stat().st_mtime_ns for p in (tiny_run / "eval").glob("*.json")}
@@ -152,6 +162,7 @@ def test_cli_rejection_suite_writes_rows_then_report_table_and_roc(tiny_run: Pat
     assert res.exit_code == 0, res.output
     csv = (out / "tables" / "rejection_synthetic_cpu.csv").read_text()
     assert "auroc_pgd" in csv and "accrej_adaptive" in csv and "pm-ed-wta" in csv
+    assert "pm-ed-wta [score: winner]" in csv
     assert "AUROC pgd" in (out / "tables" / "rejection_synthetic_cpu.md").read_text()
     assert (out / "plots" / "roc_synthetic_cpu.png").stat().st_size > 1000
 

@@ -1,8 +1,10 @@
 """Rejection evaluation (SPEC §9): a run's detector score against PGD, OOD and an adaptive attack.
 
 Every defense has a rejection score ``r(x) = defense.rejection_score(model, x)`` (higher = more
-suspicious): ±ED-WTA's min_k ½‖f − p_k‖², Adv-DPNP's distance to the nearest prototype,
-1 − max softmax for every other defense. On the first ``n`` test points (the points
+suspicious): ±ED-WTA's min_k ½‖f − p_k‖² and, as a second row set, its winner score (a
+defense with ``score_options`` is evaluated once per option), Adv-DPNP's distance to the nearest prototype,
+DRP's ℓ∞ distance to the nearest prototype (its softmax saturates in float32), 1 − max
+softmax for every other defense. On the first ``n`` test points (the points
 ``advbench evaluate`` attacks):
 
 * positives are the n clean test points; the threshold τ accepts a fraction ``tpr`` (95%) of
@@ -246,6 +248,21 @@ def adaptive_attack(defense: Any, model: nn.Module, spec: AttackSpec, x: Tensor,
     return broken, chosen, per_lambda
 
 
+class ScoreOption:
+    """A defense seen through one of its rejection scores (``defense.score_options``: option →
+    score name), for defenses whose sources leave the score open (±ED-WTA)."""
+
+    def __init__(self, defense: Any, option: str) -> None:
+        self.defense, self.option = defense, option
+        self.score_name = defense.score_options[option]
+
+    def rejection_score(self, model: nn.Module, x: Tensor) -> Tensor:
+        return self.defense.rejection_score(model, x, self.option)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.defense, name)
+
+
 # ------------------------------------------------------------------------------ driver
 def _key(run_id: str, checkpoint: str, negatives: str, n: int, tpr: float,
          extra: dict[str, Any]) -> str:
@@ -289,88 +306,100 @@ def evaluate_rejection(run_dir: Path | str, *, checkpoint: str = "best",
     spec = attack_specs(t.info.scale)["pgd"]
     lambdas = [float(v) for v in lambdas]
 
-    t0 = time.perf_counter()
-    pos, pred = score_batches(defense, model, x, batch_size)
-    tau = threshold_at_tpr(pos, tpr)
-    sigma = float(pos.std()) if len(pos) > 1 else 1.0
-    clean = pred == y.cpu()
-    accepted = pos <= tau
-    base = {"score": defense.score_name, "tpr_target": tpr, "tau": tau,
-            "score_std_clean": sigma, "n_examples": n, "clean_acc": float(clean.float().mean()),
-            "clean_accept_acc": float((clean & accepted).float().mean())}
-    clean_s = time.perf_counter() - t0
-    rows = []
-
-    def emit(negatives: str, extra_key: dict[str, Any], neg: Tensor,
-             fields: dict[str, Any], wall: float) -> None:
-        key = _key(t.cfg.run_id, t.checkpoint, negatives, n, tpr, extra_key)
-        row = {**t.row(key, "rejection"), **base, "negatives": negatives, "n_negatives": int(len(neg)),
-               "auroc": auroc(pos, neg), "fpr_at_tpr": fpr_at(neg, tau),
-               "roc": roc_points(pos, neg), **fields, "wall_s": round(wall + clean_s, 3)}
-        atomic_write_json(t.out_dir / "eval" / f"{key}.json", row)
-        rows.append(row)
-        logger.info("%s seed %d rejection [%s] %s: AUROC %.4f FPR@%g%%TPR %.4f%s",
-                    t.cfg.defense, t.cfg.seed, t.checkpoint, negatives, row["auroc"],
-                    100 * tpr, row["fpr_at_tpr"],
-                    f" robust+reject {row['robust_acc_reject']:.4f}"
-                    if "robust_acc_reject" in row else "")
-
-    def cached(negatives: str, extra_key: dict[str, Any]) -> bool:
-        key = _key(t.cfg.run_id, t.checkpoint, negatives, n, tpr, extra_key)
-        path = t.out_dir / "eval" / f"{key}.json"
-        if path.exists() and not force:
-            rows.append(read_json(path))
-            return True
-        return False
-
-    # PGD (the protocol's column), attacking the clean-correct points
-    pgd_key = {"attack": spec.key()}
-    if not cached("pgd", pgd_key):
-        t1 = time.perf_counter()
-        idx = torch.nonzero(clean).flatten()
-        x_adv = x.clone()
-        attack = spec.build(seed=0)
-        for i in range(0, len(idx), batch_size):
-            b = idx[i:i + batch_size].to(dev)
-            x_adv[b] = attack(model, x[b], y[b])
-        s_adv, p_adv = score_batches(defense, model, x_adv, batch_size)
-        wrong = clean & (p_adv != y.cpu())
-        emit("pgd", pgd_key, s_adv[wrong], {
-            **spec.record(), "robust_acc": float((clean & ~wrong).float().mean()),
-            "robust_acc_reject": float((clean & ~(wrong & (s_adv <= tau))).float().mean())},
-            time.perf_counter() - t1)
-
-    ad_key = {"attack": spec.key(), "lambdas": lambdas, "objective": "margin-detector"}
-    if not cached("adaptive", ad_key):
-        t1 = time.perf_counter()
-        idx = torch.nonzero(clean).flatten()
-        broken = torch.zeros(n, dtype=torch.bool)
-        x_adv = x.clone()
-        per_lambda: dict[str, int] = {f"{v:g}": 0 for v in lambdas}
-        if len(idx):
-            b_flags, chosen, per_lambda = adaptive_attack(
-                defense, model, spec, x[idx.to(dev)], y[idx.to(dev)], tau, sigma, lambdas,
-                batch_size)
-            broken[idx] = b_flags
-            x_adv[idx.to(dev)] = chosen
-        s_adv, p_adv = score_batches(defense, model, x_adv, batch_size)
-        wrong = clean & (p_adv != y.cpu())
-        rec = spec.record()
-        rec.update(attack="adaptive-detector", attack_name=f"{spec.attack}+detector")
-        emit("adaptive", ad_key, s_adv[wrong], {
-            **rec, "lambdas": lambdas, "broken_per_lambda": per_lambda,
-            "robust_acc": float((clean & ~wrong).float().mean()),
-            "robust_acc_reject": float((clean & ~broken).float().mean())},
-            time.perf_counter() - t1)
-
     sets, skipped = ood_sets(t.info, n, ood_data_dir or data_dir)
-    for name, (x_ood, prov) in sets.items():
-        if cached(f"ood-{name}", {"ood": name}):
-            continue
-        t1 = time.perf_counter()
-        s_ood, _ = score_batches(defense, model, x_ood.to(dev), batch_size)
-        emit(f"ood-{name}", {"ood": name}, s_ood, {"ood_provenance": prov},
-             time.perf_counter() - t1)
+    rows: list[dict[str, Any]] = []
+    options = list(getattr(defense, "score_options", None) or [None])
+    pgd_adv: Optional[Tensor] = None  # PGD on CE does not depend on the score: run it once
+    for rank, option in enumerate(options):
+        # a defense with several rejection scores is evaluated with each; the first keeps
+        # the plain keys, the others add their option to the key and are labelled in rows
+        scored = defense if option is None else ScoreOption(defense, option)
+        opt_key = {"score_option": option} if rank else {}
+        opt_field = {} if option is None else {"score_option": option, "score_default": rank == 0}
+        t0 = time.perf_counter()
+        pos, pred = score_batches(scored, model, x, batch_size)
+        tau = threshold_at_tpr(pos, tpr)
+        sigma = float(pos.std()) if len(pos) > 1 else 1.0
+        clean = pred == y.cpu()
+        accepted = pos <= tau
+        base = {"score": scored.score_name, **opt_field, "tpr_target": tpr, "tau": tau,
+                "score_std_clean": sigma, "n_examples": n,
+                "clean_acc": float(clean.float().mean()),
+                "clean_accept_acc": float((clean & accepted).float().mean())}
+        clean_s = time.perf_counter() - t0
+
+        def emit(negatives: str, extra_key: dict[str, Any], neg: Tensor,
+                 fields: dict[str, Any], wall: float) -> None:
+            key = _key(t.cfg.run_id, t.checkpoint, negatives, n, tpr, {**extra_key, **opt_key})
+            row = {**t.row(key, "rejection"), **base, "negatives": negatives,
+                   "n_negatives": int(len(neg)), "auroc": auroc(pos, neg), "fpr_at_tpr": fpr_at(neg, tau),
+                   "roc": roc_points(pos, neg), **fields, "wall_s": round(wall + clean_s, 3)}
+            atomic_write_json(t.out_dir / "eval" / f"{key}.json", row)
+            rows.append(row)
+            logger.info("%s seed %d rejection [%s] %s: AUROC %.4f FPR@%g%%TPR %.4f%s",
+                        t.cfg.defense, t.cfg.seed, t.checkpoint, negatives, row["auroc"],
+                        100 * tpr, row["fpr_at_tpr"],
+                        f" robust+reject {row['robust_acc_reject']:.4f}"
+                        if "robust_acc_reject" in row else "")
+
+        def cached(negatives: str, extra_key: dict[str, Any]) -> bool:
+            key = _key(t.cfg.run_id, t.checkpoint, negatives, n, tpr, {**extra_key, **opt_key})
+            path = t.out_dir / "eval" / f"{key}.json"
+            if path.exists() and not force:
+                row = read_json(path)
+                if row.get("score") == base["score"]:  # a row of an earlier score is recomputed
+                    rows.append(row)
+                    return True
+            return False
+
+        # PGD (the protocol's column), attacking the clean-correct points
+        pgd_key = {"attack": spec.key()}
+        if not cached("pgd", pgd_key):
+            t1 = time.perf_counter()
+            if pgd_adv is None:
+                idx = torch.nonzero(clean).flatten()
+                pgd_adv = x.clone()
+                attack = spec.build(seed=0)
+                for i in range(0, len(idx), batch_size):
+                    b = idx[i:i + batch_size].to(dev)
+                    pgd_adv[b] = attack(model, x[b], y[b])
+            s_adv, p_adv = score_batches(scored, model, pgd_adv, batch_size)
+            wrong = clean & (p_adv != y.cpu())
+            emit("pgd", pgd_key, s_adv[wrong], {
+                **spec.record(), "robust_acc": float((clean & ~wrong).float().mean()),
+                "robust_acc_reject": float((clean & ~(wrong & (s_adv <= tau))).float().mean())},
+                time.perf_counter() - t1)
+
+        ad_key = {"attack": spec.key(), "lambdas": lambdas, "objective": "margin-detector"}
+        if not cached("adaptive", ad_key):
+            t1 = time.perf_counter()
+            idx = torch.nonzero(clean).flatten()
+            broken = torch.zeros(n, dtype=torch.bool)
+            x_adv = x.clone()
+            per_lambda: dict[str, int] = {f"{v:g}": 0 for v in lambdas}
+            if len(idx):
+                b_flags, chosen, per_lambda = adaptive_attack(
+                    scored, model, spec, x[idx.to(dev)], y[idx.to(dev)], tau, sigma, lambdas,
+                    batch_size)
+                broken[idx] = b_flags
+                x_adv[idx.to(dev)] = chosen
+            s_adv, p_adv = score_batches(scored, model, x_adv, batch_size)
+            wrong = clean & (p_adv != y.cpu())
+            rec = spec.record()
+            rec.update(attack="adaptive-detector", attack_name=f"{spec.attack}+detector")
+            emit("adaptive", ad_key, s_adv[wrong], {
+                **rec, "lambdas": lambdas, "broken_per_lambda": per_lambda,
+                "robust_acc": float((clean & ~wrong).float().mean()),
+                "robust_acc_reject": float((clean & ~broken).float().mean())},
+                time.perf_counter() - t1)
+
+        for name, (x_ood, prov) in sets.items():
+            if cached(f"ood-{name}", {"ood": name}):
+                continue
+            t1 = time.perf_counter()
+            s_ood, _ = score_batches(scored, model, x_ood.to(dev), batch_size)
+            emit(f"ood-{name}", {"ood": name}, s_ood, {"ood_provenance": prov},
+                 time.perf_counter() - t1)
     return rows
 
 

@@ -150,6 +150,8 @@ def frames(records: Iterable[dict]) -> dict[str, pd.DataFrame]:
             base.update(epoch_s=_nan(cost.get("epoch_s")), passes=_nan(cost.get("passes_per_sample")),
                         peak_mem_mb=_nan(cost.get("peak_mem_mb")))
         elif kind == "rejection":
+            if r.get("score_default") is False:  # a defense's second rejection score
+                base["label"] = f"{label} [score: {r.get('score_option')}]"
             base.update(negatives=str(r.get("negatives")), score=str(r.get("score")),
                         auroc=100 * _nan(r.get("auroc")), fpr=100 * _nan(r.get("fpr_at_tpr")),
                         robust=100 * _nan(r.get("robust_acc")),
@@ -472,8 +474,10 @@ TABLES: list[TableSpec] = [
               derived=frozenset(), lower=frozenset({"fpr_pgd", "fpr_adaptive", "fpr_ood-noise",
                                                      "fpr_ood-cifar10-grey", "fpr_ood-mnist-rgb"}),
               why=_why_rejection, robust=lambda c: c.startswith(("acc_", "accrej_")),
-              note="Score: ±ED-WTA min_k ½‖f − p_k‖², Adv-DPNP/DPNP distance to the nearest "
-                   "prototype, 1 − max softmax otherwise; τ accepts 95% of the clean test points. "
+              note="Score: ±ED-WTA min_k ½‖f − p_k‖² (rows `[score: winner]`: ½‖f − p_w‖² "
+                   "to the winning neuron's positive prototype), Adv-DPNP/DPNP distance to the "
+                   "nearest prototype, DRP ℓ∞ distance to the nearest prototype, 1 − max "
+                   "softmax otherwise; τ accepts 95% of the clean test points. "
                    "`pgd`: successful PGD x'; `adaptive`: PGD on margin − λ·max(0, r − τ)/σ; "
                    "`ood-*`: out-of-distribution sets. `acc_*`: robust accuracy; `accrej_*`: "
                    "points correct clean whose attack gives no accepted misclassification."),
