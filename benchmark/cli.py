@@ -407,6 +407,8 @@ def corruptions(run_paths: tuple[str, ...], data_dir: str, corruptions: Optional
     names = [c.strip() for c in corruptions.split(",") if c.strip()] if corruptions else None
     if not generate and not run_paths:
         raise UsageError("corruptions needs --run RUN (or --generate to write CIFAR-10-C)")
+    if not generate and not Path(data_dir).exists():
+        raise UsageError(f"Invalid value for '--data-dir': Path '{data_dir}' does not exist.")
     if generate:
         from benchmark.eval.cifar_c import generate as make_cifar_c
 

@@ -30,9 +30,9 @@ mixes the term built from the live prototype with the same term built from a det
 the complementary mask). Values are unchanged; only the gradient routing differs.
 
 Rejection score. The official code defines none (``CompetitiveCrossEntropy_pmEDWTA.py`` has
-``fit`` and ``classifyByMaxClassifier`` only, commit da3d529), and the paper's detection
-experiments do not fix which positive prototype the distance is taken to. Both readings are
-implemented and the rejection suite reports both (``score_options``):
+``fit`` and ``classifyByMaxClassifier`` only, commit da3d529; the MNIST script only
+classifies), so which positive prototype the distance is taken to is not fixed by the code.
+Both readings are implemented and the rejection suite reports both (``score_options``):
 
 * ``nearest-positive`` (default): r(x) = min_k ½‖f(x) − p_k‖², the nearest positive prototype;
 * ``winner``: r(x) = ½‖f(x) − p_w‖², w = argmax_k o_k, the winning neuron's positive prototype

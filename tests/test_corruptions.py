@@ -293,6 +293,8 @@ def test_generate_cli_and_bad_input(cifar_src: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "nope" in res.output and not out.exists()
     res = CliRunner().invoke(cli, ["corruptions", "--data-dir", str(out)])
     assert res.exit_code == 2 and "--run" in res.output
+    res = CliRunner().invoke(cli, ["corruptions", "--generate", "--data-dir", str(out)])
+    assert res.exit_code == 2 and "--source-dir" in res.output and not out.exists()
     res = CliRunner().invoke(cli, base + ["--n-images", "2", "--corruptions", "fog,contrast"])
     assert res.exit_code == 0, res.output
     assert "regenerated CIFAR-10-C" in res.output
@@ -317,3 +319,20 @@ def test_rows_and_tables_on_regenerated_files_say_so(rgb_run: Path, cifar_src: P
     mds = write_report(rows_regen, tmp_path / "report", plots=False)
     table5 = [m for m in mds if "Table 5" in m]
     assert table5 and "regenerated CIFAR-10-C" in table5[0].splitlines()[0]
+
+
+def test_frost_works_first_in_a_fresh_process_and_leaves_no_stand_in() -> None:
+    """imagecorruptions 1.1.2 imports pkg_resources (gone from recent setuptools): the package's
+    files are reached through the stand-in import, which is removed afterwards."""
+    import subprocess
+    import sys
+    code = ("import sys, numpy as np; from benchmark.eval import cifar_c; "
+            "had = 'pkg_resources' in sys.modules; "
+            "out = cifar_c.corrupt(np.zeros((32, 32, 3), np.uint8), 'frost', 5, "
+            "np.random.default_rng(0)); "
+            "assert out.dtype == np.uint8 and out.mean() > 20, out.mean(); "
+            "assert had or 'pkg_resources' not in sys.modules or "
+            "hasattr(sys.modules['pkg_resources'], 'require')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
