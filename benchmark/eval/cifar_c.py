@@ -381,9 +381,10 @@ def read_meta(root: Path | str) -> Optional[dict]:
 
 def describe(meta: dict) -> str:
     """One line for rows and tables: what the files are and how they were made."""
-    return (f"{LABEL} (not the released files): corruptions of the first {meta['n_images']} "
+    text = (f"{LABEL} (not the released files): corruptions of the first {meta['n_images']} "
             f"test images of {meta['source_dataset']} [{meta['source_provenance']}], seed "
             f"{meta['seed']}, {meta['parameters_source']}")
+    return " ".join(text.split())  # one line (a PROVENANCE file may hold several)
 
 
 def generation_id(meta: dict) -> str:
