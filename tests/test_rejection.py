@@ -12,7 +12,6 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from attacks.base import Norm, ThreatModel
 from benchmark.cli import cli
 from benchmark.config import resolve_run_config
 from benchmark.data import DataInfo, load_dataset
