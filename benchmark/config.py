@@ -105,19 +105,35 @@ def profile_defaults(profile: str, scale: str, dataset: str) -> dict[str, Any]:
     return out
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a key given twice is refused, not silently overwritten."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise UsageError(f"--hparams gives the key {_cut(key)!r} twice")
+        out[key] = value
+    return out
+
+
+def _cut(text: str, n: int = 80) -> str:
+    """``text``, or its first ``n`` characters and a count of the rest (error messages echo
+    user input: a 30,000-character key must not become a 60 KB line)."""
+    return text if len(text) <= n else f"{text[:n]}... ({len(text) - n} more characters)"
+
+
 def parse_hparams(text: Optional[str]) -> dict[str, Any]:
     """Parse ``--hparams`` JSON into a dict.
 
     Raises:
-        UsageError: not valid JSON or not an object.
+        UsageError: not valid JSON, not an object, or a key given twice.
     """
     if not text:
         return {}
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"--hparams is not valid JSON ({exc.msg} at char {exc.pos}): {text}") \
-            from None
+        raise UsageError(f"--hparams is not valid JSON ({exc.msg} at char {exc.pos}): "
+                         f"{_cut(text, 200)}") from None
     if not isinstance(value, dict):
         raise UsageError(f"--hparams must be a JSON object, got {type(value).__name__}")
     return value
@@ -142,7 +158,8 @@ def merge_hparams(base: Mapping[str, Any], *layers: Mapping[str, Any],
         merged.update(layer)
     for key, value in (user or {}).items():
         if key not in merged:
-            raise UsageError(f"unknown hyperparameter {key!r}; valid: {', '.join(sorted(merged))}")
+            raise UsageError(f"unknown hyperparameter {_cut(str(key))!r}; valid: "
+                             f"{', '.join(sorted(merged))}")
         check_user_value(key, merged[key], value)
         merged[key] = value
     check_hparams(merged, user or {}, choices)

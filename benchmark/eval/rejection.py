@@ -133,9 +133,9 @@ def ood_sets(info: DataInfo, n: int, data_dir: Optional[Path | str]
     skipped = []
     name, source = OOD_SOURCES[info.scale]
     root = Path(data_dir).expanduser() if data_dir else None
-    # the source may sit beside the run's own data (e.g. --data-dir /work/data/cifar10-jpeg
-    # for the run, /work/data/MNIST for the OOD digits): look in the folder and its parent
-    roots = [root, root.parent] if root is not None else []
+    # only the folder the user named (--ood-data-dir, else --data-dir), never its parent: a
+    # folder nobody named is not read (CIFAR batches are read without running code anyway)
+    roots = [root] if root is not None else []
     errors = []
     for cand in roots:
         # a sub-folder named after the source only: the folder itself is the run's own data
@@ -158,8 +158,8 @@ def ood_sets(info: DataInfo, n: int, data_dir: Optional[Path | str]
                                          f"{info.image_size}×{info.image_size}")
         break
     else:
-        msg = (f"OOD set {name} skipped: no {source} under --data-dir or its parent "
-               f"({'; '.join(errors) or 'no --data-dir given'})")
+        msg = (f"OOD set {name} skipped: no {source} under the OOD data folder "
+               f"({'; '.join(errors) or 'no --ood-data-dir or --data-dir given'})")
         logger.warning(msg)
         skipped.append(msg)
     return sets, skipped

@@ -139,6 +139,9 @@ def open_target(path: Path | str, checkpoint: str = "best", *, device: str | tor
     if path.is_dir():
         out = path
         config = read_json(path / "config.json") if (path / "config.json").exists() else {}
+        retire_stale_rows(path, checkpoint, ckpt_path)
+        if config:
+            carry_training_failure(path)
     else:
         checkpoint = "file-" + hashlib.sha256(ckpt_path.read_bytes()).hexdigest()[:12]
         out = Path(out_dir) if out_dir else path.parent / f"{path.stem}-eval"
@@ -170,3 +173,72 @@ def check_model(model: nn.Module, x: Tensor, *, randomized: bool = False) -> Non
         logger.warning("model outputs look like probabilities; attacks expect logits")
     if not randomized and not torch.equal(a, b):
         raise UsageError("model is not deterministic in eval mode; mark the defense randomized")
+
+
+#: the SHA-256 of the checkpoint file a run's rows were computed on, per checkpoint label
+STAMP = "eval/.checkpoint-{}.sha256"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def retire_stale_rows(run_dir: Path, checkpoint: str, ckpt_path: Path) -> int:
+    """Keep cached rows only while the checkpoint they were computed on is unchanged.
+
+    The first evaluation of a checkpoint stamps its content hash (``eval/.checkpoint-<label>
+    .sha256``). When the file's content no longer matches the stamp (retrained, replaced, or
+    overwritten by NaN weights), the rows of that checkpoint label (``eval/*.json``) and their
+    flags move to ``stale/<old hash>/``, so every command (evaluate, check, features,
+    corruptions, rejection) recomputes instead of reusing them. Rows from before stamps
+    existed are trusted once (the stamp is written then). Returns the number of rows moved.
+    """
+    stamp = run_dir / STAMP.format(checkpoint)
+    sha = file_sha256(ckpt_path)
+    old = stamp.read_text().strip() if stamp.is_file() else None
+    moved = 0
+    if old is not None and old != sha:
+        dest = run_dir / "stale" / old[:16]
+        for f in sorted((run_dir / "eval").glob("*.json")):
+            try:
+                row = read_json(f)
+            except Exception:  # an unreadable row is recomputed anyway
+                continue
+            if not isinstance(row, dict) or row.get("checkpoint") != checkpoint:
+                continue
+            key = str(row.get("eval_key") or f.stem)
+            for src in [f, *(run_dir / "flags").glob(f"{key}.*")]:
+                target = dest / src.parent.name / src.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src.replace(target)
+            moved += 1
+        logger.warning("%s changed since its %d result row(s) were computed (sha256 %s, was %s): "
+                       "they moved to %s and are recomputed", ckpt_path, moved, sha[:12],
+                       old[:12], dest)
+    if old != sha:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(sha + "\n")
+    return moved
+
+
+def carry_training_failure(run_dir: Path) -> Optional[dict[str, Any]]:
+    """A run whose training failed (NaN, ``FAILED.json``) or never finished is evaluated with
+    a warning, and its health row is (re)written so the report marks its rows (‡).
+
+    Returns:
+        the health row when the run is not healthy-finished, else None.
+    """
+    from benchmark.run.health import FAILURE_FILE, write_health
+
+    if (run_dir / "TRAINED").exists() and not (run_dir / FAILURE_FILE).exists():
+        return None
+    health = write_health(run_dir)
+    logger.warning("%s: training %s (%s); its rows are marked unhealthy in the report",
+                   run_dir, "failed" if health.get("verdict") == "nan" else "did not finish",
+                   "; ".join(health.get("reasons") or []) or health.get("verdict"))
+    return health
