@@ -334,6 +334,11 @@ def report(runs_dir: str, rows_file: Optional[str], out: str, no_plots: bool, ec
     if not records:
         raise UsageError(f"no result rows under {rows_file or runs_dir}")
     if not any(is_result_row(r) for r in records):
+        refused = [r for r in records if r.get("kind") == "refused"]
+        if refused:
+            raise UsageError(f"no evaluation rows under {rows_file or runs_dir}: {len(refused)} "
+                             f"run(s) refused by evaluation, e.g. {refused[0].get('defense')}: "
+                             f"{refused[0].get('reason')}")
         raise UsageError(f"no evaluation rows under {rows_file or runs_dir}, only {len(records)} "
                          f"training/health row(s); run advbench evaluate first")
     mds = write_report(records, Path(out), plots=not no_plots, order=DEFENSES.names(),

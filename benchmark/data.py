@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -354,6 +355,25 @@ def _image_folder(root: Path) -> tuple[Split, Split, list[str]]:
     return splits[0], splits[1], classes
 
 
+_LEGACY_FOLDER = re.compile(r" \[image folder (.+)\]$", re.S)
+
+
+def public_provenance(text: Optional[str]) -> Optional[str]:
+    """Provenance without the local path of the machine that read the data: rows written
+    before this rule end in ``[image folder /abs/dir]``; they become ``[dir/PROVENANCE]``
+    (or ``image folder dir (no PROVENANCE file)``), the form new rows are written in."""
+    if not text:
+        return text
+    m = _LEGACY_FOLDER.search(text)
+    if m is None:
+        return text
+    folder, head = m.group(1), text[:m.start()]
+    base = Path(folder).name
+    if head == f"image folder {folder}":
+        return f"image folder {base} (no PROVENANCE file)"
+    return f"{head} [{base}/PROVENANCE]"
+
+
 def find_image_folder(name: str, data_dir: Optional[Path]) -> Optional[Path]:
     """``data_dir`` itself or ``data_dir/<name>`` if it holds ``train/`` and ``test/``."""
     if data_dir is None:
@@ -382,8 +402,8 @@ def load_dataset(name: str, data_dir: Optional[Path | str] = None, *,
     if folder is not None:
         train, test, classes = _image_folder(folder)
         base = _INFO.get(name)
-        prov = (folder / "PROVENANCE").read_text().strip() if (folder / "PROVENANCE").exists() \
-            else f"image folder {folder}"
+        prov = f"{(folder / 'PROVENANCE').read_text().strip()} [{folder.name}/PROVENANCE]" \
+            if (folder / "PROVENANCE").exists() else f"image folder {folder.name} (no PROVENANCE file)"
         c, s = train.x.shape[1], train.x.shape[-1]
         if base is None:
             base = DataInfo(name, len(classes), c, s, (0.5,) * c, (0.5,) * c,
@@ -391,7 +411,7 @@ def load_dataset(name: str, data_dir: Optional[Path | str] = None, *,
         if len(classes) != base.num_classes:
             raise DataError(f"{folder} has {len(classes)} class folders, {name} needs "
                             f"{base.num_classes}")
-        info = DataInfo(**{**base.to_dict(), "provenance": f"{prov} [image folder {folder}]"})
+        info = DataInfo(**{**base.to_dict(), "provenance": prov})
         return Data(info, train, test, {"classes": classes})
     info = dataset_info(name)
     if name == "synthetic":

@@ -346,8 +346,9 @@ def row_problem(row: Any) -> Optional[str]:
     return None
 
 
-#: row kinds that describe training or checks, not results: no table is built from them alone
-NON_RESULT_KINDS = frozenset({"cost", "health", "check"})
+#: row kinds that describe training, checks or a refused evaluation, not results: no table is
+#: built from them alone
+NON_RESULT_KINDS = frozenset({"cost", "health", "check", "refused"})
 
 
 def is_result_row(row: Mapping[str, Any]) -> bool:

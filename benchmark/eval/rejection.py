@@ -143,14 +143,14 @@ def ood_sets(info: DataInfo, n: int, data_dir: Optional[Path | str]
                        if (cand / nm / "train").is_dir() and (cand / nm / "test").is_dir()), None)
         try:
             if folder is not None:
-                x, prov = _folder_test_images(folder, n), f"{source} test images from {folder}"
+                x, prov = _folder_test_images(folder, n), f"{source} test images from {folder.name}"
             elif (cand / "train").is_dir() and (cand / "test").is_dir():
                 raise DataError(f"{cand} is an image folder (the run's own data?), not a "
                                 f"{source} root")
             else:
                 data = load_dataset(source, cand)
                 x, _ = data.test.subset(torch.arange(min(n, len(data.test)))).floats()
-                prov = f"{source} test images ({data.info.provenance}) from {cand}"
+                prov = f"{source} test images ({data.info.provenance}) from {cand.name}"
         except (DataError, OSError) as exc:
             errors.append(str(exc).splitlines()[0])
             continue

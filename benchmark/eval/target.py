@@ -28,11 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.checkpoint import model_from_checkpoint, read_checkpoint, resolve_checkpoint
-from benchmark.config import DEFAULT_N_EXAMPLES, RunConfig
+from benchmark.config import DEFAULT_N_EXAMPLES, RunConfig, stable_hash
 from benchmark.data import Data, DataInfo, load_dataset
 from benchmark.device import resolve_device
 from benchmark.errors import NonFiniteError, UsageError
-from benchmark.store import code_version, environment, now, read_json
+from benchmark.store import atomic_write_json, code_version, environment, now, read_json
 from benchmark.validate import check_finite_model
 
 logger = logging.getLogger(__name__)
@@ -146,8 +146,40 @@ def open_target(path: Path | str, checkpoint: str = "best", *, device: str | tor
         checkpoint = "file-" + hashlib.sha256(ckpt_path.read_bytes()).hexdigest()[:12]
         out = Path(out_dir) if out_dir else path.parent / f"{path.stem}-eval"
         config = {}
-    return Target(model.to(dev).eval(), defense, cfg, info, dev, ckpt_path, checkpoint,
-                  int(ckpt.get("epoch", 0)), out, config)
+    t = Target(model.to(dev).eval(), defense, cfg, info, dev, ckpt_path, checkpoint,
+               int(ckpt.get("epoch", 0)), out, config)
+    if path.is_dir():
+        refuse_nondeterministic(t)
+    return t
+
+
+#: the row a run refused by evaluation leaves, so that the report shows it with its reason
+REFUSED_KIND = "refused"
+
+
+def refuse_nondeterministic(t: Target) -> None:
+    """A run whose eval-mode forward is not deterministic and whose defense is not declared
+    randomized cannot be evaluated: leave a ``"kind": "refused"`` row with the reason (the
+    report lists the run instead of dropping it), then refuse. A run that passes loses an
+    earlier refusal row of the same checkpoint.
+
+    Raises:
+        UsageError: the forward is nondeterministic and the defense is not ``randomized``.
+    """
+    key = "refused-" + stable_hash({"run_id": t.cfg.run_id, "checkpoint": t.checkpoint})
+    path = t.out_dir / "eval" / f"{key}.json"
+    if not getattr(t.defense, "randomized", False):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(4, t.info.in_channels, t.info.image_size, t.info.image_size,
+                       generator=gen).to(t.device)
+        with torch.no_grad():
+            a, b = t.model(x), t.model(x)
+        if bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all()) and \
+                not torch.equal(a, b):
+            reason = "model is not deterministic in eval mode; mark the defense randomized"
+            atomic_write_json(path, {**t.row(key, REFUSED_KIND), "reason": reason})
+            raise UsageError(reason)
+    path.unlink(missing_ok=True)
 
 
 def check_model(model: nn.Module, x: Tensor, *, randomized: bool = False) -> None:

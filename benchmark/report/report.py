@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.run.cost import cost_rows
+from benchmark.data import public_provenance
 from benchmark.store import RunStore, atomic_write_bytes, read_jsonl
 from benchmark.report import verdicts as vd
 from benchmark.report.latex import tex_escape, to_latex
@@ -94,6 +95,8 @@ def load_records(source: Path | str | pd.DataFrame | Iterable[dict]) -> list[dic
         rows = [dict(r) for r in source]
     unique: dict[str, dict] = {}
     for i, r in enumerate(rows):
+        if r.get("data_provenance"):  # no local paths in a published report
+            r = {**r, "data_provenance": public_provenance(r["data_provenance"])}
         unique[str(r.get("eval_key") or f"#{i}")] = r
 
     def key(r: dict) -> tuple:
@@ -337,6 +340,13 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
                 missing += [{"table": stem, "arch": idx[0], "checkpoint": idx[1],
                              "defense": idx[2], "column": c, "reason": spec.why(c)}
                             for c in columns if pd.isna(r[c])]
+        refused = refused_section(recs, dataset, profile)
+        if refused:
+            mds.append(refused)
+            missing += [{"table": f"*_{suffix}", "arch": r.get("arch"),
+                         "checkpoint": r.get("checkpoint"), "defense": r.get("defense"),
+                         "column": "*", "reason": f"refused: {r.get('reason')}"}
+                        for r in recs if r.get("kind") == "refused"]
         if plots:
             _figures(fr, out_dir / "plots", suffix, order)
     atomic_write_bytes(out_dir / "tables" / "missing.csv", pd.DataFrame(
@@ -346,6 +356,19 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
     from benchmark.report.html import write_page
     write_page(_groups(records), out_dir, order=order, catalog=catalog)
     return mds
+
+
+def refused_section(records: Sequence[dict], dataset: str, profile: str) -> str:
+    """Markdown listing the runs that evaluation refused (``"kind": "refused"`` rows, e.g. a
+    nondeterministic eval forward), each with its reason; '' when there are none."""
+    lines = [f"- {md_code(r.get('defense'))} seed {md_escape(r.get('seed'))}, arch "
+             f"{md_code(r.get('arch'))}, checkpoint {md_code(r.get('checkpoint'))} "
+             f"(run {md_code(r.get('run_id'))}): {md_escape(r.get('reason'))}"
+             for r in records if r.get("kind") == "refused"]
+    if not lines:
+        return ""
+    return (f"### Runs refused by evaluation — {md_code(dataset)}, profile {md_code(profile)}"
+            f"\n\nThese runs have no cells in the tables above:\n\n" + "\n".join(lines) + "\n")
 
 
 def _figures(fr: dict[str, pd.DataFrame], plot_dir: Path, suffix: str,
