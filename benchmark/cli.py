@@ -291,7 +291,7 @@ def check(run_paths: tuple[str, ...], eps: Optional[str], n_examples: Optional[i
           batch_size: Optional[int], data_dir: Optional[str], device: str) -> None:
     """Training-health and gradient-masking verdicts; rows go to RUN/eval (kind health/check)."""
     from benchmark.eval.checks import CHECKS, check_run, format_checks
-    from benchmark.protocols import parse_eps_list
+    from benchmark.run.protocols import parse_eps_list
 
     chosen = [c.strip() for c in names.split(",") if c.strip() and c.strip() != "health"] \
         if names else list(CHECKS)
@@ -326,11 +326,12 @@ def report(runs_dir: str, rows_file: Optional[str], out: str, no_plots: bool, ec
     OUT/plots/*.png and the leaderboard page OUT/index.html.
     """
     from benchmark.report.report import load_records, write_report
+    from benchmark.run.cost import cost_rows
+    from benchmark.validate import is_result_row
     from defenses import DEFENSES, catalog
 
-    from benchmark.validate import is_result_row
-
-    records = load_records(rows_file or runs_dir)
+    records = load_records(rows_file or runs_dir,
+                           extra=cost_rows(runs_dir) if not rows_file else ())
     if not records:
         raise UsageError(f"no result rows under {rows_file or runs_dir}")
     if not any(is_result_row(r) for r in records):
@@ -457,7 +458,7 @@ def list_(what: str) -> None:
         for name, cls in ARCHS.items():
             click.echo(f"{name}\tbuilt-in\t{(cls.__doc__ or '').strip().splitlines()[0]}")
     else:
-        from benchmark.protocols import SUITE_EPS, SUITES, format_eps
+        from benchmark.run.protocols import SUITE_EPS, SUITES, format_eps
         for name, labels in SUITES.items():
             grids = "; ".join(f"{scale} eps {','.join(format_eps(e) for e in grid)}"
                               for scale, grid in SUITE_EPS.get(name, {}).items())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 from benchmark.errors import UsageError
 
@@ -197,30 +197,6 @@ class RunConfig:
                                         "hparams", "protocol_version") if k in d})
 
 
-def resolve_run_config(defense: str, dataset: str, *, profile: str = "cpu",
-                       arch: Optional[str] = None, seed: int = 0,
-                       user_hparams: Optional[Mapping[str, Any]] = None,
-                       scale: Optional[str] = None) -> RunConfig:
-    """Build the fully resolved :class:`RunConfig` for one (defense, dataset, arch, seed)."""
-    from benchmark.data import dataset_info
-    from defenses import DEFENSES
-
-    cls = DEFENSES.get(defense)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
-        raise UsageError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    if scale is None:
-        scale = dataset_info(dataset).scale
-    base = profile_defaults(profile, scale, dataset)
-    arch = arch or DEFAULT_ARCH[profile]
-    base.update(ARCH_OVERRIDES.get(arch, {}))
-    base.update(ARCH_PROFILE_OVERRIDES.get(profile, {}).get(arch, {}))
-    hp = merge_hparams(base, cls.default_hparams, cls.dataset_hparams.get(dataset, {}),
-                       cls.arch_hparams.get(arch, {}), user=user_hparams,
-                       choices=getattr(cls, "hparam_choices", None))
-    return RunConfig(defense=defense, dataset=dataset, arch=arch, profile=profile, seed=seed,
-                     hparams=hp)
-
-
 def parse_seeds(text: str) -> list[int]:
     """``--seeds`` (``0,1,2``) as integers (see :func:`benchmark.validate.parse_seeds`).
 
@@ -230,52 +206,3 @@ def parse_seeds(text: str) -> list[int]:
     from benchmark.validate import parse_seeds as parse
 
     return parse(text)
-
-
-def sweep_configs(defenses: Sequence[str], dataset: str, *, profile: str = "cpu",
-                  arch: Optional[str] = None, seeds: Sequence[int] = (0,),
-                  hparams: Optional[str] = None, scale: Optional[str] = None) -> list[RunConfig]:
-    """Resolved configs of a sweep (defenses × seeds, in that order).
-
-    With several defenses, each takes the ``--hparams`` keys it knows (protocol keys go to all).
-
-    Raises:
-        UsageError: a ``--hparams`` key that none of the defenses knows, or any error of
-            :func:`resolve_run_config`.
-    """
-    from benchmark.data import dataset_info
-    from defenses import DEFENSES
-
-    if scale is None:
-        scale = dataset_info(dataset).scale
-    user = parse_hparams(hparams)
-    known_all = set(profile_defaults(profile, scale, dataset))
-    used: set[str] = set()
-    cfgs = []
-    for name in defenses:
-        known = known_all | set(DEFENSES.get(name).default_hparams)
-        mine = user if len(defenses) == 1 else {k: v for k, v in user.items() if k in known}
-        used |= set(mine)
-        for seed in seeds:
-            cfgs.append(resolve_run_config(name, dataset, profile=profile, arch=arch, seed=seed,
-                                           user_hparams=mine, scale=scale))
-    unused = set(user) - used
-    if unused:
-        raise UsageError(f"--hparams keys {sorted(unused)} belong to none of: {', '.join(defenses)}")
-    return cfgs
-
-
-def helper_config(requirement: str, cfg: RunConfig, scale: Optional[str] = None) -> RunConfig:
-    """The run a defense requires (HAT's ``st`` helper) for the run ``cfg``.
-
-    It has the same dataset, arch, profile and seed, and the same protocol: profile values that
-    the user overrode for ``cfg`` (``train_subset``, ``epochs``, ...) are passed on, the
-    defense's own hyperparameters are not.
-    """
-    default = resolve_run_config(cfg.defense, cfg.dataset, profile=cfg.profile, arch=cfg.arch,
-                                 seed=cfg.seed, scale=scale).hparams
-    protocol = PROFILES[cfg.profile]
-    overrides = {k: v for k, v in cfg.hparams.items()
-                 if k in protocol and k in default and default[k] != v}
-    return resolve_run_config(requirement, cfg.dataset, profile=cfg.profile, arch=cfg.arch,
-                              seed=cfg.seed, user_hparams=overrides, scale=scale)

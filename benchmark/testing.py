@@ -201,7 +201,7 @@ def kill_after_epochs(cmd: Sequence[str], runs_dir: Path, epochs: int, *,
 
 def tiny_st_run(runs_dir: Path, epochs: int = 1) -> Path:
     """A briefly trained ``st`` model (arch ``tiny``, synthetic data) for evaluation tests."""
-    from benchmark.config import resolve_run_config
+    from benchmark.run.resolve import resolve_run_config
     from benchmark.data import load_dataset
     from benchmark.run.train import train_run
     from benchmark.store import RunStore

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from benchmark.cli import main
-from benchmark.config import resolve_run_config
+from benchmark.run.resolve import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.store import RunStore, append_jsonl, read_jsonl
 from benchmark.run.train import train_run

@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from torch import nn
 
 from benchmark.cli import cli
-from benchmark.config import resolve_run_config
+from benchmark.run.resolve import resolve_run_config
 from benchmark.data import DataInfo, load_dataset
 from benchmark.eval.rejection import (DetectorObjective, _convert, adaptive_attack, auroc,
                                       fpr_at, ood_sets, roc_points, threshold_at_tpr)
-from benchmark.protocols import AttackSpec
+from benchmark.run.protocols import AttackSpec
 from benchmark.store import RunStore
 from benchmark.run.train import train_run
 

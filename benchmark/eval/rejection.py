@@ -50,7 +50,7 @@ from benchmark.data import Data, DataInfo, load_dataset
 from benchmark.device import default_eval_batch_size
 from benchmark.errors import DataError, UsageError
 from benchmark.eval.target import check_model, open_target
-from benchmark.protocols import AttackSpec, attack_specs
+from benchmark.run.protocols import AttackSpec, attack_specs
 
 logger = logging.getLogger(__name__)
 DEFAULT_LAMBDAS = (0.1, 1.0, 10.0)

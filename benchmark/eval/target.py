@@ -27,7 +27,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from benchmark.checkpoint import model_from_checkpoint, read_checkpoint, resolve_checkpoint
+from benchmark.checkpoint import read_checkpoint, resolve_checkpoint
+from benchmark.run.resolve import model_from_checkpoint
 from benchmark.config import DEFAULT_N_EXAMPLES, RunConfig, stable_hash
 from benchmark.data import Data, DataInfo, load_dataset
 from benchmark.device import resolve_device

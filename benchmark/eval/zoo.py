@@ -201,7 +201,7 @@ def evaluate_zoo(name: str, *, threat: str = "Linf", dataset: str = "cifar10",
     number of test points (``paper``: the whole test set) and the report section.
     """
     from benchmark.eval.evaluate import evaluate_target
-    from benchmark.protocols import parse_eps_list, resolve_specs
+    from benchmark.run.protocols import parse_eps_list, resolve_specs
 
     t = zoo_target(name, threat=threat, dataset=dataset, model_dir=model_dir,
                    runs_dir=runs_dir, profile=profile, download=download, device=device)

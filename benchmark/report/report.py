@@ -35,7 +35,6 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from benchmark.run.cost import cost_rows
 from benchmark.data import public_provenance
 from benchmark.store import RunStore, atomic_write_bytes, read_jsonl
 from benchmark.report import verdicts as vd
@@ -79,20 +78,23 @@ def _usable_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_records(source: Path | str | pd.DataFrame | Iterable[dict]) -> list[dict[str, Any]]:
+def load_records(source: Path | str | pd.DataFrame | Iterable[dict], *,
+                 extra: Iterable[dict] = ()) -> list[dict[str, Any]]:
     """Rows from a runs folder, a ``rows.jsonl`` file, a DataFrame or dicts; sorted, deduplicated.
 
-    A runs folder also gives one ``"kind": "cost"`` row per trained run (:mod:`benchmark.run.cost`).
+    ``extra`` rows join them: ``advbench report`` passes the ``"kind": "cost"`` row of each
+    trained run (:mod:`benchmark.run.cost` computes them; the report only reads rows).
 
     Rows with the same ``eval_key`` are kept once (the last one read).
     """
     if isinstance(source, (str, Path)):
         p = Path(source)
-        rows = _usable_rows(p) + ([] if p.is_file() else cost_rows(p))
+        rows = _usable_rows(p)
     elif isinstance(source, pd.DataFrame):
         rows = [_clean_record(r) for r in source.to_dict(orient="records")]
     else:
         rows = [dict(r) for r in source]
+    rows += [dict(r) for r in extra]
     unique: dict[str, dict] = {}
     for i, r in enumerate(rows):
         if r.get("data_provenance"):  # no local paths in a published report

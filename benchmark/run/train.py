@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 from attacks.base import model_mode
 from attacks.pgd import PGD
 from benchmark.run import distributed
-from benchmark.checkpoint import (build_defense, checkpoint_state, model_from_checkpoint,
-                                  read_checkpoint, restore_training)
-from benchmark.config import RunConfig, helper_config, profile_defaults
+from benchmark.checkpoint import checkpoint_state, read_checkpoint, restore_training
+from benchmark.config import RunConfig, profile_defaults
+from benchmark.run.resolve import build_defense, helper_config, model_from_checkpoint
 from benchmark.data import BatchLoader, Data, DataInfo, split_train_val
 from benchmark.device import peak_memory_mb, resolve_device
 from benchmark.errors import NonFiniteError, UsageError
