@@ -11,8 +11,9 @@ registry (``defenses.DEFENSES``, imported on first use) and hands its defaults t
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from benchmark.checkpoint import read_checkpoint, resolve_checkpoint
 from benchmark.config import (ARCH_OVERRIDES, ARCH_PROFILE_OVERRIDES, DEFAULT_ARCH, PROFILES,
                               RunConfig, merge_hparams, parse_hparams, profile_defaults)
 from benchmark.data import DataInfo, dataset_info
-from benchmark.errors import CheckpointError, UsageError
+from benchmark.errors import AdvbenchError, CheckpointError, UsageError
 
 
 def _defenses() -> Any:
@@ -99,11 +100,36 @@ def helper_config(requirement: str, cfg: RunConfig, scale: Optional[str] = None)
                               seed=cfg.seed, user_hparams=overrides, scale=scale)
 
 
+@contextlib.contextmanager
+def plugin_boundary(defense: str) -> Iterator[None]:
+    """Code of a third-party defense plugin runs inside this: an exception it raises is the
+    user's input (the plugin they installed), so it becomes a one-line ``UsageError`` (exit 2)
+    naming the plugin. A built-in defense that raises is a bug of advbench (exit 1)."""
+    try:
+        yield
+    except (AdvbenchError, OSError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        source = _defenses().source(defense)
+        if source in ("built-in", ""):
+            raise
+        why = (str(exc).splitlines() or [""])[0]
+        raise UsageError(f"defense plugin {defense!r} from {source} failed: "
+                         f"{type(exc).__name__}: {why}") from None
+
+
 def build_defense(cfg: RunConfig, info: DataInfo) -> Any:
     """Instantiate the run's defense with its resolved hyperparameters."""
     cls = _defenses().get(cfg.defense)
     threat = ThreatModel(Norm.LINF, float(cfg.hparams["eps"]))
-    return cls(cfg.hparams, threat=threat, num_classes=info.num_classes)
+    with plugin_boundary(cfg.defense):
+        return cls(cfg.hparams, threat=threat, num_classes=info.num_classes)
+
+
+def build_model(defense: Any, cfg: RunConfig, info: DataInfo) -> nn.Module:
+    """The run's model, built by its defense (inside :func:`plugin_boundary`)."""
+    with plugin_boundary(cfg.defense):
+        return defense.build_model(cfg.arch, info)
 
 
 def model_from_checkpoint(ckpt: Mapping[str, Any]) -> tuple[nn.Module, Any, RunConfig, DataInfo]:
@@ -112,7 +138,7 @@ def model_from_checkpoint(ckpt: Mapping[str, Any]) -> tuple[nn.Module, Any, RunC
     info = DataInfo(**{**ckpt["info"], "mean": tuple(ckpt["info"]["mean"]),
                        "std": tuple(ckpt["info"]["std"])})
     defense = build_defense(cfg, info)
-    model = defense.build_model(cfg.arch, info)
+    model = build_model(defense, cfg, info)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:

@@ -35,7 +35,7 @@ from attacks.pgd import PGD
 from benchmark.run import distributed
 from benchmark.checkpoint import checkpoint_state, read_checkpoint, restore_training
 from benchmark.config import RunConfig, profile_defaults
-from benchmark.run.resolve import build_defense, helper_config, model_from_checkpoint
+from benchmark.run.resolve import build_defense, build_model, helper_config, model_from_checkpoint
 from benchmark.data import BatchLoader, Data, DataInfo, split_train_val
 from benchmark.device import peak_memory_mb, resolve_device
 from benchmark.errors import NonFiniteError, UsageError
@@ -252,7 +252,7 @@ def _setup(cfg: RunConfig, data: Data, run_dir: Path, helpers: Mapping[str, nn.M
 
     seed_everything(cfg.seed)
     defense = build_defense(cfg, data.info)
-    model = defense.build_model(cfg.arch, data.info).to(dev)
+    model = build_model(defense, cfg, data.info).to(dev)
     if env.active and sync_bn:
         model = distributed.convert_sync_bn(model, dev)
     if hp.get("channels_last"):
@@ -372,8 +372,8 @@ def _check_split(cfg: RunConfig, data: Data) -> None:
         if asked != default:  # the user's value: refused, never silently changed
             raise UsageError(f"'val_size' {asked} is more than a fifth of {data.info.name}'s "
                              f"{n} training samples; use at most {n // 5}")
-        logger.warning("the profile's val_size %d is capped at %d (a fifth of %s's %d "
-                       "training samples)", asked, val, data.info.name, n)
+        logger.info("the profile's val_size %d is capped at %d (a fifth of %s's %d training "
+                    "samples)", asked, val, data.info.name, n)
     left = n - val
     if cfg.hparams.get("train_subset") is not None:
         left = min(left, int(cfg.hparams["train_subset"]))
