@@ -479,7 +479,11 @@ def test_lr_gamma_1e30_never_marked_trained(tmp_path: Path) -> None:
     ok = all(torch.isfinite(v).all() for f in run.glob("ckpt_*.pt")
              for v in torch.load(f, weights_only=True)["model"].values() if v.is_floating_point())
     _count(res, 3, lost=not ok)
-    assert res.code == 3 and len(res.lines) == 1 and "last good checkpoint" in res.lines[0]
+    assert res.code == 3 and len(res.lines) == 1
+    # the line says what is on disk (issue 22): a kept checkpoint, or none
+    kept = "last good checkpoint kept" in res.lines[0]
+    assert kept == bool(list(run.glob("ckpt_*.pt"))), res.lines[0]
+    assert kept or "no checkpoint was saved" in res.lines[0]
     assert ok and not (run / "TRAINED").exists()
 
 
@@ -751,7 +755,8 @@ def test_cached_rows_and_verdicts_follow_the_checkpoint_contents(tmp_path: Path,
     for args in (_eval_args(run), ["check", "--run", str(run), "--cheap", "--device", "cpu"]):
         res = advbench(*args)
         _count(res, 3, lost=False)
-        assert res.code == 3 and "non-finite weights" in res.lines[-1], res.err
+        assert res.code == 3 and len(res.lines) == 1 and "non-finite weights" in res.lines[0], \
+            res.err
     assert not any(f.name in old and json.loads(f.read_text()).get("kind") == "attack"
                    for f in (run / "eval").glob("*.json"))
     assert {f.name for f in run.glob("stale/*/eval/*.json")} & old
@@ -801,17 +806,23 @@ def test_nan_in_the_first_epoch_does_not_claim_a_kept_checkpoint(
     assert not list(R(tmp_path).glob("*/*/*/ckpt_*.pt"))
 
 
-def test_robustbench_name_error_is_one_line_without_warnings(tmp_path: Path) -> None:
+def test_robustbench_errors_are_one_line_without_warnings(tmp_path: Path) -> None:
     """In a fresh process (pytest would capture the warnings): no FutureWarning lines."""
     if _robustbench():
         pytest.skip("robustbench not importable")
-    proc = subprocess.run([sys.executable, "-m", "benchmark.cli", "-q", "evaluate",
-                           "--robustbench", "Bogus2099", "--model-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    record(clean=proc.returncode == 2 and len(lines) == 1, traceback="Traceback" in proc.stderr,
-           wrong=proc.returncode != 2, lost=False)
-    assert proc.returncode == 2 and len(lines) == 1 and "Bogus2099" in lines[0], proc.stderr
+    for name, needle in (("Bogus2099", "Bogus2099"),
+                         ("Ding2020MMA", "cannot load RobustBench weights")):
+        proc = subprocess.run([sys.executable, "-m", "benchmark.cli", "-q", "evaluate",
+                               "--robustbench", name, "--model-dir", str(tmp_path / "models"),
+                               "--runs-dir", str(R(tmp_path))],
+                              capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        record(clean=proc.returncode == 2 and len(lines) == 1,
+               traceback="Traceback" in proc.stderr, wrong=proc.returncode != 2, lost=False)
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+        if name == "Bogus2099":
+            _evil_zoo_weights(tmp_path)
+    assert not (tmp_path / "pwned").exists()
 
 
 HOSTILE = "<script>alert(1)</script> | **x** \\input{/etc/passwd} `y`"

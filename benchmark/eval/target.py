@@ -250,9 +250,9 @@ def retire_stale_rows(run_dir: Path, checkpoint: str, ckpt_path: Path) -> int:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 src.replace(target)
             moved += 1
-        logger.warning("%s changed since its %d result row(s) were computed (sha256 %s, was %s): "
-                       "they moved to %s and are recomputed", ckpt_path, moved, sha[:12],
-                       old[:12], dest)
+        logger.info("%s changed since its %d result row(s) were computed (sha256 %s, was %s): "
+                    "they moved to %s and are recomputed", ckpt_path, moved, sha[:12], old[:12],
+                    dest)
     if old != sha:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.write_text(sha + "\n")

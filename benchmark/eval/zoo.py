@@ -158,8 +158,8 @@ def zoo_target(name: str, *, threat: str = "Linf", dataset: str = "cifar10",
                          f"MODEL_DIR/{dataset}/{threat}/{name}.pt); put them there or pass "
                          f"--download to let robustbench fetch them")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
+        with warnings.catch_warnings():  # torch.load's notes on a foreign file: not ours
+            warnings.simplefilter("ignore")
             model = rb.utils.load_model(name, model_dir=str(model_dir), dataset=dataset,
                                         threat_model=threat).eval()
     except (AdvbenchError, OSError):
