@@ -60,8 +60,8 @@ class Transfer(Attack):
             if src is None:
                 raise UsageError("transfer needs a source: hparams source=RUN_DIR or a "
                                  "checkpoint file (advbench check defaults to the st run)")
-            from benchmark.checkpoint import model_from_checkpoint, read_checkpoint, \
-                resolve_checkpoint
+            from benchmark.checkpoint import read_checkpoint, resolve_checkpoint
+            from benchmark.run.resolve import model_from_checkpoint
             path = resolve_checkpoint(Path(src), str(self.hparams["checkpoint"])) \
                 if Path(src).is_dir() else Path(src)
             self.source_model = model_from_checkpoint(read_checkpoint(path))[0]

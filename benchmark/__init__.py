@@ -9,9 +9,9 @@ __version__ = "0.1.0"
 def load_model(path: Any, *, which: str = "best", device: Any = "cpu") -> Any:
     """The trained model of a run folder or checkpoint (eval mode, inputs in [0,1], logits).
 
-    See :func:`benchmark.checkpoint.load_model`.
+    See :func:`benchmark.run.resolve.load_model`.
     """
-    from benchmark.checkpoint import load_model as _load
+    from benchmark.run.resolve import load_model as _load
     return _load(path, which=which, device=device)
 
 

@@ -9,8 +9,9 @@ A checkpoint is a weights-only dict (``torch.load(weights_only=True)`` opens it)
     optimizer, rng    only in ckpt_last.pt of a run in progress (resumption)
 
 :func:`checkpoint_state` builds it (the training loop's only way to write one);
-:func:`read_checkpoint` reads and validates it, :func:`model_from_checkpoint` rebuilds the
-model for evaluation and :func:`restore_training` puts a resumed run back where it was.
+:func:`read_checkpoint` reads and validates it and :func:`restore_training` puts a resumed
+run back where it was; :func:`benchmark.run.resolve.model_from_checkpoint` rebuilds the model
+for evaluation (it needs the defense registry, which the core does not import).
 """
 from __future__ import annotations
 
@@ -22,20 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks.base import Norm, ThreatModel
 from benchmark.config import RunConfig
 from benchmark.data import DataInfo
 from benchmark.errors import CheckpointError
 from benchmark.store import CKPT_FORMAT, CKPT_VERSION, safe_torch_load
-
-
-def build_defense(cfg: RunConfig, info: DataInfo) -> Any:
-    """Instantiate the run's defense with its resolved hyperparameters."""
-    from defenses import DEFENSES
-
-    cls = DEFENSES.get(cfg.defense)
-    threat = ThreatModel(Norm.LINF, float(cfg.hparams["eps"]))
-    return cls(cfg.hparams, threat=threat, num_classes=info.num_classes)
 
 
 def resolve_checkpoint(path: Path | str, which: str = "best") -> Path:
@@ -139,36 +130,3 @@ def _structure_problem(ckpt: Mapping[str, Any]) -> str:
     if "epoch" in ckpt and not isinstance(ckpt["epoch"], int):
         return f"epoch is {ckpt['epoch']!r}"
     return ""
-
-
-def model_from_checkpoint(ckpt: Mapping[str, Any]) -> tuple[nn.Module, Any, RunConfig, DataInfo]:
-    """Rebuild (model, defense, config, info) and load the weights; model in eval mode."""
-    cfg = RunConfig.from_dict(ckpt["config"])
-    info = DataInfo(**{**ckpt["info"], "mean": tuple(ckpt["info"]["mean"]),
-                       "std": tuple(ckpt["info"]["std"])})
-    defense = build_defense(cfg, info)
-    model = defense.build_model(cfg.arch, info)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint weights do not fit {cfg.defense}/{cfg.arch} with "
-                              f"{info.num_classes} classes: {str(exc).splitlines()[0]}") from None
-    if "defense" in ckpt:
-        defense.load_state_dict(ckpt["defense"])
-    return model.eval(), defense, cfg, info
-
-
-def load_model(path: Path | str, *, which: str = "best",
-               device: torch.device | str = "cpu") -> nn.Module:
-    """The trained model of a run folder or checkpoint file, in eval mode.
-
-    The model takes inputs in [0,1] (N×C×H×W) and returns logits, so any attack library can
-    use it directly. ``model.features(x)`` gives the penultimate features.
-
-    Args:
-        path: a run folder (``runs/<dataset>/<defense>/<run_id>``) or a ``.pt`` file.
-        which: ``best`` (validation-selected; falls back to last) or ``last`` for a folder.
-        device: where to put the model.
-    """
-    model, _, _, _ = model_from_checkpoint(read_checkpoint(resolve_checkpoint(path, which)))
-    return model.to(device)

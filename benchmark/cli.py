@@ -19,8 +19,15 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C (files are written atomically; a rerun resumes)."""
 
 
+#: the longest error line the CLI prints (user input echoed in a message is cut to fit)
+MAX_ERROR_CHARS = 2000
+
+
 def _one_line(text: object) -> str:
-    return " ".join(str(text).split()) or "(no message)"
+    line = " ".join(str(text).split()) or "(no message)"
+    if len(line) > MAX_ERROR_CHARS:
+        line = f"{line[:MAX_ERROR_CHARS]}... ({len(line) - MAX_ERROR_CHARS} more characters cut)"
+    return line
 
 
 class _Group(click.Group):
@@ -208,6 +215,9 @@ def _train_and_print(job: Any) -> None:
               help="Result folder for --checkpoint-file [<file stem>-eval beside the file].")
 @click.option("--force", is_flag=True, help="Recompute existing rows.")
 @click.option("--no-progress", is_flag=True)
+@click.option("--ood-data-dir", default=None, type=click.Path(),
+              help="--suite rejection: the folder holding the OOD source (MNIST for CIFAR-scale "
+                   "runs, CIFAR-10 for MNIST-scale runs) [--data-dir]; its parent is not read.")
 @click.option("--robustbench", "zoo_name", default=None,
               help="A RobustBench zoo model (e.g. Wong2020Fast) as a baseline: rows go to "
                    "RUNS_DIR/<dataset>/rb-NAME/ (needs the zoo extra).")
@@ -228,7 +238,7 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
              batch_size: Optional[int], data_dir: Optional[str], device: str,
              out: Optional[str], force: bool, no_progress: bool, zoo_name: Optional[str],
              threat: str, dataset: str, model_dir: str, download: bool, runs_dir: str,
-             profile: str) -> None:
+             profile: str, ood_data_dir: Optional[str] = None) -> None:
     """Attack trained runs, checkpoint files or a RobustBench model; rows go to RUN/eval."""
     from benchmark.eval.evaluate import evaluate_path, format_rows
 
@@ -241,7 +251,7 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
         click.echo(format_rejection([r for path in run_paths for r in evaluate_rejection(
             path, checkpoint=which, n_examples=n_examples, device=device,
             batch_size=batch_size, data_dir=Path(data_dir) if data_dir else None,
-            force=force)]))
+            force=force, ood_data_dir=Path(ood_data_dir) if ood_data_dir else None)]))
         return
     rows = []
     if zoo_name:
@@ -281,7 +291,7 @@ def check(run_paths: tuple[str, ...], eps: Optional[str], n_examples: Optional[i
           batch_size: Optional[int], data_dir: Optional[str], device: str) -> None:
     """Training-health and gradient-masking verdicts; rows go to RUN/eval (kind health/check)."""
     from benchmark.eval.checks import CHECKS, check_run, format_checks
-    from benchmark.protocols import parse_eps_list
+    from benchmark.run.protocols import parse_eps_list
 
     chosen = [c.strip() for c in names.split(",") if c.strip() and c.strip() != "health"] \
         if names else list(CHECKS)
@@ -316,14 +326,20 @@ def report(runs_dir: str, rows_file: Optional[str], out: str, no_plots: bool, ec
     OUT/plots/*.png and the leaderboard page OUT/index.html.
     """
     from benchmark.report.report import load_records, write_report
+    from benchmark.run.cost import cost_rows
+    from benchmark.validate import is_result_row
     from defenses import DEFENSES, catalog
 
-    from benchmark.validate import is_result_row
-
-    records = load_records(rows_file or runs_dir)
+    records = load_records(rows_file or runs_dir,
+                           extra=cost_rows(runs_dir) if not rows_file else ())
     if not records:
         raise UsageError(f"no result rows under {rows_file or runs_dir}")
     if not any(is_result_row(r) for r in records):
+        refused = [r for r in records if r.get("kind") == "refused"]
+        if refused:
+            raise UsageError(f"no evaluation rows under {rows_file or runs_dir}: {len(refused)} "
+                             f"run(s) refused by evaluation, e.g. {refused[0].get('defense')}: "
+                             f"{refused[0].get('reason')}")
         raise UsageError(f"no evaluation rows under {rows_file or runs_dir}, only {len(records)} "
                          f"training/health row(s); run advbench evaluate first")
     mds = write_report(records, Path(out), plots=not no_plots, order=DEFENSES.names(),
@@ -475,7 +491,7 @@ def list_(what: str) -> None:
         for name, cls in ARCHS.items():
             click.echo(f"{name}\tbuilt-in\t{(cls.__doc__ or '').strip().splitlines()[0]}")
     else:
-        from benchmark.protocols import SUITE_EPS, SUITES, format_eps
+        from benchmark.run.protocols import SUITE_EPS, SUITES, format_eps
         for name, labels in SUITES.items():
             grids = "; ".join(f"{scale} eps {','.join(format_eps(e) for e in grid)}"
                               for scale, grid in SUITE_EPS.get(name, {}).items())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 from benchmark.errors import UsageError
 
@@ -105,19 +105,35 @@ def profile_defaults(profile: str, scale: str, dataset: str) -> dict[str, Any]:
     return out
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a key given twice is refused, not silently overwritten."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise UsageError(f"--hparams gives the key {_cut(key)!r} twice")
+        out[key] = value
+    return out
+
+
+def _cut(text: str, n: int = 80) -> str:
+    """``text``, or its first ``n`` characters and a count of the rest (error messages echo
+    user input: a 30,000-character key must not become a 60 KB line)."""
+    return text if len(text) <= n else f"{text[:n]}... ({len(text) - n} more characters)"
+
+
 def parse_hparams(text: Optional[str]) -> dict[str, Any]:
     """Parse ``--hparams`` JSON into a dict.
 
     Raises:
-        UsageError: not valid JSON or not an object.
+        UsageError: not valid JSON, not an object, or a key given twice.
     """
     if not text:
         return {}
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"--hparams is not valid JSON ({exc.msg} at char {exc.pos}): {text}") \
-            from None
+        raise UsageError(f"--hparams is not valid JSON ({exc.msg} at char {exc.pos}): "
+                         f"{_cut(text, 200)}") from None
     if not isinstance(value, dict):
         raise UsageError(f"--hparams must be a JSON object, got {type(value).__name__}")
     return value
@@ -142,7 +158,8 @@ def merge_hparams(base: Mapping[str, Any], *layers: Mapping[str, Any],
         merged.update(layer)
     for key, value in (user or {}).items():
         if key not in merged:
-            raise UsageError(f"unknown hyperparameter {key!r}; valid: {', '.join(sorted(merged))}")
+            raise UsageError(f"unknown hyperparameter {_cut(str(key))!r}; valid: "
+                             f"{', '.join(sorted(merged))}")
         check_user_value(key, merged[key], value)
         merged[key] = value
     check_hparams(merged, user or {}, choices)
@@ -180,30 +197,6 @@ class RunConfig:
                                         "hparams", "protocol_version") if k in d})
 
 
-def resolve_run_config(defense: str, dataset: str, *, profile: str = "cpu",
-                       arch: Optional[str] = None, seed: int = 0,
-                       user_hparams: Optional[Mapping[str, Any]] = None,
-                       scale: Optional[str] = None) -> RunConfig:
-    """Build the fully resolved :class:`RunConfig` for one (defense, dataset, arch, seed)."""
-    from benchmark.data import dataset_info
-    from defenses import DEFENSES
-
-    cls = DEFENSES.get(defense)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
-        raise UsageError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    if scale is None:
-        scale = dataset_info(dataset).scale
-    base = profile_defaults(profile, scale, dataset)
-    arch = arch or DEFAULT_ARCH[profile]
-    base.update(ARCH_OVERRIDES.get(arch, {}))
-    base.update(ARCH_PROFILE_OVERRIDES.get(profile, {}).get(arch, {}))
-    hp = merge_hparams(base, cls.default_hparams, cls.dataset_hparams.get(dataset, {}),
-                       cls.arch_hparams.get(arch, {}), user=user_hparams,
-                       choices=getattr(cls, "hparam_choices", None))
-    return RunConfig(defense=defense, dataset=dataset, arch=arch, profile=profile, seed=seed,
-                     hparams=hp)
-
-
 def parse_seeds(text: str) -> list[int]:
     """``--seeds`` (``0,1,2``) as integers (see :func:`benchmark.validate.parse_seeds`).
 
@@ -213,52 +206,3 @@ def parse_seeds(text: str) -> list[int]:
     from benchmark.validate import parse_seeds as parse
 
     return parse(text)
-
-
-def sweep_configs(defenses: Sequence[str], dataset: str, *, profile: str = "cpu",
-                  arch: Optional[str] = None, seeds: Sequence[int] = (0,),
-                  hparams: Optional[str] = None, scale: Optional[str] = None) -> list[RunConfig]:
-    """Resolved configs of a sweep (defenses × seeds, in that order).
-
-    With several defenses, each takes the ``--hparams`` keys it knows (protocol keys go to all).
-
-    Raises:
-        UsageError: a ``--hparams`` key that none of the defenses knows, or any error of
-            :func:`resolve_run_config`.
-    """
-    from benchmark.data import dataset_info
-    from defenses import DEFENSES
-
-    if scale is None:
-        scale = dataset_info(dataset).scale
-    user = parse_hparams(hparams)
-    known_all = set(profile_defaults(profile, scale, dataset))
-    used: set[str] = set()
-    cfgs = []
-    for name in defenses:
-        known = known_all | set(DEFENSES.get(name).default_hparams)
-        mine = user if len(defenses) == 1 else {k: v for k, v in user.items() if k in known}
-        used |= set(mine)
-        for seed in seeds:
-            cfgs.append(resolve_run_config(name, dataset, profile=profile, arch=arch, seed=seed,
-                                           user_hparams=mine, scale=scale))
-    unused = set(user) - used
-    if unused:
-        raise UsageError(f"--hparams keys {sorted(unused)} belong to none of: {', '.join(defenses)}")
-    return cfgs
-
-
-def helper_config(requirement: str, cfg: RunConfig, scale: Optional[str] = None) -> RunConfig:
-    """The run a defense requires (HAT's ``st`` helper) for the run ``cfg``.
-
-    It has the same dataset, arch, profile and seed, and the same protocol: profile values that
-    the user overrode for ``cfg`` (``train_subset``, ``epochs``, ...) are passed on, the
-    defense's own hyperparameters are not.
-    """
-    default = resolve_run_config(cfg.defense, cfg.dataset, profile=cfg.profile, arch=cfg.arch,
-                                 seed=cfg.seed, scale=scale).hparams
-    protocol = PROFILES[cfg.profile]
-    overrides = {k: v for k, v in cfg.hparams.items()
-                 if k in protocol and k in default and default[k] != v}
-    return resolve_run_config(requirement, cfg.dataset, profile=cfg.profile, arch=cfg.arch,
-                              seed=cfg.seed, user_hparams=overrides, scale=scale)

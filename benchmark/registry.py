@@ -111,6 +111,13 @@ class Registry(Generic[T]):
                              f"{entry.error}")
         return entry.obj  # type: ignore[return-value]
 
+    def source(self, name: str) -> str:
+        """Where ``name`` comes from: ``built-in`` or the plugin's distribution ('' if
+        unknown)."""
+        self._load_entry_points()
+        entry = self._entries.get(name)
+        return entry.source if entry is not None else ""
+
     def resolve(self, spec: str) -> list[str]:
         """Expand ``all`` / ``a,b`` / wildcards into names, keeping registry order.
 

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from benchmark.config import parse_seeds, sweep_configs
+from benchmark.config import parse_seeds
+from benchmark.run.resolve import sweep_configs
 from benchmark.data import Data, dataset_scale, load_dataset
 from benchmark.device import default_eval_batch_size
 from benchmark.errors import UsageError
 from benchmark.eval.checks import check_run
 from benchmark.eval.evaluate import evaluate_run, expected_keys
-from benchmark.protocols import resolve_specs
+from benchmark.run.protocols import resolve_specs
 from benchmark.run import distributed
 from benchmark.run.launch import Job, choose_launcher, launch, plan
 from benchmark.run.train import train_run

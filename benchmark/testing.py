@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -86,14 +88,30 @@ def check_defense(cls: type, *, archs: Iterable[str] = ("tiny",), info: DataInfo
         clone = defense.build_model(arch, info)
         clone.load_state_dict(after)
         clone.eval(), model.eval()
-        with torch.no_grad():
-            assert torch.allclose(clone(x), model(x)), f"{arch}: state_dict does not round-trip"
+        with torch.no_grad():  # same seed for both: a randomized defense draws the same noise
+            assert torch.allclose(seeded(lambda: clone(x)), seeded(lambda: model(x))), \
+                f"{arch}: state_dict does not round-trip"
         state = defense.state_dict()
         other = make_defense(cls, info=info, hparams=hparams)
         other.load_state_dict(copy.deepcopy(state))
         assert_same_state(other.state_dict(), state, f"{cls.name}.state_dict()")
         obj = defense.objective()(model, x, x, y)
         assert obj.shape == (batch,), f"{cls.name}: objective must be per-sample, got {obj.shape}"
+
+
+def seeded(fn: Callable[[], Any], seed: int = 1234) -> Any:
+    """``fn()`` with torch's CPU generator (and numpy's and python's) seeded to ``seed``; the
+    generators' states are restored afterwards."""
+    py, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            return fn()
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
 
 
 def assert_same_state(got: Any, want: Any, where: str = "state") -> None:
@@ -183,7 +201,7 @@ def kill_after_epochs(cmd: Sequence[str], runs_dir: Path, epochs: int, *,
 
 def tiny_st_run(runs_dir: Path, epochs: int = 1) -> Path:
     """A briefly trained ``st`` model (arch ``tiny``, synthetic data) for evaluation tests."""
-    from benchmark.config import resolve_run_config
+    from benchmark.run.resolve import resolve_run_config
     from benchmark.data import load_dataset
     from benchmark.run.train import train_run
     from benchmark.store import RunStore

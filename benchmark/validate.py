@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import click
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -151,6 +152,32 @@ def check_hparams(hp: Mapping[str, Any], user: Mapping[str, Any] = (),  # type: 
                 any(m > epochs for m in ms):
             raise UsageError(f"lr_milestones {list(ms)} must be <= epochs ({epochs}); a milestone "
                              f"after the last epoch never lowers the lr")
+    _check_lr_schedule(hp)
+
+
+#: the largest learning rate an optimizer step can use (float32 parameters)
+LR_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_lr_schedule(hp: Mapping[str, Any]) -> None:
+    """Every learning rate of the schedule (``lr`` × ``lr_gamma``^k after the k-th milestone
+    that fires) must fit a float32 parameter update; checked before any run folder exists.
+
+    Raises:
+        UsageError: an lr of the schedule overflows float32.
+    """
+    lr, gamma = hp.get("lr"), hp.get("lr_gamma", 1.0)
+    if not _is_number(lr) or not _is_number(gamma) or lr <= 0 or gamma <= 0:
+        return
+    ms = hp.get("lr_milestones") or []
+    epochs = hp.get("epochs")
+    fire = [m for m in ms if _is_int(m) and (not _is_int(epochs) or m <= epochs)]
+    for k in range(len(fire) + 1):
+        value = math.log10(lr) + k * math.log10(gamma)
+        if value > math.log10(LR_MAX):
+            where = "'lr'" if k == 0 else f"'lr' × 'lr_gamma'^{k} (after epoch {fire[k - 1]})"
+            raise UsageError(f"{where} is 1e{value:.0f}, more than a float32 update holds "
+                             f"({LR_MAX:.3g}); lower lr or lr_gamma")
 
 
 # ------------------------------------------------------------------------------ CLI options
@@ -319,8 +346,9 @@ def row_problem(row: Any) -> Optional[str]:
     return None
 
 
-#: row kinds that describe training or checks, not results: no table is built from them alone
-NON_RESULT_KINDS = frozenset({"cost", "health", "check"})
+#: row kinds that describe training, checks or a refused evaluation, not results: no table is
+#: built from them alone
+NON_RESULT_KINDS = frozenset({"cost", "health", "check", "refused"})
 
 
 def is_result_row(row: Mapping[str, Any]) -> bool:

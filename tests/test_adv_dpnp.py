@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmark.config import resolve_run_config
+from benchmark.run.resolve import resolve_run_config
 from benchmark.data import DataInfo
 from benchmark.testing import TINY_INFO, check_defense, make_defense
 from defenses.adv_dpnp import AdvDPNP, PrototypeHead, adv_dpnp_loss, dnp, nearest_rival

@@ -11,8 +11,10 @@ import contextlib
 import errno
 import gzip
 import io
+import math
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -26,7 +28,7 @@ import pytest
 import torch
 
 from benchmark.cli import main
-from benchmark.config import resolve_run_config
+from benchmark.run.resolve import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.store import RunStore, append_jsonl, read_jsonl
 from benchmark.run.train import train_run
@@ -477,7 +479,11 @@ def test_lr_gamma_1e30_never_marked_trained(tmp_path: Path) -> None:
     ok = all(torch.isfinite(v).all() for f in run.glob("ckpt_*.pt")
              for v in torch.load(f, weights_only=True)["model"].values() if v.is_floating_point())
     _count(res, 3, lost=not ok)
-    assert res.code == 3 and len(res.lines) == 1 and "last good checkpoint" in res.lines[0]
+    assert res.code == 3 and len(res.lines) == 1
+    # the line says what is on disk (issue 22): a kept checkpoint, or none
+    kept = "last good checkpoint kept" in res.lines[0]
+    assert kept == bool(list(run.glob("ckpt_*.pt"))), res.lines[0]
+    assert kept or "no checkpoint was saved" in res.lines[0]
     assert ok and not (run / "TRAINED").exists()
 
 
@@ -616,6 +622,302 @@ def test_sigterm_then_kill_minus_nine_then_resume_lose_no_epoch(tmp_path: Path) 
     assert again.returncode == 0
     assert log == list(range(1, epochs + 1)) and not list(run.glob(".*.tmp"))
     assert (run / "TRAINED").exists()
+
+
+# ------------------------------------------------------------------------------ issue 22
+class Touch:
+    """A pickled object whose unpickling creates ``path`` (proof that code ran)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.path}",))
+
+
+def _evil_cifar(root: Path, marker: Path) -> Path:
+    """A complete CIFAR-10 python layout whose first training batch runs code when
+    unpickled; the other files are valid."""
+    import pickle
+
+    import numpy as np
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3]}
+        if f == "data_batch_1":
+            batch["data"] = Touch(marker)  # type: ignore[assignment]
+        (folder / f).write_bytes(pickle.dumps(batch, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
+    return root
+
+
+def _not_pwned(t: Path) -> bool:
+    return not (t / "pwned").exists()
+
+
+def _robustbench() -> list:
+    try:
+        from benchmark.eval.zoo import import_robustbench
+        import_robustbench()
+    except Exception as exc:  # the zoo extra is not installed
+        return [pytest.mark.skip(reason=f"robustbench not importable: {exc}")]
+    return []
+
+
+def _evil_zoo_weights(t: Path) -> Path:
+    import pickle
+    path = t / "models" / "cifar10" / "Linf" / "Ding2020MMA.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(pickle.dumps({"state_dict": Touch(t / "pwned")}))
+    return t / "models"
+
+
+CASES_22 = [
+    Case("cifar10 batch that runs code", lambda t, tr: [
+        "train", "--defense", "st", "--dataset", "cifar10", "--data-dir",
+        str(_evil_cifar(t / "data", t / "pwned")), "--arch", "tiny", "--runs-dir", str(R(t)),
+        "--no-progress", "--device", "cpu", "--hparams", json.dumps(HP)],
+         "refused global", check=_not_pwned),
+    hp_case("val_size above a fifth of the training set", {"val_size": 4000},
+            "'val_size' 4000 is more than a fifth"),
+    hp_case("lr 1e300 overflows float32", {"lr": 1e300}, "more than a float32 update holds"),
+    hp_case("lr_gamma 1e300 overflows after the first milestone", {"lr_gamma": 1e300},
+            "'lr' × 'lr_gamma'^1 (after epoch 1)"),
+    Case("hparams duplicate key",
+         lambda t, tr: train_args(R(t))[:-1] + ['{"lr": 0.1, "epochs": 1, "lr": 0.2}'],
+         "gives the key 'lr' twice"),
+    Case("train --arch bogus", lambda t, tr: train_args(R(t))[:6] + ["bogus"] + train_args(R(t))[7:],
+         "unknown arch 'bogus'"),
+    Case("run --arch bogus", lambda t, tr: run_args(R(t))[:6] + ["bogus"] + run_args(R(t))[7:],
+         "unknown arch 'bogus'"),
+    Case("malicious RobustBench weights", lambda t, tr: [
+        "evaluate", "--robustbench", "Ding2020MMA", "--model-dir", str(_evil_zoo_weights(t)),
+        "--runs-dir", str(R(t)), "--n-examples", "4", "--no-progress"],
+         "cannot load RobustBench weights", check=_not_pwned, marks=_robustbench()),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=c.marks) for c in CASES_22])
+def test_bad_input_issue_22(case: Case, tmp_path: Path, trained: Path) -> None:
+    test_bad_input(case, tmp_path, trained)
+
+
+def test_ood_set_is_read_only_from_the_named_folder_and_never_runs_code(tmp_path: Path) -> None:
+    """The rejection suite's OOD CIFAR-10 (MNIST-scale runs): a crafted batch in the parent of
+    --data-dir is not read, one in the named folder is refused; no code runs either way."""
+    from benchmark.data import DataInfo
+    from benchmark.eval.rejection import ood_sets
+
+    grey = DataInfo("m", 10, 1, 28, (0.5,), (0.5,), "mnist", flip=False)
+    _evil_cifar(tmp_path, tmp_path / "pwned")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    sets, skipped = ood_sets(grey, 3, empty)
+    assert "cifar10-grey" not in sets and skipped and not (tmp_path / "pwned").exists()
+    sets, skipped = ood_sets(grey, 3, tmp_path)
+    assert "cifar10-grey" not in sets and "refused global" in skipped[0], skipped
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_cifar_batch_of_arrays_lists_and_bytes_still_loads(tmp_path: Path) -> None:
+    """The restricted unpickler admits what the official batches hold (protocols 2 and 5)."""
+    import pickle
+
+    import numpy as np
+    from benchmark.data import read_cifar_batch
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    for proto in (2, 5):
+        (tmp_path / "b").write_bytes(pickle.dumps(
+            {"data": data, "labels": [3, 4], "batch_label": b"x", "filenames": [b"a", b"b"]},
+            protocol=proto))
+        got = read_cifar_batch(tmp_path / "b")
+        assert np.array_equal(got["data"], data) and got["labels"] == [3, 4]
+
+
+def test_a_30000_character_key_is_cut_in_the_error(tmp_path: Path) -> None:
+    res = advbench(*train_args(R(tmp_path), {"k" * 30000: 1}))
+    _count(res, 2, lost=bool(files(R(tmp_path))))
+    assert res.code == 2 and len(res.lines) == 1 and "unknown hyperparameter" in res.lines[0]
+    assert len(res.lines[0]) < 2500 and "more characters" in res.lines[0]
+
+
+def test_cached_rows_and_verdicts_follow_the_checkpoint_contents(tmp_path: Path,
+                                                                 trained: Path) -> None:
+    """Evaluate and check a run, then replace ckpt_best.pt with NaN weights: neither command
+    reuses the rows of the old checkpoint (exit 3), and the old rows are kept aside."""
+    run = copy_run(trained, tmp_path)
+    assert advbench(*_eval_args(run)).code == 0
+    assert advbench("check", "--run", str(run), "--cheap", "--device", "cpu").code == 0
+    old = {f.name for f in (run / "eval").glob("*.json")}
+    nan = ckpt_file(trained, tmp_path, _set_nan)
+    shutil.copy(nan, run / "ckpt_best.pt")
+    for args in (_eval_args(run), ["check", "--run", str(run), "--cheap", "--device", "cpu"]):
+        res = advbench(*args)
+        _count(res, 3, lost=False)
+        assert res.code == 3 and len(res.lines) == 1 and "non-finite weights" in res.lines[0], \
+            res.err
+    assert not any(f.name in old and json.loads(f.read_text()).get("kind") == "attack"
+                   for f in (run / "eval").glob("*.json"))
+    assert {f.name for f in run.glob("stale/*/eval/*.json")} & old
+
+
+def _blow_up_at_epoch_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    import benchmark.run.train as train_mod
+    real = train_mod.train_epoch
+
+    def epoch(model, *a, **k):  # type: ignore[no-untyped-def]
+        stats = real(model, *a, **k)
+        if a[5] == 1:
+            next(p for p in model.parameters() if p.dim() > 1).data.mul_(1e30).mul_(1e30)
+        return stats
+    monkeypatch.setattr(train_mod, "train_epoch", epoch)
+
+
+def test_evaluating_a_run_that_failed_carries_the_failure(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training exits 3 at epoch 2; evaluating its epoch-1 checkpoint warns, and the report
+    marks the row with the health mark and a footnote."""
+    _blow_up_at_epoch_2(monkeypatch)
+    assert advbench(*train_args(R(tmp_path), {"epochs": 3, "lr_milestones": [2]})).code == 3
+    run = next(R(tmp_path).glob("*/*/*"))
+    res = advbench(*_eval_args(run))
+    assert res.code == 0 and any("training failed" in ln for ln in res.lines), res.err
+    assert json.loads((run / "eval" / "health.json").read_text())["verdict"] == "nan"
+    rep = advbench("report", "--runs-dir", str(R(tmp_path)), "--out", str(tmp_path / "out"),
+                   "--no-plots", "--no-print")
+    assert rep.code == 0, rep.err
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| st | " in md and "‡" in md and "non-finite weights or outputs at epoch 2" in md
+
+
+def test_nan_in_the_first_epoch_does_not_claim_a_kept_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import benchmark.run.train as train_mod
+    from benchmark.run.health import DivergedError
+
+    def epoch(*a, **k):  # type: ignore[no-untyped-def]
+        raise DivergedError("st", 1, 0, math.nan)
+    monkeypatch.setattr(train_mod, "train_epoch", epoch)
+    res = advbench(*train_args(R(tmp_path)))
+    _count(res, 3, lost=False)
+    assert res.code == 3 and len(res.lines) == 1, res.err
+    assert "checkpoint kept" not in res.lines[0] and "no checkpoint was saved" in res.lines[0]
+    assert not list(R(tmp_path).glob("*/*/*/ckpt_*.pt"))
+
+
+def test_robustbench_errors_are_one_line_without_warnings(tmp_path: Path) -> None:
+    """In a fresh process (pytest would capture the warnings): no FutureWarning lines."""
+    if _robustbench():
+        pytest.skip("robustbench not importable")
+    for name, needle in (("Bogus2099", "Bogus2099"),
+                         ("Ding2020MMA", "cannot load RobustBench weights")):
+        proc = subprocess.run([sys.executable, "-m", "benchmark.cli", "-q", "evaluate",
+                               "--robustbench", name, "--model-dir", str(tmp_path / "models"),
+                               "--runs-dir", str(R(tmp_path))],
+                              capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        record(clean=proc.returncode == 2 and len(lines) == 1,
+               traceback="Traceback" in proc.stderr, wrong=proc.returncode != 2, lost=False)
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+        if name == "Bogus2099":
+            _evil_zoo_weights(tmp_path)
+    assert not (tmp_path / "pwned").exists()
+
+
+HOSTILE = "<script>alert(1)</script> | **x** \\input{/etc/passwd} `y`"
+
+
+def test_hostile_names_are_escaped_in_markdown_latex_and_csv(tmp_path: Path) -> None:
+    row = {"run_id": "r", "eval_key": "k", "defense": HOSTILE, "dataset": "synthetic",
+           "seed": 0, "checkpoint": "best", "arch": "tiny", "profile": "cpu", "attack": "fgsm",
+           "kind": "attack", "norm": "linf", "eps": 8 / 255, "eps_str": "8/255",
+           "hparams": {"eps": 8 / 255}, "n_examples": 10, "clean_acc": 0.5, "robust_acc": 0.25,
+           "data_provenance": "=cmd|' /C calc'!A0 <b>"}
+    formula = {**row, "eval_key": "k2", "run_id": "r2", "defense": "=HYPERLINK(\"x\")"}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(formula) + "\n")
+    res = advbench("report", "--rows", str(tmp_path / "rows.jsonl"), "--out",
+                   str(tmp_path / "out"), "--no-plots", "--no-print")
+    assert res.code == 0, res.err
+    md = (tmp_path / "out" / "report.md").read_text()
+    outside = re.sub(r"(`+).+?\1", "", md)  # code spans show their text literally
+    assert "<script>" not in outside and "<b>" not in outside and "**x**" not in outside
+    header = next(ln for ln in md.splitlines() if ln.startswith("| defense |"))
+    body = next(ln for ln in md.splitlines() if "alert(1)" in ln and ln.startswith("|"))
+    cells = re.split(r"(?<!\\)\|", body)  # an escaped \| is not a cell border
+    assert len(cells) == len(re.split(r"(?<!\\)\|", header)), body
+    tex = "".join(f.read_text() for f in (tmp_path / "out" / "tables").glob("*.tex"))
+    assert "\\input" not in tex and "\\textbackslash{}input\\{/etc/passwd\\}" in tex
+    assert "<script>" not in tex and "\\textless{}script\\textgreater{}" in tex
+    import csv
+    for f in (tmp_path / "out" / "tables").glob("*.csv"):
+        for rec in csv.reader(f.open()):
+            assert not any(c.startswith(("=", "+", "@")) for c in rec), (f.name, rec)
+
+
+def test_a_refused_run_shows_in_the_report_with_its_reason(
+        tmp_path: Path, trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A nondeterministic eval forward (defense not declared randomized): evaluate refuses
+    (exit 2), and the report lists the run and the reason instead of dropping it."""
+    from defenses import DEFENSES
+    run = copy_run(trained, tmp_path)
+    assert advbench(*_eval_args(run)).code == 0
+    cls = DEFENSES.get("st")
+    real = cls.build_model
+
+    def noisy(self, arch, info):  # type: ignore[no-untyped-def]
+        model = real(self, arch, info)
+        model.register_forward_hook(lambda m, i, out: out + torch.randn_like(out))
+        return model
+    monkeypatch.setattr(cls, "build_model", noisy)
+    res = advbench(*_eval_args(run, "--checkpoint", "last"))
+    assert res.code == 2 and "not deterministic" in res.lines[-1], res.err
+    monkeypatch.setattr(cls, "build_model", real)
+    rep = advbench("report", "--runs-dir", str(R(tmp_path)), "--out", str(tmp_path / "out"),
+                   "--no-plots", "--no-print")
+    assert rep.code == 0, rep.err
+    md = (tmp_path / "out" / "report.md").read_text()
+    section = md.split("Runs refused by evaluation", 1)[1]
+    assert "`st`" in section and "`last`" in section and "not deterministic" in section
+    missing = (tmp_path / "out" / "tables" / "missing.csv").read_text()
+    assert "refused: model is not deterministic" in missing
+
+
+def test_check_defense_accepts_a_declared_randomized_defense() -> None:
+    from benchmark.testing import check_defense
+    from defenses import DEFENSES
+    base = DEFENSES.get("st")
+
+    class Noisy(base):  # type: ignore[misc, valid-type]
+        randomized = True
+
+        def build_model(self, arch, info):  # type: ignore[no-untyped-def]
+            model = super().build_model(arch, info)
+            model.register_forward_hook(lambda m, i, out: out + 0.1 * torch.randn_like(out))
+            return model
+    Noisy.name = "noisy-st"
+    check_defense(Noisy)
+
+
+def test_a_third_party_plugin_that_raises_is_one_line_exit_2(tmp_path: Path) -> None:
+    """An exception from a plugin the user installed is their input (exit 2, one line naming
+    the plugin), not an internal error; no run folder is left."""
+    from defenses import DEFENSES
+    base = DEFENSES.get("st")
+
+    class Broken(base):  # type: ignore[misc, valid-type]
+        def build_model(self, arch, info):  # type: ignore[no-untyped-def]
+            raise RuntimeError("plugin bug")
+    DEFENSES._add("broken-plugin", Broken, "some-dist")
+    try:
+        res = advbench(*train_args(R(tmp_path), defense="broken-plugin"))
+    finally:
+        DEFENSES._entries.pop("broken-plugin", None)
+    _count(res, 2, lost=bool(files(R(tmp_path))))
+    assert res.code == 2 and len(res.lines) == 1, res.err
+    assert "defense plugin 'broken-plugin' from some-dist failed: RuntimeError: plugin bug" \
+        in res.lines[0]
+    assert not files(R(tmp_path))
 
 
 def test_zz_table_counts() -> None:

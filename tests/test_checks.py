@@ -341,7 +341,8 @@ def test_row_more_than_10_points_below_at_is_marked_under_trained() -> None:
 def test_transfer_source_of_an_image_folder_run(tmp_path) -> None:
     """An image-folder dataset (cifar10-jpeg) is not a built-in name: the source lookup takes
     the run's scale instead of failing with 'unknown dataset' (found on a real drp run)."""
-    from benchmark.config import RunConfig, resolve_run_config
+    from benchmark.config import RunConfig
+    from benchmark.run.resolve import resolve_run_config
     from benchmark.eval.checks import transfer_source
 
     cfg = resolve_run_config("drp", "cifar10-jpeg", scale="cifar")

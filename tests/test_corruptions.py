@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmark.eval import corruptions as cc
-from benchmark.config import resolve_run_config
+from benchmark.run.resolve import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.errors import DataError, UsageError
 from benchmark.store import RunStore
@@ -86,7 +86,7 @@ def rgb_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_corruption_rows_hold_the_model_accuracy_per_block(rgb_run: Path,
                                                            tmp_path: Path) -> None:
-    from benchmark.checkpoint import load_model
+    from benchmark.run.resolve import load_model
 
     arrays = write_cifar10c(tmp_path, n=40)
     rows = cc.evaluate_corruptions(rgb_run, tmp_path, n_examples=30, batch_size=16)

@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmark.config import resolve_run_config
+from benchmark.run.resolve import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.eval.evaluate import evaluate_run
-from benchmark.protocols import resolve_specs
+from benchmark.run.protocols import resolve_specs
 from benchmark.report.report import build_table, load_records
 from benchmark.report.tables import TABLES, frames
-from benchmark.run.cost import cost_row
+from benchmark.run.cost import cost_row, cost_rows
 from benchmark.run.train import train_run
 from benchmark.store import RunStore, read_jsonl
 from benchmark.testing import TINY_INFO, make_defense
@@ -95,7 +95,7 @@ def test_cost_rows_of_real_runs_add_the_helper_and_reach_table1(tmp_path: Path) 
     assert cost_row(hat)["peak_mem_mb"] is None
 
     evaluate_run(hat, resolve_specs("fgsm", "cifar"), n_examples=16, data=data, progress=False)
-    records = load_records(tmp_path)
+    records = load_records(tmp_path, extra=cost_rows(tmp_path))
     assert {r["run_id"] for r in records if r.get("kind") == "cost"} == {hat.name, st_dir.name}
     wide = build_table(TABLES[2], frames(records)["attack"],
                        pd.MultiIndex.from_tuples([("tiny", "best", "hat")],

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from benchmark.run import distributed
-from benchmark.checkpoint import load_model
-from benchmark.config import resolve_run_config
+from benchmark.run.resolve import load_model
+from benchmark.run.resolve import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.errors import UsageError
 from benchmark.store import RunStore
@@ -90,7 +90,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path: Path) -> None:
 
 
 def _initial(cfg: object) -> dict[str, torch.Tensor]:
-    from benchmark.checkpoint import build_defense
+    from benchmark.run.resolve import build_defense
     from benchmark.data import dataset_info
     from benchmark.run.train import seed_everything
     seed_everything(cfg.seed)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmark import models
-from benchmark.config import resolve_run_config
+from benchmark.run.resolve import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.errors import UsageError
 from benchmark.store import RunStore, read_jsonl

@@ -17,7 +17,7 @@ from benchmark.data import load_dataset
 from benchmark.errors import UsageError
 from benchmark.eval.evaluate import (adapt_spec, attack_points, effective_n, eval_key, evaluate_path,
                                 evaluate_run, load_flags, open_target, predict)
-from benchmark.protocols import AttackSpec, attack_specs, resolve_specs
+from benchmark.run.protocols import AttackSpec, attack_specs, resolve_specs
 from benchmark.testing import tiny_st_run
 
 N = 48

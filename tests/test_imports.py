@@ -1,13 +1,17 @@
 """The import graph of ``benchmark/`` (read with ast, nothing imported): no circle, layers
-only import downwards (report → eval → run → core), and the report imports no defense."""
+only import downwards (report → eval → run → core), the core names no plugin package
+(``defenses``, ``attacks``: they build on the core, and ``benchmark/run/resolve.py`` joins
+them), and the report imports no defense and nothing from ``run/`` (it reads rows)."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "benchmark"
-#: above every layer: the command line, the sweep that joins the layers, the plugin test kit
-APP = {"benchmark.cli", "benchmark.sweep", "benchmark.testing"}
+#: above every layer: the command line, the sweep that joins the layers, the plugin test kit,
+#: and the package's public façade (``benchmark.load_model``)
+APP = {"benchmark", "benchmark.cli", "benchmark.sweep", "benchmark.testing"}
+PLUGINS = ("defenses", "attacks")
 RANK = {"core": 0, "run": 1, "eval": 2, "report": 3, "app": 4}
 
 
@@ -100,3 +104,30 @@ def test_evaluation_modules_share_one_entry_and_do_not_import_each_other() -> No
     for m in commands:
         assert "benchmark.eval.target" in GRAPH[m], m
         assert not GRAPH[m] & (commands - {m}), f"{m} imports {GRAPH[m] & commands}"
+
+
+def _names_plugin(dep: str) -> bool:
+    return any(dep == p or dep.startswith(p + ".") for p in PLUGINS)
+
+
+def test_the_core_imports_no_plugin_package() -> None:
+    core = sorted(m for m in MODULES if layer(m) == "core")
+    assert {"benchmark.config", "benchmark.checkpoint", "benchmark.store"} <= set(core)
+    bad = sorted(f"{m} -> {d}" for m in core for d in imports(m) if _names_plugin(d))
+    assert not bad, "the core names a plugin package:\n" + "\n".join(bad)
+
+
+def test_the_report_imports_nothing_from_run() -> None:
+    bad = sorted(f"{m} -> {d}" for m in MODULES if layer(m) == "report"
+                 for d in imports(m) if d == "benchmark.run" or d.startswith("benchmark.run."))
+    assert not bad, bad
+
+
+def test_the_layer_checks_can_fail() -> None:
+    """The two rules above see a violation written the ways the tree writes imports."""
+    tree = ast.parse("def f():\n    from defenses import DEFENSES\nimport attacks.base\n"
+                     "from benchmark.run.cost import cost_rows\n")
+    names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+        {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert _names_plugin("defenses") and _names_plugin("attacks.base")
+    assert {"defenses", "attacks.base", "benchmark.run.cost"} <= names

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from benchmark.run import launch
 from benchmark.cli import cli
-from benchmark.config import resolve_run_config
+from benchmark.run.resolve import resolve_run_config
 from benchmark.errors import UsageError
 from benchmark.store import RunStore, read_json
 from benchmark.sweep import run_job

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmark.eval import metrics
-from benchmark.config import resolve_run_config
+from benchmark.run.resolve import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.store import RunStore
 from benchmark.run.train import train_run
@@ -97,7 +97,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_features_rows_use_test_features_and_classifier_weights(tiny_run: Path) -> None:
-    from benchmark.checkpoint import load_model
+    from benchmark.run.resolve import load_model
     from benchmark.eval.features import evaluate_features
 
     rows = evaluate_features(tiny_run, n_examples=64)
@@ -115,7 +115,7 @@ def test_features_rows_use_test_features_and_classifier_weights(tiny_run: Path) 
     assert by["clean"]["centers"] == "classifier weights" and by["clean"]["n_examples"] == 64
     assert by["clean"]["accuracy"] == pytest.approx(acc)
     from benchmark.eval.evaluate import evaluate_run
-    from benchmark.protocols import attack_specs
+    from benchmark.run.protocols import attack_specs
     ev = evaluate_run(tiny_run, [attack_specs("cifar")["fgsm"]], n_examples=64, progress=False)
     assert ev[0]["clean_acc"] == pytest.approx(by["clean"]["accuracy"])  # one point set
     adv = by["pgd20"]

@@ -12,13 +12,12 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from attacks.base import Norm, ThreatModel
 from benchmark.cli import cli
-from benchmark.config import resolve_run_config
+from benchmark.run.resolve import resolve_run_config
 from benchmark.data import DataInfo, load_dataset
 from benchmark.eval.rejection import (DetectorObjective, _convert, adaptive_attack, auroc,
                                       fpr_at, ood_sets, roc_points, threshold_at_tpr)
-from benchmark.protocols import AttackSpec
+from benchmark.run.protocols import AttackSpec
 from benchmark.store import RunStore
 from benchmark.run.train import train_run
 
@@ -192,10 +191,12 @@ def test_ood_source_is_never_the_runs_own_image_folder(tmp_path: Path) -> None:
     rgb = DataInfo("c", 10, 3, 32, (0.5,) * 3, (0.5,) * 3, "cifar")
     sets, skipped = ood_sets(rgb, 3, own)
     assert "mnist-rgb" not in sets and "mnist-rgb skipped" in skipped[0]
-    digits = tmp_path / "mnist"  # a sibling image folder named after the source is used
+    digits = tmp_path / "mnist"  # a sibling image folder named after the source
     for split in ("train", "test"):
         (digits / split / "0").mkdir(parents=True)
         Image.new("L", (28, 28), 255).save(digits / split / "0" / "a.png")
-    sets, skipped = ood_sets(rgb, 3, own)
+    sets, skipped = ood_sets(rgb, 3, own)  # the parent of --data-dir is never read
+    assert "mnist-rgb" not in sets and "mnist-rgb skipped" in skipped[0]
+    sets, skipped = ood_sets(rgb, 3, tmp_path)  # the folder named as --ood-data-dir is
     assert not skipped and sets["mnist-rgb"][0].shape == (1, 3, 32, 32)
     assert torch.allclose(sets["mnist-rgb"][0], torch.ones(1, 3, 32, 32))

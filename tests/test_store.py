@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.config import RunConfig, merge_hparams, parse_hparams, resolve_run_config, stable_hash
+from benchmark.config import RunConfig, merge_hparams, parse_hparams, stable_hash
+from benchmark.run.resolve import resolve_run_config
 from benchmark.errors import CheckpointError, UsageError
 from benchmark.store import (JobState, RunStore, append_jsonl, atomic_write_json, read_jsonl,
                              safe_torch_load)
@@ -144,7 +145,7 @@ def test_checkpoints_load_weights_only(tmp_path: Path) -> None:
 
 
 def test_helper_run_shares_the_protocol_overrides_but_not_the_defense_hparams() -> None:
-    from benchmark.config import helper_config
+    from benchmark.run.resolve import helper_config
     hat = resolve_run_config("hat", "synthetic", arch="tiny", seed=3,
                              user_hparams={"train_subset": 100, "epochs": 2, "beta": 4.0})
     helper = helper_config("st", hat)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmark import load_model
-from benchmark.config import resolve_run_config
+from benchmark.run.resolve import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.errors import CheckpointError, TrainingError, UsageError
 from benchmark.store import RunStore, read_jsonl
@@ -110,7 +110,8 @@ def test_load_model_gives_eval_logits_on_unit_inputs(tmp_path: Path) -> None:
 
 def test_mnist_trains_without_augmentation_in_every_profile() -> None:
     """Madry's and TRADES's MNIST protocols use no augmentation; CIFAR keeps crop + flip."""
-    from benchmark.config import PROFILES, resolve_run_config
+    from benchmark.config import PROFILES
+    from benchmark.run.resolve import resolve_run_config
     for profile in PROFILES:
         for dataset in ("mnist", "mnist5k"):
             assert resolve_run_config("at", dataset, profile=profile).hparams["augment"] is False

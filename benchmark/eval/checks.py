@@ -57,8 +57,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.config import helper_config, stable_hash
-from benchmark.protocols import SUITE_EPS, AttackSpec, attack_specs, format_eps
+from benchmark.config import stable_hash
+from benchmark.run.resolve import helper_config
+from benchmark.run.protocols import SUITE_EPS, AttackSpec, attack_specs, format_eps
 from benchmark.store import atomic_torch_save, atomic_write_json, code_version, now, read_json, \
     safe_torch_load
 
@@ -321,7 +322,7 @@ class Checker:
 
     def _strongest(self, fmt: str, eps: float, default: Optional[int]) -> Optional[AttackSpec]:
         """The largest Table 6/7 budget with an existing row, else ``default`` (None: none)."""
-        from benchmark.protocols import TABLE6_STEPS, TABLE7_RESTARTS
+        from benchmark.run.protocols import TABLE6_STEPS, TABLE7_RESTARTS
         base = int(attack_specs(self.scale)["pgd"].hparams["steps"]) if "k" in fmt else 1
         values = [v for v in (TABLE6_STEPS if "k" in fmt else TABLE7_RESTARTS) if v > base]
         have = [v for v in values if self.existing(self._dyn(fmt.format(v), eps))]
@@ -330,7 +331,7 @@ class Checker:
         return self._dyn(fmt.format(max(have) if have else default), eps)
 
     def _dyn(self, label: str, eps: float) -> AttackSpec:
-        from benchmark.protocols import resolve_specs
+        from benchmark.run.protocols import resolve_specs
         spec = resolve_specs(label, self.scale)[0].with_eps(eps)
         return spec.with_hparams(**self.overrides.get(spec.attack, {}))
 
@@ -472,8 +473,8 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
         if src_path is None:
             return None
         if "src" not in cache:
-            from benchmark.checkpoint import model_from_checkpoint, read_checkpoint, \
-                resolve_checkpoint
+            from benchmark.checkpoint import read_checkpoint, resolve_checkpoint
+            from benchmark.run.resolve import model_from_checkpoint
             ck = resolve_checkpoint(src_path, "best") if src_path.is_dir() else src_path
             cache["src"] = model_from_checkpoint(read_checkpoint(ck))[0].to(dev).eval()
         return cache["src"]

@@ -36,7 +36,7 @@ from benchmark.eval.flags import (ATTACK_SEED, adapt_spec, attack_points, effect
                                   eval_key, load_flags, predict, predict_flags, prefix_stats,
                                   robust_flags)
 from benchmark.eval.target import Target, check_model, open_target
-from benchmark.protocols import AttackSpec, parse_eps_list, resolve_specs
+from benchmark.run.protocols import AttackSpec, parse_eps_list, resolve_specs
 from benchmark.store import (atomic_torch_save, atomic_write_json, clean_tmp, read_row,
                              safe_torch_load)
 from benchmark.validate import check_eval_sizes, check_row

@@ -5,7 +5,7 @@ on the penultimate features ``model.features(x)`` of ``n`` test points (all of t
 first ``n`` of the dataset's test order: the same points ``advbench evaluate`` attacks, so that
 Table 4 and the accuracy tables describe one point set; loaders hold test sets stored class by
 class in one fixed shuffled order), once clean and once at x' from PGD-20 (the ``pgd20``
-column of :mod:`benchmark.protocols`: l∞, ε of the dataset scale, 20 steps of ε/10,
+column of :mod:`benchmark.run.protocols`: l∞, ε of the dataset scale, 20 steps of ε/10,
 attacking every point with its true label). Class centres
 come from ``defense.class_centers(model)``: prototypes for prototype defenses, the
 classifier weights otherwise (paper eq. 10). Each condition is one ``"kind": "features"``
@@ -29,7 +29,7 @@ from benchmark.data import Data
 from benchmark.errors import UsageError
 from benchmark.eval.metrics import feature_metrics
 from benchmark.eval.target import Target, check_model, open_target
-from benchmark.protocols import AttackSpec
+from benchmark.run.protocols import AttackSpec
 from benchmark.store import atomic_write_json, read_row
 from benchmark.validate import check_row
 
@@ -42,7 +42,7 @@ def adversarial_spec(scale: str, label: str = "pgd20") -> AttackSpec:
     Raises:
         UsageError: no such column.
     """
-    from benchmark.protocols import attack_specs
+    from benchmark.run.protocols import attack_specs
 
     specs = attack_specs(scale)
     if label not in specs:
@@ -152,7 +152,7 @@ def figure2_panels(run_dir: Path | str, *, checkpoint: str = "best",
     """
     run = open_target(run_dir, checkpoint, device=device)
     x, y = _test_points(run, data, data_dir, n_examples)
-    from benchmark.protocols import attack_specs
+    from benchmark.run.protocols import attack_specs
     spec = attack_specs(run.info.scale)["pgd"]
     clean, _ = extract(run.model, x[:2], y[:2])
     if clean.shape[1] != 2:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from attacks.base import Attack, Objective
 from benchmark.config import DEFAULT_N_EXAMPLES, stable_hash
-from benchmark.protocols import AttackSpec
+from benchmark.run.protocols import AttackSpec
 from benchmark.store import atomic_torch_save, safe_torch_load
 
 logger = logging.getLogger(__name__)

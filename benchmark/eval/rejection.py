@@ -52,7 +52,7 @@ from benchmark.data import Data, DataInfo, load_dataset
 from benchmark.device import default_eval_batch_size
 from benchmark.errors import DataError, UsageError
 from benchmark.eval.target import check_model, open_target
-from benchmark.protocols import AttackSpec, attack_specs
+from benchmark.run.protocols import AttackSpec, attack_specs
 
 logger = logging.getLogger(__name__)
 DEFAULT_LAMBDAS = (0.1, 1.0, 10.0)
@@ -135,9 +135,9 @@ def ood_sets(info: DataInfo, n: int, data_dir: Optional[Path | str]
     skipped = []
     name, source = OOD_SOURCES[info.scale]
     root = Path(data_dir).expanduser() if data_dir else None
-    # the source may sit beside the run's own data (e.g. --data-dir /work/data/cifar10-jpeg
-    # for the run, /work/data/MNIST for the OOD digits): look in the folder and its parent
-    roots = [root, root.parent] if root is not None else []
+    # only the folder the user named (--ood-data-dir, else --data-dir), never its parent: a
+    # folder nobody named is not read (CIFAR batches are read without running code anyway)
+    roots = [root] if root is not None else []
     errors = []
     for cand in roots:
         # a sub-folder named after the source only: the folder itself is the run's own data
@@ -145,14 +145,14 @@ def ood_sets(info: DataInfo, n: int, data_dir: Optional[Path | str]
                        if (cand / nm / "train").is_dir() and (cand / nm / "test").is_dir()), None)
         try:
             if folder is not None:
-                x, prov = _folder_test_images(folder, n), f"{source} test images from {folder}"
+                x, prov = _folder_test_images(folder, n), f"{source} test images from {folder.name}"
             elif (cand / "train").is_dir() and (cand / "test").is_dir():
                 raise DataError(f"{cand} is an image folder (the run's own data?), not a "
                                 f"{source} root")
             else:
                 data = load_dataset(source, cand)
                 x, _ = data.test.subset(torch.arange(min(n, len(data.test)))).floats()
-                prov = f"{source} test images ({data.info.provenance}) from {cand}"
+                prov = f"{source} test images ({data.info.provenance}) from {cand.name}"
         except (DataError, OSError) as exc:
             errors.append(str(exc).splitlines()[0])
             continue
@@ -160,8 +160,8 @@ def ood_sets(info: DataInfo, n: int, data_dir: Optional[Path | str]
                                          f"{info.image_size}×{info.image_size}")
         break
     else:
-        msg = (f"OOD set {name} skipped: no {source} under --data-dir or its parent "
-               f"({'; '.join(errors) or 'no --data-dir given'})")
+        msg = (f"OOD set {name} skipped: no {source} under the OOD data folder "
+               f"({'; '.join(errors) or 'no --ood-data-dir or --data-dir given'})")
         logger.warning(msg)
         skipped.append(msg)
     return sets, skipped

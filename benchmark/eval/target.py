@@ -27,12 +27,13 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from benchmark.checkpoint import model_from_checkpoint, read_checkpoint, resolve_checkpoint
-from benchmark.config import DEFAULT_N_EXAMPLES, RunConfig
+from benchmark.checkpoint import read_checkpoint, resolve_checkpoint
+from benchmark.run.resolve import model_from_checkpoint
+from benchmark.config import DEFAULT_N_EXAMPLES, RunConfig, stable_hash
 from benchmark.data import Data, DataInfo, load_dataset
 from benchmark.device import resolve_device
 from benchmark.errors import NonFiniteError, UsageError
-from benchmark.store import code_version, environment, now, read_json
+from benchmark.store import atomic_write_json, code_version, environment, now, read_json
 from benchmark.validate import check_finite_model
 
 logger = logging.getLogger(__name__)
@@ -139,12 +140,47 @@ def open_target(path: Path | str, checkpoint: str = "best", *, device: str | tor
     if path.is_dir():
         out = path
         config = read_json(path / "config.json") if (path / "config.json").exists() else {}
+        retire_stale_rows(path, checkpoint, ckpt_path)
+        if config:
+            carry_training_failure(path)
     else:
         checkpoint = "file-" + hashlib.sha256(ckpt_path.read_bytes()).hexdigest()[:12]
         out = Path(out_dir) if out_dir else path.parent / f"{path.stem}-eval"
         config = {}
-    return Target(model.to(dev).eval(), defense, cfg, info, dev, ckpt_path, checkpoint,
-                  int(ckpt.get("epoch", 0)), out, config)
+    t = Target(model.to(dev).eval(), defense, cfg, info, dev, ckpt_path, checkpoint,
+               int(ckpt.get("epoch", 0)), out, config)
+    if path.is_dir():
+        refuse_nondeterministic(t)
+    return t
+
+
+#: the row a run refused by evaluation leaves, so that the report shows it with its reason
+REFUSED_KIND = "refused"
+
+
+def refuse_nondeterministic(t: Target) -> None:
+    """A run whose eval-mode forward is not deterministic and whose defense is not declared
+    randomized cannot be evaluated: leave a ``"kind": "refused"`` row with the reason (the
+    report lists the run instead of dropping it), then refuse. A run that passes loses an
+    earlier refusal row of the same checkpoint.
+
+    Raises:
+        UsageError: the forward is nondeterministic and the defense is not ``randomized``.
+    """
+    key = "refused-" + stable_hash({"run_id": t.cfg.run_id, "checkpoint": t.checkpoint})
+    path = t.out_dir / "eval" / f"{key}.json"
+    if not getattr(t.defense, "randomized", False):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(4, t.info.in_channels, t.info.image_size, t.info.image_size,
+                       generator=gen).to(t.device)
+        with torch.no_grad():
+            a, b = t.model(x), t.model(x)
+        if bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all()) and \
+                not torch.equal(a, b):
+            reason = "model is not deterministic in eval mode; mark the defense randomized"
+            atomic_write_json(path, {**t.row(key, REFUSED_KIND), "reason": reason})
+            raise UsageError(reason)
+    path.unlink(missing_ok=True)
 
 
 def check_model(model: nn.Module, x: Tensor, *, randomized: bool = False) -> None:
@@ -170,3 +206,72 @@ def check_model(model: nn.Module, x: Tensor, *, randomized: bool = False) -> Non
         logger.warning("model outputs look like probabilities; attacks expect logits")
     if not randomized and not torch.equal(a, b):
         raise UsageError("model is not deterministic in eval mode; mark the defense randomized")
+
+
+#: the SHA-256 of the checkpoint file a run's rows were computed on, per checkpoint label
+STAMP = "eval/.checkpoint-{}.sha256"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def retire_stale_rows(run_dir: Path, checkpoint: str, ckpt_path: Path) -> int:
+    """Keep cached rows only while the checkpoint they were computed on is unchanged.
+
+    The first evaluation of a checkpoint stamps its content hash (``eval/.checkpoint-<label>
+    .sha256``). When the file's content no longer matches the stamp (retrained, replaced, or
+    overwritten by NaN weights), the rows of that checkpoint label (``eval/*.json``) and their
+    flags move to ``stale/<old hash>/``, so every command (evaluate, check, features,
+    corruptions, rejection) recomputes instead of reusing them. Rows from before stamps
+    existed are trusted once (the stamp is written then). Returns the number of rows moved.
+    """
+    stamp = run_dir / STAMP.format(checkpoint)
+    sha = file_sha256(ckpt_path)
+    old = stamp.read_text().strip() if stamp.is_file() else None
+    moved = 0
+    if old is not None and old != sha:
+        dest = run_dir / "stale" / old[:16]
+        for f in sorted((run_dir / "eval").glob("*.json")):
+            try:
+                row = read_json(f)
+            except Exception:  # an unreadable row is recomputed anyway
+                continue
+            if not isinstance(row, dict) or row.get("checkpoint") != checkpoint:
+                continue
+            key = str(row.get("eval_key") or f.stem)
+            for src in [f, *(run_dir / "flags").glob(f"{key}.*")]:
+                target = dest / src.parent.name / src.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src.replace(target)
+            moved += 1
+        logger.info("%s changed since its %d result row(s) were computed (sha256 %s, was %s): "
+                    "they moved to %s and are recomputed", ckpt_path, moved, sha[:12], old[:12],
+                    dest)
+    if old != sha:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(sha + "\n")
+    return moved
+
+
+def carry_training_failure(run_dir: Path) -> Optional[dict[str, Any]]:
+    """A run whose training failed (NaN, ``FAILED.json``) or never finished is evaluated with
+    a warning, and its health row is (re)written so the report marks its rows (‡).
+
+    Returns:
+        the health row when the run is not healthy-finished, else None.
+    """
+    from benchmark.run.health import FAILURE_FILE, write_health
+
+    if (run_dir / "TRAINED").exists() and not (run_dir / FAILURE_FILE).exists():
+        return None
+    health = write_health(run_dir)
+    logger.warning("%s: training %s (%s); its rows are marked unhealthy in the report",
+                   run_dir, "failed" if health.get("verdict") == "nan" else "did not finish",
+                   "; ".join(health.get("reasons") or []) or health.get("verdict"))
+    return health

@@ -26,6 +26,7 @@ import logging
 import re
 import sys
 import types
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,7 +35,7 @@ from torch import nn
 from attacks.base import ce_objective
 from benchmark.config import RunConfig, stable_hash
 from benchmark.data import dataset_info
-from benchmark.errors import UsageError
+from benchmark.errors import AdvbenchError, CheckpointError, UsageError
 from benchmark.eval.target import Target
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,9 @@ def zoo_target(name: str, *, threat: str = "Linf", dataset: str = "cifar10",
         raise UsageError(f"--dataset for RobustBench models: one of {', '.join(DATASETS)}")
     if threat not in THREATS:
         raise UsageError(f"--threat: one of {', '.join(THREATS)}")
-    rb = import_robustbench()
+    with warnings.catch_warnings():  # robustbench's imports warn about torch APIs
+        warnings.simplefilter("ignore", FutureWarning)
+        rb = import_robustbench()
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 
@@ -154,8 +157,17 @@ def zoo_target(name: str, *, threat: str = "Linf", dataset: str = "cifar10",
         raise UsageError(f"no weights for {name} at {missing[0]} (RobustBench layout "
                          f"MODEL_DIR/{dataset}/{threat}/{name}.pt); put them there or pass "
                          f"--download to let robustbench fetch them")
-    model = rb.utils.load_model(name, model_dir=str(model_dir), dataset=dataset,
-                                threat_model=threat).eval()
+    try:
+        with warnings.catch_warnings():  # torch.load's notes on a foreign file: not ours
+            warnings.simplefilter("ignore")
+            model = rb.utils.load_model(name, model_dir=str(model_dir), dataset=dataset,
+                                        threat_model=threat).eval()
+    except (AdvbenchError, OSError):
+        raise
+    except Exception as exc:  # a foreign file at the I/O boundary: the user's input
+        why = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(f"cannot load RobustBench weights {files[0]}: "
+                              f"{type(exc).__name__}: {why}") from None
     info = published(name, dataset, threat)
     norm, eps = THREATS[threat]
     arch = info.get("architecture") or type(model).__name__
@@ -189,7 +201,7 @@ def evaluate_zoo(name: str, *, threat: str = "Linf", dataset: str = "cifar10",
     number of test points (``paper``: the whole test set) and the report section.
     """
     from benchmark.eval.evaluate import evaluate_target
-    from benchmark.protocols import parse_eps_list, resolve_specs
+    from benchmark.run.protocols import parse_eps_list, resolve_specs
 
     t = zoo_target(name, threat=threat, dataset=dataset, model_dir=model_dir,
                    runs_dir=runs_dir, profile=profile, download=download, device=device)

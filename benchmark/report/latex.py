@@ -22,10 +22,19 @@ _SYMBOLS = {"∞": r"$\infty$", "ε": r"$\epsilon$", "↓": r"$\downarrow$", "�
             "×": r"$\times$", "…": r"\dots{}"}
 
 
+#: LaTeX's special characters as text (backslash first: the others' escapes contain one)
+_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+             "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+             "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}",
+             "|": r"\textbar{}"}
+_SPECIAL_RE = re.compile("|".join(re.escape(c) for c in _SPECIALS))
+
+
 def tex_escape(text: str) -> str:
-    """Plain text → LaTeX (special characters escaped, the tables' symbols in math mode)."""
-    out = re.sub(r"([&%$#_{}])", r"\\\1", str(text)).replace("~", r"\textasciitilde{}") \
-        .replace("^", r"\textasciicircum{}")
+    """Plain text → LaTeX: every special character (backslash included, so a name cannot
+    carry a command such as ``\\input{...}``) as text, line breaks as spaces, the tables'
+    symbols in math mode."""
+    out = _SPECIAL_RE.sub(lambda m: _SPECIALS[m.group(0)], " ".join(str(text).split()))
     for sym, tex in _SYMBOLS.items():
         out = out.replace(sym, tex)
     return out

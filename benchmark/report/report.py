@@ -28,13 +28,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
-from benchmark.run.cost import cost_rows
+from benchmark.data import public_provenance
 from benchmark.store import RunStore, atomic_write_bytes, read_jsonl
 from benchmark.report import verdicts as vd
 from benchmark.report.latex import tex_escape, to_latex
@@ -77,22 +78,27 @@ def _usable_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_records(source: Path | str | pd.DataFrame | Iterable[dict]) -> list[dict[str, Any]]:
+def load_records(source: Path | str | pd.DataFrame | Iterable[dict], *,
+                 extra: Iterable[dict] = ()) -> list[dict[str, Any]]:
     """Rows from a runs folder, a ``rows.jsonl`` file, a DataFrame or dicts; sorted, deduplicated.
 
-    A runs folder also gives one ``"kind": "cost"`` row per trained run (:mod:`benchmark.run.cost`).
+    ``extra`` rows join them: ``advbench report`` passes the ``"kind": "cost"`` row of each
+    trained run (:mod:`benchmark.run.cost` computes them; the report only reads rows).
 
     Rows with the same ``eval_key`` are kept once (the last one read).
     """
     if isinstance(source, (str, Path)):
         p = Path(source)
-        rows = _usable_rows(p) + ([] if p.is_file() else cost_rows(p))
+        rows = _usable_rows(p)
     elif isinstance(source, pd.DataFrame):
         rows = [_clean_record(r) for r in source.to_dict(orient="records")]
     else:
         rows = [dict(r) for r in source]
+    rows += [dict(r) for r in extra]
     unique: dict[str, dict] = {}
     for i, r in enumerate(rows):
+        if r.get("data_provenance"):  # no local paths in a published report
+            r = {**r, "data_provenance": public_provenance(r["data_provenance"])}
         unique[str(r.get("eval_key") or f"#{i}")] = r
 
     def key(r: dict) -> tuple:
@@ -111,9 +117,71 @@ def write_rows(records: list[dict], path: Path) -> None:
                                      for r in records).encode())
 
 
+# ------------------------------------------------------------------------------ escaping
+#: Markdown characters that text from rows (defense names, labels, reasons) must not use as
+#: syntax: raw HTML and entities, code spans, table cells, bold, and the backslash itself
+#: (``_`` and brackets stay: an intraword ``_`` is not emphasis, and ``](`` is broken below)
+_MD_SPECIALS = re.compile(r"([\\`*<>|&])")
+
+
+def md_escape(text: object) -> str:
+    """Text from rows or configs → Markdown that shows it literally (one line; ``<script>``
+    cannot become HTML, ``|`` a cell break, ``[x](url)`` a link, ``**`` bold)."""
+    out = _MD_SPECIALS.sub(r"\\\1", " ".join(str(text).split()))
+    return out.replace("](", "]\\(")
+
+
+def md_code(text: object) -> str:
+    """Text as a Markdown code span whose fence is longer than any backtick run inside it
+    (CommonMark), one line, with ``|`` escaped for GFM tables."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    fence = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _code_safe(text: object) -> str:
+    """Text for a single-backtick code span written by code outside this module (verdict
+    footnotes): one line, no backtick, no ``|``."""
+    return " ".join(str(text).split()).replace("`", "'").replace("|", "/")
+
+
+def _md_verdicts(verdicts: dict) -> dict:
+    """The verdicts with names and reasons made safe for the Markdown footnotes."""
+    return {(a, c, _code_safe(n)): vd.RowVerdict([md_escape(u) for u in v.unhealthy],
+                                                 [md_escape(f) for f in v.failed], v.passed)
+            for (a, c, n), v in verdicts.items()}
+
+
+#: a CSV cell starting with one of these is read as a formula by spreadsheets
+_CSV_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: Any) -> Any:
+    """A text cell for a CSV file: a leading formula character is neutralised with ``'``
+    (CSV injection); numbers and other values pass unchanged (quoting is the CSV writer's)."""
+    if isinstance(value, str) and value.startswith(_CSV_FORMULA):
+        return "'" + value
+    return value
+
+
+def _csv_safe(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with its text index levels and text cells passed through :func:`csv_text`."""
+    out = table.copy()
+    if isinstance(out.index, pd.MultiIndex):
+        out.index = pd.MultiIndex.from_tuples([tuple(csv_text(v) for v in i) for i in out.index],
+                                              names=out.index.names)
+    else:
+        out.index = pd.Index([csv_text(v) for v in out.index], name=out.index.name)
+    for c in out.columns:
+        if out[c].dtype == object:
+            out[c] = out[c].map(csv_text)
+    return out
+
+
 # ------------------------------------------------------------------------------ tables
 def to_csv(table: pd.DataFrame) -> str:
-    return table.to_csv(float_format="%.4f", na_rep="NaN", lineterminator="\n")
+    return _csv_safe(table).to_csv(float_format="%.4f", na_rep="NaN", lineterminator="\n")
 
 
 def _fmt(v: float, s: float, d: int) -> str:
@@ -139,7 +207,7 @@ def to_markdown(table: pd.DataFrame, spec: Optional[TableSpec] = None, *,
     parts = []
     for (arch, ckpt), block in table.groupby(level=BLOCK, sort=False):
         rel = verdicts is not None and spec.has_reliability
-        lines = [f"#### arch `{arch}`, checkpoint `{ckpt}`", "",
+        lines = [f"#### arch {md_code(arch)}, checkpoint {md_code(ckpt)}", "",
                  "| defense | " + " | ".join(display(c) for c in cols) + " | seeds |"
                  + (" reliable |" if rel else ""),
                  "|---|" + "---:|" * len(cols) + "---:|" + ("---|" if rel else "")]
@@ -164,14 +232,15 @@ def to_markdown(table: pd.DataFrame, spec: Optional[TableSpec] = None, *,
                 cells.append((f"**{text}**" if c in best and round(v, d) == best[c] else text)
                              + (f" {mark}" if mark else ""))
                 if counts is not None and 0 < counts.loc[idx, c] < r["n_seeds"]:
-                    partial.append(f"- `{name}` / {display(c)}: {counts.loc[idx, c]} of "
+                    partial.append(f"- {md_code(name)} / {display(c)}: {counts.loc[idx, c]} of "
                                    f"{int(r['n_seeds'])} seeds")
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {int(r['n_seeds'])} |" + (
+            lines.append(f"| {md_escape(name)} | " + " | ".join(cells) + f" | {int(r['n_seeds'])} |" + (
                 f" {_reliable(verdicts, idx)} |" if rel else ""))
         if points and points.get((arch, ckpt)):
             lines += ["", "Test points per column: " + ", ".join(
                 f"{display(c)} {n}" for c, n in points[(arch, ckpt)].items()) + "."]
-        notes = vd.footnotes(verdicts, arch, ckpt, [i[-1] for i in block.index],
+        notes = vd.footnotes(_md_verdicts(verdicts), arch, ckpt,
+                             [_code_safe(i[-1]) for i in block.index],
                              spec.has_reliability) if verdicts else []
         if notes:
             lines += ["", "Verdicts (`advbench check`; thresholds in benchmark/eval/checks.py "
@@ -198,9 +267,9 @@ def _missing_lines(missing: list[tuple[str, str]], cols: list[str], spec: TableS
     out = []
     for name, absent in by_name.items():
         if len(absent) == len(cols) and len(cols) > 1:
-            out.append(f"- `{name}`: no rows for this table")
+            out.append(f"- {md_code(name)}: no rows for this table")
         else:
-            out += [f"- `{name}` / {display(c)}: {spec.why(c)}" for c in absent]
+            out += [f"- {md_code(name)} / {display(c)}: {spec.why(c)}" for c in absent]
     return out
 
 
@@ -255,8 +324,9 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
                 if vd.has_verdicts(recs) else None
             numeric = wide.assign(**vd.csv_columns(verdicts, wide.index)) \
                 if verdicts is not None and spec.has_reliability else wide
-            md = (f"### {title} — `{dataset}`, profile `{profile}`\n\n"
-                  f"Data: {prov or 'provenance not recorded'}.{extra} Profile `{profile}`. "
+            md = (f"### {title} — {md_code(dataset)}, profile {md_code(profile)}\n\n"
+                  f"Data: {md_escape(prov or 'provenance not recorded')}.{md_escape(extra)} "
+                  f"Profile {md_code(profile)}. "
                   + (spec.note + " " if spec.note else "")
                   + "Cells: mean ± std over seeds (std only with several seeds); best per column "
                     "in bold.\n\n"
@@ -273,15 +343,35 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
                 missing += [{"table": stem, "arch": idx[0], "checkpoint": idx[1],
                              "defense": idx[2], "column": c, "reason": spec.why(c)}
                             for c in columns if pd.isna(r[c])]
+        refused = refused_section(recs, dataset, profile)
+        if refused:
+            mds.append(refused)
+            missing += [{"table": f"*_{suffix}", "arch": r.get("arch"),
+                         "checkpoint": r.get("checkpoint"), "defense": r.get("defense"),
+                         "column": "*", "reason": f"refused: {r.get('reason')}"}
+                        for r in recs if r.get("kind") == "refused"]
         if plots:
             _figures(fr, out_dir / "plots", suffix, order)
     atomic_write_bytes(out_dir / "tables" / "missing.csv", pd.DataFrame(
         missing, columns=["table", "arch", "checkpoint", "defense", "column", "reason"])
-        .to_csv(index=False, lineterminator="\n").encode())
+        .map(csv_text).to_csv(index=False, lineterminator="\n").encode())
     atomic_write_bytes(out_dir / "report.md", "\n".join(mds).encode())
     from benchmark.report.html import write_page
     write_page(_groups(records), out_dir, order=order, catalog=catalog)
     return mds
+
+
+def refused_section(records: Sequence[dict], dataset: str, profile: str) -> str:
+    """Markdown listing the runs that evaluation refused (``"kind": "refused"`` rows, e.g. a
+    nondeterministic eval forward), each with its reason; '' when there are none."""
+    lines = [f"- {md_code(r.get('defense'))} seed {md_escape(r.get('seed'))}, arch "
+             f"{md_code(r.get('arch'))}, checkpoint {md_code(r.get('checkpoint'))} "
+             f"(run {md_code(r.get('run_id'))}): {md_escape(r.get('reason'))}"
+             for r in records if r.get("kind") == "refused"]
+    if not lines:
+        return ""
+    return (f"### Runs refused by evaluation — {md_code(dataset)}, profile {md_code(profile)}"
+            f"\n\nThese runs have no cells in the tables above:\n\n" + "\n".join(lines) + "\n")
 
 
 def _figures(fr: dict[str, pd.DataFrame], plot_dir: Path, suffix: str,

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmark.checkpoint import build_defense
-from benchmark.config import resolve_run_config
+from benchmark.run.resolve import build_defense
+from benchmark.run.resolve import resolve_run_config
 from benchmark.data import BatchLoader, Split, dataset_info
 from benchmark.device import resolve_device
 from benchmark.run.train import (train_epoch, autocast, make_optimizer, maybe_compile,
@@ -108,14 +108,14 @@ def bench(defense: str = "at", arch: str = "small-cnn", *, dataset: str = "cifar
         amp: ``none`` or ``bf16`` (training only; evaluation attacks stay fp32).
         channels_last: channels-last model and batches.
         compile: ``torch.compile`` the model for the training step.
-        attacks: evaluation attack labels (``benchmark.protocols``); None or "" for none.
+        attacks: evaluation attack labels (``benchmark.run.protocols``); None or "" for none.
         eval_samples: batch attacked per evaluation attack (default ``batch_size``).
         hparams: further hyperparameter overrides.
 
     Returns:
         A JSON-serialisable dict (see :func:`format_bench` for the meaning of each field).
     """
-    from benchmark.protocols import resolve_specs
+    from benchmark.run.protocols import resolve_specs
     from defenses import DEFENSES
 
     dev = resolve_device(device)

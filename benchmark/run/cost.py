@@ -106,7 +106,8 @@ def _helper_dir(store: RunStore, req: str, config: dict[str, Any]) -> Optional[P
     made under an older protocol version) the ``req`` run with the same dataset, arch,
     profile, seed, protocol version and protocol hyperparameters (those the helper defense does
     not set itself, such as ``st``'s ``select_by``)."""
-    from benchmark.config import PROFILES, RunConfig, helper_config
+    from benchmark.config import PROFILES, RunConfig
+    from benchmark.run.resolve import helper_config
 
     cfg = RunConfig.from_dict(config)
     try:

@@ -48,11 +48,22 @@ FAILURE_FILE = "FAILED.json"
 class DivergedError(TrainingError):
     """The loss became NaN or inf at ``epoch`` (1-based) and ``step`` (0-based batch index)."""
 
-    def __init__(self, defense: str, epoch: int, step: Optional[int], loss: float) -> None:
+    def __init__(self, defense: str, epoch: int, step: Optional[int], loss: float,
+                 kept: bool = True) -> None:
         where = f"epoch {epoch} step {step}" if step is not None else f"epoch {epoch}"
-        super().__init__(f"{defense}: loss became {loss} at {where}; training stopped, last good "
-                         f"checkpoint kept (lower lr?)")
-        self.epoch, self.step, self.loss = epoch, step, loss
+        super().__init__(f"{defense}: loss became {loss} at {where}; training stopped, "
+                         f"{kept_note(kept)} (lower lr?)")
+        self.defense, self.epoch, self.step, self.loss = defense, epoch, step, loss
+
+    def without_checkpoint(self) -> "DivergedError":
+        """The same error, saying that no checkpoint exists (it diverged in its first epoch)."""
+        return DivergedError(self.defense, self.epoch, self.step, self.loss, kept=False)
+
+
+def kept_note(kept: bool) -> str:
+    """What a failed run leaves: the last good checkpoint, or (first epoch) none."""
+    return "last good checkpoint kept" if kept else "no checkpoint was saved (it failed in " \
+        "its first epoch)"
 
 
 def _finite(v: Any) -> bool:
@@ -92,7 +103,9 @@ def health_verdict(config: Mapping[str, Any], log: Sequence[Mapping[str, Any]], 
         out.update(epoch=first.get("epoch"), step=first.get("step"))
         where = f"epoch {first.get('epoch')}" + (f" step {first['step']}"
                                                  if first.get("step") is not None else "")
-        reasons.append(f"loss became {first.get('loss')} at {where}")
+        what = str(first.get("loss"))
+        reasons.append(f"{what} at {where}" if what.startswith("non-finite")
+                       else f"loss became {what} at {where}")
         verdict = "nan"
     elif not trained:
         reasons.append(f"training unfinished ({len(log)} of {out['epochs']} epochs logged, no "
@@ -137,6 +150,13 @@ def write_health(run_dir: Path | str) -> dict[str, Any]:
 
 def record_failure(run_dir: Path | str, err: DivergedError) -> dict[str, Any]:
     """Leave the failure record of a diverged run and write its health row."""
-    atomic_write_json(Path(run_dir) / FAILURE_FILE, {"epoch": err.epoch, "step": err.step,
-                                                     "loss": str(err.loss), "created": now()})
+    return record_nonfinite(run_dir, err.epoch, err.step, str(err.loss))
+
+
+def record_nonfinite(run_dir: Path | str, epoch: int, step: Optional[int], loss: str
+                     ) -> dict[str, Any]:
+    """Leave the failure record of a run stopped by NaN/inf (a loss, or weights/outputs, then
+    ``loss`` says so) and write its health row (verdict ``nan``)."""
+    atomic_write_json(Path(run_dir) / FAILURE_FILE, {"epoch": epoch, "step": step,
+                                                     "loss": loss, "created": now()})
     return write_health(run_dir)

@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from benchmark.config import RunConfig, helper_config
+from benchmark.config import RunConfig
+from benchmark.run.resolve import helper_config
 from benchmark.device import cpu_cores, resolve_device, visible_gpus
 from benchmark.errors import AdvbenchError, UsageError
 from benchmark.store import RunStore
@@ -310,7 +311,7 @@ def train_job(job: TrainJob) -> list[Path]:
     Returns:
         The run folders on the main rank; [] on the other ranks.
     """
-    from benchmark.config import sweep_configs
+    from benchmark.run.resolve import sweep_configs
     from benchmark.data import dataset_scale, load_dataset
     from benchmark.run import distributed
     from benchmark.run.train import train_run

@@ -19,10 +19,11 @@ import fcntl
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,13 +33,14 @@ from tqdm.auto import tqdm
 from attacks.base import model_mode
 from attacks.pgd import PGD
 from benchmark.run import distributed
-from benchmark.checkpoint import (build_defense, checkpoint_state, model_from_checkpoint,
-                                  read_checkpoint, restore_training)
-from benchmark.config import RunConfig, helper_config
+from benchmark.checkpoint import checkpoint_state, read_checkpoint, restore_training
+from benchmark.config import RunConfig, profile_defaults
+from benchmark.run.resolve import build_defense, build_model, helper_config, model_from_checkpoint
 from benchmark.data import BatchLoader, Data, DataInfo, split_train_val
 from benchmark.device import peak_memory_mb, resolve_device
 from benchmark.errors import NonFiniteError, UsageError
-from benchmark.run.health import FAILURE_FILE, DivergedError, record_failure, write_health
+from benchmark.run.health import (FAILURE_FILE, DivergedError, kept_note, record_failure,
+                                  record_nonfinite, write_health)
 from benchmark.store import (RunStore, append_jsonl, atomic_torch_save, atomic_write_json,
                              clean_tmp, code_version, environment, now, read_jsonl, write_jsonl)
 from benchmark.validate import check_finite_model
@@ -166,13 +168,31 @@ def train_run(cfg: RunConfig, data: Data, store: RunStore, *, device: str = "cpu
     _check_split(cfg, data)
     helpers = {req: _helper_model(req, cfg, data, store, device, progress)
                for req in _requires(cfg.defense)}
-    with _run_lock(run_dir, enabled=not env.active):
-        if not env.active and (run_dir / "TRAINED").exists():  # trained while we waited
-            return run_dir
-        _train(cfg, data, store, run_dir, helpers, env, device=device,
-               progress=progress and env.is_main, stop_after=stop_after, sync_bn=sync_bn)
+    new_dirs = [p for p in (run_dir, run_dir.parent, run_dir.parent.parent) if not p.exists()]
+    try:
+        with _run_lock(run_dir, enabled=not env.active):
+            if not env.active and (run_dir / "TRAINED").exists():  # trained while we waited
+                return run_dir
+            _train(cfg, data, store, run_dir, helpers, env, device=device,
+                   progress=progress and env.is_main, stop_after=stop_after, sync_bn=sync_bn)
+    except UsageError:
+        if env.is_main:
+            _remove_unused(new_dirs)
+        raise
     distributed.barrier(env)  # other ranks may read what rank 0 just wrote
     return run_dir
+
+
+def _remove_unused(new_dirs: Sequence[Path]) -> None:
+    """Bad input found once the run folder exists (an unknown ``--arch``, a defense that
+    refuses its hyperparameters): remove the folders this call created, unless a checkpoint
+    was saved in them (a run with a finished epoch is kept for resumption)."""
+    if not new_dirs or any(new_dirs[0].glob("ckpt_*.pt")):
+        return
+    shutil.rmtree(new_dirs[0], ignore_errors=True)
+    for d in new_dirs[1:]:
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only if empty: another run may have appeared there meanwhile
 
 
 @dataclass
@@ -232,7 +252,7 @@ def _setup(cfg: RunConfig, data: Data, run_dir: Path, helpers: Mapping[str, nn.M
 
     seed_everything(cfg.seed)
     defense = build_defense(cfg, data.info)
-    model = defense.build_model(cfg.arch, data.info).to(dev)
+    model = build_model(defense, cfg, data.info).to(dev)
     if env.active and sync_bn:
         model = distributed.convert_sync_bn(model, dev)
     if hp.get("channels_last"):
@@ -290,10 +310,12 @@ def _epoch(s: _Session, epoch: int, best: float) -> float:
     except DivergedError as err:
         if env.is_main:
             record_failure(s.run_dir, err)
+        if not (s.run_dir / "ckpt_last.pt").exists():
+            raise err.without_checkpoint() from None
         raise
     distributed.broadcast_defense_state(s.defense, env)
     # every rank checks (same weights under DDP), so all stop together
-    _check_finite(s.model, s.x_val, cfg, epoch + 1)
+    _check_finite(s.model, s.x_val, cfg, epoch + 1, s.run_dir, env.is_main)
     if not env.is_main:
         return best
     record = {"epoch": epoch + 1, "lr": lr_at(hp, epoch), **stats,
@@ -326,7 +348,7 @@ def _finish(s: _Session, best: float) -> None:
     """Mark the run trained (rank 0); a 0-epoch run still gets a ``ckpt_last.pt``."""
     if not s.env.is_main:
         return
-    _check_finite(s.model, s.x_val, s.cfg, int(s.hp["epochs"]))
+    _check_finite(s.model, s.x_val, s.cfg, int(s.hp["epochs"]), s.run_dir, s.env.is_main)
     if int(s.hp["epochs"]) == 0:
         atomic_torch_save(s.run_dir / "ckpt_last.pt", checkpoint_state(
             s.cfg, s.info, epoch=0, best_val=best, model=s.model, defense=s.defense))
@@ -339,10 +361,19 @@ def _check_split(cfg: RunConfig, data: Data) -> None:
     """The validation split must leave training samples (checked before any folder exists).
 
     Raises:
-        UsageError: no training samples would remain.
+        UsageError: no training samples would remain, or a ``val_size`` the user set exceeds
+            a fifth of the training set (the profile's default is capped, with a warning).
     """
     n = len(data.train)
-    val = min(int(cfg.hparams["val_size"]), n // 5)
+    asked = int(cfg.hparams["val_size"])
+    val = min(asked, n // 5)
+    if asked > val:
+        default = profile_defaults(cfg.profile, data.info.scale, cfg.dataset).get("val_size")
+        if asked != default:  # the user's value: refused, never silently changed
+            raise UsageError(f"'val_size' {asked} is more than a fifth of {data.info.name}'s "
+                             f"{n} training samples; use at most {n // 5}")
+        logger.info("the profile's val_size %d is capped at %d (a fifth of %s's %d training "
+                    "samples)", asked, val, data.info.name, n)
     left = n - val
     if cfg.hparams.get("train_subset") is not None:
         left = min(left, int(cfg.hparams["train_subset"]))
@@ -351,17 +382,22 @@ def _check_split(cfg: RunConfig, data: Data) -> None:
                          f"after a validation split of {val}")
 
 
-def _check_finite(model: nn.Module, x_val: Tensor, cfg: RunConfig, epoch: int) -> None:
+def _check_finite(model: nn.Module, x_val: Tensor, cfg: RunConfig, epoch: int,
+                  run_dir: Path, main: bool = True) -> None:
     """Weights and outputs finite before a checkpoint is declared good or TRAINED written.
 
     Raises:
-        NonFiniteError: exit 3; the checkpoints on disk are those of the earlier epochs.
+        NonFiniteError: exit 3; the checkpoints on disk are those of the earlier epochs, and
+            the failure is recorded like a NaN loss (``FAILED.json``, health verdict ``nan``).
     """
     try:
         check_finite_model(model, x_val[:256], f"{cfg.defense} seed {cfg.seed} epoch {epoch}")
     except NonFiniteError as exc:
-        raise NonFiniteError(f"{exc}; nothing saved for this epoch, the last good checkpoint "
-                             f"is kept (lower lr or lr_gamma?)") from None
+        if main:
+            record_nonfinite(run_dir, epoch, None, "non-finite weights or outputs")
+        kept = (run_dir / "ckpt_last.pt").exists()
+        raise NonFiniteError(f"{exc}; nothing saved for this epoch, the "
+                             f"{kept_note(kept)} (lower lr or lr_gamma?)") from None
 
 
 def _sync_log(path: Path, epoch: int) -> None:
