@@ -40,11 +40,12 @@ def best_values(block: pd.DataFrame, cols: list[str], spec: TableSpec,
     for c in cols:
         d = spec.decimals(c)
         vals = block[c].dropna().round(d)
+        if not spec.better(c) or vals.nunique() < 2:
+            continue
         if ok and spec.is_robustness(c):
             allowed = [i for i in vals.index if ok.get(i, True)]
             vals = vals[allowed] if allowed else vals
-        if spec.better(c) and vals.nunique() > 1:
-            best[c] = vals.min() if spec.better(c) == "lower" else vals.max()
+        best[c] = vals.min() if spec.better(c) == "lower" else vals.max()
     return best
 
 
@@ -60,7 +61,7 @@ def best_mask(block: pd.DataFrame, cols: list[str], spec: TableSpec,
     if ok:  # an unreliable row is never bold in a robustness column
         for c in best:
             if spec.is_robustness(c) and any(ok.get(i, True) for i in block[c].dropna().index):
-                mask[c] &= [ok.get(i, True) for i in block.index]
+                mask[c] &= np.array([ok.get(i, True) for i in block.index])
     return mask
 
 

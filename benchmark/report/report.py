@@ -216,8 +216,8 @@ def to_markdown(table: pd.DataFrame, spec: Optional[TableSpec] = None, *,
                     if verdicts and idx in verdicts else ""
                 tie = " ≈" if c in best and not bold.loc[idx, c] and \
                     r.get(f"{c}_tied_best") == 1 else ""
-                cells.append((f"**{text}**" if bold.loc[idx, c] else text)
-                             + stats.interval_text(r.get(f"{c}_lo"), r.get(f"{c}_hi")) + tie
+                text += stats.interval_text(r.get(f"{c}_lo"), r.get(f"{c}_hi"))
+                cells.append((f"**{text}**" if bold.loc[idx, c] else text) + tie
                              + (f" {mark}" if mark else ""))
                 if counts is not None and 0 < counts.loc[idx, c] < r["n_seeds"]:
                     partial.append(f"- `{name}` / {display(c)}: {counts.loc[idx, c]} of "
