@@ -18,6 +18,7 @@ cell to a section's first N points and run paired tests from ``rows.jsonl`` alon
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -176,7 +177,8 @@ def write_headlines(run_dir: Path | str, checkpoint: str = "best",
     """(Re)write the headline rows of one checkpoint of a run folder from its stored flags.
 
     One row per (norm, ε, N) for every N at which an attack of that (norm, ε) was evaluated;
-    a headline row whose attacks no longer cover it is left as it is. Runs no attack.
+    a headline row whose attacks no longer cover it is left as it is, and a row whose content
+    did not change is not rewritten. Runs no attack.
 
     Args:
         run_dir: the run folder (or an evaluation ``--out`` folder) holding ``flags/``.
@@ -221,6 +223,21 @@ def write_headlines(run_dir: Path | str, checkpoint: str = "best",
                    "clean_flags_agree": h["clean_agrees"], **bit_fields(h["clean"], h["robust"]),
                    "bits": "hex, bit i = test point i, most significant bit first",
                    "eval_git": code_version(), "created": now()}
-            atomic_write_json(run_dir / "eval" / f"{key}.json", row)
+            path = run_dir / "eval" / f"{key}.json"
+            if not _unchanged(path, row):  # a rerun with nothing new touches no file
+                atomic_write_json(path, row)
             out.append(row)
     return out
+
+
+def _unchanged(path: Path, row: Mapping[str, Any]) -> bool:
+    """Whether ``path`` already holds ``row`` (up to its ``created`` stamp)."""
+    if not path.exists():
+        return False
+    try:
+        old = read_json(path)
+    except Exception:
+        return False
+    strip = lambda r: json.dumps({k: v for k, v in r.items() if k != "created"},  # noqa: E731
+                                 sort_keys=True, default=str)
+    return strip(old) == strip(json.loads(json.dumps(row, default=str)))
