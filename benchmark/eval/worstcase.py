@@ -205,6 +205,10 @@ def write_headlines(run_dir: Path | str, checkpoint: str = "best",
             "seed", "checkpoint", "checkpoint_file", "checkpoint_epoch", "hparams", "git",
             "paper")
     common = {k: base[k] for k in keep if k in base}
+    evaluated = next((r for r in rows if r.get("kind", "attack") == "attack"
+                      and r.get("checkpoint") == checkpoint and r.get("data_provenance")), None)
+    if evaluated is not None:  # the data actually attacked (a zoo model's differs from training)
+        common["data_provenance"] = evaluated["data_provenance"]
     out = []
     for (norm, eps), stored in sorted(headline_groups(
             stored_attacks(run_dir, rows, checkpoint)).items()):

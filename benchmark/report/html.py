@@ -154,7 +154,7 @@ def board(records: list[dict], order: Sequence[str] = ()) -> tuple[pd.DataFrame,
     """
     from benchmark.report import verdicts as vd
     from benchmark.report.grid import _index, build_table
-    from benchmark.report.report import rankable
+    from benchmark.report.stats import rankable
 
     fr = frames(records)
     if not len(fr["attack"]):
@@ -211,7 +211,8 @@ def _row_cells(r: pd.Series, records: list[dict], prov: str,
         std = np.nan if c == "passes" else r.get(f"{c}_std", np.nan)  # declared: no spread
         cells[c] = html.escape(cell_text(r[c], std, _SPEC.decimals(c)))
         if pd.notna(r[c]) and c in _ACC:
-            cells[c] += f' <span class="why">{html.escape(interval_text(r.get(f"{c}_lo"), r.get(f"{c}_hi")).strip())}</span>'
+            ci = interval_text(r.get(f"{c}_lo"), r.get(f"{c}_hi")).strip()
+            cells[c] += f' <span class="why">{html.escape(ci)}</span>'
         if c == "headline" and r.get("headline_tied_best") == 1 and r.get("headline_p_best") != 1:
             cells[c] += ' <span title="statistically tied with the best headline">≈</span>'
         elif c == "headline" and pd.notna(r[c]) and r.get("headline_p_best") == 1 and \

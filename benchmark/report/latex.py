@@ -88,7 +88,13 @@ def to_latex(table: pd.DataFrame, spec: TableSpec, caption: str,
                           else "") for c in cols]
              + [str(int(r["n_seeds"]))] for name, (_, r) in zip(names, block.iterrows())],
             columns=["defense"] + [tex_escape(display(c)) for c in cols] + ["seeds"])
-        mask = best_mask(block, cols, spec, ok).to_numpy()
+        bold = best_mask(block, cols, spec, ok)
+        for c in cols:  # ≈: statistically tied with the section's best headline (as Markdown)
+            if f"{c}_tied_best" in block:
+                tied = (block[f"{c}_tied_best"] == 1) & ~bold[c] & block[c].notna() & bold[c].any()
+                col = cells.columns[1 + cols.index(c)]
+                cells.loc[tied.to_numpy(), col] += r" $\approx$"
+        mask = bold.to_numpy()
         none = np.zeros((len(block), 1), dtype=bool)
         mask = np.concatenate([none, mask, none], axis=1)
         styler = cells.style.hide(axis="index").apply(

@@ -37,6 +37,7 @@ import pandas as pd
 from benchmark.run.cost import cost_rows
 from benchmark.store import RunStore, atomic_write_bytes, read_jsonl
 from benchmark.report import verdicts as vd
+from benchmark.report.stats import rankable
 from benchmark.report.latex import best_mask, best_values, tex_escape, to_latex
 from benchmark.report.grid import (BLOCK, INDEX, _groups, _index, aggregate, build_table,
                                    reasons, section_rule)
@@ -149,12 +150,6 @@ def cell_attack(column: str, spec: TableSpec) -> Optional[str]:
     if column.startswith(("acc_", "ce_")):
         return "pgd-" + column.split("_", 1)[1]
     return column
-
-
-def rankable(verdicts: Optional[Mapping[tuple, Any]]) -> dict[tuple, bool]:
-    """(arch, checkpoint, label) → False where the row's headline is unreliable: such a row is
-    never ranked or bolded above the others."""
-    return {k: v.reliable != "no" for k, v in (verdicts or {}).items()}
 
 
 def _p(v: Any) -> str:

@@ -35,6 +35,12 @@ def value_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in META and not str(c).endswith(META_SUFFIXES)]
 
 
+def rankable(verdicts: Optional[Mapping[tuple, Any]]) -> dict[tuple, bool]:
+    """(arch, checkpoint, label) → False where the row's headline is unreliable: such a row is
+    never ranked or bolded above the others."""
+    return {k: v.reliable != "no" for k, v in (verdicts or {}).items()}
+
+
 def wilson(k: int, n: int, confidence: float = 1 - ALPHA) -> tuple[float, float]:
     """Wilson score interval of a proportion k/n (fractions)."""
     ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")

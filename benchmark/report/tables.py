@@ -89,8 +89,8 @@ def display(column: str) -> str:
     return DISPLAY.get(column, column)
 
 
-_ORDER = ["headline", "headline-l2", "headline-l1", "fgsm", "pgd", "pgd-l2", "pgd-l1", "pgd20", "pgd100", "cw", "ensemble", "autoattack",
-          "adaptive"]
+_ORDER = ["headline", "headline-l2", "headline-l1", "fgsm", "pgd", "pgd-l2", "pgd-l1", "pgd20",
+          "pgd100", "cw", "ensemble", "autoattack", "adaptive"]
 _SWEEP = re.compile(r"^pgd-(k|r)(\d+)$")
 
 
@@ -554,8 +554,9 @@ _COST_SPEC: dict[str, Any] = dict(
 
 TABLES: list[TableSpec] = [
     TableSpec("accuracy", "Clean and robust accuracy (%) under every evaluated attack", "attack",
-              _summary, derived=frozenset({"clean", "avg", *HEADLINES.values()}), note="All attack columns at the nominal ε (sweeps of Tables 3, 6, 7 "
-                             "and Figure 4 excluded)."),
+              _summary, derived=frozenset({"clean", "avg", *HEADLINES.values()}),
+              note="All attack columns at the nominal ε (sweeps of Tables 3, 6, 7 "
+                   "and Figure 4 excluded)."),
     TableSpec("table1", "Table 1: clean, AutoAttack, Avg(clean, AA) and PGD l1/l2/l∞ accuracy (%)",
               "attack", _fixed(["clean", "autoattack", "avg", "pgd-l1", "pgd-l2", "pgd", *COST],
                                ("clean", "autoattack"), headline=True), **_COST_SPEC),
