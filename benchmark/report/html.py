@@ -189,7 +189,7 @@ def board(records: list[dict], order: Sequence[str] = ()) -> tuple[pd.DataFrame,
         basis = ("Ranked by the headline robust accuracy; rows without a headline follow, "
                  "ranked by AutoAttack, then PGD accuracy (upper bounds on the headline).")
     else:
-        basis = "Ranked by PGD accuracy (no headline or AutoAttack evaluations in this group)."
+        basis = "Ranked by PGD accuracy (no headline or AutoAttack cell on the section's points)."
     basis += (" Headline: per-sample worst case over every attack evaluated on the section's "
               "points. ≈: statistically tied with the best headline (exact McNemar test on "
               "the same points, α = 0.05, seeds paired by seed index). Rows whose headline is "
