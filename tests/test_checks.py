@@ -230,7 +230,10 @@ def test_tables_mark_unhealthy_and_unreliable_rows_with_footnotes(tmp_path: Path
     lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ")}
     assert lines["at"].rstrip().endswith("| yes |") and "†" not in lines["at"]
     assert lines["adv-dpnp"].rstrip().endswith("| no † |")
-    assert "**70.00** †" in lines["adv-dpnp"] and "95.00 |" in lines["adv-dpnp"]  # clean: no †
+    # an unreliable row is never bold above a reliable one (issue 21): AT's 60 is the best
+    assert "**60.00 [50.2, 69.1]**" in lines["at"]
+    assert "| 70.00 [60.4, 78.1] †" in lines["adv-dpnp"] and "95.00 [88.8, 97.8] |" in \
+        lines["adv-dpnp"]  # clean: no †
     assert lines["oc"].count("‡") == 2 and lines["oc"].rstrip().endswith("| – |")
     assert "- ‡ `oc`: training health: seed 0: did-not-train" in md
     assert "- † `adv-dpnp`: evaluation potentially unreliable, failed checks: (e) more-budget" \
@@ -285,7 +288,10 @@ def test_rejection_tables_mark_robust_accuracy_of_unreliable_rows(tmp_path: Path
     assert lines["defense"].rstrip().endswith("| reliable |")
     assert lines["at"].rstrip().endswith("| yes |") and "†" not in lines["at"]
     cells = [c.strip() for c in lines["adv-dpnp"].split("|")[2:-1]]
-    assert cells[:4] == ["90.00", "30.00", "**85.00** †", "**90.00** †"] and cells[-1] == "no †"
+    # AT (reliable) is the best robust accuracy, not the unreliable adv-dpnp (issue 21)
+    assert cells[:4] == ["90.00", "30.00", "85.00 [79.4, 89.3] †", "90.00 [85.1, 93.4] †"] \
+        and cells[-1] == "no †"
+    assert "**80.00 [73.9, 85.0]**" in lines["at"]
     assert "- † `adv-dpnp`: evaluation potentially unreliable, failed checks: (a) aa-vs-pgd" in md
 
 
@@ -301,10 +307,13 @@ def test_every_column_of_a_run_comes_from_autoattacks_points(tmp_path: Path) -> 
              "robust_acc": 0.45, "n_examples": 100}]
     write_report(rows, tmp_path, plots=False)
     md = (tmp_path / "tables" / "table1_mnist_cpu.md").read_text()
-    assert "| at | 90.00 | 45.00 | 67.50 | – | – | 50.00 |" in md
-    assert "Test points per column: Clean 100, AA 100, Avg 100, PGD l∞ 100." in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| at |"))
+    values = [c.split(" [")[0].strip() for c in line.split("|")[2:9]]
+    assert values == ["90.00", "–", "45.00", "67.50", "–", "–", "50.00"]  # – : no headline
+    assert "Test points: the first 100 test points (AutoAttack's points, which every row " \
+           "has), for every cell of this section." in md
     alone = write_report(rows[:1], tmp_path / "pgd-only", plots=False)[0]  # no AA: all points
-    assert "| at | 95.00 | 61.00 | 1 |" in alone
+    assert "| at | 95.00 [93.5, 96.2] | – | 61.00 [57.9, 64.0] | 1 |" in alone
 
 
 def test_check_health_only_writes_the_row_after_the_fact(tmp_path: Path) -> None:

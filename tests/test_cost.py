@@ -14,6 +14,7 @@ from benchmark.run.resolve import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.eval.evaluate import evaluate_run
 from benchmark.run.protocols import resolve_specs
+from benchmark.report.grid import reasons
 from benchmark.report.report import build_table, load_records
 from benchmark.report.tables import TABLES, frames
 from benchmark.run.cost import cost_row, cost_rows
@@ -88,6 +89,11 @@ def test_cost_rows_of_real_runs_add_the_helper_and_reach_table1(tmp_path: Path) 
     assert row["epoch_s"] == pytest.approx(sum(r["epoch_s"] for r in own) / 2
                                            + sum(r["epoch_s"] for r in helper) / 2, abs=2e-3)
     assert row["peak_mem_mb"] == max(r["peak_mem_mb"] for r in own + helper)
+    # CPU-seconds (what the tables show): every epoch logs process CPU time and thread count
+    assert all(r["cpu_s"] >= 0 and r["torch_threads"] == torch.get_num_threads()
+               for r in own + helper)
+    assert row["epoch_cpu_s"] == pytest.approx(sum(r["cpu_s"] for r in own) / 2
+                                               + sum(r["cpu_s"] for r in helper) / 2, abs=2e-3)
     # no peak_mem_mb in an older log: the cell is absent, not zero
     log = hat / "train_log.jsonl"
     log.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "peak_mem_mb"}) + "\n"
@@ -101,5 +107,16 @@ def test_cost_rows_of_real_runs_add_the_helper_and_reach_table1(tmp_path: Path) 
                        pd.MultiIndex.from_tuples([("tiny", "best", "hat")],
                                                  names=["arch", "checkpoint", "defense"]))[0]
     assert wide.loc[("tiny", "best", "hat"), "passes"] == 6
-    assert wide.loc[("tiny", "best", "hat"), "epoch_s"] == pytest.approx(cost_row(hat)["epoch_s"])
+    assert wide.loc[("tiny", "best", "hat"), "epoch_cpu_s"] == \
+        pytest.approx(cost_row(hat)["epoch_cpu_s"])
+    assert "epoch_s" not in wide  # wall seconds measure the load: never a table column
     assert np.isnan(wide.loc[("tiny", "best", "hat"), "peak_mem_mb"])
+    # a log from before CPU-seconds were recorded: empty cost cell with its reason
+    log.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "cpu_s"}) + "\n"
+                           for r in own))
+    assert cost_row(hat)["epoch_cpu_s"] is None
+    built = build_table(TABLES[2], frames(load_records(tmp_path, extra=cost_rows(tmp_path)))["attack"],
+                        pd.MultiIndex.from_tuples([("tiny", "best", "hat")],
+                                                  names=["arch", "checkpoint", "defense"]))
+    assert np.isnan(built[0].loc[("tiny", "best", "hat"), "epoch_cpu_s"])
+    assert "no CPU-seconds" in reasons(built[2])[("tiny", "best", "hat", "epoch_cpu_s")]

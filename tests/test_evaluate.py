@@ -216,7 +216,8 @@ def test_checkpoint_file_and_cli(run_dir, data, tmp_path) -> None:
     res = CliRunner().invoke(cli, ["-q", "evaluate", "--checkpoint-file", str(foreign),
                                    "--attacks", "pgd", "--n-examples", str(N), "--no-progress"])
     assert res.exit_code == 0, res.output
-    (row_file,) = (tmp_path / "elsewhere" / "model-eval" / "eval").glob("*.json")
+    (row_file,) = (tmp_path / "elsewhere" / "model-eval" / "eval").glob("[!h]*.json")
+    assert list((tmp_path / "elsewhere" / "model-eval" / "eval").glob("headline-*.json"))
     row = json.loads(row_file.read_text())
     assert row["checkpoint"].startswith("file-") and "| pgd |" in res.output
     (same,) = evaluate_path(run, attacks="pgd", n_examples=N, data=data, progress=False)

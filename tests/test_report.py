@@ -81,12 +81,15 @@ def test_clean_avg_and_seed_statistics_follow_their_definitions(rows: list[dict]
     for seed in (0, 1):
         mine = [r for r in at if r["seed"] == seed]
         clean[seed] = 100 * max(mine, key=lambda r: r["n_examples"])["clean_acc"]
-        aa[seed] = 100 * next(r["robust_acc"] for r in mine if r["attack"] == "autoattack"
-                              and r["eps_str"] == "8/255")
+        # same points (issue 21): the section's N is 1000 (not every row has AutoAttack), so
+        # seed 0's AutoAttack on 100 points leaves its cell empty instead of mixing N
+        aa[seed] = next((100 * r["robust_acc"] for r in mine if r["attack"] == "autoattack"
+                         and r["eps_str"] == "8/255" and r["n_examples"] == 1000), None)
     row = t1.loc[("small-cnn", "best", "at")]
     assert row["clean"] == pytest.approx(np.mean(list(clean.values())))
     assert row["clean_std"] == pytest.approx(np.std(list(clean.values()), ddof=1), abs=1e-4)
-    avg = [(clean[s] + aa[s]) / 2 for s in (0, 1)]
+    assert aa[0] is None and row["autoattack"] == pytest.approx(aa[1])
+    avg = [(clean[s] + aa[s]) / 2 for s in (0, 1) if aa[s] is not None]
     assert row["avg"] == pytest.approx(np.mean(avg)) and row["n_seeds"] == 2
     # the l∞ PGD column uses the nominal ε (not the 4/255 row) and the n=1000 row (not n=100)
     pgd = [100 * r["robust_acc"] for r in at if r["attack"] == "pgd" and r["eps_str"] == "8/255"
@@ -96,7 +99,8 @@ def test_clean_avg_and_seed_statistics_follow_their_definitions(rows: list[dict]
     assert t3.loc[("small-cnn", "best", "at"), "pgd@4/255"] == pytest.approx(62.0)
     # training cost: the cost rows of the same runs, averaged over seeds like the accuracies
     cost = {r["seed"]: r for r in rows if r.get("kind") == "cost" and r["defense"] == "at"}
-    assert row["epoch_s"] == pytest.approx(np.mean([cost[s]["epoch_s"] for s in (0, 1)]))
+    assert np.isnan(row["epoch_cpu_s"])  # the golden cost rows predate CPU-seconds
+    assert row["n_points"] == 1000
     assert row["peak_mem_mb_std"] == pytest.approx(
         np.std([cost[s]["peak_mem_mb"] for s in (0, 1)], ddof=1), abs=1e-4)
     assert row["passes"] == cost[0]["passes_per_sample"] == 6
@@ -131,7 +135,11 @@ def test_markdown_marks_missing_cells_best_values_and_provenance(report_dir: Pat
     md = (report_dir / "tables" / "table1_cifar10_cpu.md").read_text()
     assert "JPEG (quality 75)" in md and "profile `cpu`" in md
     st = next(line for line in md.splitlines() if line.startswith("| st |"))
-    assert st.split("|")[2:7] == [" **91.00 ± 1.41** ", " – ", " – ", " – ", " – "]
+    assert st.split("|")[2:8] == [" **91.00 ± 1.41 [89.7, 92.2]** ", " – ", " – ", " – ",
+                                  " – ", " – "]
+    assert "- `st` / Headline: no headline row (evaluated before headline rows existed)" in md
+    assert "- `adv-dpnp` / AA: `autoattack` evaluated on 100 points only; the section uses " \
+           "the first 1000" in md
     assert "- `st` / AA: no `autoattack` row at the run's nominal ε" in md
     assert "- `at` / PGD l2: 1 of 2 seeds" in md
     t4 = (report_dir / "tables" / "table4_cifar10_cpu.md").read_text()
@@ -141,9 +149,11 @@ def test_markdown_marks_missing_cells_best_values_and_provenance(report_dir: Pat
     assert dpnp[6].strip() == "**1.680**" and at[6].strip() == "0.600"  # SCR: higher is best
     missing = pd.read_csv(report_dir / "tables" / "missing.csv")
     hit = missing[(missing["table"] == "table1_cifar10_cpu") & (missing["defense"] == "st")]
-    assert set(hit["column"]) == {"autoattack", "avg", "pgd-l1", "pgd-l2"}
+    assert set(hit["column"]) == {"headline", "autoattack", "avg", "pgd-l1", "pgd-l2", "epoch_cpu_s"}
+    assert hit[hit["column"] == "headline"]["reason"].iloc[0] == \
+        "no headline row (evaluated before headline rows existed)"
     csv = (report_dir / "tables" / "table1_cifar10_cpu.csv").read_text()
-    assert "small-cnn,best,st,91.0000,1.4142,NaN,NaN,NaN,NaN" in csv
+    assert "small-cnn,best,st,91.0000,1.4142,89.6659,92.1769,NaN,NaN,NaN,NaN" in csv
 
 
 def test_ties_are_not_bold_and_lower_is_better_only_where_declared() -> None:

@@ -76,7 +76,8 @@ def test_evaluate_robustbench_writes_rows_like_a_trained_run(zoo: dict) -> None:
     assert res.exit_code == 0, res.output
     rows = {(r := json.loads(p.read_text()))["attack"]: r
             for p in (tmp / "runs").glob("cifar10/*/*/eval/*.json")}
-    assert set(rows) == {"fgsm", "pgd"}
+    assert set(rows) == {"fgsm", "pgd", "headline"}  # headline: worst case of the two
+    assert rows["headline"]["attacks"] == ["fgsm", "pgd"]
     r = rows["fgsm"]
     assert (r["defense"], r["checkpoint"], r["attack"], r["n_examples"]) == \
         (f"rb:{ZOO_MODEL}", "zoo", "fgsm", 4)
@@ -125,7 +126,14 @@ def test_robustbench_json_has_robustbench_fields_and_formats(tmp_path: Path) -> 
                      index_col=["arch", "checkpoint", "defense"])
     row = t1.loc[("small-cnn", "best", "at")]
     assert at["clean_acc"] == f"{row['clean']:.2f}"
-    assert at["autoattack_acc"] == f"{row['autoattack']:.2f}"
+    # the export is on AutoAttack's points (100, which every exported row has; issue 21's
+    # same-N rule), Table 1 on the 1000 every row covers: seed 0's AutoAttack on 100 points
+    rows = [json.loads(line) for line in (DATA / "golden_rows.jsonl").read_text().splitlines()]
+    aa100 = [r for r in rows if r.get("defense") == "at" and r.get("attack") == "autoattack"
+             and r.get("profile") == "cpu" and r.get("eps_str") == "8/255"
+             and r.get("checkpoint") == "best" and r["n_examples"] == 100]
+    assert at["autoattack_acc"] == f"{100 * aa100[0]['robust_acc']:.2f}"
+    assert "on 100 test points" in at["footnote"]
     assert isinstance(at["additional_data"], bool) and at["number_forward_passes"] == 1
     assert "2 seeds" in at["footnote"]
     # only defenses with an AutoAttack row get a file (RobustBench ranks by it)

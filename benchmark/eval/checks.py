@@ -398,8 +398,9 @@ class RunFlags:
         robust, adv_ce = attack_points(self.t.model, atk, x, y, clean=clean, clean_ce=ce,
                                        batch_size=self.batch_size)
         key = eval_key(self.t.cfg.run_id, self.t.checkpoint, spec, self.n)
-        atomic_torch_save(self.t.out_dir / "flags" / f"{key}.pt",
-                          {"clean": clean, "robust": robust, "adv_ce": adv_ce})
+        from benchmark.eval.worstcase import flags_payload
+        atomic_torch_save(self.t.out_dir / "flags" / f"{key}.pt", flags_payload(
+            clean, robust, adv_ce, spec.record(), self.t.checkpoint))
         self.computed.append(label)
         return robust
 
@@ -523,6 +524,8 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
                     continue
             atomic_write_json(path, row)
             out.append(row)
+    from benchmark.eval.worstcase import write_headlines
+    write_headlines(t.out_dir, t.checkpoint, base=t.row("", "headline"))  # checks' flags too
     return out
 
 

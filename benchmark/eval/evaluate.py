@@ -36,6 +36,7 @@ from benchmark.eval.flags import (ATTACK_SEED, adapt_spec, attack_points, effect
                                   eval_key, load_flags, predict, predict_flags, prefix_stats,
                                   robust_flags)
 from benchmark.eval.target import Target, check_model, open_target
+from benchmark.eval.worstcase import bit_fields, flags_payload, write_headlines
 from benchmark.run.protocols import AttackSpec, parse_eps_list, resolve_specs
 from benchmark.store import (atomic_torch_save, atomic_write_json, clean_tmp, read_row,
                              safe_torch_load)
@@ -89,6 +90,7 @@ def evaluate_target(t: Target, specs: Sequence[AttackSpec], *, n_examples: Optio
             pending.append((len(rows), spec, n, key, path))
             rows.append(None)
     if not pending:
+        _headlines(t)
         return [r for r in rows if r is not None]
     for sub in ("eval", "flags"):
         clean_tmp(t.out_dir / sub)
@@ -124,16 +126,23 @@ def evaluate_target(t: Target, specs: Sequence[AttackSpec], *, n_examples: Optio
                "n_examples": int(len(clean)), "clean_acc": float(clean.float().mean()),
                "robust_acc": float(flags.float().mean()), "adv_ce": float(adv_ce.float().mean()),
                "wall_s": round(wall, 3), "batch_size": batch_size, **extra,
-               "acc_on_first": prefix_stats(clean, flags, adv_ce)}  # same-point tables
+               "acc_on_first": prefix_stats(clean, flags, adv_ce),  # same-point tables
+               **bit_fields(clean, flags)}  # any prefix, and paired tests, from rows alone
         check_row(row, f"row {path}")  # never a row without points or with NaN accuracy
         atomic_torch_save(t.out_dir / "flags" / f"{key}.pt",
-                          {"clean": clean, "robust": flags, "adv_ce": adv_ce})
+                          flags_payload(clean, flags, adv_ce, spec.record(), t.checkpoint))
         atomic_write_json(path, row)
         logger.info("%s seed %d [%s] %s eps %s: clean %.4f robust %.4f adv_ce %.4f (%.1fs, n=%d)",
                     t.cfg.defense, t.cfg.seed, t.checkpoint, spec.label, row["eps_str"],
                     row["clean_acc"], row["robust_acc"], row["adv_ce"], wall, m)
         rows[slot] = row
+    _headlines(t)
     return [r for r in rows if r is not None]
+
+
+def _headlines(t: Target) -> list[dict[str, Any]]:
+    """(Re)write the checkpoint's headline rows from every stored flags file (no attack runs)."""
+    return write_headlines(t.out_dir, t.checkpoint, base=t.row("", "headline"))
 
 
 def _stored_flags(path: Path, clean: Tensor) -> Optional[tuple[Tensor, Tensor]]:

@@ -23,19 +23,22 @@ import numpy as np
 import pandas as pd
 
 from benchmark.report.latex import cell_text
+from benchmark.report.stats import interval_text
 from benchmark.report.tables import COST, TableSpec, _fixed, _labels, frames
 from benchmark.report.verdicts import behind_reference
 
 #: columns of the page's table (machine name → header)
 HEADERS = {"rank": "Rank", "defense": "Defense", "clean": "Clean (%)",
-           "autoattack": "AutoAttack (%)", "pgd": "PGD (%)", "reliable": "Reliable",
-           "arch": "Arch", "n_seeds": "Seeds", "data": "Data", "epoch_s": "s/epoch",
-           "passes": "passes/sample", "peak_mem_mb": "peak MiB"}
+           "headline": "Headline (%)", "autoattack": "AutoAttack (%)", "pgd": "PGD (%)",
+           "reliable": "Reliable", "arch": "Arch", "n_seeds": "Seeds", "data": "Data",
+           "epoch_cpu_s": "CPU s/epoch", "passes": "passes/sample", "peak_mem_mb": "peak MiB"}
+#: accuracy columns of the page (each with its 95% interval)
+_ACC = ("clean", "headline", "autoattack", "pgd")
 _SPEC = TableSpec("leaderboard", "Leaderboard", "attack",
-                  _fixed(["clean", "autoattack", "pgd", *COST]),
-                  derived=frozenset({"clean", *COST}),
+                  _fixed(["clean", "autoattack", "pgd", *COST], headline=True),
+                  derived=frozenset({"clean", "headline", "headline-l2", "headline-l1", *COST}),
                   decimals=lambda c: 0 if c in ("passes", "peak_mem_mb") else
-                  1 if c == "epoch_s" else 2)
+                  1 if c == "epoch_cpu_s" else 2)
 
 _CSS = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;
@@ -142,35 +145,56 @@ def _embed_png(path: Path, caption: str) -> str:
 
 
 def board(records: list[dict], order: Sequence[str] = ()) -> tuple[pd.DataFrame, str]:
-    """The ranked rows of one dataset × provenance × profile group, and the ranking basis."""
+    """The ranked rows of one dataset × provenance × profile group, and the ranking basis.
+
+    Rows are ranked by the headline (the per-sample worst case over every attack on the
+    section's points), then rows without one by AutoAttack, then by PGD. A row whose headline
+    is unreliable (``RowVerdict.reliable == "no"``) is never ranked: it follows the ranked
+    rows with rank ``–`` and its reason in ``apart``.
+    """
+    from benchmark.report import verdicts as vd
     from benchmark.report.grid import _index, build_table
+    from benchmark.report.stats import rankable
 
     fr = frames(records)
     if not len(fr["attack"]):
         return pd.DataFrame(), ""
-    built = build_table(_SPEC, fr["attack"], _index(fr, order))
+    verdicts = vd.row_verdicts(records, _labels(records)) if vd.has_verdicts(records) else {}
+    built = build_table(_SPEC, fr["attack"], _index(fr, order), rankable(verdicts))
     if built is None:
         return pd.DataFrame(), ""
     wide, counts = built[0], built[1]
-    for c in ("clean", "autoattack", "pgd", *COST):  # cells over fewer seeds than their row
+    for c in (*_ACC, *COST):  # cells over fewer seeds than their row
         wide[f"{c}_seeds"] = counts[c].reindex(wide.index)
+    wide["apart"] = [("; ".join(verdicts[i].failed) or "headline potentially unreliable")
+                     if i in verdicts and verdicts[i].reliable == "no" else ""
+                     for i in wide.index]
     ckpts = wide.index.get_level_values("checkpoint")
     if (ckpts != "last").any():  # one row per model: the validation-selected checkpoint
         wide = wide[ckpts != "last"]  # (best) of a trained run, the published zoo weights
     wide = wide.reset_index()
-    has_aa = wide["autoattack"].notna()
-    wide["_key1"], wide["_key2"] = (~has_aa).astype(int), np.where(has_aa, wide["autoattack"],
-                                                                   wide["pgd"])
-    wide = wide.sort_values(["_key1", "_key2", "clean"], ascending=[True, False, False],
-                            na_position="last", kind="stable").drop(columns=["_key1", "_key2"])
-    wide.insert(0, "rank", range(1, len(wide) + 1))
-    if has_aa.all():
-        basis = "Ranked by AutoAttack accuracy."
-    elif has_aa.any():
-        basis = ("Ranked by AutoAttack accuracy; rows without an AutoAttack evaluation follow, "
-                 "ranked by PGD accuracy (PGD is an upper bound on AutoAttack).")
+    has_h, has_aa = wide["headline"].notna(), wide["autoattack"].notna()
+    wide["_key0"] = (wide["apart"] != "").astype(int)
+    wide["_key1"] = np.where(has_h, 0, np.where(has_aa, 1, 2))
+    wide["_key2"] = np.where(has_h, wide["headline"], np.where(has_aa, wide["autoattack"],
+                                                               wide["pgd"]))
+    wide = wide.sort_values(["_key0", "_key1", "_key2", "clean"],
+                            ascending=[True, True, False, False], na_position="last",
+                            kind="stable").drop(columns=["_key0", "_key1", "_key2"])
+    ranked = int((wide["apart"] == "").sum())
+    wide.insert(0, "rank", [str(i) for i in range(1, ranked + 1)] + ["–"] * (len(wide) - ranked))
+    if has_h.all():
+        basis = "Ranked by the headline robust accuracy."
+    elif has_h.any() or has_aa.any():
+        basis = ("Ranked by the headline robust accuracy; rows without a headline follow, "
+                 "ranked by AutoAttack, then PGD accuracy (upper bounds on the headline).")
     else:
-        basis = "Ranked by PGD accuracy (no AutoAttack evaluations in this group)."
+        basis = "Ranked by PGD accuracy (no headline or AutoAttack cell on the section's points)."
+    basis += (" Headline: per-sample worst case over every attack evaluated on the section's "
+              "points. ≈: statistically tied with the best headline (exact McNemar test on "
+              "the same points, α = 0.05, seeds paired by seed index). Rows whose headline is "
+              "potentially unreliable are never ranked: they follow, listed apart with their "
+              "reason.")
     return wide.reset_index(drop=True), basis
 
 
@@ -183,9 +207,17 @@ def _row_cells(r: pd.Series, records: list[dict], prov: str,
     name = html.escape(label)
     cells = {"rank": str(r["rank"]),
              "defense": f'<a href="{html.escape(link)}">{name}</a>' if link else name}
-    for c in ("clean", "autoattack", "pgd", *COST):
+    for c in (*_ACC, *COST):
         std = np.nan if c == "passes" else r.get(f"{c}_std", np.nan)  # declared: no spread
         cells[c] = html.escape(cell_text(r[c], std, _SPEC.decimals(c)))
+        if pd.notna(r[c]) and c in _ACC:
+            ci = interval_text(r.get(f"{c}_lo"), r.get(f"{c}_hi")).strip()
+            cells[c] += f' <span class="why">{html.escape(ci)}</span>'
+        if c == "headline" and r.get("headline_tied_best") == 1 and r.get("headline_p_best") != 1:
+            cells[c] += ' <span title="statistically tied with the best headline">≈</span>'
+        elif c == "headline" and pd.notna(r[c]) and r.get("headline_p_best") == 1 and \
+                str(r["rank"]) != "–":
+            cells[c] = f"<b>{cells[c]}</b>"
         n = r.get(f"{c}_seeds", np.nan)
         if pd.notna(r[c]) and pd.notna(n) and 0 < n < r["n_seeds"]:
             cells[c] += f' <span class="few">({int(n)} of {int(r["n_seeds"])} seeds)</span>'
@@ -193,6 +225,8 @@ def _row_cells(r: pd.Series, records: list[dict], prov: str,
             and str(x.get("arch")) == str(r["arch"])}
     mark, why = reliability(records, runs, (behind or {}).get(
         (str(r["arch"]), str(r["checkpoint"]), label), ""))
+    if r.get("apart"):
+        why = f"not ranked: {r['apart']}"
     cls = {"✓": "ok", "✗": "bad", "⚠": "warn"}.get(mark, "")
     cells["reliable"] = (f'<span class="{cls}">{mark}</span>'
                          + (f'<span class="why">{html.escape(why)}</span>' if why else ""))
@@ -216,17 +250,29 @@ def section_html(records: list[dict], *, suffix: str, prov: str, profile: str,
              "defense; numbers are comparable within this section only.</p>"]
     if len(wide):
         behind = behind_reference(records, _labels(records))
-        cells = pd.DataFrame([_row_cells(r, records, prov, catalog, behind)
-                              for _, r in wide.iterrows()], columns=list(HEADERS))
-        cells.columns = [HEADERS[c] for c in cells.columns]
-        styler = cells.style.hide(axis="index").set_table_attributes(
-            f'class="board" id="board-{html.escape(suffix)}"')
-        table = styler.to_html(table_uuid=re.sub(r"\W", "-", suffix), doctype_html=False)
-        parts += [f'<p class="note">{html.escape(basis)} Cells: mean ± std over seeds '
-                  "(checkpoint selected by validation PGD accuracy). Cost: mean seconds per "
-                  "training epoch, forward+backward passes per training sample (declared by "
-                  "the defense; HAT includes its <code>st</code> helper), peak memory (CUDA "
-                  "max allocated, or max RSS on CPU). Click a header to sort.</p>", table]
+        tables = []
+        for which, part in (("", wide[wide["apart"] == ""]), ("-apart", wide[wide["apart"] != ""])):
+            if not len(part):
+                continue
+            cells = pd.DataFrame([_row_cells(r, records, prov, catalog, behind)
+                                  for _, r in part.iterrows()], columns=list(HEADERS))
+            cells.columns = [HEADERS[c] for c in cells.columns]
+            styler = cells.style.hide(axis="index").set_table_attributes(
+                f'class="board" id="board-{html.escape(suffix)}{which}"')
+            tables.append((which, styler.to_html(table_uuid=re.sub(r"\W", "-", suffix + which),
+                                                 doctype_html=False)))
+        parts.append(f'<p class="note">{html.escape(basis)} Cells: mean ± std over seeds '
+                     "and the 95% Wilson interval on the section's points (seeds pooled) "
+                     "(checkpoint selected by validation PGD accuracy). Cost: mean CPU-seconds "
+                     "of the training process per epoch (the machine's load does not enter "
+                     "it), forward+backward passes per training sample (declared by the "
+                     "defense; HAT includes its <code>st</code> helper), peak memory (CUDA "
+                     "max allocated, or max RSS on CPU). Click a header to sort.</p>")
+        for which, table in tables:
+            if which:
+                parts.append('<h3>Listed apart: headline potentially unreliable (not ranked)'
+                             '</h3>')
+            parts.append(table)
     links = []
     for csv in sorted((out_dir / "tables").glob(f"*_{suffix}.csv")):
         stem = csv.stem

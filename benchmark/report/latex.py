@@ -10,7 +10,7 @@ Markdown, so the Markdown stays hand-written.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -40,16 +40,37 @@ def tex_escape(text: str) -> str:
     return out
 
 
-def best_mask(block: pd.DataFrame, cols: list[str], spec: TableSpec) -> pd.DataFrame:
-    """True where a cell is the column's best at the shown precision (ties all bold; nothing
-    bold when every row ties or the column is neutral) — the Markdown rule."""
-    mask = pd.DataFrame(False, index=block.index, columns=cols)
+def best_values(block: pd.DataFrame, cols: list[str], spec: TableSpec,
+                ok: Optional[Mapping[tuple, bool]] = None) -> dict[str, float]:
+    """Column → best value at the shown precision (all tied rows bold; nothing when every row
+    ties). Robust-accuracy columns take their best among the rows ``ok`` allows (rows whose
+    headline is not unreliable), when there are any."""
+    best = {}
     for c in cols:
         d = spec.decimals(c)
-        vals = block[c].round(d)
-        if spec.better(c) and vals.dropna().nunique() > 1:
-            best = vals.min() if spec.better(c) == "lower" else vals.max()
-            mask[c] = vals == best
+        vals = block[c].dropna().round(d)
+        if not spec.better(c) or vals.nunique() < 2:
+            continue
+        if ok and spec.is_robustness(c):
+            allowed = [i for i in vals.index if ok.get(i, True)]
+            vals = vals[allowed] if allowed else vals
+        best[c] = vals.min() if spec.better(c) == "lower" else vals.max()
+    return best
+
+
+def best_mask(block: pd.DataFrame, cols: list[str], spec: TableSpec,
+              ok: Optional[Mapping[tuple, bool]] = None) -> pd.DataFrame:
+    """True where a cell is the column's best at the shown precision (ties all bold; nothing
+    bold when every row ties or the column is neutral; unreliable rows not above reliable
+    ones) — the Markdown rule (:func:`benchmark.report.report.best_values`)."""
+    best = best_values(block, cols, spec, ok)
+    mask = pd.DataFrame(False, index=block.index, columns=cols)
+    for c, b in best.items():
+        mask[c] = block[c].round(spec.decimals(c)) == b
+    if ok:  # an unreliable row is never bold in a robustness column
+        for c in best:
+            if spec.is_robustness(c) and any(ok.get(i, True) for i in block[c].dropna().index):
+                mask[c] &= np.array([ok.get(i, True) for i in block.index])
     return mask
 
 
@@ -59,18 +80,30 @@ def cell_text(v: Any, s: Any, d: int, *, pm: str = " ± ", missing: str = "–")
     return f"{v:.{d}f}" + (f"{pm}{s:.{d}f}" if pd.notna(s) else "")
 
 
-def to_latex(table: pd.DataFrame, spec: TableSpec, caption: str) -> str:
-    """One ``table`` environment per (arch, checkpoint) section of a wide table."""
-    cols = [c for c in table.columns if not c.endswith("_std") and c != "n_seeds"]
+def to_latex(table: pd.DataFrame, spec: TableSpec, caption: str,
+             ok: Optional[Mapping[tuple, bool]] = None) -> str:
+    """One ``table`` environment per (arch, checkpoint) section of a wide table; accuracy
+    cells carry their 95% interval (``<col>_lo``/``<col>_hi``) in brackets."""
+    from benchmark.report.stats import interval_text, value_columns
+
+    cols = value_columns(table)
     parts = []
     for (arch, ckpt), block in table.groupby(level=["arch", "checkpoint"], sort=False):
         names = [tex_escape(i[-1]) for i in block.index]
         cells = pd.DataFrame(
             [[name] + [cell_text(r[c], r.get(f"{c}_std", np.nan), spec.decimals(c),
-                                 pm=r" $\pm$ ", missing="--") for c in cols]
+                                 pm=r" $\pm$ ", missing="--")
+                       + (interval_text(r.get(f"{c}_lo"), r.get(f"{c}_hi")) if pd.notna(r[c])
+                          else "") for c in cols]
              + [str(int(r["n_seeds"]))] for name, (_, r) in zip(names, block.iterrows())],
             columns=["defense"] + [tex_escape(display(c)) for c in cols] + ["seeds"])
-        mask = best_mask(block, cols, spec).to_numpy()
+        bold = best_mask(block, cols, spec, ok)
+        for c in cols:  # ≈: statistically tied with the section's best headline (as Markdown)
+            if f"{c}_tied_best" in block:
+                tied = (block[f"{c}_tied_best"] == 1) & ~bold[c] & block[c].notna() & bold[c].any()
+                col = cells.columns[1 + cols.index(c)]
+                cells.loc[tied.to_numpy(), col] += r" $\approx$"
+        mask = bold.to_numpy()
         none = np.zeros((len(block), 1), dtype=bool)
         mask = np.concatenate([none, mask, none], axis=1)
         styler = cells.style.hide(axis="index").apply(

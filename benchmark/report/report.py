@@ -38,11 +38,25 @@ import pandas as pd
 from benchmark.data import public_provenance
 from benchmark.store import RunStore, atomic_write_bytes, read_jsonl
 from benchmark.report import verdicts as vd
-from benchmark.report.latex import tex_escape, to_latex
-from benchmark.report.grid import BLOCK, INDEX, _groups, _index, _points, aggregate, build_table
+from benchmark.report.stats import rankable
+from benchmark.report.latex import best_mask, best_values, tex_escape, to_latex
+from benchmark.report.grid import (BLOCK, INDEX, _groups, _index, aggregate, build_table,
+                                   reasons, section_rule)
 from benchmark.report.tables import TABLES, TableSpec, _labels, corruption_title, display, frames
 
 logger = logging.getLogger(__name__)
+
+#: what every attack (and rejection) table says about its statistics
+_STATS_NOTE = (" [lo, hi]: 95% Wilson interval of the accuracy on the section's points (seeds "
+               "pooled: k and N summed over seeds), apart from the std over seeds.")
+#: what tables with a headline column say about it
+_HEADLINE_NOTE = (" Headline: per-sample worst case over every attack evaluated on the section's "
+                  "points (a point is robust only if every attack failed on it); rows are bold "
+                  "by it, and a row whose headline is unreliable is never bold above reliable "
+                  "ones. ≈: statistically tied with the section's best headline; p vs best / "
+                  "p vs at: exact McNemar test (binomial on the discordant points) against the "
+                  "best row and AT on the same points, α = 0.05, seeds paired by seed index "
+                  "(in seed order when two rows share none), discordant counts summed.")
 
 _SORT = ("dataset", "profile", "kind", "defense", "arch", "seed", "checkpoint", "attack", "eps",
          "condition", "corruption", "severity", "n_examples", "eval_key")
@@ -188,35 +202,68 @@ def _fmt(v: float, s: float, d: int) -> str:
     return f"{v:.{d}f}" + (f" ± {s:.{d}f}" if pd.notna(s) else "")
 
 
+def cell_attack(column: str, spec: TableSpec) -> Optional[str]:
+    """The attack label a cell's verdict mark is about (``headline`` for a headline cell;
+    None where the column is no single attack's, e.g. the rejection table's)."""
+    from benchmark.report.tables import HEADLINES
+
+    if column in HEADLINES.values():
+        return "headline"
+    if spec.kind != "attack":
+        return None
+    if column == "avg":
+        return "autoattack"
+    if "@" in column:
+        return column.partition("@")[0]
+    if column.startswith(("acc_", "ce_")):
+        return "pgd-" + column.split("_", 1)[1]
+    return column
+
+
+def _p(v: Any) -> str:
+    return "–" if pd.isna(v) else "<0.001" if v < 0.001 else f"{v:.3f}"
+
+
 def to_markdown(table: pd.DataFrame, spec: Optional[TableSpec] = None, *,
                 counts: Optional[pd.DataFrame] = None, points: Optional[dict] = None,
-                verdicts: Optional[dict] = None) -> str:
-    """Markdown sections (one per arch × checkpoint): ``mean ± std`` cells, best per column bold.
+                verdicts: Optional[dict] = None, why: Optional[dict] = None) -> str:
+    """Markdown sections (one per arch × checkpoint): ``mean ± std [95% interval]`` cells,
+    best per column bold.
 
     Best is the highest value (lowest for the spec's ``lower`` columns) at the shown precision,
-    all tied rows bold, and nothing bold when every row ties. Missing cells are ``–`` and listed with the
-    spec's reason; cells over fewer seeds than the row has are listed too. With ``verdicts``
-    (:func:`benchmark.report.verdicts.row_verdicts`) cells carry health/reliability marks,
-    attack tables get a ``reliable`` column, and footnotes say why.
+    all tied rows bold, and nothing bold when every row ties; a row whose headline is
+    unreliable is never bold in a robustness column while reliable rows have values. A headline
+    cell statistically tied with the section's best carries ``≈``, and the p-values of the
+    paired tests against the best row and AT follow. Missing cells are ``–`` and listed with
+    their reason (``why``: (arch, ckpt, label, column) → reason, else the spec's); cells over
+    fewer seeds than the row has are listed too. ``points``: (arch, ckpt) → the section's
+    points and rule. With ``verdicts`` (:func:`benchmark.report.verdicts.row_verdicts`) cells
+    carry health/reliability marks, attack tables get a ``reliable`` column, and footnotes say
+    why.
     """
+    from benchmark.report import stats
+    from benchmark.report.tables import HEADLINES
+
     spec = spec or TABLES[0]
     if not isinstance(table.index, pd.MultiIndex):
         table = table.set_index(pd.MultiIndex.from_tuples(
             [("?", "?", i) for i in table.index], names=INDEX))
-    cols = [c for c in table.columns if not c.endswith("_std") and c != "n_seeds"]
+    cols = stats.value_columns(table)
+    tested = "headline_p_best" in table and bool(table["headline_p_best"].notna().any())
+    ok = rankable(verdicts)
     parts = []
     for (arch, ckpt), block in table.groupby(level=BLOCK, sort=False):
         rel = verdicts is not None and spec.has_reliability
-        lines = [f"#### arch {md_code(arch)}, checkpoint {md_code(ckpt)}", "",
-                 "| defense | " + " | ".join(display(c) for c in cols) + " | seeds |"
-                 + (" reliable |" if rel else ""),
-                 "|---|" + "---:|" * len(cols) + "---:|" + ("---|" if rel else "")]
-        best = {}
-        for c in cols:
-            d = spec.decimals(c)
-            vals = block[c].dropna().round(d)
-            if spec.better(c) and vals.nunique() > 1:
-                best[c] = vals.min() if spec.better(c) == "lower" else vals.max()
+        lines = [f"#### arch {md_code(arch)}, checkpoint {md_code(ckpt)}", ""]
+        if points and points.get((arch, ckpt)):
+            lines += [f"Test points: {points[(arch, ckpt)]}, for every cell of this section.",
+                      ""]
+        lines += ["| defense | " + " | ".join(display(c) for c in cols) + " | seeds |"
+                  + (" p vs best | p vs at |" if tested else "") + (" reliable |" if rel else ""),
+                  "|---|" + "---:|" * len(cols) + "---:|" + ("---:|---:|" if tested else "")
+                  + ("---|" if rel else "")]
+        best = best_values(block, cols, spec, ok)
+        bold = best_mask(block, cols, spec, ok)
         missing, partial = [], []
         for idx, r in block.iterrows():
             name, cells = idx[-1], []
@@ -224,21 +271,33 @@ def to_markdown(table: pd.DataFrame, spec: Optional[TableSpec] = None, *,
                 v, s, d = r[c], r.get(f"{c}_std", np.nan), spec.decimals(c)
                 if pd.isna(v):
                     cells.append("–")
-                    missing.append((name, c))
+                    missing.append((name, c, (why or {}).get((arch, ckpt, name, c))))
                     continue
                 text = _fmt(v, s, d)
-                mark = verdicts[idx].mark(spec.is_robustness(c)) \
+                robust = spec.is_robustness(c) or c in HEADLINES.values()
+                mark = verdicts[idx].mark(robust, attack=cell_attack(c, spec)) \
                     if verdicts and idx in verdicts else ""
-                cells.append((f"**{text}**" if c in best and round(v, d) == best[c] else text)
+                tie = " ≈" if c in best and not bold.loc[idx, c] and \
+                    r.get(f"{c}_tied_best") == 1 else ""
+                text += stats.interval_text(r.get(f"{c}_lo"), r.get(f"{c}_hi"))
+                cells.append((f"**{text}**" if bold.loc[idx, c] else text) + tie
                              + (f" {mark}" if mark else ""))
                 if counts is not None and 0 < counts.loc[idx, c] < r["n_seeds"]:
                     partial.append(f"- {md_code(name)} / {display(c)}: {counts.loc[idx, c]} of "
                                    f"{int(r['n_seeds'])} seeds")
-            lines.append(f"| {md_escape(name)} | " + " | ".join(cells) + f" | {int(r['n_seeds'])} |" + (
-                f" {_reliable(verdicts, idx)} |" if rel else ""))
-        if points and points.get((arch, ckpt)):
-            lines += ["", "Test points per column: " + ", ".join(
-                f"{display(c)} {n}" for c, n in points[(arch, ckpt)].items()) + "."]
+            lines.append(f"| {md_escape(name)} | " + " | ".join(cells) + f" | {int(r['n_seeds'])} |"
+                         + (f" {_p(r['headline_p_best'])} | {_p(r['headline_p_at'])} |"
+                            if tested else "")
+                         + (f" {_reliable(verdicts, idx)} |" if rel else ""))
+        covers = [c for c in cols if f"{c}_attacks" in block]
+        for c in covers:
+            got = {idx[-1]: a for idx, a in block[f"{c}_attacks"].items() if isinstance(a, str)}
+            if got:
+                same = len(set(got.values())) == 1
+                lines += ["", f"{display(c)} covers (per-sample worst case over): " + (
+                    ", ".join(md_code(a) for a in next(iter(got.values())).split("+"))
+                    + " for every row" if same else "; ".join(
+                        f"{md_code(n)}: " + ", ".join(a.split("+")) for n, a in got.items())) + "."]
         notes = vd.footnotes(_md_verdicts(verdicts), arch, ckpt,
                              [_code_safe(i[-1]) for i in block.index],
                              spec.has_reliability) if verdicts else []
@@ -260,16 +319,17 @@ def _reliable(verdicts: dict, idx: tuple) -> str:
     return f"no {vd.RELIABILITY_MARK}" if v.failed else v.reliable
 
 
-def _missing_lines(missing: list[tuple[str, str]], cols: list[str], spec: TableSpec) -> list[str]:
-    by_name: dict[str, list[str]] = {}
-    for name, c in missing:
-        by_name.setdefault(name, []).append(c)
+def _missing_lines(missing: list[tuple[str, str, Optional[str]]], cols: list[str],
+                   spec: TableSpec) -> list[str]:
+    by_name: dict[str, list[tuple[str, Optional[str]]]] = {}
+    for name, c, why in missing:
+        by_name.setdefault(name, []).append((c, why))
     out = []
     for name, absent in by_name.items():
-        if len(absent) == len(cols) and len(cols) > 1:
+        if len(absent) == len(cols) and len(cols) > 1 and not any(w for _, w in absent):
             out.append(f"- {md_code(name)}: no rows for this table")
         else:
-            out += [f"- {md_code(name)} / {display(c)}: {spec.why(c)}" for c in absent]
+            out += [f"- {md_code(name)} / {display(c)}: {why or spec.why(c)}" for c, why in absent]
     return out
 
 
@@ -310,18 +370,19 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
         index = _index(fr, order)
         dataset = str(recs[0].get("dataset", "?"))
         for spec in TABLES:
-            built = build_table(spec, fr[spec.kind], index)
+            verdicts = vd.row_verdicts(recs, _labels(recs), any_eps=spec.name == "table3") \
+                if vd.has_verdicts(recs) else None
+            built = build_table(spec, fr[spec.kind], index, rankable(verdicts))
             if built is None:
                 continue
             wide, counts, cells, columns = built
+            why = reasons(cells)
             extra, title = "", spec.title
             if spec.kind == "corruption":
                 cprov = sorted({str(r.get("corruption_provenance")) for r in recs
                                 if r.get("kind") == "corruption" and r.get("corruption_provenance")})
                 extra = " Corruptions: " + "; ".join(cprov) + "." if cprov else ""
                 title = corruption_title(title, cprov)
-            verdicts = vd.row_verdicts(recs, _labels(recs), any_eps=spec.name == "table3") \
-                if vd.has_verdicts(recs) else None
             numeric = wide.assign(**vd.csv_columns(verdicts, wide.index)) \
                 if verdicts is not None and spec.has_reliability else wide
             md = (f"### {title} — {md_code(dataset)}, profile {md_code(profile)}\n\n"
@@ -329,19 +390,22 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
                   f"Profile {md_code(profile)}. "
                   + (spec.note + " " if spec.note else "")
                   + "Cells: mean ± std over seeds (std only with several seeds); best per column "
-                    "in bold.\n\n"
-                  + to_markdown(wide, spec, counts=counts, points=_points(cells, columns),
-                                verdicts=verdicts))
+                    "in bold." + (_STATS_NOTE if spec.kind in ("attack", "rejection") else "")
+                  + (_HEADLINE_NOTE if "headline" in columns else "") + "\n\n"
+                  + to_markdown(numeric, spec, counts=counts, points=section_rule(cells),
+                                verdicts=verdicts, why=why))
             stem = f"{spec.name}_{suffix}"
             atomic_write_bytes(out_dir / "tables" / f"{stem}.csv", to_csv(numeric).encode())
             atomic_write_bytes(out_dir / "tables" / f"{stem}.md", md.encode())
             atomic_write_bytes(out_dir / "tables" / f"{stem}.tex", to_latex(
-                wide, spec, tex_escape(f"{title} — {dataset}, profile {profile}. Mean ± std "
-                                       f"over seeds; best per column in bold.")).encode())
+                numeric, spec, tex_escape(f"{title} — {dataset}, profile {profile}. Mean ± "
+                                          f"std over seeds [95% Wilson interval]; best per "
+                                          f"column in bold."), rankable(verdicts)).encode())
             mds.append(md)
             for idx, r in wide.iterrows():
                 missing += [{"table": stem, "arch": idx[0], "checkpoint": idx[1],
-                             "defense": idx[2], "column": c, "reason": spec.why(c)}
+                             "defense": idx[2], "column": c,
+                             "reason": why.get((*idx, c)) or spec.why(c)}
                             for c in columns if pd.isna(r[c])]
         refused = refused_section(recs, dataset, profile)
         if refused:

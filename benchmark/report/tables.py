@@ -11,9 +11,22 @@ them. Three row kinds feed the tables (a row without ``kind`` is an attack row):
 * ``rejection`` (``benchmark.eval.rejection``): ``negatives`` (pgd, adaptive, ood-<set>),
   ``auroc``, ``fpr_at_tpr``, ``robust_acc_reject``, ``roc``.
 
+``headline`` rows (:mod:`benchmark.eval.worstcase`: the per-sample worst case over every
+attack of a run, checkpoint, norm and ε on its first N points) enter the attack frame with the
+label ``headline`` (l∞) or ``headline-l2`` / ``headline-l1``, and become the ``Headline``
+columns of the accuracy table and Tables 1 and 2: the number tables rank and bold by.
+
 ``cost`` rows (:mod:`benchmark.run.cost`, one per trained run) are not cells of their own:
-their ``epoch_s``, ``passes_per_sample`` and ``peak_mem_mb`` join the attack rows of the same
-``run_id`` and become the cost columns of Tables 1 and 2.
+their ``epoch_cpu_s`` (CPU-seconds per epoch: the load of the machine does not enter it),
+``passes_per_sample`` and ``peak_mem_mb`` join the attack rows of the same ``run_id`` and
+become the cost columns of Tables 1 and 2.
+
+Same points (:func:`on_points`): every cell of one table section (arch × checkpoint) is
+computed on the section's N test points, the first N of the fixed test order: AutoAttack's N
+when every row of the section has an AutoAttack row, else the largest N every row covers.
+Rows on more points are sliced to the first N (from their per-sample bits, or their
+``acc_on_first`` prefix accuracies); a cell that cannot be brought to N stays empty with its
+reason (a placeholder cell: value NaN, ``why``), never filled from another N.
 
 Accuracies become percent. For every l∞ column except Table 3's and Figure 4's sweeps, only
 rows at the run's *nominal* ε (its training ε, ``hparams.eps``: 8/255 on CIFAR scale, 0.3
@@ -50,9 +63,12 @@ DISPLAY = {"clean": "Clean", "autoattack": "AA", "avg": "Avg", "pgd-l1": "PGD l1
            "fdr_clean": "FDR↓ cln", "fdr_adv": "FDR↓ adv", "afs_clean": "AFS↓ cln",
            "afs_adv": "AFS↓ adv", "scr_clean": "SCR↑ cln", "scr_adv": "SCR↑ adv",
            "mean_sep": "MeanSep↑ (°)", "min_sep": "MinSep↑ (°)", "avg_all": "Avg",
-           "epoch_s": "s/epoch", "passes": "passes/sample", "peak_mem_mb": "peak MiB"}
+           "epoch_cpu_s": "CPU s/epoch", "passes": "passes/sample", "peak_mem_mb": "peak MiB",
+           "headline": "Headline", "headline-l2": "Headline l2", "headline-l1": "Headline l1"}
 #: training-cost columns of Tables 1 and 2 (from ``"kind": "cost"`` rows, joined by run_id)
-COST = ["epoch_s", "passes", "peak_mem_mb"]
+COST = ["epoch_cpu_s", "passes", "peak_mem_mb"]
+#: the headline column of each norm (``headline`` rows' label in the attack frame)
+HEADLINES = {"linf": "headline", "l2": "headline-l2", "l1": "headline-l1"}
 _REJ = {"auroc": "AUROC", "fpr": "FPR@95", "acc": "Acc", "accrej": "Acc+rej"}
 
 
@@ -73,8 +89,8 @@ def display(column: str) -> str:
     return DISPLAY.get(column, column)
 
 
-_ORDER = ["fgsm", "pgd", "pgd-l2", "pgd-l1", "pgd20", "pgd100", "cw", "ensemble", "autoattack",
-          "adaptive"]
+_ORDER = ["headline", "headline-l2", "headline-l1", "fgsm", "pgd", "pgd-l2", "pgd-l1", "pgd20",
+          "pgd100", "cw", "ensemble", "autoattack", "adaptive"]
 _SWEEP = re.compile(r"^pgd-(k|r)(\d+)$")
 
 
@@ -128,6 +144,10 @@ def frames(records: Iterable[dict]) -> dict[str, pd.DataFrame]:
     out: dict[str, list[dict]] = {"attack": [], "features": [], "corruption": [], "rejection": []}
     for r, label in zip(records, labels):
         kind = _kind(r)
+        if kind == "headline":  # the worst case over attacks: a column of the attack tables
+            r = {**r, "attack": HEADLINES.get(str(r.get("norm") or "linf"),
+                                              f"headline-{r.get('norm')}")}
+            kind = "attack"
         if kind not in out or (kind == "corruption" and r.get("aggregate")):
             continue
         base = {"dataset": str(r.get("dataset", "?")), "profile": str(r.get("profile") or "?"),
@@ -145,9 +165,12 @@ def frames(records: Iterable[dict]) -> dict[str, pd.DataFrame]:
             base.update(attack=str(r.get("attack")), norm=norm, eps=eps,
                         eps_str=str(r.get("eps_str") or eps_to_str(eps)), nominal=nominal,
                         clean=100 * _nan(r.get("clean_acc")), robust=100 * _nan(r.get("robust_acc")),
-                        ce=_nan(r.get("adv_ce")), first=r.get("acc_on_first") or {})
+                        ce=_nan(r.get("adv_ce")), first=r.get("acc_on_first") or {},
+                        bits=r.get("robust_bits"), clean_bits=r.get("clean_bits"),
+                        covers=tuple(r.get("attacks") or ()))
             cost = costs.get(base["run_id"], {})
-            base.update(epoch_s=_nan(cost.get("epoch_s")), passes=_nan(cost.get("passes_per_sample")),
+            base.update(has_cost=bool(cost), epoch_cpu_s=_nan(cost.get("epoch_cpu_s")),
+                        passes=_nan(cost.get("passes_per_sample")),
                         peak_mem_mb=_nan(cost.get("peak_mem_mb")))
         elif kind == "rejection":
             if r.get("score_default") is False:  # a defense's second rejection score
@@ -179,14 +202,32 @@ def corruption_title(title: str, provenances: Sequence[str]) -> str:
 
 # ------------------------------------------------------------------------- cell helpers
 def _best_n(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """One row per ``keys``: the one with the most test points (ties: first in input order)."""
-    return df.sort_values("n", ascending=False, kind="stable").drop_duplicates(keys)
+    """One row per ``keys``: the one with the most test points (ties: first in input order;
+    placeholders, which have no points, last)."""
+    return df.sort_values("n", ascending=False, kind="stable", na_position="last"
+                          ).drop_duplicates(keys)
+
+
+#: optional fields a cell carries along: a placeholder's reason, the section's points rule,
+#: the per-sample robust flags on the section's points (paired tests), the attacks covered
+_CARRY = ("why", "rule", "flags", "covers")
 
 
 def _cells(df: pd.DataFrame, column: str, value: str) -> pd.DataFrame:
+    """One cell per row of ``df``; rows without a value are kept only as placeholders that
+    say why (``why``)."""
     out = df[UNIT].copy()
     out["column"], out["value"], out["n"] = column, df[value].to_numpy(), df["n"].to_numpy()
-    return out[out["value"].notna()]
+    for c in _CARRY:
+        if c in df:
+            out[c] = df[c].to_numpy()
+    if "flags" in out and value != "robust":
+        out["flags"] = None  # the flags are the robust ones: only robust-accuracy cells
+    keep = out["value"].notna()
+    if "why" in out:
+        keep |= out["why"].notna()
+        out.loc[out["value"].notna(), "why"] = None
+    return out[keep]
 
 
 def _clean(a: pd.DataFrame) -> pd.DataFrame:
@@ -211,7 +252,7 @@ def _avg(cells: pd.DataFrame, a: str, b: str, column: str = "avg") -> pd.DataFra
     out["column"] = column
     out["value"] = ((both["value_a"] + both["value_b"]) / 2).to_numpy()
     out["n"] = np.minimum(both["n_a"], both["n_b"]).to_numpy()
-    return out
+    return out[out["value"].notna()]
 
 
 def _concat(parts: list[pd.DataFrame]) -> pd.DataFrame:
@@ -231,10 +272,14 @@ def _why_attack(c: str) -> str:
     if c.startswith(("acc_", "ce_")):
         label = "pgd-" + c.split("_", 1)[1]
         return f"no `{label}` row" + (" with `adv_ce`" if c.startswith("ce_") else "")
+    if c in HEADLINES.values():
+        return "no headline row (evaluated before headline rows existed)"
     if c in COST:
         return "no cost row for the run (a run folder with train_log.jsonl)" + (
             ", or no `peak_mem_mb` in its log (runs made before it was logged)"
-            if c == "peak_mem_mb" else "")
+            if c == "peak_mem_mb" else ", or no CPU-seconds (`cpu_s`) in its log (trained "
+            "before they were logged; wall seconds measure the machine's load, not shown)"
+            if c == "epoch_cpu_s" else "")
     return f"no `{c}` row at the run's nominal ε"
 
 
@@ -286,52 +331,139 @@ class TableSpec:
         return "lower" if column in self.lower else "higher"
 
 
-def same_points(a: pd.DataFrame, labels: Iterable[str], *, nominal: bool = True) -> pd.DataFrame:
-    """Every row of a unit on that unit's fewest points among ``labels`` (e.g. AutoAttack's
-    100 of 1000), where the row records its accuracies on that prefix (``acc_on_first``);
-    rows without them keep their own points (the table's points line shows it)."""
-    if not len(a) or "first" not in a:
+def section_points(a: pd.DataFrame, labels: Iterable[str], *, nominal: bool = True
+                   ) -> dict[tuple[str, str], tuple[int, str]]:
+    """(arch, checkpoint) → (N, rule): the test points of every cell of a table section.
+
+    Rule: AutoAttack's N (its fewest points) when every row of the section has an
+    AutoAttack row among ``labels``; else the largest N that every row covers (the smallest,
+    over the section's units, of a unit's most points). Headline rows do not set N.
+    """
+    labels = [lab for lab in labels if lab not in HEADLINES.values()]
+    sel = a[a["attack"].isin(labels) & (a["nominal"] if nominal else True) & a["n"].notna()]
+    out = {}
+    for (arch, ckpt), part in sel.groupby(["arch", "checkpoint"], sort=False):
+        units = part.groupby(UNIT)
+        aa = part[part["attack"] == "autoattack"].groupby(UNIT)["n"].min()
+        if "autoattack" in labels and len(aa) == units.ngroups:
+            out[(arch, ckpt)] = (int(aa.min()), "AutoAttack's points, which every row has")
+        else:
+            out[(arch, ckpt)] = (int(units["n"].max().min()),
+                                 "the most points every row covers" + (
+                                     " (not every row has AutoAttack)"
+                                     if "autoattack" in labels else ""))
+    return out
+
+
+def _prefix(r: pd.Series, n: int) -> Optional[tuple[float, float, float, Any]]:
+    """(clean %, robust %, CE, robust flags) of a row on its first ``n`` points, from its bits
+    (CE from ``acc_on_first`` where it has that prefix), else from ``acc_on_first``; None if
+    the row records neither."""
+    from benchmark.eval.worstcase import from_hex
+
+    pre = (r.get("first") or {}).get(str(n))
+    bits, clean_bits = r.get("bits"), r.get("clean_bits")
+    if isinstance(bits, str) and isinstance(clean_bits, str):
+        robust, clean = from_hex(bits, n), from_hex(clean_bits, n)
+        return (100 * float(clean.mean()), 100 * float(robust.mean()),
+                pre[2] if pre else math.nan, robust)
+    return (100 * pre[0], 100 * pre[1], pre[2], None) if pre else None
+
+
+def on_points(a: pd.DataFrame, labels: Iterable[str], *, nominal: bool = True) -> pd.DataFrame:
+    """Every row of ``labels`` on its section's N points (:func:`section_points`).
+
+    Every row of a section is brought to N (``labels`` only choose N, so the clean accuracy
+    is on N points too): a row on exactly N points is kept; one on more is sliced to the
+    first N; one that cannot be (fewer points, or no per-sample record) becomes a
+    placeholder: values NaN, ``why`` saying so. The rows get ``rule`` (the section's N and
+    its rule) and ``flags`` (robust flags on the N points, where the row has bits). Of
+    several rows of one unit and label, the one evaluated on the fewest points (at least N)
+    comes first.
+    """
+    if not len(a):
         return a
-    sel = a[a["attack"].isin(list(labels)) & (a["nominal"] if nominal else True)]
-    fewest = sel.groupby(UNIT)["n"].min()
+    from benchmark.eval.worstcase import from_hex
+
+    points = section_points(a, labels, nominal=nominal)
     a = a.copy()
-    for i, r in a.iterrows():
-        n = fewest.get(tuple(r[k] for k in UNIT))
-        pre = (r["first"] or {}).get(str(int(n))) if n is not None and r["n"] > n else None
-        if pre:
-            a.at[i, "clean"], a.at[i, "robust"], a.at[i, "ce"] = 100 * pre[0], 100 * pre[1], pre[2]
-            a.at[i, "n"] = n
-    return a
+    n0 = a["n"].to_numpy().copy()
+    why: list[Optional[str]] = [None] * len(a)
+    rule: list[Optional[str]] = [None] * len(a)
+    flags: list[Any] = [None] * len(a)
+    for j, (i, r) in enumerate(a.iterrows()):
+        sec = points.get((r["arch"], r["checkpoint"]))
+        if sec is None or pd.isna(r["n"]):
+            continue
+        n, text = sec
+        rule[j] = f"the first {n} test points ({text})"
+        if r["n"] == n:
+            if isinstance(r.get("bits"), str):
+                flags[j] = from_hex(r["bits"], n)
+            continue
+        got = _prefix(r, n) if r["n"] > n else None
+        if got is None:
+            what = "the worst case" if r["attack"] in HEADLINES.values() else f"`{r['attack']}`"
+            why[j] = (f"{what} evaluated on {int(r['n'])} points only; the section uses the "
+                      f"first {n}" if r["n"] < n else
+                      f"{what} evaluated on {int(r['n'])} points with no per-sample record of "
+                      f"the first {n} (the section's points)")
+            a.loc[i, ["clean", "robust", "ce", "n"]] = math.nan
+            continue
+        a.loc[i, ["clean", "robust", "ce"]] = got[:3]
+        a.loc[i, "n"] = n
+        flags[j] = got[3]
+    a["why"], a["rule"], a["flags"] = why, rule, flags
+    order = np.argsort(n0, kind="stable")
+    return a.iloc[order]
+
+
+_NO_CPU_S = ("no CPU-seconds (`cpu_s`) in the run's training log (trained before they were "
+             "logged; its wall seconds measure the machine's load, so they are not shown)")
+
+
+def headline_columns(a: pd.DataFrame) -> list[str]:
+    """The headline columns present in an attack frame: l∞'s always, l2's and l1's where
+    attacks of that norm have headline rows."""
+    found = set(a["attack"]) if len(a) else set()
+    return [c for norm, c in HEADLINES.items() if norm == "linf" or c in found]
 
 
 def _fixed(columns: list[str], avg_of: Optional[tuple[str, str]] = None,
-           rename: Optional[dict[str, str]] = None) -> Callable:
+           rename: Optional[dict[str, str]] = None, headline: bool = False) -> Callable:
     rename = rename or {}
 
     def build(a: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-        a = same_points(a, [rename.get(c, c) for c in columns])
-        parts = [_clean(a)] if "clean" in columns else []
-        parts += [_attack(a, rename.get(c, c), column=c) for c in columns
+        cols = list(columns)
+        if headline:  # next to Clean
+            at = cols.index("clean") + 1 if "clean" in cols else 0
+            cols[at:at] = headline_columns(a)
+        a = on_points(a, [rename.get(c, c) for c in cols])
+        parts = [_clean(a)] if "clean" in cols else []
+        parts += [_attack(a, rename.get(c, c), column=c) for c in cols
                   if c not in ("clean", "avg", *COST)]
-        if len(a) and "epoch_s" in a:
-            parts += [_cells(_best_n(a, UNIT), c, c).assign(n=np.nan) for c in COST
-                      if c in columns]  # per run, not per test point
+        if len(a) and "epoch_cpu_s" in a:
+            runs = _best_n(a, UNIT)
+            parts += [_cells(runs.assign(why=np.where(
+                runs["has_cost"] & runs[c].isna(), _NO_CPU_S, None) if c == "epoch_cpu_s"
+                else None), c, c).assign(n=np.nan) for c in COST
+                      if c in cols]  # per run, not per test point
         cells = _concat(parts)
         if avg_of:
             cells = _concat([cells, _avg(cells, *avg_of)])
-        return cells, columns
+        return cells, cols
     return build
 
 
 def _summary(a: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     labels = [lab for lab in dict.fromkeys(a["attack"]) if not _SWEEP.match(lab)
-              and lab != "pgd-fig4"] if len(a) else []
+              and lab != "pgd-fig4" and lab not in HEADLINES.values()] if len(a) else []
     labels.sort(key=lambda s: (_ORDER.index(s) if s in _ORDER else len(_ORDER), s))
-    return _fixed(["clean", *labels])(a)
+    return _fixed(["clean", *labels], headline=True)(a)
 
 
 def _eps_sweep(a: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    a = same_points(a, ["pgd", "autoattack"], nominal=False)
+    a = on_points(a, ["pgd", "autoattack"], nominal=False)
     sel = a[a["attack"].isin(["pgd", "autoattack"]) & (a["norm"] == "linf")] if len(a) else a
     if not len(sel) or sel["nominal"].all():
         return pd.DataFrame(columns=CELL), []
@@ -348,6 +480,7 @@ def _iter_sweep(letter: str) -> Callable:
     def build(a: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         found = sorted({int(m.group(2)) for lab in (a["attack"] if len(a) else [])
                         if (m := _SWEEP.match(lab)) and m.group(1) == letter})
+        a = on_points(a, [f"pgd-{letter}{k}" for k in found])
         parts, cols = [], []
         for k in found:
             label = f"pgd-{letter}{k}"
@@ -424,23 +557,25 @@ def _why_rejection(c: str) -> str:
 
 #: Tables 1 and 2 carry the training cost: no bold, never enough alone to write a table
 _COST_SPEC: dict[str, Any] = dict(
-    derived=frozenset({"clean", "avg", *COST}), neutral=lambda c: c in COST,
-    decimals=lambda c: 0 if c in ("passes", "peak_mem_mb") else 1 if c == "epoch_s" else 2,
-    note="Cost: mean seconds per training epoch, forward+backward passes per training sample "
+    derived=frozenset({"clean", "avg", *COST, *HEADLINES.values()}), neutral=lambda c: c in COST,
+    decimals=lambda c: 0 if c in ("passes", "peak_mem_mb") else 1 if c == "epoch_cpu_s" else 2,
+    note="Cost: mean CPU-seconds of the training process per epoch (all its threads; the "
+         "machine's load does not enter it), forward+backward passes per training sample "
          "(declared by the defense; HAT includes its `st` helper run), peak memory (CUDA max "
          "allocated, or max RSS on CPU).")
 
 TABLES: list[TableSpec] = [
     TableSpec("accuracy", "Clean and robust accuracy (%) under every evaluated attack", "attack",
-              _summary, note="All attack columns at the nominal ε (sweeps of Tables 3, 6, 7 "
-                             "and Figure 4 excluded)."),
+              _summary, derived=frozenset({"clean", "avg", *HEADLINES.values()}),
+              note="All attack columns at the nominal ε (sweeps of Tables 3, 6, 7 "
+                   "and Figure 4 excluded)."),
     TableSpec("table1", "Table 1: clean, AutoAttack, Avg(clean, AA) and PGD l1/l2/l∞ accuracy (%)",
               "attack", _fixed(["clean", "autoattack", "avg", "pgd-l1", "pgd-l2", "pgd", *COST],
-                               ("clean", "autoattack")), **_COST_SPEC),
+                               ("clean", "autoattack"), headline=True), **_COST_SPEC),
     TableSpec("table2", "Table 2: accuracy (%) under clean, AA, FGSM, PGD-20, PGD-100, C&W and "
                         "the per-sample Ensemble", "attack",
               _fixed(["clean", "autoattack", "avg", "fgsm", "pgd20", "pgd100", "cw", "ensemble",
-                      *COST], ("clean", "autoattack")), **_COST_SPEC),
+                      *COST], ("clean", "autoattack"), headline=True), **_COST_SPEC),
     TableSpec("table3", "Table 3: PGD and AutoAttack accuracy (%) at several l∞ ε", "attack",
               _eps_sweep, note="Columns `<attack>@<ε>`; PGD as in Table 1."),
     TableSpec("table4", "Table 4: feature-space discrimination on clean and PGD-20 features",

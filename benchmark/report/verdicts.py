@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
@@ -43,8 +43,11 @@ class RowVerdict:
     def reliable(self) -> str:
         return "no" if self.failed else "yes" if self.passed else "–"
 
-    def mark(self, robustness: bool) -> str:
-        """‡ when the row is unhealthy, plus † on a robust-accuracy cell of an unreliable row."""
+    def mark(self, robustness: bool, attack: Optional[str] = None) -> str:
+        """‡ when the row is unhealthy, plus † on a robust-accuracy cell of an unreliable row.
+
+        ``attack``: the cell's attack label, or ``"headline"`` (placeholder for the checks
+        branch's per-attack marks; ignored here: every robustness cell is doubted)."""
         marks = HEALTH_MARK if self.unhealthy else ""
         if robustness and self.failed:
             marks += RELIABILITY_MARK

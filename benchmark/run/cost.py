@@ -1,9 +1,14 @@
-"""Training cost of a run as a result row: seconds per epoch, passes per sample, peak memory.
+"""Training cost of a run as a result row: CPU-seconds per epoch, passes per sample, peak memory.
 
 One ``"kind": "cost"`` row per trained run folder, built from what training recorded:
 
-* ``epoch_s``: mean wall seconds of a training epoch (``train_log.jsonl`` ``epoch_s``; the
-  validation pass after an epoch is not included), on the run's device;
+* ``epoch_cpu_s``: mean CPU-seconds of the training process per epoch (``train_log.jsonl``
+  ``cpu_s``, ``time.process_time``: every thread of the process, the validation pass after an
+  epoch not included), with ``torch_threads`` (the thread count it ran on). This is what the
+  tables show: it measures the defense, not the machine's load. Absent for runs logged
+  before it existed (the table cell is then empty with the reason);
+* ``epoch_s``: mean wall seconds of a training epoch (``epoch_s``), kept for the record only:
+  on a shared machine it measures the load as much as the defense;
 * ``passes_per_sample``: forward+backward passes per training sample per epoch, from the
   defense's declaration (:meth:`defenses.base.Defense.passes_per_sample`: k+1 for PGD-k AT,
   k+2 for TRADES-style losses, 1 for clean training), checked against a counter in the tests;
@@ -35,7 +40,13 @@ def _log_cost(run_dir: Path) -> dict[str, Optional[float]]:
     secs = [float(r["epoch_s"]) for r in log if isinstance(r.get("epoch_s"), (int, float))]
     mems = [float(r["peak_mem_mb"]) for r in log
             if isinstance(r.get("peak_mem_mb"), (int, float)) and math.isfinite(r["peak_mem_mb"])]
+    cpu = [float(r["cpu_s"]) for r in log if isinstance(r.get("cpu_s"), (int, float))]
+    threads = sorted({int(r["torch_threads"]) for r in log
+                      if isinstance(r.get("torch_threads"), int)})
     return {"epoch_s": round(sum(secs) / len(secs), 3) if secs else None,
+            # only when every epoch logged it: a mean over part of the epochs is not the run's
+            "epoch_cpu_s": round(sum(cpu) / len(cpu), 3) if cpu and len(cpu) == len(log)
+            else None, "torch_threads": threads[0] if len(threads) == 1 else threads or None,
             "peak_mem_mb": max(mems) if mems else None, "epochs_logged": len(log)}
 
 
@@ -77,6 +88,7 @@ def cost_row(run_dir: Path | str, root: Optional[Path | str] = None) -> Optional
         "arch": config.get("arch"), "profile": config.get("profile"), "seed": config.get("seed"),
         "hparams": config.get("hparams"), "device": (config.get("env") or {}).get("device"),
         "epochs_logged": cost["epochs_logged"], "epoch_s": cost["epoch_s"],
+        "epoch_cpu_s": cost["epoch_cpu_s"], "torch_threads": cost["torch_threads"],
         "passes_per_sample": passes, "peak_mem_mb": cost["peak_mem_mb"], "helpers": [],
     }
     try:
@@ -91,9 +103,9 @@ def cost_row(run_dir: Path | str, root: Optional[Path | str] = None) -> Optional
             row.setdefault("helpers_missing", []).append(req)
             continue
         row["helpers"].append({"defense": req, "run_id": helper["run_id"],
-                               **{k: helper[k] for k in ("epoch_s", "passes_per_sample",
-                                                         "peak_mem_mb")}})
-        for key in ("epoch_s", "passes_per_sample"):
+                               **{k: helper[k] for k in ("epoch_s", "epoch_cpu_s",
+                                                         "passes_per_sample", "peak_mem_mb")}})
+        for key in ("epoch_s", "epoch_cpu_s", "passes_per_sample"):
             row[key] = None if row[key] is None or helper[key] is None else \
                 round(row[key] + helper[key], 3)
         if helper["peak_mem_mb"] is not None and row["peak_mem_mb"] is not None:

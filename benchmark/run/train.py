@@ -297,7 +297,7 @@ def _epoch(s: _Session, epoch: int, best: float) -> float:
     """Train one epoch, validate, write checkpoints and the log line; return the new best."""
     cfg, hp, env = s.cfg, s.hp, s.env
     epochs = int(hp["epochs"])
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     set_lr(s.optimizer, hp, epoch)
     s.model.train()
     s.defense.on_epoch_start(s.model, epoch)
@@ -319,7 +319,11 @@ def _epoch(s: _Session, epoch: int, best: float) -> float:
     if not env.is_main:
         return best
     record = {"epoch": epoch + 1, "lr": lr_at(hp, epoch), **stats,
-              "epoch_s": round(time.perf_counter() - t0, 3), "peak_mem_mb": peak_memory_mb(s.dev)}
+              "epoch_s": round(time.perf_counter() - t0, 3), "peak_mem_mb": peak_memory_mb(s.dev),
+              # the cost the defense causes, whatever else loads the machine: CPU-seconds of
+              # this process (all its threads) and the torch thread count they ran on
+              "cpu_s": round(time.process_time() - cpu0, 3),
+              "torch_threads": torch.get_num_threads()}
     if env.active:
         record["world_size"] = env.world_size
     if has_eps_warmup(hp):
