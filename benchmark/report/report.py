@@ -159,7 +159,7 @@ def to_markdown(table: pd.DataFrame, spec: Optional[TableSpec] = None, *,
                     missing.append((name, c))
                     continue
                 text = _fmt(v, s, d)
-                mark = verdicts[idx].mark(spec.is_robustness(c)) \
+                mark = verdicts[idx].mark(spec.is_robustness(c), attack=vd.column_attack(c)) \
                     if verdicts and idx in verdicts else ""
                 cells.append((f"**{text}**" if c in best and round(v, d) == best[c] else text)
                              + (f" {mark}" if mark else ""))
@@ -188,7 +188,7 @@ def _reliable(verdicts: dict, idx: tuple) -> str:
     v = verdicts.get(idx)
     if v is None:
         return "–"
-    return f"no {vd.RELIABILITY_MARK}" if v.failed else v.reliable
+    return v.reliable_cell
 
 
 def _missing_lines(missing: list[tuple[str, str]], cols: list[str], spec: TableSpec) -> list[str]:
