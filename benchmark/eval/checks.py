@@ -1,37 +1,66 @@
-"""Evaluation-reliability verdict per (run, ε): the standard gradient-masking checks.
+"""Evaluation-reliability verdict per (run, ε): gradient-masking checks and attack-failure
+indicators.
 
 Sources: Carlini et al. 2019, "On Evaluating Adversarial Robustness" (arXiv:1902.06705, §5 and
 the checklist); Athalye, Carlini & Wagner 2018 (arXiv:1802.00420, §3); the Adv-DPNP paper's
-§4.5 (Tables 6/7); AutoAttack's own checks (Croce & Hein 2020, ``pyautoattack/checks.py``).
+§4.5 (Tables 6/7); AutoAttack's own checks (Croce & Hein 2020, ``pyautoattack/checks.py``);
+Pintor et al. 2022, "Indicators of Attack Failure" (incomplete optimisation, unavailable
+gradients, unstable predictions, non-converging restarts).
 Each check is a row ``RUN/eval/check-<key>.json`` with ``"kind": "check"``, its ``name``,
-``value``, ``threshold``, ``status`` (pass | fail | skipped) and a sentence (``detail``).
+``value``, ``threshold`` (the minimum effect), ``status`` (pass | fail | skipped), a sentence
+(``detail``), its exact test (``test``, ``p_value``, ``alpha``), its counts, its ``finding``
+(``masking`` | ``weak-attack``) and the attack labels it ``doubts``.
 
-=====  ======================  ==============================================  =============
-check  name                    value                                           fails when
-=====  ======================  ==============================================  =============
-(a)    ``aa-vs-pgd``           share of the points PGD left robust that        > 0.20
-                               AutoAttack breaks (per sample)
-(b)    ``eps-monotone``        largest rise of PGD accuracy from one ε of      > 0.01
-                               the Figure 4 grid to the next
-(c)    ``unbounded-eps``       PGD accuracy at ε = 1 (MNIST) / 0.5 (CIFAR)     > 0.02
-(d)    ``square`` and          share of the points PGD left robust that the    > 0.10
-       ``transfer``            black-box attack breaks (per sample)
-(e)    ``more-budget``         largest accuracy drop from the table's PGD to   > 0.05
-                               more iterations (Table 6), and from 1 to more
-                               restarts (Table 7)
-(f)    ``zero-gradient``       share of correctly classified points whose CE   > 0.05
-                               input gradient is all zero or not finite
-(g)    ``fgsm-vs-pgd``         share of the points PGD left robust that FGSM   > 0.05
-                               breaks (per sample)
-=====  ======================  ==============================================  =============
+A check fails only when its value exceeds the minimum effect AND its exact one-sided test
+rejects at α = :data:`ALPHA` (0.01). Two attacks on the same points: McNemar's exact test on
+the discordant points, ``binomtest(b, b + c, 0.5, alternative="greater")`` with b the points
+the weaker attack left robust that the stronger breaks and c the reverse. One share: the
+binomial test of k bad points of m against the minimum effect,
+``binomtest(k, m, threshold, alternative="greater")``.
 
-Thresholds (:data:`THRESHOLDS`) are documented judgement calls. (a): published sound models
-lose 5-10% of their PGD-robust points to AutoAttack (Madry's MNIST model 89→88, CIFAR
+=====  ==================  ================================================  ======  =========
+check  name                value (test)                                      effect  finding
+=====  ==================  ================================================  ======  =========
+(a)    ``aa-vs-pgd``,      share of the points the paper's PGD of the norm   > 0.20  weak PGD
+       ``-l2``, ``-l1``    left robust that the reference (AutoAttack, else
+                           APGD, of that norm) breaks (McNemar)
+(b)    ``eps-monotone``    share of points PGD at a grid ε leaves robust     > 0.01  weak PGD
+                           although it broke them at a smaller ε (McNemar
+                           against the worst case over ε' ≤ ε)
+(c)    ``unbounded-eps``   accuracy at ε = 1 (MNIST) / 0.5 (CIFAR), worst    > 0.02  masking
+                           case over every ε up to it (binomial)
+(d)    ``square``,         share of the points every gradient attack left    > 0.10  masking
+       ``transfer``        robust that the black-box attack breaks (McNemar)
+(e)    ``more-budget``     accuracy drop from PGD to more iterations (Table  > 0.05  weak PGD
+                           6) or restarts (Table 7) (McNemar, largest drop)
+(f)    ``zero-gradient``   share of correct points with an all-zero or non-  > 0.05  masking
+                           finite CE input gradient (binomial)
+(g)    ``fgsm-vs-pgd``     share of PGD-robust points FGSM breaks (McNemar)  > 0.05  weak PGD
+(h)    ``incomplete-opt``  share of PGD-robust points whose loss still       > 0.10  weak PGD
+                           rises at PGD's last steps (binomial)
+(i)    ``unstable``        share of correct points whose loss changes        > 0.05  masking
+                           between forward passes, when the defense is not
+                           declared randomized (binomial; declared: pass,
+                           AutoAttack runs its EOT version)
+=====  ==================  ================================================  ======  =========
+
+A ``masking`` finding doubts every white-box cell and the headline (†); a ``weak-attack``
+finding only the cells of the attack it found weak (§, never the headline): see
+:mod:`benchmark.report.verdicts` and the README's table.
+
+Minimum effects (:data:`THRESHOLDS`) are documented judgement calls. (a): published sound
+models lose 5-10% of their PGD-robust points to AutoAttack (Madry's MNIST model 89→88, CIFAR
 PGD-20 ~47-50→44; TRADES 56.6→53.1), a masked one most of them. (d), (g): a black-box or
-one-step attack should find almost nothing PGD missed. (b): the grid is attacked on the same
-points with the same seeded attack; a rise beyond one point is not noise. (c): with ε
-covering the whole box every input can be turned into any image. (e): Table 6/7 of a sound
-model move by a point or two. (f): a zero gradient stops PGD on CE where it starts.
+one-step attack should find almost nothing PGD missed. (b): a point PGD broke at ε stays broken
+in every larger ball. (c): with ε covering the whole box every input can be turned into any
+image. (e): Table 6/7 of a sound model move by a point or two. (f): a zero gradient stops PGD
+on CE where it starts. (h): Pintor et al.'s rule (5% of the loss's range over the last
+iterates). The ε sweeps (b), (c) use the per-sample worst case over all ε up to the one
+tested, so a weak attack at a large ε cannot fail the model (it fails (b), a weak-attack
+finding). (d) compares the black-box attack with the worst case of every gradient attack on
+the points: the table's PGD and FGSM, AutoAttack's gradient part (APGD-CE and APGD-T run alone,
+since the standard version's Square is a black-box attack; the ``rand`` version as it is), and
+every other white-box row of the run at that ε (Table 2's, Table 6/7's, C&W, adaptive).
 
 Same points: every per-sample comparison uses the first N test points, where N is the number of
 points of the run's AutoAttack row at that ε (the most points when there are several), or
@@ -41,8 +70,8 @@ at least N points) are reused, sliced to the first N; anything missing is comput
 points and its flags stored under the same key as ``advbench evaluate`` would (no attack row is
 written, so tables do not change). Which rows were reused is recorded in ``reused``.
 
-Cheap subset (``advbench run``): (a) and (e) only from existing rows, (b), (c), (f), (g);
-never AutoAttack, Square or the transfer source.
+Cheap subset (``advbench run``): (a) and (e) only from existing rows, (b), (c), (f), (g), (h),
+(i); never AutoAttack, Square or the transfer source.
 """
 from __future__ import annotations
 
@@ -916,3 +945,45 @@ def format_checks(rows: Sequence[Mapping[str, Any]]) -> str:
                      f"({r['letter']}) {r['check']} | {r['status']} | {value} | "
                      f"{r['threshold']:g} | {r['n_examples']} | {r['detail']} |")
     return "\n".join(lines) + "\n"
+
+
+#: the honest defenses of the false-alarm measurement (issue 21)
+HONEST = ("st", "at", "trades", "pm-ed-wta")
+
+
+def false_alarms(rows: Sequence[Mapping[str, Any]], defenses: Sequence[str] = HONEST) -> str:
+    """Markdown false-alarm summary of honest defenses' check rows.
+
+    For every check: how many of the judged (pass/fail) rows of each defense failed; and per
+    defense how many runs had their headline doubted (a failed masking check) out of the runs
+    with at least one judged check. Every failure here is a false alarm if the defenses are
+    honest; a weak-attack finding is not one on the headline (it doubts PGD's cell only).
+    """
+    judged = [r for r in rows if r.get("kind") == "check" and r.get("defense") in defenses
+              and r.get("status") in ("pass", "fail")]
+    names = [c for c in CHECKS if any(r.get("check") == c for r in judged)]
+    head = "| check | finding | " + " | ".join(defenses) + " | all |"
+    lines = [head, "|---|---|" + "---:|" * (len(defenses) + 1)]
+
+    def cell(sel: list[Mapping[str, Any]]) -> str:
+        return f"{sum(r['status'] == 'fail' for r in sel)}/{len(sel)}" if sel else "–"
+
+    for c in names:
+        mine = [r for r in judged if r.get("check") == c]
+        lines.append(f"| ({THRESHOLDS[c][0]}) {c} | {FINDING[c]} | " + " | ".join(
+            cell([r for r in mine if r["defense"] == d]) for d in defenses) + f" | {cell(mine)} |")
+    runs: dict[str, dict[str, bool]] = {}
+    for r in judged:
+        from benchmark.report.verdicts import finding
+        doubted = r["status"] == "fail" and finding(dict(r))[0] != "weak-attack"
+        per = runs.setdefault(str(r["defense"]), {})
+        key = f"{r.get('run_id')}/{r.get('checkpoint')}"
+        per[key] = per.get(key, False) or doubted
+    tot = [v for d in defenses for v in runs.get(d, {}).values()]
+    lines.append("| **headline doubted (runs)** | masking | " + " | ".join(
+        f"{sum(runs[d].values())}/{len(runs[d])}" if runs.get(d) else "–" for d in defenses)
+        + f" | {sum(tot)}/{len(tot)} |")
+    seeds = sorted({str(r.get("seed")) for r in judged})
+    return (f"False alarms on honest defenses ({', '.join(defenses)}; seeds "
+            f"{', '.join(seeds) or '–'}): failed/judged check rows, α = {ALPHA:g}.\n\n"
+            + "\n".join(lines) + "\n")
