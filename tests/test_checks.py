@@ -102,7 +102,7 @@ def zoo() -> dict[str, dict[str, Any]]:
 #: headline must be marked; honest models (at, st) and the randomised model evaluated with EOT
 #: must have no masking finding at all
 MUST_FIRE = {"rounded-logits": {"zero-gradient", "unbounded-eps"},
-             "quantised-input": {"zero-gradient", "square"},
+             "quantised-input": {"zero-gradient", "unbounded-eps"},
              "randomized-no-eot": {"unstable"},
              "logits-x1000": {"zero-gradient"},
              "detector": {"unbounded-eps"},
