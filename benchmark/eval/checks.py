@@ -932,18 +932,22 @@ def _check_row(t: Any, res: CheckResult, eps: float, n: int, n_aa: Optional[int]
 
 
 def format_checks(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown listing: one line per health or check row."""
-    lines = ["| defense | seed | ckpt | ε | check | status | value | threshold | points | detail |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """Markdown listing: one line per health or check row (``p`` is the check's exact test;
+    ``–`` for rows written before it)."""
+    lines = ["| defense | seed | ckpt | ε | check | status | finding | value | threshold | p | "
+             "points | detail |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("kind") == "health":
             lines.append(f"| {r['defense']} | {r['seed']} | – | – | health | {r['verdict']} | "
-                         f"– | – | – | {'; '.join(r['reasons']) or 'trained normally'} |")
+                         f"– | – | – | – | – | {'; '.join(r['reasons']) or 'trained normally'} |")
             continue
         value = "–" if r.get("value") is None else f"{r['value']:.3f}"
+        p = r.get("p_value")
         lines.append(f"| {r['defense']} | {r['seed']} | {r['checkpoint']} | {r['eps_str']} | "
-                     f"({r['letter']}) {r['check']} | {r['status']} | {value} | "
-                     f"{r['threshold']:g} | {r['n_examples']} | {r['detail']} |")
+                     f"({r['letter']}) {r['check']} | {r['status']} | "
+                     f"{r.get('finding') or FINDING.get(str(r.get('check')), '–')} | {value} | "
+                     f"{r['threshold']:g} | {'–' if p is None else f'{p:.2g}'} | "
+                     f"{r['n_examples']} | {r['detail']} |")
     return "\n".join(lines) + "\n"
 
 
