@@ -978,8 +978,8 @@ def false_alarms(rows: Sequence[Mapping[str, Any]], defenses: Sequence[str] = HO
             cell([r for r in mine if r["defense"] == d]) for d in defenses) + f" | {cell(mine)} |")
     runs: dict[str, dict[str, bool]] = {}
     for r in judged:
-        from benchmark.report.verdicts import finding
-        doubted = r["status"] == "fail" and finding(dict(r))[0] != "weak-attack"
+        what = r.get("finding") or FINDING.get(str(r.get("check")), "masking")
+        doubted = r["status"] == "fail" and what != "weak-attack"
         per = runs.setdefault(str(r["defense"]), {})
         key = f"{r.get('run_id')}/{r.get('checkpoint')}"
         per[key] = per.get(key, False) or doubted
