@@ -503,3 +503,23 @@ def test_a_value_exactly_at_the_threshold_passes_despite_float32_rounding() -> N
         strong = base.clone()
         strong[:drop] = False
         assert ck.more_budget([("pgd", base, "pgd-k100", strong)], 100).status == status, drop
+
+
+def test_false_alarm_summary_counts_failures_and_doubted_headlines() -> None:
+    from benchmark.eval.checks import false_alarms
+
+    def row(defense: str, seed: int, check: str, status: str, **kw: Any) -> dict:
+        return {"kind": "check", "defense": defense, "seed": seed, "run_id": f"{defense}{seed}",
+                "checkpoint": "best", "check": check, "status": status, **kw}
+
+    rows = [row("at", 0, "aa-vs-pgd", "fail"), row("at", 0, "zero-gradient", "pass"),
+            row("at", 1, "aa-vs-pgd", "pass"), row("at", 1, "square", "fail"),
+            row("st", 0, "square", "skipped"), row("st", 0, "zero-gradient", "pass"),
+            row("oc", 0, "zero-gradient", "fail")]
+    text = false_alarms(rows, ["st", "at"])
+    lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert lines["(a) aa-vs-pgd"].endswith("| weak-attack | – | 1/2 | 1/2 |")
+    assert lines["(d) square"].endswith("| masking | – | 1/1 | 1/1 |")  # skipped rows not judged
+    assert lines["(f) zero-gradient"].endswith("| 0/1 | 0/1 | 0/2 |")  # oc is not honest here
+    # at seed 0 failed only a weak-attack check: its headline is not doubted; seed 1 is
+    assert lines["**headline doubted (runs)**"].endswith("| 0/1 | 1/2 | 1/3 |")
