@@ -298,7 +298,7 @@ def check(run_paths: tuple[str, ...], eps: Optional[str], n_examples: Optional[i
 
 
 @cli.command(name="false-alarms")
-@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(exists=True))
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path())
 @click.option("--rows", "rows_file", default=None, type=click.Path(exists=True),
               help="Read a rows.jsonl file instead of run folders.")
 @click.option("--defenses", default=",".join(("st", "at", "trades", "pm-ed-wta")),
@@ -308,6 +308,8 @@ def false_alarms_cmd(runs_dir: str, rows_file: Optional[str], defenses: str) -> 
     from benchmark.eval.checks import false_alarms
     from benchmark.store import RunStore, read_jsonl
 
+    if not rows_file and not Path(runs_dir).is_dir():
+        raise UsageError(f"--runs-dir {runs_dir} is not a folder (or give --rows FILE)")
     rows = read_jsonl(Path(rows_file)) if rows_file else RunStore(runs_dir).rows()
     chosen = [d.strip() for d in defenses.split(",") if d.strip()]
     if not chosen:
