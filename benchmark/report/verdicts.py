@@ -11,22 +11,22 @@ label in an arch × checkpoint section, averaged over seeds) its marks:
 * marks only on the cells a failed check doubts (the row's ``doubts``/``finding``, else the
   mapping below for rows written before them), and footnotes saying why:
 
-=====  ===================  =========================================  ====================
-check  name                 doubts                                     mark
-=====  ===================  =========================================  ====================
-(a)    ``aa-vs-pgd[-l2|-l1]``  the paper's PGD of that norm (``pgd``,     § attack weak
-                            ``pgd-l2``, ``pgd-l1``)
-(b)    ``eps-monotone``     the Figure 4 PGD (``pgd-fig4``)            § attack weak
-(c)    ``unbounded-eps``    every white-box cell and the headline      † masking
-(d)    ``square``,          every white-box cell and the headline      † masking
+=====  =======================  =====================================  ==================
+check  name                     doubts                                 mark
+=====  =======================  =====================================  ==================
+(a)    ``aa-vs-pgd``, ``-l2``,  the paper's PGD of that norm           § attack weak
+       ``-l1``                  (``pgd``, ``pgd-l2``, ``pgd-l1``)
+(b)    ``eps-monotone``         the Figure 4 PGD (``pgd-fig4``)        § attack weak
+(c)    ``unbounded-eps``        every white-box cell and the headline  † masking
+(d)    ``square``,              every white-box cell and the headline  † masking
        ``transfer``
-(e)    ``more-budget``      ``pgd``, ``pgd-r1`` and the Table 6/7       § attack weak
-                            columns with less budget than the stronger
-(f)    ``zero-gradient``    every white-box cell and the headline      † masking
-(g)    ``fgsm-vs-pgd``      ``pgd``                                    § attack weak
-(h)    ``incomplete-opt``   ``pgd``                                    § attack weak
-(i)    ``unstable``         every white-box cell and the headline      † masking
-=====  ===================  =========================================  ====================
+(e)    ``more-budget``          ``pgd``, ``pgd-r1`` and the Table 6/7  § attack weak
+                                columns with less budget
+(f)    ``zero-gradient``        every white-box cell and the headline  † masking
+(g)    ``fgsm-vs-pgd``          ``pgd``                                § attack weak
+(h)    ``incomplete-opt``       ``pgd``                                § attack weak
+(i)    ``unstable``             every white-box cell and the headline  † masking
+=====  =======================  =====================================  ==================
 
 White-box cells are every robustness cell except the black-box attacks' (Square, transfer).
 ``reliable`` is the verdict on the headline: ``no`` when a masking check failed for one of the
