@@ -278,9 +278,10 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
 @click.option("--n-examples", type=POSITIVE, default=None,
               help="Points [those of the run's AutoAttack row, else 100 cpu / 1000 paper].")
 @click.option("--checks", "names", default=None,
-              help="Comma list of checks [all]: aa-vs-pgd, eps-monotone, unbounded-eps, square, "
-                   "transfer, more-budget, zero-gradient, fgsm-vs-pgd; 'health' for the "
-                   "training-health verdict only (always written).")
+              help="Comma list of checks [all]: aa-vs-pgd, aa-vs-pgd-l2, aa-vs-pgd-l1, "
+                   "eps-monotone, unbounded-eps, square, transfer, more-budget, zero-gradient, "
+                   "fgsm-vs-pgd, incomplete-opt, unstable; 'health' for the training-health "
+                   "verdict only (always written).")
 @click.option("--cheap", is_flag=True, help="Only what `advbench run` checks (nothing costly "
                                             "that is not stored).")
 @click.option("--source", default=None, type=click.Path(exists=True),
@@ -304,6 +305,26 @@ def check(run_paths: tuple[str, ...], eps: Optional[str], n_examples: Optional[i
                           cheap=cheap, checkpoint=which, device=device, batch_size=batch_size,
                           data_dir=Path(data_dir) if data_dir else None, source=source)
     click.echo(format_checks(rows))
+
+
+@cli.command(name="false-alarms")
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path())
+@click.option("--rows", "rows_file", default=None, type=click.Path(exists=True),
+              help="Read a rows.jsonl file instead of run folders.")
+@click.option("--defenses", default=",".join(("st", "at", "trades", "pm-ed-wta")),
+              show_default=True, help="Honest defenses (comma list).")
+def false_alarms_cmd(runs_dir: str, rows_file: Optional[str], defenses: str) -> None:
+    """How often each check fails on honest defenses (run `advbench check` on them first)."""
+    from benchmark.eval.checks import false_alarms
+    from benchmark.store import RunStore, read_jsonl
+
+    if not rows_file and not Path(runs_dir).is_dir():
+        raise UsageError(f"--runs-dir {runs_dir} is not a folder (or give --rows FILE)")
+    rows = read_jsonl(Path(rows_file)) if rows_file else RunStore(runs_dir).rows()
+    chosen = [d.strip() for d in defenses.split(",") if d.strip()]
+    if not chosen:
+        raise UsageError("--defenses is empty")
+    click.echo(false_alarms(rows, chosen))
 
 
 @cli.command()

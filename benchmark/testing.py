@@ -210,3 +210,80 @@ def tiny_st_run(runs_dir: Path, epochs: int = 1) -> Path:
         "epochs": epochs, "lr_milestones": [min(2, epochs)], "val_attack_steps": 1,
         "val_size": 32, "batch_size": 64})
     return train_run(cfg, load_dataset("synthetic"), RunStore(runs_dir), progress=False)
+
+
+# --------------------------------------------------------------------------- masked zoo
+class RoundedLogits(nn.Module):
+    """Logits through a rounding step: the input gradient is exactly zero everywhere."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(self.base(x))
+
+
+class QuantisedInput(nn.Module):
+    """Input quantised to ``levels`` grey levels without a gradient (shattered gradients,
+    Athalye et al. 2018 §4.1): ``round`` has a zero derivative."""
+
+    def __init__(self, base: nn.Module, levels: int = 4) -> None:
+        super().__init__()
+        self.base, self.levels = base, levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(torch.round(x * self.levels) / self.levels)
+
+
+class RandomizedLogits(nn.Module):
+    """Gaussian noise of std ``sigma`` on the logits at every forward (randomised inference:
+    attack it with EOT, i.e. declare it randomized)."""
+
+    def __init__(self, base: nn.Module, sigma: float = 3.0) -> None:
+        super().__init__()
+        self.base, self.sigma = base, sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        return out + self.sigma * torch.randn_like(out)
+
+
+class ScaledLogits(nn.Module):
+    """Logits × ``scale``: the softmax saturates and CE gradients vanish in float32."""
+
+    def __init__(self, base: nn.Module, scale: float = 1000.0) -> None:
+        super().__init__()
+        self.base, self.scale = base, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) * self.scale
+
+
+class DetectorHead(nn.Module):
+    """A detector that flags every input that is not one of the ``known`` clean points
+    (ℓ∞ distance > 1e-6) and then answers the base prediction with a margin of ``boost``
+    through a non-differentiable gate: gradient attacks stall, query attacks do not."""
+
+    def __init__(self, base: nn.Module, known: torch.Tensor, boost: float = 1000.0) -> None:
+        super().__init__()
+        self.base, self.boost = base, boost
+        self.register_buffer("known", known.flatten(1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        dist = torch.cdist(x.flatten(1), self.known.to(x.dtype), p=float("inf")).min(1).values
+        flagged = (dist > 1e-6).to(out.dtype).unsqueeze(1)
+        top = torch.nn.functional.one_hot(out.argmax(1), out.shape[1]).to(out.dtype)
+        return out + self.boost * flagged * top
+
+
+def masked_zoo(base: nn.Module, points: torch.Tensor) -> dict[str, tuple[nn.Module, bool]]:
+    """Constructed masked models around one trained ``base``: name → (model, declared
+    randomized). ``points`` are the evaluation's clean inputs (the detector's lookup)."""
+    return {"rounded-logits": (RoundedLogits(base), False),
+            "quantised-input": (QuantisedInput(base), False),
+            "randomized-no-eot": (RandomizedLogits(base), False),
+            "randomized-eot": (RandomizedLogits(base), True),
+            "logits-x1000": (ScaledLogits(base), False),
+            "detector": (DetectorHead(base, points), False)}

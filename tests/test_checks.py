@@ -1,14 +1,16 @@
 """Verdicts: training health (NaN, did not train) and the gradient-masking checks.
 
-Every check must fail on a constructed masked model and pass on a plain adversarially trained
-one: logits through a rounding step (zero gradients), a large logit temperature (saturated
-softmax), a randomized model, and shattered gradients (a deterministic high-frequency term). The models are small MLPs on 3×8×8 class templates, so the
-whole file runs in seconds.
+A masked zoo (``benchmark.testing.masked_zoo``) around one small adversarially trained MLP on
+3×8×8 class templates: rounded logits, input quantisation without gradient, randomised
+logits evaluated with and without EOT, a ×1000 logit scale and a detector head; plus the
+honest AT model and a plainly non-robust ``st`` one. Each masked model must be flagged on its
+headline (†) by the checks its construction breaks; the honest ones never are.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,13 +20,18 @@ from torch import nn
 from attacks import ATTACKS
 from attacks.base import Norm, ThreatModel, lp_norms
 from attacks.pgd import PGD
-from benchmark.eval.checks import CHECKS, THRESHOLDS, Checker
+from benchmark.eval import checks as ck
+from benchmark.eval.checks import CHECKS, FINDING, PER_NORM, Checker
+from benchmark.report.verdicts import RowVerdict, row_verdicts
 from benchmark.run.health import health_verdict, write_health
+from benchmark.testing import RoundedLogits, ScaledLogits, masked_zoo
 
 EPS = 8 / 255
+N_POINTS = 40
 #: quick AutoAttack / Square budgets (the checks' logic does not depend on them)
 FAST = {"autoattack": {"version": "custom", "attacks": ["apgd-ce", "apgd-t", "square"],
-                       "n_iter": 20, "n_queries": 300}, "square": {"n_queries": 300}}
+                       "n_iter": 10, "n_queries": 150}, "square": {"n_queries": 150}}
+FAST_EOT = {**FAST, "autoattack": {"version": "rand", "n_iter": 10}}
 
 
 def templates_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,8 +42,9 @@ def templates_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (t[y] + 0.3 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1), y
 
 
-def adversarially_trained(seed: int) -> nn.Module:
-    """An MLP trained with PGD-5 adversarial training at ε = 0.03 (clean ~94%, PGD ~56%)."""
+def trained(seed: int, adversarial: bool = True) -> nn.Module:
+    """An MLP trained with PGD-5 adversarial training at ε = 0.03 (clean ~94%, PGD ~56%), or
+    with plain CE (``adversarial=False``: the non-robust ``st`` model)."""
     x, y = templates_data(1000, 1)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(192, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -44,7 +52,7 @@ def adversarially_trained(seed: int) -> nn.Module:
     attack = PGD(ThreatModel(Norm.LINF, 0.03), steps=5, rel_step_size=0.5, seed=0)
     for _ in range(15):
         for i in range(0, 1000, 100):
-            xa = attack(model, x[i:i + 100], y[i:i + 100])
+            xa = attack(model, x[i:i + 100], y[i:i + 100]) if adversarial else x[i:i + 100]
             model.train()
             loss = F.cross_entropy(model(xa), y[i:i + 100])
             opt.zero_grad()
@@ -53,92 +61,216 @@ def adversarially_trained(seed: int) -> nn.Module:
     return model.eval()
 
 
-class Rounded(nn.Module):
-    """Logits through a rounding step: the input gradient is exactly zero everywhere."""
-
-    def __init__(self, base: nn.Module) -> None:
-        super().__init__()
-        self.base = base
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(self.base(x))
+def adversarially_trained(seed: int) -> nn.Module:
+    return trained(seed)
 
 
-class Saturated(nn.Module):
-    """Logits × 10⁴: the softmax saturates and CE gradients vanish at confident points."""
-
-    def __init__(self, base: nn.Module) -> None:
-        super().__init__()
-        self.base = base
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) * 1e4
-
-
-class Randomized(nn.Module):
-    """Gaussian noise on the logits at every forward (a randomized defense)."""
-
-    def __init__(self, base: nn.Module) -> None:
-        super().__init__()
-        self.base = base
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + 3 * torch.randn(x.shape[0], 10)
+def as_rows(results: list, name: str) -> list[dict[str, Any]]:
+    """Check rows as ``advbench check`` writes them (the fields the verdicts read)."""
+    return [{"kind": "check", "check": r.name, "letter": r.letter, "status": r.status,
+             "value": r.value, "threshold": r.threshold, "finding": r.finding,
+             "doubts": r.doubts, "p_value": r.p_value, "alpha": ck.ALPHA, "test": r.test,
+             "detail": r.detail, "eps": EPS, "eps_str": "8/255", "hparams": {"eps": EPS},
+             "arch": "mlp", "checkpoint": "best", "seed": 0, "defense": name}
+            for r in results]
 
 
-class Shattered(nn.Module):
-    """A deterministic high-frequency term on the logits: shattered gradients (Athalye et al.
-    2018), so PGD's path is a random walk that restarts can get lucky on."""
-
-    def __init__(self, base: nn.Module) -> None:
-        super().__init__()
-        self.base = base
-        g = torch.Generator().manual_seed(5)
-        self.register_buffer("proj", torch.randn(192, 10, generator=g))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + 4 * torch.sin(1e3 * x.flatten(1) @ self.proj)
+def verdict_of(results: list, name: str) -> RowVerdict:
+    return row_verdicts(as_rows(results, name), [name] * len(results))[("mlp", "best", name)]
 
 
 @pytest.fixture(scope="module")
-def verdicts() -> dict[str, dict[str, str]]:
-    plain, source = adversarially_trained(0), adversarially_trained(1)
-    x, y = templates_data(100, 2)
+def zoo() -> dict[str, dict[str, Any]]:
+    """name → {"status": check → status, "verdict": RowVerdict} for every zoo model."""
+    plain, source = trained(0), trained(1)
+    x, y = templates_data(N_POINTS, 2)
+    models = {"at": (plain, False), "st": (trained(0, adversarial=False), False),
+              **masked_zoo(plain, x)}
+    names = [c for c in CHECKS if c not in PER_NORM]
     out = {}
-    for name, model in (("plain", plain), ("rounded", Rounded(plain)),
-                        ("saturated", Saturated(plain)), ("randomized", Randomized(plain)),
-                        ("shattered", Shattered(plain))):
+    for name, (model, randomized) in models.items():
         torch.manual_seed(0)
-        checker = Checker(model, x, y, "cifar", overrides=FAST, transfer_source=source)
-        out[name] = {r.name: r.status for r in checker.run(EPS)}
+        checker = Checker(model, x, y, "cifar", overrides=FAST_EOT if randomized else FAST,
+                          transfer_source=source, randomized=randomized)
+        results = checker.run(EPS, names)
+        out[name] = {"status": {r.name: r.status for r in results},
+                     "verdict": verdict_of(results, name), "results": results}
     return out
 
 
-def test_every_check_passes_on_a_plain_adversarially_trained_model(verdicts: dict) -> None:
-    assert verdicts["plain"] == {name: "pass" for name in CHECKS}
+#: model → masking checks its construction must trip (others may fire too), and whether its
+#: headline must be marked; honest models (at, st) and the randomised model evaluated with EOT
+#: must have no masking finding at all
+MUST_FIRE = {"rounded-logits": {"zero-gradient", "unbounded-eps"},
+             "quantised-input": {"zero-gradient", "unbounded-eps"},
+             "randomized-no-eot": {"unstable"},
+             "logits-x1000": {"zero-gradient"},
+             "detector": {"unbounded-eps"},
+             "randomized-eot": set(), "at": set(), "st": set()}
+MASKED = {"rounded-logits", "quantised-input", "randomized-no-eot", "logits-x1000", "detector"}
 
 
-#: the masked model each check must catch (others may be caught by it too)
-CAUGHT_BY = {"aa-vs-pgd": "saturated", "eps-monotone": "shattered", "unbounded-eps": "rounded",
-             "square": "saturated", "transfer": "rounded", "more-budget": "shattered",
-             "zero-gradient": "rounded", "fgsm-vs-pgd": "randomized"}
+@pytest.mark.parametrize("name", list(MUST_FIRE))
+def test_masked_zoo_flags_the_headline_and_honest_models_pass(zoo: dict, name: str) -> None:
+    got = zoo[name]
+    failed = {c for c, s in got["status"].items() if s == "fail"}
+    masking = {c for c in failed if FINDING[c] == "masking"}
+    assert MUST_FIRE[name] <= failed, (name, got["status"])
+    headline = got["verdict"].mark(True, attack="headline")
+    if name in MASKED:
+        assert masking and "†" in headline and got["verdict"].reliable == "no", got["status"]
+    else:
+        assert not masking and headline == "", (name, got["status"])
+        assert got["verdict"].reliable == "yes"
 
 
-@pytest.mark.parametrize("check", CHECKS)
-def test_each_check_fails_on_a_masked_model(verdicts: dict, check: str) -> None:
-    assert verdicts[CAUGHT_BY[check]][check] == "fail", verdicts
-    assert set(CAUGHT_BY) == set(THRESHOLDS)
+def test_a_weak_attack_finding_marks_only_pgd(zoo: dict) -> None:
+    """×1000 logits: AutoAttack's scale-free DLR loss breaks what PGD on CE could not, so
+    check (a) finds PGD weak: § on the PGD cell, nothing on AutoAttack's."""
+    got = zoo["logits-x1000"]
+    assert got["status"]["aa-vs-pgd"] == "fail"
+    (row,) = [r for r in as_rows(got["results"], "x") if r["check"] == "aa-vs-pgd"]
+    assert row["finding"] == "weak-attack" and row["doubts"] == ["pgd"]
+    only_a = row_verdicts([row], ["x"])[("mlp", "best", "x")]
+    assert only_a.mark(True, attack="pgd") == "§"
+    assert only_a.mark(True, attack="autoattack") == "" and only_a.mark(True, "headline") == ""
+    assert only_a.reliable == "yes"
 
 
-def test_saturated_and_rounded_models_fail_the_gradient_check(verdicts: dict) -> None:
-    assert verdicts["rounded"]["zero-gradient"] == "fail"
-    assert verdicts["saturated"]["zero-gradient"] == "fail"
+def test_check_rows_record_their_test(zoo: dict) -> None:
+    for r in zoo["at"]["results"]:
+        assert r.p_value is not None and 0 <= r.p_value <= 1 and r.test, r
+        assert r.passed == (r.value <= r.threshold + ck.JUDGE_TOL or r.p_value >= ck.ALPHA)
+
+
+# --------------------------------------------------------------------------- statistics
+def flags(*bits: int) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.bool)
+
+
+def test_paired_test_is_mcnemar_on_the_discordant_points() -> None:
+    from scipy.stats import binomtest
+    weak = flags(*([1] * 30 + [0] * 10))
+    strong = flags(*([0] * 8 + [1] * 22 + [1] * 2 + [0] * 8))  # breaks 8, misses 2
+    b, c, p = ck.paired_test(weak, strong)
+    assert (b, c) == (8, 2)
+    assert p == pytest.approx(binomtest(8, 10, 0.5, alternative="greater").pvalue)
+    assert p == pytest.approx(56 / 1024)  # P(X >= 8), X ~ Binom(10, 1/2)
+    assert ck.paired_test(weak, weak) == (0, 0, 1.0)
+
+
+def test_a_large_share_without_evidence_passes_and_with_evidence_fails() -> None:
+    """(a): 2 of 5 PGD-robust points broken is 40% > 20%, but p = 0.25 at α = 0.01: pass;
+    20 of 50 (same share) with no reverse discordance: fail."""
+    small = ck.per_sample_gap("aa-vs-pgd", flags(1, 1, 1, 1, 1), flags(0, 0, 1, 1, 1), "AA")
+    assert small.value == pytest.approx(0.4) and small.p_value == pytest.approx(0.25)
+    assert small.status == "pass"
+    ref = torch.ones(50, dtype=torch.bool)
+    other = ref.clone()
+    other[:20] = False
+    big = ck.per_sample_gap("aa-vs-pgd", ref, other, "AA")
+    assert big.status == "fail" and big.extra["broken"] == 20
+    tiny_effect = ck.per_sample_gap("aa-vs-pgd", torch.ones(1000, dtype=torch.bool),
+                                    torch.arange(1000) >= 100, "AA")  # 10%: p tiny, effect small
+    assert tiny_effect.p_value < 1e-6 and tiny_effect.status == "pass"
+
+
+def test_eps_sweep_uses_the_worst_case_so_a_weak_large_eps_attack_cannot_fail_c() -> None:
+    """dpnp's case: PGD at ε=1 leaves 5.6% although PGD at ε=0.3 left 0% on the same points.
+    With the worst case over ε ≤ 1 the accuracy at ε=1 is 0: (c) passes; (b) finds the attack
+    at the larger ε weak (§ on its cells, not the headline)."""
+    n = 500
+    at_03 = torch.zeros(n, dtype=torch.bool)
+    at_1 = torch.zeros(n, dtype=torch.bool)
+    at_1[:28] = True  # 5.6%
+    c = ck.unbounded(ck.worst_case([at_03, at_1]), float(at_1.float().mean()), 1.0)
+    assert c.value == 0.0 and c.status == "pass" and c.extra["plain_acc"] == pytest.approx(0.056)
+    masked = ck.unbounded(ck.worst_case([torch.ones(n, dtype=torch.bool)] * 2), 1.0, 1.0)
+    assert masked.status == "fail" and masked.finding == "masking"
+    b = ck.eps_monotone([(0.3, at_03), (0.5, at_1)], n)
+    assert b.status == "fail" and b.finding == "weak-attack" and b.extra["inconsistent"] == 28
+    assert b.extra["curve_worst"] == {"0.3": 0.0, "0.5": 0.0}
+    assert ck.eps_monotone([(0.3, at_1), (0.5, at_03)], n).status == "pass"
+
+
+def test_more_budget_needs_a_significant_drop() -> None:
+    base = torch.ones(100, dtype=torch.bool)
+    eight = base.clone()
+    eight[:8] = False
+    r = ck.more_budget([("pgd", base, "pgd-k100", eight)], 100, ["pgd", "pgd-k20"])
+    assert r.value == pytest.approx(0.08) and r.p_value == pytest.approx(0.5 ** 8)
+    assert r.status == "fail" and r.doubts == ["pgd", "pgd-k20"]
+    swap = base.clone()
+    swap[:9] = False
+    base2 = base.clone()
+    base2[50:53] = False  # 9 broken, 3 reverse: drop 6 points, p = P(X >= 9 | 12) = 0.073
+    assert ck.more_budget([("pgd", base2, "pgd-k100", swap)], 100).status == "pass"
+
+
+def test_incomplete_optimisation_indicator() -> None:
+    still = torch.linspace(0, 1, 21).unsqueeze(0)  # rising to the last step
+    flat = torch.cat([torch.linspace(0, 1, 11), torch.ones(10)]).unsqueeze(0)
+    assert ck.still_improving(torch.cat([still, flat])).tolist() == [True, False]
+
+
+def test_per_norm_reference_check_finds_pgd_l2_weak(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check (a) for l2 with a stand-in reference (PGD on the scale-free margin loss, in
+    place of pyautoattack's APGD-L2): on ×1000 logits it breaks the points PGD-l2 on CE left
+    robust, so PGD-l2 is marked weak (§) and the headline is not."""
+    from benchmark.registry import Entry
+
+    class MarginPGD(PGD):
+        def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                    loss: Any) -> torch.Tensor:
+            def margin(m: nn.Module, xa: torch.Tensor, x0: torch.Tensor,
+                       yy: torch.Tensor) -> torch.Tensor:
+                z = m(xa)
+                other = z.masked_fill(F.one_hot(yy, z.shape[1]).bool(), -torch.inf)
+                return (other.max(1).values - z.gather(1, yy[:, None])[:, 0]) / \
+                    z.abs().max(1).values.clamp_min(1e-12)
+            return super().perturb(model, x, y, loss=margin)
+
+    MarginPGD.name = "stub-apgd-l2"
+    monkeypatch.setitem(ATTACKS._entries, "stub-apgd-l2", Entry("stub-apgd-l2", "test",
+                                                                MarginPGD))
+    monkeypatch.setitem(ck.REFERENCES, "l2", ("pgd-l2", ("stub-apgd-l2",)))
+    x, y = templates_data(N_POINTS, 2)
+    base = trained(0)
+    res = {}
+    for name, model in (("plain", base), ("x1000", ScaledLogits(base))):
+        (r,) = Checker(model, x, y, "cifar").run(EPS, ["aa-vs-pgd-l2"])
+        res[name] = r
+    hit = res["x1000"]
+    assert hit.status == "fail" and hit.doubts == ["pgd-l2"], hit.detail
+    assert hit.extra["norm"] == "l2" and hit.extra["eps"] == pytest.approx(128 / 255)
+    assert res["plain"].status == "pass", res["plain"].detail
+    v = verdict_of([hit], "x1000")
+    assert v.mark(True, "pgd-l2") == "§" and v.mark(True, "pgd") == "" and \
+        v.mark(True, "headline") == ""
+
+
+def test_marks_follow_the_mapping_and_old_rows_still_read() -> None:
+    """Masking (†) doubts every white-box cell and the headline, never Square's; a weak-attack
+    finding (§) only its cells; rows written before ``finding``/``p_value`` map by name."""
+    old = [{"kind": "check", "check": "more-budget", "letter": "e", "status": "fail",
+            "value": 0.06, "threshold": 0.05, "eps": 0.3, "eps_str": "0.3",
+            "hparams": {"eps": 0.3}, "arch": "a", "checkpoint": "best", "seed": 0,
+            "detail": "drop"}]
+    v = row_verdicts(old, ["at"])[("a", "best", "at")]
+    assert v.reliable == "yes" and v.mark(True, "pgd") == "§" and v.mark(True, "headline") == ""
+    assert v.mark(True) == "§" and v.mark(False, "pgd") == ""
+    masked = [{**old[0], "check": "zero-gradient", "letter": "f", "value": 1.0,
+               "threshold": 0.05}]
+    m = row_verdicts(masked, ["x"])[("a", "best", "x")]
+    assert m.reliable == "no" and m.reliable_cell == "no †"
+    assert [m.mark(True, a) for a in ("headline", "autoattack", "pgd", "square")] == \
+        ["†", "†", "†", ""]
 
 
 def test_transfer_stays_in_ball_and_box_and_never_reads_target_gradients() -> None:
     x, y = templates_data(20, 3)
     x[0], x[1] = 0.0, 1.0  # corners of the box
-    source, target = adversarially_trained(1), Rounded(adversarially_trained(0))
+    source, target = adversarially_trained(1), RoundedLogits(adversarially_trained(0))
     for norm, eps in ((Norm.LINF, EPS), (Norm.L2, 0.5)):
         atk = ATTACKS.get("transfer")(ThreatModel(norm, eps), seed=0, source_model=source)
         x_adv = atk(target, x, y)  # the rounded target has zero gradients: only the source's
@@ -221,14 +353,18 @@ def test_tables_mark_unhealthy_and_unreliable_rows_with_footnotes(tmp_path: Path
              "eval_key": "h-oc", "verdict": "did-not-train", "healthy": False,
              "reasons": ["final training accuracy 9.5% is within 5 points of chance"]},
             {**base, "kind": "check", "defense": "adv-dpnp", "seed": 0, "run_id": "adv-dpnp",
-             "eval_key": "c1", "check": "more-budget", "letter": "e", "status": "fail",
-             "value": 0.12, "threshold": 0.05, "eps": 0.3, "eps_str": "0.3", "detail": "drop"},
+             "eval_key": "c1", "check": "zero-gradient", "letter": "f", "status": "fail",
+             "value": 0.12, "threshold": 0.05, "eps": 0.3, "eps_str": "0.3", "detail": "zero"},
             {**base, "kind": "check", "defense": "at", "seed": 0, "run_id": "at",
-             "eval_key": "c2", "check": "more-budget", "letter": "e", "status": "pass",
-             "value": 0.01, "threshold": 0.05, "eps": 0.3, "eps_str": "0.3", "detail": "ok"}]
+             "eval_key": "c2", "check": "more-budget", "letter": "e", "status": "fail",
+             "value": 0.08, "threshold": 0.05, "eps": 0.3, "eps_str": "0.3", "detail": "drop",
+             "finding": "weak-attack", "doubts": ["pgd"], "p_value": 0.004, "alpha": 0.01,
+             "test": "McNemar exact one-sided"}]
     md = write_report(rows, tmp_path, plots=False)[0]
     lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ")}
+    # (e) finds AT's PGD weak: § on its PGD cell only, and the headline verdict stays yes
     assert lines["at"].rstrip().endswith("| yes |") and "†" not in lines["at"]
+    assert "**60.00 [50.2, 69.1]** §" in lines["at"] and "95.00 [88.8, 97.8] |" in lines["at"]
     assert lines["adv-dpnp"].rstrip().endswith("| no † |")
     # an unreliable row is never bold above a reliable one (issue 21): AT's 60 is the best
     assert "**60.00 [50.2, 69.1]**" in lines["at"]
@@ -236,8 +372,11 @@ def test_tables_mark_unhealthy_and_unreliable_rows_with_footnotes(tmp_path: Path
         lines["adv-dpnp"]  # clean: no †
     assert lines["oc"].count("‡") == 2 and lines["oc"].rstrip().endswith("| – |")
     assert "- ‡ `oc`: training health: seed 0: did-not-train" in md
-    assert "- † `adv-dpnp`: evaluation potentially unreliable, failed checks: (e) more-budget" \
-        in md
+    assert "- † `adv-dpnp`: gradients look masked, so every white-box cell and the headline " \
+        "are potentially unreliable: (f) zero-gradient" in md
+    assert "- § `at`: attack weak (the cells of `pgd` overstate robustness; the headline is " \
+        "not doubted): (e) more-budget at ε=0.3, seed 0: 0.08 \\> 0.05, McNemar exact " \
+        "one-sided p = 0.004 \\< α = 0.01, drop" in md  # md_escape: < shows literally
     csv = (tmp_path / "tables" / "accuracy_mnist_cpu.csv").read_text().splitlines()
     assert csv[0].endswith(",reliable,healthy")
 
@@ -262,8 +401,9 @@ def test_page_marks_an_under_trained_row_as_the_tables_do(tmp_path: Path) -> Non
 
 
 def test_rejection_tables_mark_robust_accuracy_of_unreliable_rows(tmp_path: Path) -> None:
-    """The rejection table's robust accuracies are PGD numbers: an unreliable row gets † on
-    them (not on AUROC/FPR) and the table a ``reliable`` column."""
+    """The rejection table's robust accuracies are PGD numbers: a row whose PGD check (a) found
+    PGD weak gets § on them (not on AUROC/FPR), and the table a ``reliable`` column whose verdict
+    on the headline stays yes."""
     from benchmark.report.report import write_report
     base = {"dataset": "mnist", "arch": "small-cnn", "profile": "cpu", "checkpoint": "best",
             "hparams": {"eps": 0.3}, "data_provenance": "MNIST", "seed": 0, "norm": "linf",
@@ -288,11 +428,11 @@ def test_rejection_tables_mark_robust_accuracy_of_unreliable_rows(tmp_path: Path
     assert lines["defense"].rstrip().endswith("| reliable |")
     assert lines["at"].rstrip().endswith("| yes |") and "†" not in lines["at"]
     cells = [c.strip() for c in lines["adv-dpnp"].split("|")[2:-1]]
-    # AT (reliable) is the best robust accuracy, not the unreliable adv-dpnp (issue 21)
-    assert cells[:4] == ["90.00", "30.00", "85.00 [79.4, 89.3] †", "90.00 [85.1, 93.4] †"] \
-        and cells[-1] == "no †"
-    assert "**80.00 [73.9, 85.0]**" in lines["at"]
-    assert "- † `adv-dpnp`: evaluation potentially unreliable, failed checks: (a) aa-vs-pgd" in md
+    # (a) doubts only adv-dpnp's PGD cells (§); its headline stays reliable, so it may be best
+    assert cells[:4] == ["90.00", "30.00", "**85.00 [79.4, 89.3]** §", "**90.00 [85.1, 93.4]** §"] \
+        and cells[-1] == "yes"
+    assert "- § `adv-dpnp`: attack weak (the cells of `pgd` overstate robustness; the headline " \
+        "is not doubted): (a) aa-vs-pgd" in md
 
 
 def test_every_column_of_a_run_comes_from_autoattacks_points(tmp_path: Path) -> None:
@@ -361,11 +501,34 @@ def test_transfer_source_of_an_image_folder_run(tmp_path) -> None:
 
 
 def test_a_value_exactly_at_the_threshold_passes_despite_float32_rounding() -> None:
-    """72% → 67% is a drop of exactly 5 points (threshold 5): float32 accuracies make it
-    0.05000001, which must not fail while 72% → 66% (6 points) does."""
-    from benchmark.eval.checks import more_budget
-
+    """72% → 67% is a drop of exactly 5 points (threshold 5): as float32 it is 0.05000001, which
+    must not fail; 72% → 66% (6 points, p = 0.5⁶ = 0.016 ≥ α) passes on its test, and 72% → 64%
+    (8 points, p = 0.004) fails."""
     a, b = torch.tensor(0.72).item(), torch.tensor(0.67).item()
     assert a - b > 0.05  # the rounding the check must tolerate
-    assert more_budget([("pgd", a, "pgd-k100", b)], 100).status == "pass"
-    assert more_budget([("pgd", a, "pgd-k100", torch.tensor(0.66).item())], 100).status == "fail"
+    assert ck._judge("more-budget", a - b, "", 100, 0.0).status == "pass"
+    base = torch.arange(100) < 72
+    for drop, status in ((5, "pass"), (6, "pass"), (8, "fail")):
+        strong = base.clone()
+        strong[:drop] = False
+        assert ck.more_budget([("pgd", base, "pgd-k100", strong)], 100).status == status, drop
+
+
+def test_false_alarm_summary_counts_failures_and_doubted_headlines() -> None:
+    from benchmark.eval.checks import false_alarms
+
+    def row(defense: str, seed: int, check: str, status: str, **kw: Any) -> dict:
+        return {"kind": "check", "defense": defense, "seed": seed, "run_id": f"{defense}{seed}",
+                "checkpoint": "best", "check": check, "status": status, **kw}
+
+    rows = [row("at", 0, "aa-vs-pgd", "fail"), row("at", 0, "zero-gradient", "pass"),
+            row("at", 1, "aa-vs-pgd", "pass"), row("at", 1, "square", "fail"),
+            row("st", 0, "square", "skipped"), row("st", 0, "zero-gradient", "pass"),
+            row("oc", 0, "zero-gradient", "fail")]
+    text = false_alarms(rows, ["st", "at"])
+    lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert lines["(a) aa-vs-pgd"].endswith("| weak-attack | – | 1/2 | 1/2 |")
+    assert lines["(d) square"].endswith("| masking | – | 1/1 | 1/1 |")  # skipped rows not judged
+    assert lines["(f) zero-gradient"].endswith("| 0/1 | 0/1 | 0/2 |")  # oc is not honest here
+    # at seed 0 failed only a weak-attack check: its headline is not doubted; seed 1 is
+    assert lines["**headline doubted (runs)**"].endswith("| 0/1 | 1/2 | 1/3 |")

@@ -1,37 +1,66 @@
-"""Evaluation-reliability verdict per (run, ε): the standard gradient-masking checks.
+"""Evaluation-reliability verdict per (run, ε): gradient-masking checks and attack-failure
+indicators.
 
 Sources: Carlini et al. 2019, "On Evaluating Adversarial Robustness" (arXiv:1902.06705, §5 and
 the checklist); Athalye, Carlini & Wagner 2018 (arXiv:1802.00420, §3); the Adv-DPNP paper's
-§4.5 (Tables 6/7); AutoAttack's own checks (Croce & Hein 2020, ``pyautoattack/checks.py``).
+§4.5 (Tables 6/7); AutoAttack's own checks (Croce & Hein 2020, ``pyautoattack/checks.py``);
+Pintor et al. 2022, "Indicators of Attack Failure" (incomplete optimisation, unavailable
+gradients, unstable predictions, non-converging restarts).
 Each check is a row ``RUN/eval/check-<key>.json`` with ``"kind": "check"``, its ``name``,
-``value``, ``threshold``, ``status`` (pass | fail | skipped) and a sentence (``detail``).
+``value``, ``threshold`` (the minimum effect), ``status`` (pass | fail | skipped), a sentence
+(``detail``), its exact test (``test``, ``p_value``, ``alpha``), its counts, its ``finding``
+(``masking`` | ``weak-attack``) and the attack labels it ``doubts``.
 
-=====  ======================  ==============================================  =============
-check  name                    value                                           fails when
-=====  ======================  ==============================================  =============
-(a)    ``aa-vs-pgd``           share of the points PGD left robust that        > 0.20
-                               AutoAttack breaks (per sample)
-(b)    ``eps-monotone``        largest rise of PGD accuracy from one ε of      > 0.01
-                               the Figure 4 grid to the next
-(c)    ``unbounded-eps``       PGD accuracy at ε = 1 (MNIST) / 0.5 (CIFAR)     > 0.02
-(d)    ``square`` and          share of the points PGD left robust that the    > 0.10
-       ``transfer``            black-box attack breaks (per sample)
-(e)    ``more-budget``         largest accuracy drop from the table's PGD to   > 0.05
-                               more iterations (Table 6), and from 1 to more
-                               restarts (Table 7)
-(f)    ``zero-gradient``       share of correctly classified points whose CE   > 0.05
-                               input gradient is all zero or not finite
-(g)    ``fgsm-vs-pgd``         share of the points PGD left robust that FGSM   > 0.05
-                               breaks (per sample)
-=====  ======================  ==============================================  =============
+A check fails only when its value exceeds the minimum effect AND its exact one-sided test
+rejects at α = :data:`ALPHA` (0.01). Two attacks on the same points: McNemar's exact test on
+the discordant points, ``binomtest(b, b + c, 0.5, alternative="greater")`` with b the points
+the weaker attack left robust that the stronger breaks and c the reverse. One share: the
+binomial test of k bad points of m against the minimum effect,
+``binomtest(k, m, threshold, alternative="greater")``.
 
-Thresholds (:data:`THRESHOLDS`) are documented judgement calls. (a): published sound models
-lose 5-10% of their PGD-robust points to AutoAttack (Madry's MNIST model 89→88, CIFAR
+=====  ==================  ================================================  ======  =========
+check  name                value (test)                                      effect  finding
+=====  ==================  ================================================  ======  =========
+(a)    ``aa-vs-pgd``,      share of the points the paper's PGD of the norm   > 0.20  weak PGD
+       ``-l2``, ``-l1``    left robust that the reference (AutoAttack, else
+                           APGD, of that norm) breaks (McNemar)
+(b)    ``eps-monotone``    share of points PGD at a grid ε leaves robust     > 0.01  weak PGD
+                           although it broke them at a smaller ε (McNemar
+                           against the worst case over ε' ≤ ε)
+(c)    ``unbounded-eps``   accuracy at ε = 1 (MNIST) / 0.5 (CIFAR), worst    > 0.02  masking
+                           case over every ε up to it (binomial)
+(d)    ``square``,         share of the points every gradient attack left    > 0.10  masking
+       ``transfer``        robust that the black-box attack breaks (McNemar)
+(e)    ``more-budget``     accuracy drop from PGD to more iterations (Table  > 0.05  weak PGD
+                           6) or restarts (Table 7) (McNemar, largest drop)
+(f)    ``zero-gradient``   share of correct points with an all-zero or non-  > 0.05  masking
+                           finite CE input gradient (binomial)
+(g)    ``fgsm-vs-pgd``     share of PGD-robust points FGSM breaks (McNemar)  > 0.05  weak PGD
+(h)    ``incomplete-opt``  share of PGD-robust points whose loss still       > 0.10  weak PGD
+                           rises at PGD's last steps (binomial)
+(i)    ``unstable``        share of correct points whose loss changes        > 0.05  masking
+                           between forward passes, when the defense is not
+                           declared randomized (binomial; declared: pass,
+                           AutoAttack runs its EOT version)
+=====  ==================  ================================================  ======  =========
+
+A ``masking`` finding doubts every white-box cell and the headline (†); a ``weak-attack``
+finding only the cells of the attack it found weak (§, never the headline): see
+:mod:`benchmark.report.verdicts` and the README's table.
+
+Minimum effects (:data:`THRESHOLDS`) are documented judgement calls. (a): published sound
+models lose 5-10% of their PGD-robust points to AutoAttack (Madry's MNIST model 89→88, CIFAR
 PGD-20 ~47-50→44; TRADES 56.6→53.1), a masked one most of them. (d), (g): a black-box or
-one-step attack should find almost nothing PGD missed. (b): the grid is attacked on the same
-points with the same seeded attack; a rise beyond one point is not noise. (c): with ε
-covering the whole box every input can be turned into any image. (e): Table 6/7 of a sound
-model move by a point or two. (f): a zero gradient stops PGD on CE where it starts.
+one-step attack should find almost nothing PGD missed. (b): a point PGD broke at ε stays broken
+in every larger ball. (c): with ε covering the whole box every input can be turned into any
+image. (e): Table 6/7 of a sound model move by a point or two. (f): a zero gradient stops PGD
+on CE where it starts. (h): Pintor et al.'s rule (5% of the loss's range over the last
+iterates). The ε sweeps (b), (c) use the per-sample worst case over all ε up to the one
+tested, so a weak attack at a large ε cannot fail the model (it fails (b), a weak-attack
+finding). (d) compares the black-box attack with the worst case of every gradient attack on
+the points: the table's PGD and FGSM, AutoAttack's gradient part (APGD-CE and APGD-T run alone,
+since the standard version's Square is a black-box attack; the ``rand`` version as it is), and
+every other white-box row of the run at that ε (Table 2's, Table 6/7's, C&W, adaptive).
 
 Same points: every per-sample comparison uses the first N test points, where N is the number of
 points of the run's AutoAttack row at that ε (the most points when there are several), or
@@ -41,23 +70,25 @@ at least N points) are reused, sliced to the first N; anything missing is comput
 points and its flags stored under the same key as ``advbench evaluate`` would (no attack row is
 written, so tables do not change). Which rows were reused is recorded in ``reused``.
 
-Cheap subset (``advbench run``): (a) and (e) only from existing rows, (b), (c), (f), (g);
-never AutoAttack, Square or the transfer source.
+Cheap subset (``advbench run``): (a) and (e) only from existing rows, (b), (c), (f), (g), (h),
+(i); never AutoAttack, Square or the transfer source.
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmark.config import stable_hash
+from benchmark.eval.worstcase import worst_case
 from benchmark.run.resolve import helper_config
 from benchmark.run.protocols import SUITE_EPS, AttackSpec, attack_specs, format_eps
 from benchmark.store import atomic_torch_save, atomic_write_json, code_version, now, read_json, \
@@ -65,14 +96,47 @@ from benchmark.store import atomic_torch_save, atomic_write_json, code_version, 
 
 logger = logging.getLogger(__name__)
 
-#: check name → (letter, threshold); the check fails when its value exceeds the threshold
+#: check name → (letter, minimum effect); a check fails when its value exceeds the minimum
+#: effect *and* its exact test rejects at :data:`ALPHA`
 THRESHOLDS: dict[str, tuple[str, float]] = {
-    "aa-vs-pgd": ("a", 0.20), "eps-monotone": ("b", 0.01), "unbounded-eps": ("c", 0.02),
+    "aa-vs-pgd": ("a", 0.20), "aa-vs-pgd-l2": ("a", 0.20), "aa-vs-pgd-l1": ("a", 0.20),
+    "eps-monotone": ("b", 0.01), "unbounded-eps": ("c", 0.02),
     "square": ("d", 0.10), "transfer": ("d", 0.10), "more-budget": ("e", 0.05),
-    "zero-gradient": ("f", 0.05), "fgsm-vs-pgd": ("g", 0.05)}
+    "zero-gradient": ("f", 0.05), "fgsm-vs-pgd": ("g", 0.05), "incomplete-opt": ("h", 0.10),
+    "unstable": ("i", 0.05)}
 CHECKS = tuple(THRESHOLDS)
-CHEAP = ("aa-vs-pgd", "eps-monotone", "unbounded-eps", "more-budget", "zero-gradient",
-         "fgsm-vs-pgd")
+CHEAP = ("aa-vs-pgd", "aa-vs-pgd-l2", "aa-vs-pgd-l1", "eps-monotone", "unbounded-eps",
+         "more-budget", "zero-gradient", "fgsm-vs-pgd", "incomplete-opt", "unstable")
+#: significance level of every check's exact one-sided test
+ALPHA = 0.01
+#: what a failed check says: ``masking`` (gradients are broken: every white-box cell and the
+#: headline are doubted, mark †) or ``weak-attack`` (one attack is weak: only its cells, §)
+FINDING: dict[str, str] = {
+    "aa-vs-pgd": "weak-attack", "aa-vs-pgd-l2": "weak-attack", "aa-vs-pgd-l1": "weak-attack",
+    "eps-monotone": "weak-attack", "unbounded-eps": "masking", "square": "masking",
+    "transfer": "masking", "more-budget": "weak-attack", "zero-gradient": "masking",
+    "fgsm-vs-pgd": "weak-attack", "incomplete-opt": "weak-attack", "unstable": "masking"}
+#: the attack labels a weak-attack check doubts by default (rows may narrow them: ``doubts``)
+WEAK_CELLS: dict[str, tuple[str, ...]] = {
+    "aa-vs-pgd": ("pgd",), "aa-vs-pgd-l2": ("pgd-l2",), "aa-vs-pgd-l1": ("pgd-l1",),
+    "eps-monotone": ("pgd-fig4",), "more-budget": ("pgd",), "fgsm-vs-pgd": ("pgd",),
+    "incomplete-opt": ("pgd",)}
+#: per norm: the paper's attack and the reference attacks (first available wins) of check (a)
+REFERENCES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "linf": ("pgd", ("autoattack",)), "l2": ("pgd-l2", ("autoattack-l2", "apgd-l2")),
+    "l1": ("pgd-l1", ("autoattack-l1", "apgd-l1"))}
+#: the (a) checks of the other norms (run at the paper's column's ε of that norm)
+PER_NORM = ("aa-vs-pgd-l2", "aa-vs-pgd-l1")
+#: registered attacks that never read the target's gradients
+BLACK_BOX = frozenset({"square", "transfer"})
+#: AutoAttack sub-attacks that read gradients (its white-box part, for check (d))
+AA_WHITE_BOX = ("apgd-ce", "apgd-t")
+#: incomplete optimisation (Pintor et al. 2022): the running best of the attack loss, scaled
+#: to [0, 1] per point, still rises by more than INCOMPLETE_RISE over the last
+#: INCOMPLETE_SHARE of the iterates (at least 2; Pintor et al. take the last 10 of 100+)
+INCOMPLETE_RISE, INCOMPLETE_SHARE = 0.05, 0.1
+#: forward passes per point of the unstable-predictions check (i)
+UNSTABLE_DRAWS = 4
 #: ε that covers the whole [0,1] box for the scale's images (l∞)
 UNBOUNDED_EPS = {"mnist": 1.0, "cifar": 0.5}
 #: test points of the checks when the run has no AutoAttack row (cpu: AutoAttack's cpu cap)
@@ -86,7 +150,11 @@ SOURCE_DEFENSE = "st"
 
 @dataclass
 class CheckResult:
-    """One check at one ε: ``passed`` is None when it was skipped (``detail`` says why)."""
+    """One check at one ε: ``passed`` is None when it was skipped (``detail`` says why).
+
+    ``p_value`` is the check's exact one-sided test (``test`` names it); ``doubts`` the attack
+    labels a failed weak-attack check doubts (empty for masking checks: every white-box cell).
+    """
 
     name: str
     value: Optional[float]
@@ -94,6 +162,9 @@ class CheckResult:
     detail: str
     n_points: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    p_value: Optional[float] = None
+    test: str = ""
+    doubts: list[str] = field(default_factory=list)
 
     @property
     def letter(self) -> str:
@@ -102,6 +173,10 @@ class CheckResult:
     @property
     def threshold(self) -> float:
         return THRESHOLDS[self.name][1]
+
+    @property
+    def finding(self) -> str:
+        return FINDING[self.name]
 
     @property
     def status(self) -> str:
@@ -113,14 +188,39 @@ class CheckResult:
 JUDGE_TOL = 1e-6
 
 
-def _judge(name: str, value: float, detail: str, n: int, **extra: Any) -> CheckResult:
-    """Pass when ``value`` does not exceed the threshold (up to :data:`JUDGE_TOL`)."""
-    return CheckResult(name, float(value), bool(value <= THRESHOLDS[name][1] + JUDGE_TOL),
-                       detail, n, extra)
+def _judge(name: str, value: float, detail: str, n: int, p_value: Optional[float] = None,
+           test: str = "", doubts: Sequence[str] = (), **extra: Any) -> CheckResult:
+    """Fail when ``value`` exceeds the minimum effect (up to :data:`JUDGE_TOL`) and the test's
+    p-value is below :data:`ALPHA` (no p-value: the effect alone decides)."""
+    big = value > THRESHOLDS[name][1] + JUDGE_TOL
+    significant = p_value is None or p_value < ALPHA
+    if p_value is not None:
+        detail += f"; {test} p = {p_value:.2g} (α = {ALPHA:g})"
+    return CheckResult(name, float(value), not (big and significant), detail, n, extra,
+                       p_value, test, list(doubts or WEAK_CELLS.get(name, ())))
 
 
 def skipped(name: str, why: str) -> CheckResult:
     return CheckResult(name, None, None, why)
+
+
+# ------------------------------------------------------------------- statistics
+def paired_test(weak: Tensor, strong: Tensor) -> tuple[int, int, float]:
+    """Exact one-sided McNemar test that ``strong`` breaks more points than ``weak``.
+
+    Returns (b, c, p): b points robust under ``weak`` that ``strong`` breaks, c the reverse,
+    and ``binomtest(b, b + c, 0.5, alternative="greater")``'s p-value (1 without discordant
+    points).
+    """
+    b, c = int((weak & ~strong).sum()), int((~weak & strong).sum())
+    p = float(binomtest(b, b + c, 0.5, alternative="greater").pvalue) if b + c else 1.0
+    return b, c, p
+
+
+def excess_test(k: int, m: int, share: float) -> float:
+    """Exact one-sided binomial p-value that more than ``share`` of ``m`` points are bad,
+    given ``k`` bad ones (1 when ``m`` is 0)."""
+    return float(binomtest(k, m, share, alternative="greater").pvalue) if m else 1.0
 
 
 # ------------------------------------------------------------------- the checks (pure)
@@ -129,44 +229,78 @@ def broken_beyond(ref: Tensor, other: Tensor) -> tuple[int, int]:
     return int((ref & ~other).sum()), int(ref.sum())
 
 
-def per_sample_gap(name: str, ref: Tensor, other: Tensor, what: str) -> CheckResult:
-    """Checks (a), (d), (g): share of PGD-robust points that ``other`` breaks."""
-    k, m = broken_beyond(ref, other)
-    value = k / m if m else 0.0
-    return _judge(name, value, f"{what} breaks {k} of the {m} points PGD left robust "
-                               f"(PGD {100 * ref.float().mean():.1f}%, {what} "
+def per_sample_gap(name: str, ref: Tensor, other: Tensor, what: str, ref_what: str = "PGD",
+                   doubts: Sequence[str] = ()) -> CheckResult:
+    """Checks (a), (d), (g): share of the points ``ref`` left robust that ``other`` breaks,
+    with the exact McNemar test on the discordant points."""
+    b, c, p = paired_test(ref, other)
+    m = int(ref.sum())
+    value = b / m if m else 0.0
+    return _judge(name, value, f"{what} breaks {b} of the {m} points {ref_what} left robust "
+                               f"and misses {c} that {ref_what} broke ({ref_what} "
+                               f"{100 * ref.float().mean():.1f}%, {what} "
                                f"{100 * other.float().mean():.1f}% on {len(ref)} points)",
-                  len(ref), broken=k, pgd_robust=m, pgd_acc=float(ref.float().mean()),
+                  len(ref), p, "McNemar exact one-sided", doubts, broken=b, pgd_robust=m,
+                  discordant_other=c, pgd_acc=float(ref.float().mean()),
                   other_acc=float(other.float().mean()))
 
 
-def eps_monotone(grid: Sequence[tuple[float, float]], n: int) -> CheckResult:
-    """Check (b): largest rise of accuracy between consecutive ε of the grid."""
-    grid = sorted(grid)
-    rises = [(b[1] - a[1], a[0], b[0]) for a, b in zip(grid, grid[1:])]
-    rise, lo, hi = max(rises) if rises else (0.0, math.nan, math.nan)
-    curve = ", ".join(f"{format_eps(e)}: {100 * a:.1f}" for e, a in grid)
-    detail = (f"accuracy rises by {100 * rise:.1f} points from ε={format_eps(lo)} to "
-              f"ε={format_eps(hi)}" if rise > 0 else "accuracy never rises with ε") + \
-        f" (PGD, Figure 4 grid, %: {curve})"
-    return _judge("eps-monotone", max(rise, 0.0), detail, n, curve={format_eps(e): a
-                                                                    for e, a in grid})
+def eps_monotone(grid: Sequence[tuple[float, Tensor]], n: int) -> CheckResult:
+    """Check (b) on per-sample flags of the Figure 4 grid.
+
+    A point robust at ε must be robust at every smaller ε, so the curve reported is the
+    per-sample worst case over all ε up to each one (it never rises). The check counts the
+    points the attack at ε left robust although it broke them at a smaller ε: its own failure
+    at the larger ε (an attack that is weak there), tested like check (a).
+    """
+    grid = sorted(grid, key=lambda g: g[0])
+    worst = None
+    curve, curve_worst, found = {}, {}, []
+    for e, flags in grid:
+        worst = flags.clone() if worst is None else worst & flags
+        curve[format_eps(e)] = float(flags.float().mean())
+        curve_worst[format_eps(e)] = float(worst.float().mean())
+        b, c, p = paired_test(flags, worst)
+        found.append((b / max(n, 1), b, p, e))
+    value, b, p, e = max(found, key=lambda t: (t[0], -t[2])) if found else (0.0, 0, 1.0, math.nan)
+    text = ", ".join(f"{k}: {100 * v:.1f}" for k, v in curve.items())
+    detail = (f"PGD at ε={format_eps(e)} leaves robust {b} points it broke at a smaller ε"
+              if b else "PGD never leaves robust a point it broke at a smaller ε") + \
+        f" (PGD, Figure 4 grid, %: {text})"
+    return _judge("eps-monotone", value, detail, n, p, "McNemar exact one-sided", (),
+                  curve=curve, curve_worst=curve_worst, inconsistent=b)
 
 
-def unbounded(acc: float, eps: float, n: int) -> CheckResult:
-    """Check (c): PGD accuracy at an ε covering the whole box."""
-    return _judge("unbounded-eps", acc, f"PGD at ε={format_eps(eps)} leaves "
-                                        f"{100 * acc:.1f}% accuracy", n, unbounded_eps=eps)
+def unbounded(worst: Tensor, plain: float, eps: float) -> CheckResult:
+    """Check (c): accuracy at an ε covering the whole box, per-sample worst case over every
+    ε up to it (so a weak attack at that ε alone cannot fail the model); ``plain`` is the
+    attack's own accuracy at ``eps``."""
+    k, n = int(worst.sum()), len(worst)
+    value = k / n if n else 0.0
+    return _judge("unbounded-eps", value,
+                  f"at ε={format_eps(eps)} {k} of {n} points stay robust under the worst case "
+                  f"of PGD over every ε up to it (PGD at ε={format_eps(eps)} alone: "
+                  f"{100 * plain:.1f}%)", n, excess_test(k, n, THRESHOLDS["unbounded-eps"][1]),
+                  f"binomial exact one-sided vs {THRESHOLDS['unbounded-eps'][1]:g}",
+                  unbounded_eps=eps, robust=k, plain_acc=plain)
 
 
-def more_budget(pairs: Sequence[tuple[str, float, str, float]], n: int) -> CheckResult:
-    """Check (e): ``pairs`` of (base label, accuracy, stronger label, accuracy)."""
-    drops = [(a - b, la, lb, a, b) for la, a, lb, b in pairs]
-    drop, la, lb, a, b = max(drops)
-    parts = "; ".join(f"{x} {100 * p:.1f}% → {y} {100 * q:.1f}%" for _, x, y, p, q in drops)
-    return _judge("more-budget", max(drop, 0.0), f"largest drop {100 * drop:.1f} points "
-                                                 f"({parts})", n,
-                  pairs=[list(p) for p in pairs])
+def more_budget(pairs: Sequence[tuple[str, Tensor, str, Tensor]], n: int,
+                doubts: Sequence[str] = ()) -> CheckResult:
+    """Check (e): ``pairs`` of (base label, flags, stronger label, flags); the value is the
+    largest accuracy drop, tested by McNemar on that pair's discordant points."""
+    rows = []
+    for la, a, lb, b in pairs:
+        k, c, p = paired_test(a, b)
+        rows.append(((k - c) / max(len(a), 1), p, la, lb, float(a.float().mean()),
+                     float(b.float().mean()), k, c))
+    drop, p, la, lb, a, b, k, c = max(rows, key=lambda r: (r[0], -r[1]))
+    parts = "; ".join(f"{x} {100 * q:.1f}% → {y} {100 * r:.1f}%"
+                      for _, _, x, y, q, r, _, _ in rows)
+    return _judge("more-budget", max(drop, 0.0),
+                  f"largest drop {100 * drop:.1f} points ({parts}); {lb} breaks {k} points "
+                  f"{la} left robust and misses {c}", n, p, "McNemar exact one-sided", doubts,
+                  pairs=[[r[2], r[4], r[3], r[5], r[6], r[7], r[1]] for r in rows])
 
 
 def zero_gradient(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor,
@@ -181,6 +315,9 @@ def zero_gradient(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor,
             xb = x[i:i + batch_size].clone().requires_grad_(True)
             with torch.enable_grad():
                 loss = F.cross_entropy(model(xb).float(), y[i:i + batch_size], reduction="sum")
+                if not loss.requires_grad:  # no graph back to the input at all
+                    bad[i:i + batch_size] = True
+                    continue
                 (g,) = torch.autograd.grad(loss, xb, allow_unused=True)
             if g is None:
                 bad[i:i + batch_size] = True
@@ -192,9 +329,87 @@ def zero_gradient(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor,
             m.training = flag
     m = int(clean.sum())
     k = int((bad & clean).sum())
+    share = THRESHOLDS["zero-gradient"][1]
     return _judge("zero-gradient", k / m if m else 0.0,
                   f"{k} of {m} correctly classified points have an all-zero or non-finite "
-                  f"CE input gradient", len(y), zero_or_nonfinite=k, correct=m)
+                  f"CE input gradient", len(y), excess_test(k, m, share),
+                  f"binomial exact one-sided vs {share:g}", zero_or_nonfinite=k, correct=m)
+
+
+def loss_trajectories(model: nn.Module, attack: Any, x: Tensor, y: Tensor,
+                      batch_size: int = 256) -> Tensor:
+    """Per-point CE loss at every iterate of a gradient attack (the points it evaluates its
+    objective at) and at its final x': N × (calls + 1)."""
+    out = []
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        seen: list[Tensor] = []
+
+        def objective(m: nn.Module, xa: Tensor, x0: Tensor, yy: Tensor) -> Tensor:
+            v = F.cross_entropy(m(xa).float(), yy, reduction="none")
+            seen.append(v.detach().cpu())
+            return v
+
+        xa = attack(model, xb, yb, loss=objective)
+        with torch.no_grad():
+            seen.append(F.cross_entropy(model(xa).float(), yb, reduction="none").cpu())
+        out.append(torch.stack(seen, 1))
+    return torch.cat(out) if out else torch.zeros(0, 1)
+
+
+def still_improving(losses: Tensor, share: float = INCOMPLETE_SHARE,
+                    rise: float = INCOMPLETE_RISE) -> Tensor:
+    """Pintor et al.'s incomplete-optimisation indicator per point: the running best of the
+    (maximised) loss, scaled to [0, 1] per point, gains more than ``rise`` over the last
+    ``share`` of the iterates (at least 2)."""
+    best = torch.cummax(losses, 1).values
+    lo, hi = best.min(1, keepdim=True).values, best.max(1, keepdim=True).values
+    scaled = (best - lo) / (hi - lo).clamp_min(1e-12)
+    last = scaled[:, -min(max(2, round(share * scaled.shape[1])), scaled.shape[1]):]
+    return (last[:, -1] - last[:, 0]) > rise
+
+
+def incomplete_opt(losses: Tensor, label: str) -> CheckResult:
+    """Check (h): share of the points an attack left robust whose loss was still rising at
+    its last steps (``losses`` of those points only)."""
+    k, m = int(still_improving(losses).sum()), losses.shape[0]
+    share = THRESHOLDS["incomplete-opt"][1]
+    return _judge("incomplete-opt", k / m if m else 0.0,
+                  f"{label}'s loss is still rising over its last {100 * INCOMPLETE_SHARE:g}% of steps on "
+                  f"{k} of the {m} points it left robust", m, excess_test(k, m, share),
+                  f"binomial exact one-sided vs {share:g}", (label,), still_rising=k,
+                  attacked=m, steps=losses.shape[1] - 1)
+
+
+def _has_black_box(spec: AttackSpec) -> bool:
+    """Whether an AutoAttack spec runs Square (the standard version ends with it)."""
+    version = spec.hparams.get("version", "standard")
+    return version == "standard" or (version == "custom" and
+                                     "square" in (spec.hparams.get("attacks") or ()))
+
+
+def unstable(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, randomized: bool,
+             draws: int = UNSTABLE_DRAWS, batch_size: int = 256) -> CheckResult:
+    """Check (i), Pintor et al.'s unstable predictions: share of correctly classified points
+    whose loss differs between repeated forward passes in eval mode. A randomized model
+    attacked without EOT has stochastic gradients (Athalye et al. 2018, §4.2): masking, unless
+    the defense is declared randomized (its AutoAttack is then the EOT ``rand`` version)."""
+    from benchmark.eval.flags import predict
+    ces = torch.stack([predict(model, x, y, batch_size)[1] for _ in range(draws)])
+    varies = (ces.max(0).values - ces.min(0).values) > 1e-5 * (1 + ces.abs().max(0).values)
+    m, k = int(clean.sum()), int((varies & clean).sum())
+    share = THRESHOLDS["unstable"][1]
+    if randomized:
+        return CheckResult("unstable", k / m if m else 0.0, True,
+                           f"{k} of {m} correctly classified points change their loss between "
+                           f"forward passes; the defense is declared randomized, so "
+                           f"AutoAttack runs its EOT version (rand)", len(y),
+                           {"varying": k, "correct": m, "declared_randomized": True})
+    return _judge("unstable", k / m if m else 0.0,
+                  f"{k} of {m} correctly classified points change their loss between "
+                  f"{draws} forward passes, and the attacks use no EOT", len(y),
+                  excess_test(k, m, share), f"binomial exact one-sided vs {share:g}",
+                  varying=k, correct=m, declared_randomized=False)
 
 
 # ------------------------------------------------------------------- the driver
@@ -235,10 +450,14 @@ class Checker:
         self.clean = predict(self.model, self.x, self.y, self.batch_size)[0]
         self._cache: dict[str, Tensor] = {}
 
-    def spec(self, label: str, eps: float, attack: Optional[str] = None, **hp: Any) -> AttackSpec:
+    def spec(self, label: str, eps: Optional[float] = None, attack: Optional[str] = None,
+             norm: str = "linf", **hp: Any) -> AttackSpec:
+        """The check's spec of a column label at ``eps`` (None: the label's own ε), with the
+        randomized adaptation and the ``overrides`` applied."""
         specs = attack_specs(self.scale)
-        base = specs.get(label) or AttackSpec(label, attack or label, "linf", eps)
-        spec = base.with_eps(eps).with_hparams(**hp)
+        base = specs.get(label) or AttackSpec(label, attack or label, norm,
+                                              eps if eps is not None else math.nan)
+        spec = (base if eps is None else base.with_eps(eps)).with_hparams(**hp)
         from benchmark.eval.flags import adapt_spec
         spec = adapt_spec(spec, self.randomized)
         return spec.with_hparams(**self.overrides.get(spec.attack, {}))
@@ -247,6 +466,7 @@ class Checker:
         self.__dict__.setdefault("used", []).append(f"{spec.label}@{format_eps(spec.eps)}")
         key = stable_hash(spec.key())
         if key not in self._cache:
+            self.__dict__.setdefault("_specs", {})[key] = spec
             if self.flags is not None:
                 self._cache[key] = self.flags(spec)
             else:
@@ -263,54 +483,87 @@ class Checker:
     def acc(self, spec: AttackSpec) -> float:
         return float(self.robust(spec).float().mean())
 
+    def white_box(self, eps: float, cheap: bool = False) -> tuple[Tensor, list[str]]:
+        """Per-sample worst case over every gradient attack at ``eps`` (l∞) on these points:
+        the table's PGD and FGSM, AutoAttack's gradient part, and every other white-box attack
+        that already ran here (this checker's and the run's stored rows); with the labels."""
+        specs = [self.spec("pgd", eps), self.spec("fgsm", eps)]
+        aa = self.spec("autoattack", eps)
+        if aa.hparams.get("version") == "rand":  # APGD-CE/DLR with EOT: no black-box part
+            specs.append(aa)
+        elif not cheap or self.existing(self._aa_white_box(eps)):
+            specs.append(self._aa_white_box(eps))
+        known = list(self.__dict__.get("_specs", {}).values()) + list(self.stored(eps))
+        for s in known:
+            if s.norm == "linf" and np.isclose(s.eps, eps) and s.attack not in BLACK_BOX and \
+                    not (s.attack == "autoattack" and _has_black_box(s)) and s not in specs:
+                specs.append(s)
+        flags = [self.robust(s) for s in specs]
+        return worst_case(flags), sorted({s.label for s in specs})
+
+    def _aa_white_box(self, eps: float) -> AttackSpec:
+        """AutoAttack's gradient sub-attacks alone (its standard version ends with Square,
+        whose successes must not count as a gradient attack's in check (d))."""
+        aa = self.spec("autoattack", eps)
+        subs = [a for a in (aa.hparams.get("attacks") or AA_WHITE_BOX) if a in AA_WHITE_BOX]
+        return replace(aa, label="autoattack-apgd").with_hparams(
+            version="custom", attacks=subs or list(AA_WHITE_BOX))
+
     def run(self, eps: float, names: Sequence[str] = CHECKS, *,
             cheap: bool = False) -> list[CheckResult]:
         """The checks ``names`` at ``eps``; with ``cheap`` the expensive ones are skipped
-        unless their inputs already exist."""
+        unless their inputs already exist. The per-norm (a) checks (``aa-vs-pgd-l2``,
+        ``-l1``) run at their norm's ε (the paper's column's), not at ``eps``."""
         n = len(self.y)
         out = []
         pgd = self.spec("pgd", eps)
         for name in names:
-            if name == "aa-vs-pgd":
-                aa = self.spec("autoattack", eps)
-                if cheap and not self.existing(aa):
-                    out.append(skipped(name, "no AutoAttack row at this ε (run advbench check)"))
-                    continue
-                out.append(per_sample_gap(name, self.robust(pgd), self.robust(aa), "AutoAttack"))
+            if name.startswith("aa-vs-pgd"):
+                out.append(self._reference(name, eps, cheap))
             elif name == "eps-monotone":
                 grid = SUITE_EPS["fig4"][self.scale]
-                out.append(eps_monotone([(e, self.acc(self.spec("pgd-fig4", e))) for e in grid],
-                                        n))
+                out.append(eps_monotone([(e, self.robust(self.spec("pgd-fig4", e)))
+                                         for e in grid], n))
             elif name == "unbounded-eps":
                 e = UNBOUNDED_EPS[self.scale]
-                out.append(unbounded(self.acc(self.spec("pgd-fig4", e)), e, n))
-            elif name == "square":
+                top = self.spec("pgd-fig4", e)
+                below = [self.robust(self.spec("pgd-fig4", g))
+                         for g in SUITE_EPS["fig4"][self.scale] if g <= e]
+                worst = worst_case([self.robust(top), self.robust(pgd), *below])
+                out.append(unbounded(worst, self.acc(top), e))
+            elif name in ("square", "transfer"):
                 if cheap:
                     out.append(skipped(name, "not in the cheap subset (advbench check)"))
                     continue
-                sq = self.spec("square", eps, n_queries=SQUARE_QUERIES.get(self.profile, 5000))
-                out.append(per_sample_gap(name, self.robust(pgd), self.robust(sq), "Square"))
-            elif name == "transfer":
-                if cheap or self.transfer_source is None:
+                if name == "transfer" and self.transfer_source is None:
                     out.append(skipped(name, "no transfer source (train the `st` run of this "
-                                             "protocol, or give --source)" if not cheap else
-                                       "not in the cheap subset (advbench check)"))
+                                             "protocol, or give --source)"))
                     continue
-                src = self.transfer_source
-                tr = self.spec("transfer", eps, **({"source": str(src)} if isinstance(
-                    src, (str, Path)) else {}))
-                out.append(per_sample_gap(name, self.robust(pgd), self.robust(tr),
-                                          "the transfer attack"))
+                if name == "square":
+                    bb = self.spec("square", eps, n_queries=SQUARE_QUERIES.get(self.profile,
+                                                                               5000))
+                    what = "Square"
+                else:
+                    src = self.transfer_source
+                    bb = self.spec("transfer", eps, **({"source": str(src)} if isinstance(
+                        src, (str, Path)) else {}))
+                    what = "the transfer attack"
+                wb, labels = self.white_box(eps)
+                res = per_sample_gap(name, wb, self.robust(bb), what,
+                                     "every gradient attack")
+                res.extra["white_box"] = labels
+                out.append(res)
             elif name == "more-budget":
-                pairs = []
+                pairs, weaker = [], []
                 for base_label, fmt, default in (("pgd", "pgd-k{}", MORE_STEPS),
                                                  ("pgd-r1", "pgd-r{}", MORE_RESTARTS)):
                     strong = self._strongest(fmt, eps, None if cheap else default)
                     if strong is None:
                         continue
-                    pairs.append((base_label, self.acc(self.spec(base_label, eps)),
-                                  strong.label, self.acc(strong)))
-                out.append(more_budget(pairs, n) if pairs else
+                    pairs.append((base_label, self.robust(self.spec(base_label, eps)),
+                                  strong.label, self.robust(strong)))
+                    weaker += [base_label] + self._below(fmt, strong)
+                out.append(more_budget(pairs, n, weaker) if pairs else
                            skipped(name, "no Table 6/7 rows at this ε (run advbench check)"))
             elif name == "zero-gradient":
                 out.append(zero_gradient(self.model, self.x, self.y, self.clean,
@@ -318,7 +571,47 @@ class Checker:
             elif name == "fgsm-vs-pgd":
                 out.append(per_sample_gap(name, self.robust(pgd),
                                           self.robust(self.spec("fgsm", eps)), "FGSM"))
+            elif name == "incomplete-opt":
+                left = self.robust(pgd)
+                idx = torch.nonzero(left).flatten()
+                losses = loss_trajectories(self.model, pgd.build(seed=0), self.x[idx.to(
+                    self.x.device)], self.y[idx.to(self.y.device)], self.batch_size)
+                out.append(incomplete_opt(losses, pgd.label))
+            elif name == "unstable":
+                out.append(unstable(self.model, self.x, self.y, self.clean, self.randomized,
+                                    batch_size=self.batch_size))
         return out
+
+    def stored(self, eps: float) -> Sequence[AttackSpec]:
+        """Specs of attacks already stored for these points (none for an in-memory check)."""
+        lister = getattr(self.flags, "specs", None)
+        return lister(eps) if callable(lister) else ()
+
+    def _reference(self, name: str, eps: float, cheap: bool) -> CheckResult:
+        """Check (a) for the norm in ``name``: the norm's reference attack (AutoAttack, else
+        APGD) against the paper's PGD of that norm, at that PGD's ε (l∞: ``eps``)."""
+        norm = name[len("aa-vs-pgd-"):] or "linf"
+        paper, refs = REFERENCES[norm]
+        base = self.spec(paper, eps if norm == "linf" else None)
+        from attacks import ATTACKS
+        cands = [self.spec(r, base.eps, norm=norm) for r in refs]
+        have = [c for c in cands if self.existing(c)]
+        ref = (have or [c for c in cands if c.attack in ATTACKS] or [None])[0]
+        if ref is None or (cheap and not have):
+            why = "no reference attack registered" if ref is None and not cheap else \
+                "no reference row at this ε (run advbench check)"
+            return skipped(name, f"{why}: {' or '.join(refs)} ({norm})")
+        res = per_sample_gap(name, self.robust(base), self.robust(ref), ref.label,
+                             base.label, (base.label,))
+        res.extra.update(norm=norm, eps=base.eps, reference=ref.label)
+        return res
+
+    def _below(self, fmt: str, strong: AttackSpec) -> list[str]:
+        """Labels of the same family with less budget than ``strong`` (Table 6/7 columns)."""
+        from benchmark.run.protocols import TABLE6_STEPS, TABLE7_RESTARTS
+        top = int(strong.label.rsplit("k" if "k" in fmt else "r", 1)[1])
+        values = TABLE6_STEPS if "k" in fmt else TABLE7_RESTARTS
+        return [fmt.format(v) for v in values if v < top]
 
     def _strongest(self, fmt: str, eps: float, default: Optional[int]) -> Optional[AttackSpec]:
         """The largest Table 6/7 budget with an existing row, else ``default`` (None: none)."""
@@ -378,6 +671,24 @@ class RunFlags:
 
     def exists(self, spec: AttackSpec) -> bool:
         return self._flag_file(spec) is not None
+
+    def specs(self, eps: float) -> list[AttackSpec]:
+        """Specs of the run's attack rows at ``eps`` whose flags cover these points."""
+        out = []
+        for row in self.rows:
+            if row.get("kind", "attack") != "attack" or row.get("checkpoint") != \
+                    self.t.checkpoint or int(row.get("n_examples", 0)) < self.n or \
+                    not np.isclose(float(row.get("eps", -1)), eps, rtol=1e-6, atol=1e-9):
+                continue
+            if not (self.t.out_dir / "flags" / f"{row.get('eval_key')}.pt").exists():
+                continue
+            spec = AttackSpec(str(row.get("attack")), str(row.get("attack_name",
+                                                                  row.get("attack"))),
+                              str(row.get("norm", "linf")), float(row["eps"]),
+                              dict(row.get("attack_hparams") or {}))
+            if spec not in out:
+                out.append(spec)
+        return out
 
     def __call__(self, spec: AttackSpec) -> Tensor:
         from benchmark.eval.flags import attack_points, eval_key, predict
@@ -510,6 +821,8 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
         checker = _LazyChecker(t.model, points, clean_flags, scale, t.cfg.profile, flags,
                                t.defense.randomized, src_path, batch_size)
         for name in todo:
+            if name in PER_NORM and e != eps_list[0]:  # at their norm's ε: once per run
+                continue
             t0, checker.used = time.perf_counter(), []
             (res,) = checker.run(e, [name], cheap=cheap)
             res.extra["attacks_used"] = sorted(set(checker.used))
@@ -592,13 +905,16 @@ def _check_row(t: Any, res: CheckResult, eps: float, n: int, n_aa: Optional[int]
     cfg = t.cfg
     key = _check_key(t, res.name, eps)
     used = set(res.extra.get("attacks_used", ()))
-    return {"schema": 1, "kind": "check", "eval_key": key, "check": res.name,
+    eps = float(res.extra.pop("eps", eps))  # the per-norm (a) checks run at their norm's ε
+    return {"schema": 2, "kind": "check", "eval_key": key, "check": res.name,
             "letter": res.letter, "value": res.value, "threshold": res.threshold,
             "status": res.status, "passed": res.passed, "detail": res.detail,
             "run_id": cfg.run_id, "defense": cfg.defense, "dataset": cfg.dataset,
             "data_provenance": t.info.provenance, "arch": cfg.arch, "profile": cfg.profile,
             "seed": cfg.seed, "checkpoint": t.checkpoint, "checkpoint_epoch": t.epoch,
-            "hparams": cfg.hparams, "norm": "linf", "eps": eps, "eps_str": format_eps(eps),
+            "hparams": cfg.hparams, "norm": res.extra.get("norm", "linf"), "eps": eps,
+            "eps_str": format_eps(eps), "finding": res.finding, "doubts": res.doubts,
+            "p_value": res.p_value, "alpha": ALPHA, "test": res.test,
             "n_examples": n, "points": f"first {n} test points",
             "autoattack_points": n_aa,
             "reused": [u for u in flags.reused if u.split(" (")[0] in used],
@@ -609,16 +925,62 @@ def _check_row(t: Any, res: CheckResult, eps: float, n: int, n_aa: Optional[int]
 
 
 def format_checks(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown listing: one line per health or check row."""
-    lines = ["| defense | seed | ckpt | ε | check | status | value | threshold | points | detail |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """Markdown listing: one line per health or check row (``p`` is the check's exact test;
+    ``–`` for rows written before it)."""
+    lines = ["| defense | seed | ckpt | ε | check | status | finding | value | threshold | p | "
+             "points | detail |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("kind") == "health":
             lines.append(f"| {r['defense']} | {r['seed']} | – | – | health | {r['verdict']} | "
-                         f"– | – | – | {'; '.join(r['reasons']) or 'trained normally'} |")
+                         f"– | – | – | – | – | {'; '.join(r['reasons']) or 'trained normally'} |")
             continue
         value = "–" if r.get("value") is None else f"{r['value']:.3f}"
+        p = r.get("p_value")
         lines.append(f"| {r['defense']} | {r['seed']} | {r['checkpoint']} | {r['eps_str']} | "
-                     f"({r['letter']}) {r['check']} | {r['status']} | {value} | "
-                     f"{r['threshold']:g} | {r['n_examples']} | {r['detail']} |")
+                     f"({r['letter']}) {r['check']} | {r['status']} | "
+                     f"{r.get('finding') or FINDING.get(str(r.get('check')), '–')} | {value} | "
+                     f"{r['threshold']:g} | {'–' if p is None else f'{p:.2g}'} | "
+                     f"{r['n_examples']} | {r['detail']} |")
     return "\n".join(lines) + "\n"
+
+
+#: the honest defenses of the false-alarm measurement (issue 21)
+HONEST = ("st", "at", "trades", "pm-ed-wta")
+
+
+def false_alarms(rows: Sequence[Mapping[str, Any]], defenses: Sequence[str] = HONEST) -> str:
+    """Markdown false-alarm summary of honest defenses' check rows.
+
+    For every check: how many of the judged (pass/fail) rows of each defense failed; and per
+    defense how many runs had their headline doubted (a failed masking check) out of the runs
+    with at least one judged check. Every failure here is a false alarm if the defenses are
+    honest; a weak-attack finding is not one on the headline (it doubts PGD's cell only).
+    """
+    judged = [r for r in rows if r.get("kind") == "check" and r.get("defense") in defenses
+              and r.get("status") in ("pass", "fail")]
+    names = [c for c in CHECKS if any(r.get("check") == c for r in judged)]
+    head = "| check | finding | " + " | ".join(defenses) + " | all |"
+    lines = [head, "|---|---|" + "---:|" * (len(defenses) + 1)]
+
+    def cell(sel: list[Mapping[str, Any]]) -> str:
+        return f"{sum(r['status'] == 'fail' for r in sel)}/{len(sel)}" if sel else "–"
+
+    for c in names:
+        mine = [r for r in judged if r.get("check") == c]
+        lines.append(f"| ({THRESHOLDS[c][0]}) {c} | {FINDING[c]} | " + " | ".join(
+            cell([r for r in mine if r["defense"] == d]) for d in defenses) + f" | {cell(mine)} |")
+    runs: dict[str, dict[str, bool]] = {}
+    for r in judged:
+        what = r.get("finding") or FINDING.get(str(r.get("check")), "masking")
+        doubted = r["status"] == "fail" and what != "weak-attack"
+        per = runs.setdefault(str(r["defense"]), {})
+        key = f"{r.get('run_id')}/{r.get('checkpoint')}"
+        per[key] = per.get(key, False) or doubted
+    tot = [v for d in defenses for v in runs.get(d, {}).values()]
+    lines.append("| **headline doubted (runs)** | masking | " + " | ".join(
+        f"{sum(runs[d].values())}/{len(runs[d])}" if runs.get(d) else "–" for d in defenses)
+        + f" | {sum(tot)}/{len(tot)} |")
+    seeds = sorted({str(r.get("seed")) for r in judged})
+    return (f"False alarms on honest defenses ({', '.join(defenses)}; seeds "
+            f"{', '.join(seeds) or '–'}): failed/judged check rows, α = {ALPHA:g}.\n\n"
+            + "\n".join(lines) + "\n")

@@ -25,7 +25,7 @@ import pandas as pd
 from benchmark.report.latex import cell_text
 from benchmark.report.stats import interval_text
 from benchmark.report.tables import COST, TableSpec, _fixed, _labels, frames
-from benchmark.report.verdicts import behind_reference
+from benchmark.report.verdicts import behind_reference, finding
 
 #: columns of the page's table (machine name → header)
 HEADERS = {"rank": "Rank", "defense": "Defense", "clean": "Clean (%)",
@@ -112,8 +112,8 @@ def reliability(records: list[dict], run_ids: Iterable[str],
 
     ``✗`` when a run's training-health verdict is not ok or the row is ``under_trained`` (the
     tables' ‡ yardstick: clean accuracy more than 10 points below AT's), ``⚠`` (potentially
-    unreliable, as RobustBench flags it) when a gradient-masking check failed, ``✓`` when every
-    check found passed, ``–`` when no such row exists.
+    unreliable, as RobustBench flags it) when a gradient-masking check failed (one that doubts
+    the headline; a check that only finds PGD weak does not), ``✓`` otherwise when checks ran, ``–`` when no such row exists.
     """
     ids = set(run_ids)
     health = [r for r in records if r.get("kind") == "health" and r.get("run_id") in ids]
@@ -125,7 +125,7 @@ def reliability(records: list[dict], run_ids: Iterable[str],
         return "✗", f"training: {r.get('verdict')} (seed {r.get('seed')}): {reasons}"
     if under_trained:
         return "✗", f"training: {under_trained}"
-    failed = [r for r in checks if r.get("status") == "fail"]
+    failed = [r for r in checks if r.get("status") == "fail" and finding(r)[0] != "weak-attack"]
     if failed:
         names = sorted({str(r.get("check") or r.get("name")) for r in failed})
         detail = str(failed[0].get("detail") or "")

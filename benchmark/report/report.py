@@ -162,8 +162,9 @@ def _code_safe(text: object) -> str:
 
 def _md_verdicts(verdicts: dict) -> dict:
     """The verdicts with names and reasons made safe for the Markdown footnotes."""
-    return {(a, c, _code_safe(n)): vd.RowVerdict([md_escape(u) for u in v.unhealthy],
-                                                 [md_escape(f) for f in v.failed], v.passed)
+    return {(a, c, _code_safe(n)): vd.RowVerdict(
+                [md_escape(u) for u in v.unhealthy], [md_escape(f) for f in v.failed], v.passed,
+                [vd.Doubt(md_escape(d.text), d.finding, d.cells) for d in v.doubts])
             for (a, c, n), v in verdicts.items()}
 
 
@@ -200,24 +201,6 @@ def to_csv(table: pd.DataFrame) -> str:
 
 def _fmt(v: float, s: float, d: int) -> str:
     return f"{v:.{d}f}" + (f" ± {s:.{d}f}" if pd.notna(s) else "")
-
-
-def cell_attack(column: str, spec: TableSpec) -> Optional[str]:
-    """The attack label a cell's verdict mark is about (``headline`` for a headline cell;
-    None where the column is no single attack's, e.g. the rejection table's)."""
-    from benchmark.report.tables import HEADLINES
-
-    if column in HEADLINES.values():
-        return "headline"
-    if spec.kind != "attack":
-        return None
-    if column == "avg":
-        return "autoattack"
-    if "@" in column:
-        return column.partition("@")[0]
-    if column.startswith(("acc_", "ce_")):
-        return "pgd-" + column.split("_", 1)[1]
-    return column
 
 
 def _p(v: Any) -> str:
@@ -275,7 +258,8 @@ def to_markdown(table: pd.DataFrame, spec: Optional[TableSpec] = None, *,
                     continue
                 text = _fmt(v, s, d)
                 robust = spec.is_robustness(c) or c in HEADLINES.values()
-                mark = verdicts[idx].mark(robust, attack=cell_attack(c, spec)) \
+                attack = "headline" if c in HEADLINES.values() else vd.column_attack(c)
+                mark = verdicts[idx].mark(robust, attack=attack) \
                     if verdicts and idx in verdicts else ""
                 tie = " ≈" if c in best and not bold.loc[idx, c] and \
                     r.get(f"{c}_tied_best") == 1 else ""
@@ -316,7 +300,7 @@ def _reliable(verdicts: dict, idx: tuple) -> str:
     v = verdicts.get(idx)
     if v is None:
         return "–"
-    return f"no {vd.RELIABILITY_MARK}" if v.failed else v.reliable
+    return v.reliable_cell
 
 
 def _missing_lines(missing: list[tuple[str, str, Optional[str]]], cols: list[str],

@@ -1,4 +1,4 @@
-"""Verdict marks for the tables: training health (‡) and evaluation reliability (†).
+"""Verdict marks for the tables: training health (‡), masking (†) and weak attacks (§).
 
 Reads the ``health`` rows (:mod:`benchmark.run.health`) and ``check`` rows
 (:mod:`benchmark.eval.checks`) beside the attack rows, and gives every table row (a defense
@@ -8,27 +8,92 @@ label in an arch × checkpoint section, averaged over seeds) its marks:
   ``did-not-train`` or ``incomplete``), with a footnote giving the verdict and its reasons,
   and when the row's clean accuracy is more than :data:`BEHIND_AT_POINTS` below AT's in the
   same section (trained, but under-trained at this budget: issue 12's yardstick);
-* a ``reliable`` column on attack tables, like RobustBench's "AA eval potentially unreliable":
-  ``no`` when a gradient-masking check failed for one of the row's runs at the ε of the table
-  (the nominal ε; every ε for Table 3), ``yes`` when checks ran and none failed, ``–`` when no
-  check ran; and † on every robustness cell of an unreliable row (so no PGD-only number is
-  shown as a defense's robustness without it), with a footnote naming the failed checks.
+* marks only on the cells a failed check doubts (the row's ``doubts``/``finding``, else the
+  mapping below for rows written before them), and footnotes saying why:
+
+=====  =======================  =====================================  ==================
+check  name                     doubts                                 mark
+=====  =======================  =====================================  ==================
+(a)    ``aa-vs-pgd``, ``-l2``,  the paper's PGD of that norm           § attack weak
+       ``-l1``                  (``pgd``, ``pgd-l2``, ``pgd-l1``)
+(b)    ``eps-monotone``         the Figure 4 PGD (``pgd-fig4``)        § attack weak
+(c)    ``unbounded-eps``        every white-box cell and the headline  † masking
+(d)    ``square``,              every white-box cell and the headline  † masking
+       ``transfer``
+(e)    ``more-budget``          ``pgd``, ``pgd-r1`` and the Table 6/7  § attack weak
+                                columns with less budget
+(f)    ``zero-gradient``        every white-box cell and the headline  † masking
+(g)    ``fgsm-vs-pgd``          ``pgd``                                § attack weak
+(h)    ``incomplete-opt``       ``pgd``                                § attack weak
+(i)    ``unstable``             every white-box cell and the headline  † masking
+=====  =======================  =====================================  ==================
+
+White-box cells are every robustness cell except the black-box attacks' (Square, transfer).
+``reliable`` is the verdict on the headline: ``no`` when a masking check failed for one of the
+row's runs at the ε of the table (the nominal ε; every ε for Table 3; the norm's own ε for the
+per-norm (a) checks, which only ever doubt PGD cells), ``yes`` when checks ran and none of the
+failed ones doubts the headline, ``–`` when no check ran.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 import numpy as np
 
 
-HEALTH_MARK, RELIABILITY_MARK = "‡", "†"
+HEALTH_MARK, RELIABILITY_MARK, WEAK_MARK = "‡", "†", "§"
 #: a defense whose clean accuracy (mean over seeds) is more than this many points below AT's,
 #: in the same dataset × profile × arch × checkpoint section, is marked as under-trained
 BEHIND_AT_POINTS = 10.0
 #: the reference defense of that comparison
 REFERENCE = "at"
+#: the headline cell's attack label in :meth:`RowVerdict.mark`
+HEADLINE = "headline"
+#: attack labels of black-box attacks (never doubted by a masking finding)
+BLACK_BOX = frozenset({"square", "transfer"})
+#: check → (finding, doubted labels) for rows without ``finding``/``doubts`` (older rows)
+MAPPING: dict[str, tuple[str, tuple[str, ...]]] = {
+    "aa-vs-pgd": ("weak-attack", ("pgd",)), "aa-vs-pgd-l2": ("weak-attack", ("pgd-l2",)),
+    "aa-vs-pgd-l1": ("weak-attack", ("pgd-l1",)),
+    "eps-monotone": ("weak-attack", ("pgd-fig4",)), "unbounded-eps": ("masking", ()),
+    "square": ("masking", ()), "transfer": ("masking", ()),
+    "more-budget": ("weak-attack", ("pgd", "pgd-r1")), "zero-gradient": ("masking", ()),
+    "fgsm-vs-pgd": ("weak-attack", ("pgd",)), "incomplete-opt": ("weak-attack", ("pgd",)),
+    "unstable": ("masking", ())}
+
+
+def finding(row: dict) -> tuple[str, frozenset[str]]:
+    """(``masking`` | ``weak-attack``, doubted attack labels) of a check row."""
+    kind, cells = MAPPING.get(str(row.get("check")), ("masking", ()))
+    kind = str(row.get("finding") or kind)
+    doubts = row.get("doubts")
+    return kind, frozenset(doubts if doubts and kind == "weak-attack" else cells)
+
+
+def column_attack(column: str) -> str:
+    """The attack label behind a table column (``pgd@4/255`` → ``pgd``, ``acc_k100`` →
+    ``pgd-k100``, ``acc_r5`` → ``pgd-r5``, ``avg`` → ``autoattack``, ``accrej_pgd`` →
+    ``pgd``)."""
+    column = column.partition("@")[0]
+    m = re.match(r"^(?:acc|ce)_(k|r)(\d+)$", column)
+    if m:
+        return f"pgd-{m.group(1)}{m.group(2)}"
+    m = re.match(r"^(?:acc|accrej|auroc|fpr)_(.+)$", column)
+    if m:
+        return m.group(1)
+    return {"avg": "autoattack"}.get(column, column)
+
+
+@dataclass
+class Doubt:
+    """One failed check of a row: its footnote, finding and doubted labels."""
+
+    text: str
+    finding: str
+    cells: frozenset[str]
 
 
 @dataclass
@@ -38,19 +103,41 @@ class RowVerdict:
     unhealthy: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     passed: int = 0
+    doubts: list[Doubt] = field(default_factory=list)
+
+    @property
+    def masked(self) -> bool:
+        """Whether a failed check doubts the headline (gradients look masked)."""
+        return any(d.finding != "weak-attack" for d in self.doubts)
 
     @property
     def reliable(self) -> str:
-        return "no" if self.failed else "yes" if self.passed else "–"
+        """The verdict on the headline: ``no`` | ``yes`` | ``–``."""
+        return "no" if self.masked else "yes" if self.passed or self.doubts else "–"
+
+    @property
+    def reliable_cell(self) -> str:
+        """The ``reliable`` column's text (``no †`` when the headline is doubted)."""
+        return f"no {RELIABILITY_MARK}" if self.masked else self.reliable
+
+    def weak(self, attack: str) -> bool:
+        return any(d.finding == "weak-attack" and attack in d.cells for d in self.doubts)
 
     def mark(self, robustness: bool, attack: Optional[str] = None) -> str:
-        """‡ when the row is unhealthy, plus † on a robust-accuracy cell of an unreliable row.
-
-        ``attack``: the cell's attack label, or ``"headline"`` (placeholder for the checks
-        branch's per-attack marks; ignored here: every robustness cell is doubted)."""
+        """‡ when the row is unhealthy; on a robustness cell † when a masking check failed
+        (every white-box cell and the headline) and § when a check found the cell's attack
+        weak. ``attack``: the cell's attack label or ``headline``; None marks every
+        robustness cell with the row's strongest doubt (†, else §)."""
         marks = HEALTH_MARK if self.unhealthy else ""
-        if robustness and self.failed:
+        if not robustness:
+            return marks
+        if attack is None:
+            return marks + (RELIABILITY_MARK if self.masked else WEAK_MARK if self.doubts
+                            else "")
+        if self.masked and attack not in BLACK_BOX:
             marks += RELIABILITY_MARK
+        if self.weak(attack):
+            marks += WEAK_MARK
         return marks
 
 
@@ -79,16 +166,21 @@ def row_verdicts(records: Iterable[dict], labels: list[str], *, any_eps: bool = 
                 out.setdefault((arch, ckpt, label), RowVerdict()).unhealthy.append(
                     f"seed {r.get('seed')}: {r.get('verdict')} ({why})")
         elif kind == "check" and r.get("status") in ("pass", "fail"):
-            if not any_eps and not np.isclose(float(r.get("eps", math.nan)), _nominal(r),
-                                              rtol=1e-6, atol=1e-9):
+            if not any_eps and r.get("norm", "linf") == "linf" and not np.isclose(
+                    float(r.get("eps", math.nan)), _nominal(r), rtol=1e-6, atol=1e-9):
                 continue
             v = out.setdefault((arch, str(r.get("checkpoint") or "best"), label), RowVerdict())
             if r["status"] == "pass":
                 v.passed += 1
-            else:
-                v.failed.append(f"({r.get('letter')}) {r.get('check')} at ε={r.get('eps_str')}, "
-                                f"seed {r.get('seed')}: {r.get('value'):.3g} > "
-                                f"{r.get('threshold'):g}, {r.get('detail')}")
+                continue
+            what, cells = finding(r)
+            test = (f", {r.get('test')} p = {r['p_value']:.2g} < α = {r.get('alpha'):g}"
+                    if isinstance(r.get("p_value"), (int, float)) and r.get("test") else "")
+            text = (f"({r.get('letter')}) {r.get('check')} at ε={r.get('eps_str')}, seed "
+                    f"{r.get('seed')}: {r.get('value'):.3g} > {r.get('threshold'):g}{test}, "
+                    f"{r.get('detail')}")
+            v.failed.append(text)
+            v.doubts.append(Doubt(text, what, cells))
     for key, why in behind_reference(records, labels).items():
         out.setdefault(key, RowVerdict()).unhealthy.append(why)
     return out
@@ -126,9 +218,19 @@ def footnotes(verdicts: dict[tuple[str, str, str], RowVerdict], arch: str, ckpt:
             continue
         if v.unhealthy:
             lines.append(f"- {HEALTH_MARK} `{name}`: training health: " + "; ".join(v.unhealthy))
-        if reliability and v.failed:
-            lines.append(f"- {RELIABILITY_MARK} `{name}`: evaluation potentially unreliable, "
-                         f"failed checks: " + "; ".join(v.failed))
+        if not reliability:
+            continue
+        masking = [d.text for d in v.doubts if d.finding != "weak-attack"]
+        weak = [d for d in v.doubts if d.finding == "weak-attack"]
+        if masking:
+            lines.append(f"- {RELIABILITY_MARK} `{name}`: gradients look masked, so every "
+                         f"white-box cell and the headline are potentially unreliable: "
+                         + "; ".join(masking))
+        if weak:
+            cells = sorted({c for d in weak for c in d.cells})
+            lines.append(f"- {WEAK_MARK} `{name}`: attack weak (the cells of "
+                         + ", ".join(f"`{c}`" for c in cells) + " overstate robustness; the "
+                         "headline is not doubted): " + "; ".join(d.text for d in weak))
     return lines
 
 
