@@ -45,7 +45,8 @@ CELL = [*UNIT, "column", "value", "n"]
 
 #: display names of columns in Markdown (CSV headers keep the machine names)
 DISPLAY = {"clean": "Clean", "autoattack": "AA", "avg": "Avg", "pgd-l1": "PGD l1",
-           "pgd-l2": "PGD l2", "pgd": "PGD l∞", "fgsm": "FGSM", "pgd20": "PGD-20",
+           "pgd-l2": "PGD l2", "apgd-l1": "APGD l1", "apgd-l2": "APGD l2", "autoattack-l1": "AA l1",
+           "autoattack-l2": "AA l2", "pgd": "PGD l∞", "fgsm": "FGSM", "pgd20": "PGD-20",
            "pgd100": "PGD-100", "cw": "C&W", "ensemble": "Ensemble", "adaptive": "Adaptive",
            "fdr_clean": "FDR↓ cln", "fdr_adv": "FDR↓ adv", "afs_clean": "AFS↓ cln",
            "afs_adv": "AFS↓ adv", "scr_clean": "SCR↑ cln", "scr_adv": "SCR↑ adv",
@@ -74,7 +75,7 @@ def display(column: str) -> str:
 
 
 _ORDER = ["fgsm", "pgd", "pgd-l2", "pgd-l1", "pgd20", "pgd100", "cw", "ensemble", "autoattack",
-          "adaptive"]
+          "apgd-l2", "autoattack-l2", "apgd-l1", "autoattack-l1", "adaptive"]
 _SWEEP = re.compile(r"^pgd-(k|r)(\d+)$")
 
 
