@@ -19,7 +19,7 @@ def test_count_forwards_counts_backbone_passes_by_grad_mode() -> None:
         model.head(model.features(x))           # the same pass through features() + head
         with torch.no_grad():
             model(x)                            # e.g. TRADES' clean target probabilities
-    assert n == {"grad": 2, "nograd": 1}
+    assert n == {"grad": 2, "nograd": 1, "grad_samples": 8, "nograd_samples": 4}
 
 
 def test_bench_reports_floor_and_eval_costs() -> None:
