@@ -146,3 +146,25 @@ class L1Ops:
 
 
 NORM_OPS: dict[Norm, NormOps] = {Norm.LINF: LinfOps(), Norm.L2: L2Ops(), Norm.L1: L1Ops()}
+
+
+def fit_to_ball(x: Tensor, x_adv: Tensor, norm: Norm, eps: float) -> Tensor:
+    """``x_adv`` moved into ``[0,1]^d ∩ B_norm(x, ε)`` by at most float rounding.
+
+    Reference code that works in fp32 (pyautoattack's APGD, FAB and Square) can return x'
+    a few ulps outside the box or the ball. This clamps to the box (and to the cube for l∞),
+    then, for l2 and l1, rescales δ towards 0 (in float64) where ``‖δ‖ > ε``; both moves only
+    shrink δ, so a point already inside comes back unchanged. Not a projection: meant for
+    rounding-sized excesses, which it removes without changing which point was found.
+    """
+    if norm is Norm.LINF:
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+    x_adv = x_adv.clamp(0, 1)
+    if norm is Norm.LINF:
+        return x_adv
+    delta = (x_adv.double() - x.double()).flatten(1)
+    size = delta.norm(p=norm.p, dim=1)
+    scale = torch.where(size > eps, eps / size.clamp_min(1e-300), torch.ones_like(size))
+    if bool((scale < 1).any()):
+        x_adv = (x.double() + (delta * scale[:, None]).view_as(x)).clamp(0, 1).to(x_adv.dtype)
+    return x_adv

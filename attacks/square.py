@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from attacks import register_attack
 from attacks.base import Attack, Norm, Objective, ce_objective
+from attacks.norms import fit_to_ball
 from benchmark.errors import UsageError
 
 _NORMS = {Norm.LINF: "Linf", Norm.L2: "L2"}
@@ -65,6 +66,4 @@ class Square(Attack):
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             x_adv = atk.perturb(x, y)
         # the reference code adds ±ε steps in fp32; keep x' exactly inside ball ∩ [0,1]
-        if self.threat.norm is Norm.LINF:
-            x_adv = torch.min(torch.max(x_adv, x - self.threat.eps), x + self.threat.eps)
-        return x_adv.clamp(0, 1)
+        return fit_to_ball(x, x_adv, self.threat.norm, self.threat.eps)

@@ -17,6 +17,9 @@ from benchmark.errors import UsageError
 
 #: fast settings for the expensive attacks (the contract does not depend on the budget)
 FAST = {"autoattack": {"n_iter": 3, "n_queries": 10}, "pgd": {"steps": 5}, "cw": {"steps": 5},
+        "autoattack-l2": {"n_iter": 3, "n_queries": 10},
+        "autoattack-l1": {"n_iter": 3, "n_queries": 10},
+        "apgd-l2": {"n_iter": 5}, "apgd-l1": {"n_iter": 5, "n_restarts": 1},
         "adaptive": {"steps": 5}, "square": {"n_queries": 20},
         "ensemble": {"members": [{"label": "fgsm", "attack": "fgsm", "hparams": {}},
                                  {"label": "pgd3", "attack": "pgd", "hparams": {"steps": 3}},
@@ -68,7 +71,7 @@ def test_attack_stays_in_box_and_ball_and_moves(name: str, norm: Norm) -> None:
         assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
         assert x_adv.min() >= 0 and x_adv.max() <= 1
         assert (lp_norms(x_adv - x, norm) <= EPS[norm] * (1 + 1e-5) + 1e-6).all()
-        if name not in ("autoattack", "square"):  # they return x for points they fail on
+        if not name.startswith(("autoattack", "square", "apgd")):  # x for points they fail on
             assert (x_adv != x).flatten(1).any(1).all(), f"{name} left a sample untouched"
 
 
@@ -84,12 +87,14 @@ def test_attack_is_seeded_deterministic_and_restores_mode(name: str) -> None:
     model[1].eval()  # mixed modes must come back exactly
     x, y = torch.rand(6, 3, 8, 8), torch.arange(6)
     cls = ATTACKS.get(name)
-    atk = cls(ThreatModel(Norm.LINF, 8 / 255), seed=3, **FAST.get(name, {}))
+    norm = min(cls.supported_norms, key=lambda n: n is not Norm.LINF)  # l∞ where supported
+    threat = ThreatModel(norm, 8 / 255 if norm is Norm.LINF else EPS[norm])
+    atk = cls(threat, seed=3, **FAST.get(name, {}))
     rng = torch.get_rng_state()
     a = atk(model, x, y)
     assert torch.equal(torch.get_rng_state(), rng), "a seeded attack changed the global RNG"
     assert model.training and not model[1].training
-    again = cls(ThreatModel(Norm.LINF, 8 / 255), seed=3, **FAST.get(name, {}))(model, x, y)
+    again = cls(threat, seed=3, **FAST.get(name, {}))(model, x, y)
     assert torch.equal(a, again)
 
 

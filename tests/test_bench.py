@@ -19,7 +19,7 @@ def test_count_forwards_counts_backbone_passes_by_grad_mode() -> None:
         model.head(model.features(x))           # the same pass through features() + head
         with torch.no_grad():
             model(x)                            # e.g. TRADES' clean target probabilities
-    assert n == {"grad": 2, "nograd": 1}
+    assert n == {"grad": 2, "nograd": 1, "grad_samples": 8, "nograd_samples": 4}
 
 
 def test_bench_reports_floor_and_eval_costs() -> None:
@@ -31,8 +31,13 @@ def test_bench_reports_floor_and_eval_costs() -> None:
                 "loader_img_s", "ratio_to_floor", "ratio_to_components"):
         assert r[key] > 0, key
     assert [e["attack"] for e in r["eval"]] == ["fgsm"] and r["eval"][0]["s_per_sample"] > 0
+    # FGSM: one forward+backward per point, counted, on the 16 points (every one attacked)
+    fgsm = r["eval"][0]
+    assert (fgsm["fwd_bwd_per_sample"], fgsm["fwd_only_per_sample"]) == (1.0, 0.0)
+    assert fgsm["cpu_s_per_sample"] > 0 and fgsm["norm"] == "linf"
     text = format_bench(r)
     assert "6 with grad (= k+1, k = 5)" in text and "eval fgsm" in text
+    assert "1.0 forward+backward" in text
     json.dumps(r)  # serialisable for --json
 
 

@@ -183,6 +183,29 @@ def test_caps_n_examples_and_autoattack_version() -> None:
     assert eval_key("r", "best", specs["pgd"], None) != eval_key("r", "best", specs["pgd"], 10)
 
 
+@pytest.mark.parametrize("scale", ["cifar", "mnist"])
+def test_l1_l2_apgd_and_autoattack_share_the_paper_pgd_eps_and_aa_cap(scale: str) -> None:
+    specs = attack_specs(scale)
+    for norm in ("l2", "l1"):
+        pgd, apgd, aa = (specs[f"{p}-{norm}"] for p in ("pgd", "apgd", "autoattack"))
+        assert apgd.eps == aa.eps == pgd.eps and apgd.norm == aa.norm == pgd.norm == norm
+        assert (apgd.attack, aa.attack) == (f"apgd-{norm}", f"autoattack-{norm}")
+        assert aa.caps == specs["autoattack"].caps and effective_n(aa, "cpu", None) == 100
+        assert effective_n(apgd, "cpu", None) == effective_n(pgd, "cpu", None)
+        assert adapt_spec(aa, True).hparams["version"] == "rand"
+        assert adapt_spec(apgd, True) == apgd
+        atk = apgd.build()
+        assert atk.threat.norm.value == norm and atk.hparams["n_iter"] == 100
+        assert atk.hparams["use_largereps"] == (norm == "l1")
+        assert {"attack": f"apgd-{norm}", "norm": norm, "eps": pgd.eps}.items() <= \
+            apgd.record().items()
+    assert specs["pgd-l2"].eps == (2.0 if scale == "mnist" else 128 / 255)
+    assert specs["pgd-l1"].eps == (10.0 if scale == "mnist" else 2000 / 255)
+    t1 = [s.label for s in resolve_specs(None, scale, suite="table1")]
+    assert t1 == ["pgd", "pgd-l2", "pgd-l1", "autoattack", "apgd-l2", "apgd-l1",
+                  "autoattack-l2", "autoattack-l1"]
+
+
 def test_protocol_values_and_suites() -> None:
     c, m = attack_specs("cifar"), attack_specs("mnist")
     assert c["pgd"].hparams == {"steps": 20, "step_size": 1 / 255}

@@ -273,3 +273,35 @@ def test_report_builds_from_rows_without_headlines_or_bits(tmp_path: Path) -> No
     md = (tmp_path / "tables" / "table1_mnist_cpu.md").read_text()
     assert "- `at` / Headline: no headline row (evaluated before headline rows existed)" in md
     assert "| p vs best |" not in md
+
+
+def test_table1_shows_apgd_and_aa_l1_l2_beside_the_paper_pgd_only_where_they_ran(
+        tmp_path: Path) -> None:
+    """Issue 19: the reference attacks of l1/l2 and the per-norm headline sit beside the
+    paper's PGD-l1/l2 columns in Table 1; a table without them has no empty columns."""
+    from benchmark.report.report import write_report
+    rows = _rows()
+    write_report(rows, tmp_path / "a", plots=False)
+    head = (tmp_path / "a" / "tables" / "table1_mnist_cpu.csv").read_text().splitlines()[0]
+    assert "apgd-l1" not in head and "headline-l1" not in head
+    n, extra = 100, []
+    for r in rows:
+        if r["kind"] == "attack":  # an l1 PGD, APGD and their headline per defense
+            robust = from_hex(r["robust_bits"], n)
+            for label, k in (("pgd-l1", 0), ("apgd-l1", 10)):
+                weaker = robust.copy()
+                weaker[:k] = False
+                extra.append({**r, "eval_key": f"{r['defense']}-{label}", "attack": label,
+                              "norm": "l1", "eps": 10.0, "eps_str": "10",
+                              "robust_acc": float(weaker.mean()), "robust_bits": to_hex(weaker)})
+            extra.append({**r, "kind": "headline", "eval_key": f"{r['defense']}-h1",
+                          "attack": "headline", "norm": "l1", "eps": 10.0, "eps_str": "10",
+                          "attacks": ["apgd-l1", "pgd-l1"], "robust_acc": float(weaker.mean()),
+                          "robust_bits": to_hex(weaker)})
+    write_report(rows + extra, tmp_path / "b", plots=False)
+    t = pd.read_csv(tmp_path / "b" / "tables" / "table1_mnist_cpu.csv",
+                    index_col=["arch", "checkpoint", "defense"]).loc[("small-cnn", "best")]
+    cols = list(t.columns)
+    assert cols.index("pgd-l1") < cols.index("apgd-l1") and "headline-l1" in cols
+    assert t.loc["at", "apgd-l1"] == pytest.approx(t.loc["at", "pgd-l1"] - 10)
+    assert t.loc["at", "headline-l1"] == pytest.approx(t.loc["at", "apgd-l1"])

@@ -115,8 +115,8 @@ def eval_key(run_id: str, checkpoint: str, spec: AttackSpec, n_examples: Optiona
 
 
 def adapt_spec(spec: AttackSpec, randomized: bool) -> AttackSpec:
-    """AutoAttack's ``rand`` version for randomised defenses."""
-    if randomized and spec.attack == "autoattack" and \
+    """AutoAttack's ``rand`` version for randomised defenses (every norm's AutoAttack)."""
+    if randomized and spec.attack in ("autoattack", "autoattack-l2", "autoattack-l1") and \
             spec.hparams.get("version", "standard") == "standard":
         return spec.with_hparams(version="rand")
     return spec

@@ -58,7 +58,8 @@ CELL = [*UNIT, "column", "value", "n"]
 
 #: display names of columns in Markdown (CSV headers keep the machine names)
 DISPLAY = {"clean": "Clean", "autoattack": "AA", "avg": "Avg", "pgd-l1": "PGD l1",
-           "pgd-l2": "PGD l2", "pgd": "PGD l∞", "fgsm": "FGSM", "pgd20": "PGD-20",
+           "pgd-l2": "PGD l2", "apgd-l1": "APGD l1", "apgd-l2": "APGD l2", "autoattack-l1": "AA l1",
+           "autoattack-l2": "AA l2", "pgd": "PGD l∞", "fgsm": "FGSM", "pgd20": "PGD-20",
            "pgd100": "PGD-100", "cw": "C&W", "ensemble": "Ensemble", "adaptive": "Adaptive",
            "fdr_clean": "FDR↓ cln", "fdr_adv": "FDR↓ adv", "afs_clean": "AFS↓ cln",
            "afs_adv": "AFS↓ adv", "scr_clean": "SCR↑ cln", "scr_adv": "SCR↑ adv",
@@ -90,7 +91,8 @@ def display(column: str) -> str:
 
 
 _ORDER = ["headline", "headline-l2", "headline-l1", "fgsm", "pgd", "pgd-l2", "pgd-l1", "pgd20",
-          "pgd100", "cw", "ensemble", "autoattack", "adaptive"]
+          "pgd100", "cw", "ensemble", "autoattack", "apgd-l2", "autoattack-l2", "apgd-l1",
+          "autoattack-l1", "adaptive"]
 _SWEEP = re.compile(r"^pgd-(k|r)(\d+)$")
 
 
@@ -430,7 +432,8 @@ def headline_columns(a: pd.DataFrame) -> list[str]:
 
 
 def _fixed(columns: list[str], avg_of: Optional[tuple[str, str]] = None,
-           rename: Optional[dict[str, str]] = None, headline: bool = False) -> Callable:
+           rename: Optional[dict[str, str]] = None, headline: bool = False,
+           optional: Optional[dict[str, list[str]]] = None) -> Callable:
     rename = rename or {}
 
     def build(a: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -438,6 +441,10 @@ def _fixed(columns: list[str], avg_of: Optional[tuple[str, str]] = None,
         if headline:  # next to Clean
             at = cols.index("clean") + 1 if "clean" in cols else 0
             cols[at:at] = headline_columns(a)
+        found = set(a["attack"]) if len(a) else set()
+        for anchor, extra in (optional or {}).items():  # columns shown only where they ran
+            at = cols.index(anchor) + 1
+            cols[at:at] = [c for c in extra if c in found]
         a = on_points(a, [rename.get(c, c) for c in cols])
         parts = [_clean(a)] if "clean" in cols else []
         parts += [_attack(a, rename.get(c, c), column=c) for c in cols
@@ -571,7 +578,9 @@ TABLES: list[TableSpec] = [
                    "and Figure 4 excluded)."),
     TableSpec("table1", "Table 1: clean, AutoAttack, Avg(clean, AA) and PGD l1/l2/l∞ accuracy (%)",
               "attack", _fixed(["clean", "autoattack", "avg", "pgd-l1", "pgd-l2", "pgd", *COST],
-                               ("clean", "autoattack"), headline=True), **_COST_SPEC),
+                               ("clean", "autoattack"), headline=True, optional={
+                                   "pgd-l1": ["apgd-l1", "autoattack-l1"],
+                                   "pgd-l2": ["apgd-l2", "autoattack-l2"]}), **_COST_SPEC),
     TableSpec("table2", "Table 2: accuracy (%) under clean, AA, FGSM, PGD-20, PGD-100, C&W and "
                         "the per-sample Ensemble", "attack",
               _fixed(["clean", "autoattack", "avg", "fgsm", "pgd20", "pgd100", "cw", "ensemble",

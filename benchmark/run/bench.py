@@ -12,7 +12,13 @@ speed options, :func:`bench` measures
   metric accounting) over random data of the dataset's shape;
 * the number of gradient-carrying forwards one training step makes (counted with a hook on
   the backbone's first layer), i.e. the floor's pass count, next to the k+1 / k+2 formula;
-* each evaluation attack's cost per sample (fp32, eval mode, uncompiled: how evaluation runs).
+* each evaluation attack's cost per sample (fp32, eval mode, uncompiled: how evaluation runs):
+  wall and process-CPU seconds, and the forwards it made per sample, counted with the same
+  hook (samples through the backbone with grad = forward+backward passes, and without). The
+  labels are the model's own predictions, so every point is attacked; attacks that stop on a
+  point once it is broken (APGD restarts, the AutoAttack cascade) cost less on a model whose
+  points they break early, so their counts are those of this (untrained) model, a lower
+  bound of their cost on a robust one where the later stages run.
 
 It reports ``ratio = train time / (passes × forward+backward time)`` (goal < 1.10) and the
 same against the measured components (k attack steps + the loss passes). Numbers, never
@@ -65,14 +71,17 @@ def _timed(fn: Callable[[], Any], dev: torch.device, reps: int, warmup: int = 1)
 
 @contextlib.contextmanager
 def count_forwards(model: nn.Module) -> Any:
-    """Count forwards through the backbone's first parametrised layer: ``{"grad", "nograd"}``."""
-    counts = {"grad": 0, "nograd": 0}
+    """Count forwards through the backbone's first parametrised layer: calls ``{"grad",
+    "nograd"}`` and the samples they carried ``{"grad_samples", "nograd_samples"}``."""
+    counts = {"grad": 0, "nograd": 0, "grad_samples": 0, "nograd_samples": 0}
     root = getattr(model, "backbone", model)
     first = next(m for m in root.modules()
                  if not list(m.children()) and list(m.parameters(recurse=False)))
 
     def hook(module: nn.Module, args: Any) -> None:
-        counts["grad" if torch.is_grad_enabled() else "nograd"] += 1
+        mode = "grad" if torch.is_grad_enabled() else "nograd"
+        counts[mode] += 1
+        counts[f"{mode}_samples"] += int(args[0].shape[0]) if args and args[0].dim() else 1
 
     handle = first.register_forward_pre_hook(hook)
     try:
@@ -239,9 +248,11 @@ def bench(defense: str = "at", arch: str = "small-cnn", *, dataset: str = "cifar
     }
     model.eval()
     n_eval = eval_samples or batch_size
+    out["eval_samples"] = n_eval
     xe = _random_split(n_eval, info, gen).floats(dev)[0]
-    ye = torch.randint(0, info.num_classes, (n_eval,), generator=gen).to(dev)
     fp32 = model.to(memory_format=torch.contiguous_format)  # evaluation: fp32, uncompiled
+    with torch.no_grad():  # every point correct: attacks that skip wrong points try them all
+        ye = fp32(xe).argmax(1)
     fb32_s = fb_s
     if amp != "none" or compile or channels_last:
         fp32.train()
@@ -251,9 +262,15 @@ def bench(defense: str = "at", arch: str = "small-cnn", *, dataset: str = "cifar
         optimizer.zero_grad(set_to_none=True)
     for spec in resolve_specs(attacks, info.scale) if attacks else []:
         atk = spec.build(seed=0)
-        s = _timed(lambda: atk(fp32, xe, ye), dev, 1, warmup=0) / n_eval
+        c0 = time.process_time()
+        with count_forwards(fp32) as fw:
+            s = _timed(lambda: atk(fp32, xe, ye), dev, 1, warmup=0) / n_eval
         out["eval"].append({"attack": spec.label, "s_per_sample": s,
-                            "fwd_bwd_equiv": s / (fb32_s / batch_size), **spec.record()})
+                            "cpu_s_per_sample": (time.process_time() - c0) / n_eval,
+                            "fwd_bwd_equiv": s / (fb32_s / batch_size),
+                            "fwd_bwd_per_sample": fw["grad_samples"] / n_eval,
+                            "fwd_only_per_sample": fw["nograd_samples"] / n_eval,
+                            **spec.record()})
     return out
 
 
@@ -287,9 +304,15 @@ def format_bench(r: Mapping[str, Any]) -> str:
                      f"training step {per['train']:.2f}")
     lines.append(f"  medians of {len(r['times_s']['train'])} interleaved rounds; load average "
                  f"{r['loadavg'][0]:.1f} on {os.cpu_count()} cores")
+    if r["eval"]:
+        lines.append(f"  evaluation attacks on {r.get('eval_samples', '?')} points labelled with "
+                     f"the model's own predictions (every point attacked):")
     for e in r["eval"]:
-        lines.append(f"  eval {e['attack']:<10s} {1000 * e['s_per_sample']:9.2f} ms/sample "
-                     f"(~{e['fwd_bwd_equiv']:.1f} fp32 forward+backward passes)")
+        lines.append(f"  eval {e['attack']:<13s} {1000 * e['s_per_sample']:9.2f} ms/sample, "
+                     f"{1000 * e.get('cpu_s_per_sample', float('nan')):9.2f} CPU-ms/sample; "
+                     f"{e.get('fwd_bwd_per_sample', float('nan')):7.1f} forward+backward + "
+                     f"{e.get('fwd_only_per_sample', float('nan')):6.1f} forward-only "
+                     f"passes/sample (time ~{e['fwd_bwd_equiv']:.1f} fp32 fwd+bwd)")
     return "\n".join(lines)
 
 

@@ -3,32 +3,43 @@
 A column label (``pgd20``) maps to an :class:`AttackSpec` that depends on the dataset's scale.
 Steps given relative to ε (``rel_step_size``) follow an ε override; absolute ones stay.
 
-==========  =================================================  =================================
-label       CIFAR/SVHN scale (paper)                           MNIST scale
-==========  =================================================  =================================
-fgsm        l∞ ε 8/255, one step of ε (Table 2)                ε 0.3
-pgd         l∞ ε 8/255, 20 steps, step 1/255 (Table 1)         ε 0.3, 40 steps, step 0.01 (Fig 2)
-pgd-l2      l2 ε 128/255, 20 steps, step 16/255 (Table 1)      ε 2, 100 steps, step 0.05 (*)
-pgd-l1      l1 ε 2000/255, 100 steps, step 50/255, sparse      ε 10, 100 steps, step 0.5 (*)
-            top-1% step (Table 1)
-pgd20       l∞ 20 steps, step ε/10 (Table 2)                   same, ε 0.3
-pgd100      l∞ 100 steps, step ε/10 (Table 2)                  same
-cw          PGD on the C&W margin, κ 50, 30 steps, step ε/10   same
-ensemble    worst case of fgsm, pgd20, pgd100, cw (Table 2)    same
-autoattack  AutoAttack standard (Tables 1–3)                   same
-adaptive    PGD-20, step ε/10, on the defense's loss (Table 8) same
-pgd-k{K}    K ∈ 20, 40, 100, 250, 500; step 1/255 (Table 6)    step 0.01
-pgd-r{R}    R ∈ 1, 5, 10, 20 restarts; 40 steps, step 0.5/255  40 steps, step 0.01
-            (Table 7)
-pgd-fig4    20 steps, step 2.5ε/20 (Figure 4)                  same
-==========  =================================================  =================================
+=============  =================================================  =================================
+label          CIFAR/SVHN scale (paper)                           MNIST scale
+=============  =================================================  =================================
+fgsm           l∞ ε 8/255, one step of ε (Table 2)                ε 0.3
+pgd            l∞ ε 8/255, 20 steps, step 1/255 (Table 1)         ε 0.3, 40 steps, step 0.01 (Fig 2)
+pgd-l2         l2 ε 128/255, 20 steps, step 16/255 (Table 1)      ε 2, 100 steps, step 0.05 (*)
+pgd-l1         l1 ε 2000/255, 100 steps, step 50/255, sparse      ε 10, 100 steps, step 0.5 (*)
+               top-1% step (Table 1)
+pgd20          l∞ 20 steps, step ε/10 (Table 2)                   same, ε 0.3
+pgd100         l∞ 100 steps, step ε/10 (Table 2)                  same
+cw             PGD on the C&W margin, κ 50, 30 steps, step ε/10   same
+ensemble       worst case of fgsm, pgd20, pgd100, cw (Table 2)    same
+autoattack     AutoAttack standard (Tables 1–3)                   same
+apgd-l2        APGD-CE l2 ε 128/255, 100 iterations (AutoAttack's  ε 2, same settings
+               l2 APGD-CE)
+apgd-l1        l1-APGD-CE ε 2000/255, 100 iterations, 5 restarts  ε 10, same settings
+               on the schedule 3ε/2ε/ε (AutoAttack's l1 APGD-CE)
+autoattack-l2  AutoAttack standard l2, ε 128/255                  ε 2
+autoattack-l1  AutoAttack standard l1, ε 2000/255                 ε 10
+adaptive       PGD-20, step ε/10, on the defense's loss (Table 8) same
+pgd-k{K}       K ∈ 20, 40, 100, 250, 500; step 1/255 (Table 6)    step 0.01
+pgd-r{R}       R ∈ 1, 5, 10, 20 restarts; 40 steps, step 0.5/255  40 steps, step 0.01
+               (Table 7)
+pgd-fig4       20 steps, step 2.5ε/20 (Figure 4)                  same
+=============  =================================================  =================================
 
 (*) MNIST l2/l1 values are those of Tramèr & Boneh's MNIST evaluation (arXiv:1904.13000,
 ``eval_mnist_lps.py``): the paper evaluates l1/l2 only on CIFAR.
 
 ``caps`` give expensive columns a default number of test points per profile (the first N;
-an explicit ``--n-examples`` overrides it): in the ``cpu`` profile AutoAttack uses 100 points
-and the Table 6/7 columns 200 (each table on one set of points), so a run finishes on 2 cores.
+an explicit ``--n-examples`` overrides it): in the ``cpu`` profile AutoAttack (l∞, l2 and l1)
+uses 100 points and the Table 6/7 columns 200 (each table on one set of points), so a run
+finishes on 2 cores.
+
+The APGD and AutoAttack l2/l1 columns (Croce & Hein 2020, 2021; issue 19) sit beside the
+paper's PGD-l2/l1 in the ``table1`` suite, at the same ε: the paper's columns are kept for
+fidelity, the new ones because SLIDE-style PGD-l1 and plain PGD-l2 overstate robustness.
 """
 from __future__ import annotations
 
@@ -109,10 +120,16 @@ def attack_specs(scale: str) -> dict[str, AttackSpec]:
         AttackSpec("pgd", "pgd", "linf", eps, linf),
         AttackSpec("pgd-l2", "pgd", "l2", l2[0], l2[1]),
         AttackSpec("pgd-l1", "pgd", "l1", l1[0], l1[1]),
+        AttackSpec("apgd-l2", "apgd-l2", "l2", l2[0]),
+        AttackSpec("apgd-l1", "apgd-l1", "l1", l1[0]),
         *(AttackSpec(m["label"], m["attack"], "linf", eps, dict(m["hparams"]))
           for m in TABLE2_MEMBERS if m["label"] != "fgsm"),
         AttackSpec("ensemble", "ensemble", "linf", eps, {"members": TABLE2_MEMBERS}),
         AttackSpec("autoattack", "autoattack", "linf", eps, {"version": "standard"},
+                   {"cpu": CPU_CAP_AA}),
+        AttackSpec("autoattack-l2", "autoattack-l2", "l2", l2[0], {"version": "standard"},
+                   {"cpu": CPU_CAP_AA}),
+        AttackSpec("autoattack-l1", "autoattack-l1", "l1", l1[0], {"version": "standard"},
                    {"cpu": CPU_CAP_AA}),
         AttackSpec("adaptive", "adaptive", "linf", eps, {"steps": 20, "rel_step_size": 0.1}),
         *(AttackSpec(f"pgd-k{k}", "pgd", "linf", eps, {"steps": k, "step_size": sanity_step},
@@ -137,7 +154,8 @@ def _dynamic(label: str, specs: dict[str, AttackSpec]) -> Optional[AttackSpec]:
 
 SUITES: dict[str, list[str]] = {
     "default": ["fgsm", "pgd"],
-    "table1": ["pgd", "pgd-l2", "pgd-l1", "autoattack"],
+    "table1": ["pgd", "pgd-l2", "pgd-l1", "autoattack", "apgd-l2", "apgd-l1", "autoattack-l2",
+               "autoattack-l1"],
     "table2": ["fgsm", "pgd20", "pgd100", "cw", "ensemble", "autoattack"],
     "table3": ["pgd", "autoattack"],
     "table6": [f"pgd-k{k}" for k in TABLE6_STEPS],
