@@ -305,3 +305,19 @@ def test_table1_shows_apgd_and_aa_l1_l2_beside_the_paper_pgd_only_where_they_ran
     assert cols.index("pgd-l1") < cols.index("apgd-l1") and "headline-l1" in cols
     assert t.loc["at", "apgd-l1"] == pytest.approx(t.loc["at", "pgd-l1"] - 10)
     assert t.loc["at", "headline-l1"] == pytest.approx(t.loc["at", "apgd-l1"])
+
+
+def test_a_dataset_with_trained_but_unevaluated_runs_does_not_stop_the_report(
+        tmp_path: Path) -> None:
+    """A runs folder where one dataset has only health rows (trained, not yet evaluated)
+    still gives the other dataset's tables (found on a real runs folder: 'No objects to
+    concatenate')."""
+    from benchmark.report.report import write_report
+    pending = {"kind": "health", "dataset": "cifar10-jpeg", "arch": "small-cnn",
+               "profile": "cpu", "defense": "at", "seed": 0, "run_id": "c-at",
+               "eval_key": "h-c-at", "verdict": "ok", "healthy": True, "reasons": [],
+               "data_provenance": "CIFAR-10 JPEG", "hparams": {"eps": 8 / 255}}
+    write_report(_rows() + [pending], tmp_path, plots=False)
+    tables = sorted(p.name for p in (tmp_path / "tables").glob("*.md"))
+    assert "table1_mnist_cpu.md" in tables
+    assert not any("cifar10-jpeg" in t for t in tables)

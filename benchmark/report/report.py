@@ -351,8 +351,11 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
     mds, missing = [], []
     for suffix, prov, profile, recs in _groups(records):
         fr = frames(recs)
-        index = _index(fr, order)
         dataset = str(recs[0].get("dataset", "?"))
+        if not any(len(f) for f in fr.values()):  # trained, nothing evaluated yet
+            logger.info("%s (%s): no table rows yet, skipped", dataset, profile)
+            continue
+        index = _index(fr, order)
         for spec in TABLES:
             verdicts = vd.row_verdicts(recs, _labels(recs), any_eps=spec.name == "table3") \
                 if vd.has_verdicts(recs) else None
