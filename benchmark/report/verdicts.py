@@ -175,7 +175,8 @@ def row_verdicts(records: Iterable[dict], labels: list[str], *, any_eps: bool = 
                 continue
             what, cells = finding(r)
             test = (f", {r.get('test')} p = {r['p_value']:.2g} < α = {r.get('alpha'):g}"
-                    if isinstance(r.get("p_value"), (int, float)) and r.get("test") else "")
+                    if isinstance(r.get("p_value"), (int, float)) and r.get("test")
+                    and " p = " not in str(r.get("detail")) else "")  # said once
             text = (f"({r.get('letter')}) {r.get('check')} at ε={r.get('eps_str')}, seed "
                     f"{r.get('seed')}: {r.get('value'):.3g} > {r.get('threshold'):g}{test}, "
                     f"{r.get('detail')}")
