@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,3 +23,18 @@ def fast_hparams() -> dict:
     """Protocol overrides that make a synthetic/tiny run take a second or two."""
     return {"epochs": 2, "lr_milestones": [1], "train_attack_steps": 2, "val_attack_steps": 2,
             "batch_size": 64}
+
+
+@pytest.fixture(scope="module")
+def data():
+    """The synthetic dataset (built once per test module)."""
+    from benchmark.data import load_dataset
+    return load_dataset("synthetic")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A briefly trained tiny model: some points wrong clean, some broken, some robust
+    (a test module may override it, e.g. with fewer epochs)."""
+    from benchmark.testing import tiny_st_run
+    return tiny_st_run(tmp_path_factory.mktemp("runs"), epochs=3)

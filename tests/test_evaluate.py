@@ -13,28 +13,15 @@ from click.testing import CliRunner
 from attacks.base import Norm, ThreatModel
 from attacks.pgd import PGD
 from benchmark.cli import cli
-from benchmark.data import load_dataset
 from benchmark.errors import UsageError
 from benchmark.eval.evaluate import (adapt_spec, attack_points, effective_n, eval_key, evaluate_path,
                                 evaluate_run, load_flags, open_target, predict)
 from benchmark.run.protocols import AttackSpec, attack_specs, resolve_specs
-from benchmark.testing import tiny_st_run
 
 N = 48
 MEMBERS = [{"label": "fgsm", "attack": "fgsm", "hparams": {}},
            {"label": "pgd-s3", "attack": "pgd", "hparams": {"steps": 3, "rel_step_size": 0.5}},
            {"label": "cw-s3", "attack": "cw", "hparams": {"steps": 3}}]
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load_dataset("synthetic")
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A briefly trained tiny model: some points wrong clean, some broken, some robust."""
-    return tiny_st_run(tmp_path_factory.mktemp("runs"), epochs=3)
 
 
 def fresh(run_dir: Path, tmp_path: Path) -> Path:

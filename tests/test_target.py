@@ -20,11 +20,6 @@ PER_ROW = {"eval_key", "kind", "created"}
 
 
 @pytest.fixture(scope="module")
-def data():
-    return load_dataset("synthetic")
-
-
-@pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     return tiny_st_run(tmp_path_factory.mktemp("runs"), epochs=1)
 

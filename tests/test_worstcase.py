@@ -70,18 +70,6 @@ def test_headline_is_at_most_every_attack_and_covers_the_longer_evaluations() ->
     assert sorted(headline_groups([*stored, other])) == [("linf", 0.1), ("linf", 0.3)]
 
 
-@pytest.fixture(scope="module")
-def data():
-    from benchmark.data import load_dataset
-    return load_dataset("synthetic")
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    from benchmark.testing import tiny_st_run
-    return tiny_st_run(tmp_path_factory.mktemp("runs"), epochs=3)
-
-
 def test_headline_rows_cover_every_stored_flags_file_without_rerunning(
         run_dir: Path, data, tmp_path: Path, monkeypatch) -> None:
     """evaluate writes headline rows over its flags; check adds flags with no attack row
