@@ -88,7 +88,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmark.config import stable_hash
-from benchmark.eval.worstcase import worst_case
+from benchmark.eval.worstcase import flags_payload, worst_case, write_headlines
 from benchmark.run.resolve import helper_config
 from benchmark.run.protocols import SUITE_EPS, AttackSpec, attack_specs, format_eps
 from benchmark.store import atomic_torch_save, atomic_write_json, code_version, now, read_json, \
@@ -709,7 +709,6 @@ class RunFlags:
         robust, adv_ce = attack_points(self.t.model, atk, x, y, clean=clean, clean_ce=ce,
                                        batch_size=self.batch_size)
         key = eval_key(self.t.cfg.run_id, self.t.checkpoint, spec, self.n)
-        from benchmark.eval.worstcase import flags_payload
         atomic_torch_save(self.t.out_dir / "flags" / f"{key}.pt", flags_payload(
             clean, robust, adv_ce, spec.record(), self.t.checkpoint))
         self.computed.append(label)
@@ -837,7 +836,6 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
                     continue
             atomic_write_json(path, row)
             out.append(row)
-    from benchmark.eval.worstcase import write_headlines
     write_headlines(t.out_dir, t.checkpoint, base=t.row("", "headline"))  # checks' flags too
     return out
 
