@@ -532,3 +532,43 @@ def test_false_alarm_summary_counts_failures_and_doubted_headlines() -> None:
     assert lines["(f) zero-gradient"].endswith("| 0/1 | 0/1 | 0/2 |")  # oc is not honest here
     # at seed 0 failed only a weak-attack check: its headline is not doubted; seed 1 is
     assert lines["**headline doubted (runs)**"].endswith("| 0/1 | 1/2 | 1/3 |")
+
+
+# ------------------------------------------------------------ (j) the binarization test
+def test_binarized_task_has_a_known_adversarial_example_inside_the_ball() -> None:
+    """Zimmermann et al.'s construction: inner points within (1 − gap)·ε, the boundary point
+    at ℓ∞ distance exactly ε, all in [0, 1]; a feasible readout puts x in class 0 and the
+    boundary point, inside the ball, in class 1."""
+    from benchmark.eval.binarization import (BinarizedModel, Settings, feature_fn,
+                                             fit_readout, sample_task)
+    model = trained(0)
+    x, _ = templates_data(5, 2)
+    gen = torch.Generator().manual_seed(0)
+    feasible = 0
+    for xi in x:
+        inner, boundary = sample_task(xi, EPS, Settings(), 40, gen)
+        assert torch.equal(inner[0], xi) and len(inner) == 40 and len(boundary) == 1
+        assert float((inner - xi).abs().amax()) <= 0.95 * EPS + 1e-6
+        assert abs(float((boundary - xi).abs().amax()) - EPS) < 1e-6
+        assert 0 <= float(boundary.min()) and float(boundary.max()) <= 1
+        feats = feature_fn(model)
+        fit = fit_readout(feats(inner).detach(), feats(boundary).detach())
+        if fit is None:
+            continue
+        feasible += 1
+        binar = BinarizedModel(feats, *fit)
+        assert int(binar(xi[None]).argmax()) == 0 and int(binar(boundary).argmax()) == 1
+    assert feasible >= 4
+
+
+def test_binarization_passes_pgd_and_finds_a_one_step_attack_weak() -> None:
+    """On the honest model PGD finds the known adversarial example of (nearly) every task; a
+    single tiny step does not, and the check says the attack is weak (§ on its cells)."""
+    model = trained(0)
+    x, _ = templates_data(N_POINTS, 2)
+    spec = Checker(model, x, torch.zeros(len(x), dtype=torch.long), "cifar").spec("pgd", EPS)
+    good = ck.binarization(model, spec, x)
+    assert good.status == "pass" and good.extra["failed"] <= 2, good.detail
+    weak = ck.binarization(model, spec.with_hparams(steps=1, step_size=EPS / 20), x)
+    assert weak.status == "fail" and weak.finding == "weak-attack" and weak.doubts == ["pgd"]
+    assert weak.extra["failed"] > 0.3 * weak.extra["feasible"], weak.detail

@@ -4,6 +4,8 @@ indicators.
 Sources: Carlini et al. 2019, "On Evaluating Adversarial Robustness" (arXiv:1902.06705, §5 and
 the checklist); Athalye, Carlini & Wagner 2018 (arXiv:1802.00420, §3); the Adv-DPNP paper's
 §4.5 (Tables 6/7); AutoAttack's own checks (Croce & Hein 2020, ``pyautoattack/checks.py``);
+Zimmermann et al. 2022, "Increasing Confidence in Adversarial Robustness Evaluations" (the
+binarization test, :mod:`benchmark.eval.binarization`);
 Pintor et al. 2022, "Indicators of Attack Failure" (incomplete optimisation, unavailable
 gradients, unstable predictions, non-converging restarts).
 Each check is a row ``RUN/eval/check-<key>.json`` with ``"kind": "check"``, its ``name``,
@@ -42,6 +44,10 @@ check  name                value (test)                                      eff
                            between forward passes, when the defense is not
                            declared randomized (binomial; declared: pass,
                            AutoAttack runs its EOT version)
+(j)    ``binarization``    share of feasible binarized tasks (Zimmermann et  > 0.10  weak PGD
+                           al. 2022: a readout with a known adversarial
+                           example in the ball) on which PGD fails
+                           (binomial; not in the cheap subset)
 =====  ==================  ================================================  ======  =========
 
 A ``masking`` finding doubts every white-box cell and the headline (†); a ``weak-attack``
@@ -103,7 +109,7 @@ THRESHOLDS: dict[str, tuple[str, float]] = {
     "eps-monotone": ("b", 0.01), "unbounded-eps": ("c", 0.02),
     "square": ("d", 0.10), "transfer": ("d", 0.10), "more-budget": ("e", 0.05),
     "zero-gradient": ("f", 0.05), "fgsm-vs-pgd": ("g", 0.05), "incomplete-opt": ("h", 0.10),
-    "unstable": ("i", 0.05)}
+    "unstable": ("i", 0.05), "binarization": ("j", 0.10)}
 CHECKS = tuple(THRESHOLDS)
 CHEAP = ("aa-vs-pgd", "aa-vs-pgd-l2", "aa-vs-pgd-l1", "eps-monotone", "unbounded-eps",
          "more-budget", "zero-gradient", "fgsm-vs-pgd", "incomplete-opt", "unstable")
@@ -115,12 +121,13 @@ FINDING: dict[str, str] = {
     "aa-vs-pgd": "weak-attack", "aa-vs-pgd-l2": "weak-attack", "aa-vs-pgd-l1": "weak-attack",
     "eps-monotone": "weak-attack", "unbounded-eps": "masking", "square": "masking",
     "transfer": "masking", "more-budget": "weak-attack", "zero-gradient": "masking",
-    "fgsm-vs-pgd": "weak-attack", "incomplete-opt": "weak-attack", "unstable": "masking"}
+    "fgsm-vs-pgd": "weak-attack", "incomplete-opt": "weak-attack", "unstable": "masking",
+    "binarization": "weak-attack"}
 #: the attack labels a weak-attack check doubts by default (rows may narrow them: ``doubts``)
 WEAK_CELLS: dict[str, tuple[str, ...]] = {
     "aa-vs-pgd": ("pgd",), "aa-vs-pgd-l2": ("pgd-l2",), "aa-vs-pgd-l1": ("pgd-l1",),
     "eps-monotone": ("pgd-fig4",), "more-budget": ("pgd",), "fgsm-vs-pgd": ("pgd",),
-    "incomplete-opt": ("pgd",)}
+    "incomplete-opt": ("pgd",), "binarization": ("pgd",)}
 #: per norm: the paper's attack and the reference attacks (first available wins) of check (a)
 REFERENCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "linf": ("pgd", ("autoattack",)), "l2": ("pgd-l2", ("autoattack-l2", "apgd-l2")),
@@ -412,6 +419,24 @@ def unstable(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, randomized: 
                   varying=k, correct=m, declared_randomized=False)
 
 
+def binarization(model: nn.Module, spec: AttackSpec, x: Tensor) -> CheckResult:
+    """Check (j), Zimmermann et al.'s binarization test of the attack ``spec`` on the points
+    ``x`` (:mod:`benchmark.eval.binarization`): share of the feasible binarized tasks, each with
+    a known adversarial example in the ε-ball, on which the attack fails."""
+    from benchmark.eval.binarization import binarization_test
+    feasible, failed, n = binarization_test(model, spec.build(seed=0), x, spec.eps)
+    share = THRESHOLDS["binarization"][1]
+    if not feasible:
+        return skipped("binarization", f"no feasible binarized task on {n} points (the "
+                                       f"readout never separated the boundary point)")
+    return _judge("binarization", failed / feasible,
+                  f"{spec.label} fails on {failed} of {feasible} binarized tasks that have an "
+                  f"adversarial example in the ε-ball ({n - feasible} of {n} points had no "
+                  f"feasible readout)", n, excess_test(failed, feasible, share),
+                  f"binomial exact one-sided vs {share:g}", (spec.label,), failed=failed,
+                  feasible=feasible)
+
+
 # ------------------------------------------------------------------- the driver
 FlagSource = Callable[[AttackSpec], Tensor]
 
@@ -577,6 +602,11 @@ class Checker:
                 losses = loss_trajectories(self.model, pgd.build(seed=0), self.x[idx.to(
                     self.x.device)], self.y[idx.to(self.y.device)], self.batch_size)
                 out.append(incomplete_opt(losses, pgd.label))
+            elif name == "binarization":
+                if cheap:
+                    out.append(skipped(name, "not in the cheap subset (advbench check)"))
+                    continue
+                out.append(binarization(self.model, pgd, self.x))
             elif name == "unstable":
                 out.append(unstable(self.model, self.x, self.y, self.clean, self.randomized,
                                     batch_size=self.batch_size))

@@ -26,6 +26,7 @@ check  name                     doubts                                 mark
 (g)    ``fgsm-vs-pgd``          ``pgd``                                § attack weak
 (h)    ``incomplete-opt``       ``pgd``                                § attack weak
 (i)    ``unstable``             every white-box cell and the headline  † masking
+(j)    ``binarization``         ``pgd``                                § attack weak
 =====  =======================  =====================================  ==================
 
 White-box cells are every robustness cell except the black-box attacks' (Square, transfer).
@@ -62,7 +63,7 @@ MAPPING: dict[str, tuple[str, tuple[str, ...]]] = {
     "square": ("masking", ()), "transfer": ("masking", ()),
     "more-budget": ("weak-attack", ("pgd", "pgd-r1")), "zero-gradient": ("masking", ()),
     "fgsm-vs-pgd": ("weak-attack", ("pgd",)), "incomplete-opt": ("weak-attack", ("pgd",)),
-    "unstable": ("masking", ())}
+    "unstable": ("masking", ()), "binarization": ("weak-attack", ("pgd",))}
 
 
 def finding(row: dict) -> tuple[str, frozenset[str]]:
