@@ -881,6 +881,10 @@ def test_a_refused_run_shows_in_the_report_with_its_reason(
     assert "`st`" in section and "`last`" in section and "not deterministic" in section
     missing = (tmp_path / "out" / "tables" / "missing.csv").read_text()
     assert "refused: model is not deterministic" in missing
+    page = (tmp_path / "out" / "index.html").read_text()
+    listed = page.split("Runs refused by evaluation", 1)[1].split("</ul>", 1)[0]
+    assert "<code>st</code>" in listed and "<code>last</code>" in listed
+    assert "not deterministic" in listed
 
 
 def test_check_defense_accepts_a_declared_randomized_defense() -> None:

@@ -273,6 +273,14 @@ def section_html(records: list[dict], *, suffix: str, prov: str, profile: str,
                 parts.append('<h3>Listed apart: headline potentially unreliable (not ranked)'
                              '</h3>')
             parts.append(table)
+    refused = [r for r in records if r.get("kind") == "refused"]
+    if refused:
+        parts.append("<h3>Runs refused by evaluation (no cells above)</h3><ul>" + "".join(
+            f"<li><code>{html.escape(str(r.get('defense')))}</code> seed "
+            f"{html.escape(str(r.get('seed')))}, arch <code>{html.escape(str(r.get('arch')))}"
+            f"</code>, checkpoint <code>{html.escape(str(r.get('checkpoint')))}</code> (run "
+            f"<code>{html.escape(str(r.get('run_id')))}</code>): "
+            f"{html.escape(str(r.get('reason')))}</li>" for r in refused) + "</ul>")
     links = []
     for csv in sorted((out_dir / "tables").glob(f"*_{suffix}.csv")):
         stem = csv.stem
