@@ -137,7 +137,7 @@ def test_markdown_marks_missing_cells_best_values_and_provenance(report_dir: Pat
     st = next(line for line in md.splitlines() if line.startswith("| st |"))
     assert st.split("|")[2:8] == [" **91.00 ± 1.41 [89.7, 92.2]** ", " – ", " – ", " – ",
                                   " – ", " – "]
-    assert "- `st` / Headline: no headline row (evaluated before headline rows existed)" in md
+    assert "- `st` / Headline: no headline row: no ℓ∞ attack was evaluated on the run, or it was evaluated before headline rows existed" in md
     assert "- `adv-dpnp` / AA: `autoattack` evaluated on 100 points only; the section uses " \
            "the first 1000" in md
     assert "- `st` / AA: no `autoattack` row at the run's nominal ε" in md
@@ -151,7 +151,7 @@ def test_markdown_marks_missing_cells_best_values_and_provenance(report_dir: Pat
     hit = missing[(missing["table"] == "table1_cifar10_cpu") & (missing["defense"] == "st")]
     assert set(hit["column"]) == {"headline", "autoattack", "avg", "pgd-l1", "pgd-l2", "epoch_cpu_s"}
     assert hit[hit["column"] == "headline"]["reason"].iloc[0] == \
-        "no headline row (evaluated before headline rows existed)"
+        "no headline row: no ℓ∞ attack was evaluated on the run, or it was evaluated before headline rows existed"
     csv = (report_dir / "tables" / "table1_cifar10_cpu.csv").read_text()
     assert "small-cnn,best,st,91.0000,1.4142,89.6659,92.1769,NaN,NaN,NaN,NaN" in csv
 

@@ -259,7 +259,7 @@ def test_report_builds_from_rows_without_headlines_or_bits(tmp_path: Path) -> No
         del r["robust_bits"], r["clean_bits"]
     write_report(rows, tmp_path, plots=False)
     md = (tmp_path / "tables" / "table1_mnist_cpu.md").read_text()
-    assert "- `at` / Headline: no headline row (evaluated before headline rows existed)" in md
+    assert "- `at` / Headline: no headline row: no ℓ∞ attack was evaluated on the run, or it was evaluated before headline rows existed" in md
     assert "| p vs best |" not in md
 
 

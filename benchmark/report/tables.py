@@ -70,6 +70,8 @@ DISPLAY = {"clean": "Clean", "autoattack": "AA", "avg": "Avg", "pgd-l1": "PGD l1
 COST = ["epoch_cpu_s", "passes", "peak_mem_mb"]
 #: the headline column of each norm (``headline`` rows' label in the attack frame)
 HEADLINES = {"linf": "headline", "l2": "headline-l2", "l1": "headline-l1"}
+#: how a missing headline names its norm
+NORM_NAMES = {"linf": "ℓ∞", "l2": "ℓ2", "l1": "ℓ1"}
 _REJ = {"auroc": "AUROC", "fpr": "FPR@95", "acc": "Acc", "accrej": "Acc+rej"}
 
 
@@ -275,7 +277,9 @@ def _why_attack(c: str) -> str:
         label = "pgd-" + c.split("_", 1)[1]
         return f"no `{label}` row" + (" with `adv_ce`" if c.startswith("ce_") else "")
     if c in HEADLINES.values():
-        return "no headline row (evaluated before headline rows existed)"
+        norm = next(n for n, col in HEADLINES.items() if col == c)
+        return (f"no headline row: no {NORM_NAMES.get(norm, norm)} attack was evaluated on "
+                "the run, or it was evaluated before headline rows existed")
     if c in COST:
         return "no cost row for the run (a run folder with train_log.jsonl)" + (
             ", or no `peak_mem_mb` in its log (runs made before it was logged)"
