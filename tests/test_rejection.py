@@ -155,6 +155,9 @@ def test_cli_rejection_suite_writes_rows_then_report_table_and_roc(tiny_run: Pat
     stamp = {p: p.stat().st_mtime_ns for p in (tiny_run / "eval").glob("*.json")}
     assert CliRunner().invoke(cli, args).exit_code == 0  # rows are reused, not recomputed
     assert stamp == {p: p.stat().st_mtime_ns for p in (tiny_run / "eval").glob("*.json")}
+    assert CliRunner().invoke(cli, ["evaluate", "--run", str(tiny_run), "--attacks", "fgsm",
+                                    "--n-examples", "40", "--device", "cpu",
+                                    "--no-progress"]).exit_code == 0
     out = tmp_path / "results"
     res = CliRunner().invoke(cli, ["report", "--runs-dir", str(tiny_run.parents[2]), "--out",
                                    str(out), "--no-print"])
@@ -162,6 +165,9 @@ def test_cli_rejection_suite_writes_rows_then_report_table_and_roc(tiny_run: Pat
     csv = (out / "tables" / "rejection_synthetic_cpu.csv").read_text()
     assert "auroc_pgd" in csv and "accrej_adaptive" in csv and "pm-ed-wta" in csv
     assert "pm-ed-wta [score: winner]" in csv
+    # the score option is a row of the rejection table only, not an empty row elsewhere
+    others = list((out / "tables").glob("table*_synthetic_cpu.csv"))
+    assert others and all("[score: winner]" not in f.read_text() for f in others)
     assert "AUROC pgd" in (out / "tables" / "rejection_synthetic_cpu.md").read_text()
     assert (out / "plots" / "roc_synthetic_cpu.png").stat().st_size > 1000
 

@@ -356,10 +356,13 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
             logger.info("%s (%s): no table rows yet, skipped", dataset, profile)
             continue
         index = _index(fr, order)
+        variants = score_variants(fr)
         for spec in TABLES:
             verdicts = vd.row_verdicts(recs, _labels(recs), any_eps=spec.name == "table3") \
                 if vd.has_verdicts(recs) else None
-            built = build_table(spec, fr[spec.kind], index, rankable(verdicts))
+            built = build_table(spec, fr[spec.kind], index if spec.kind == "rejection" else
+                                index[~index.get_level_values(-1).isin(variants)],
+                                rankable(verdicts))
             if built is None:
                 continue
             wide, counts, cells, columns = built
@@ -410,6 +413,16 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
     from benchmark.report.html import write_page
     write_page(_groups(records), out_dir, order=order, catalog=catalog)
     return mds
+
+
+def score_variants(fr: dict[str, pd.DataFrame]) -> set[str]:
+    """Labels that exist only as a rejection-score option (``pm-ed-wta [score: winner]``):
+    they are rows of the rejection table only, never empty rows of the other tables."""
+    rej = fr.get("rejection")
+    if rej is None or not len(rej):
+        return set()
+    other = set().union(*(set(f["label"]) for k, f in fr.items() if k != "rejection" and len(f)))
+    return {lab for lab in set(rej["label"]) - other if "[score: " in str(lab)}
 
 
 def refused_section(records: Sequence[dict], dataset: str, profile: str) -> str:
