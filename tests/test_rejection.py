@@ -155,9 +155,13 @@ def test_cli_rejection_suite_writes_rows_then_report_table_and_roc(tiny_run: Pat
     stamp = {p: p.stat().st_mtime_ns for p in (tiny_run / "eval").glob("*.json")}
     assert CliRunner().invoke(cli, args).exit_code == 0  # rows are reused, not recomputed
     assert stamp == {p: p.stat().st_mtime_ns for p in (tiny_run / "eval").glob("*.json")}
-    assert CliRunner().invoke(cli, ["evaluate", "--run", str(tiny_run), "--attacks", "fgsm",
-                                    "--n-examples", "40", "--device", "cpu",
-                                    "--no-progress"]).exit_code == 0
+    st_cfg = resolve_run_config("st", "synthetic", arch="tiny", user_hparams={"epochs": 1})
+    st_run = train_run(st_cfg, load_dataset("synthetic"), RunStore(tiny_run.parents[2]),
+                       progress=False)
+    for run in (tiny_run, st_run):  # attack rows for both; rejection rows for pm-ed-wta only
+        assert CliRunner().invoke(cli, ["evaluate", "--run", str(run), "--attacks", "fgsm",
+                                        "--n-examples", "40", "--device", "cpu",
+                                        "--no-progress"]).exit_code == 0
     out = tmp_path / "results"
     res = CliRunner().invoke(cli, ["report", "--runs-dir", str(tiny_run.parents[2]), "--out",
                                    str(out), "--no-print"])
@@ -166,6 +170,7 @@ def test_cli_rejection_suite_writes_rows_then_report_table_and_roc(tiny_run: Pat
     assert "auroc_pgd" in csv and "accrej_adaptive" in csv and "pm-ed-wta" in csv
     assert "pm-ed-wta [score: winner]" in csv
     # the score option is a row of the rejection table only, not an empty row elsewhere
+    assert ",st," not in csv  # no rejection rows: no empty row in the rejection table
     others = list((out / "tables").glob("table*_synthetic_cpu.csv"))
     assert others and all("[score: winner]" not in f.read_text() for f in others)
     assert "AUROC pgd" in (out / "tables" / "rejection_synthetic_cpu.md").read_text()

@@ -360,9 +360,10 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
         for spec in TABLES:
             verdicts = vd.row_verdicts(recs, _labels(recs), any_eps=spec.name == "table3") \
                 if vd.has_verdicts(recs) else None
-            built = build_table(spec, fr[spec.kind], index if spec.kind == "rejection" else
-                                index[~index.get_level_values(-1).isin(variants)],
-                                rankable(verdicts))
+            labels = index.get_level_values(-1)
+            built = build_table(spec, fr[spec.kind], index[
+                labels.isin(set(fr["rejection"]["label"])) if spec.kind == "rejection"
+                else ~labels.isin(variants)], rankable(verdicts))
             if built is None:
                 continue
             wide, counts, cells, columns = built
@@ -417,7 +418,8 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
 
 def score_variants(fr: dict[str, pd.DataFrame]) -> set[str]:
     """Labels that exist only as a rejection-score option (``pm-ed-wta [score: winner]``):
-    they are rows of the rejection table only, never empty rows of the other tables."""
+    they are rows of the rejection table only, never empty rows of the other tables (and the
+    rejection table lists only the defenses that ran the rejection suite)."""
     rej = fr.get("rejection")
     if rej is None or not len(rej):
         return set()
