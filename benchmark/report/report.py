@@ -362,7 +362,7 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
                 if vd.has_verdicts(recs) else None
             labels = index.get_level_values(-1)
             built = build_table(spec, fr[spec.kind], index[
-                labels.isin(set(fr["rejection"]["label"])) if spec.kind == "rejection"
+                labels.isin(set(fr["rejection"].get("label", ()))) if spec.kind == "rejection"
                 else ~labels.isin(variants)], rankable(verdicts))
             if built is None:
                 continue
