@@ -173,6 +173,7 @@ def test_cli_rejection_suite_writes_rows_then_report_table_and_roc(tiny_run: Pat
     assert ",st," not in csv  # no rejection rows: no empty row in the rejection table
     others = list((out / "tables").glob("table*_synthetic_cpu.csv"))
     assert others and all("[score: winner]" not in f.read_text() for f in others)
+    assert "[score: winner]" not in (out / "index.html").read_text()  # nor a board row
     assert "AUROC pgd" in (out / "tables" / "rejection_synthetic_cpu.md").read_text()
     assert (out / "plots" / "roc_synthetic_cpu.png").stat().st_size > 1000
 

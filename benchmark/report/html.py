@@ -160,7 +160,9 @@ def board(records: list[dict], order: Sequence[str] = ()) -> tuple[pd.DataFrame,
     if not len(fr["attack"]):
         return pd.DataFrame(), ""
     verdicts = vd.row_verdicts(records, _labels(records)) if vd.has_verdicts(records) else {}
-    built = build_table(_SPEC, fr["attack"], _index(fr, order), rankable(verdicts))
+    # the models with attack rows (a rejection-score option is no model of its own)
+    built = build_table(_SPEC, fr["attack"], _index({"attack": fr["attack"]}, order),
+                        rankable(verdicts))
     if built is None:
         return pd.DataFrame(), ""
     wide, counts = built[0], built[1]
