@@ -159,7 +159,7 @@ def test_cli_rejection_suite_writes_rows_then_report_table_and_roc(tiny_run: Pat
     st_run = train_run(st_cfg, load_dataset("synthetic"), RunStore(tiny_run.parents[2]),
                        progress=False)
     for run in (tiny_run, st_run):  # attack rows for both; rejection rows for pm-ed-wta only
-        assert CliRunner().invoke(cli, ["evaluate", "--run", str(run), "--attacks", "fgsm",
+        assert CliRunner().invoke(cli, ["evaluate", "--run", str(run), "--attacks", "pgd",
                                         "--n-examples", "40", "--device", "cpu",
                                         "--no-progress"]).exit_code == 0
     out = tmp_path / "results"
@@ -173,7 +173,8 @@ def test_cli_rejection_suite_writes_rows_then_report_table_and_roc(tiny_run: Pat
     assert ",st," not in csv  # no rejection rows: no empty row in the rejection table
     others = list((out / "tables").glob("table*_synthetic_cpu.csv"))
     assert others and all("[score: winner]" not in f.read_text() for f in others)
-    assert "[score: winner]" not in (out / "index.html").read_text()  # nor a board row
+    page = (out / "index.html").read_text()
+    assert 'id="board-synthetic_cpu"' in page and "[score: winner]" not in page  # nor a board row
     assert "AUROC pgd" in (out / "tables" / "rejection_synthetic_cpu.md").read_text()
     assert (out / "plots" / "roc_synthetic_cpu.png").stat().st_size > 1000
 
