@@ -234,10 +234,14 @@ def test_an_unreliable_row_is_never_ranked_or_bold_above_reliable_ones(tmp_path:
               "eval_key": f"c-{d}", "check": "zero-gradient", "letter": "f", "status": s,
               "value": v, "threshold": 0.05, "detail": "masked" if s == "fail" else "ok"}
              for d, s, v in (("st", "fail", 0.9), ("at", "pass", 0.0), ("trades", "pass", 0.0))]
+    rows.append({**rows[-1], "defense": "st", "run_id": "st", "eval_key": "c-st-g",
+                 "check": "fgsm-vs-pgd", "letter": "g", "status": "fail", "value": 0.3,
+                 "detail": "FGSM beats PGD"})  # a weak-attack finding: not a reason to unrank
     write_report(rows, tmp_path, plots=False)
     wide, _ = board(rows)
     assert list(wide["defense"]) == ["at", "trades", "st"]
     assert list(wide["rank"]) == ["1", "2", "–"] and "zero-gradient" in wide["apart"].iloc[2]
+    assert "fgsm-vs-pgd" not in wide["apart"].iloc[2]  # the reason names the masking finding
     page = (tmp_path / "index.html").read_text()
     assert "Listed apart: headline potentially unreliable" in page
     body = page[page.index("<table"):]

@@ -168,7 +168,8 @@ def board(records: list[dict], order: Sequence[str] = ()) -> tuple[pd.DataFrame,
     wide, counts = built[0], built[1]
     for c in (*_ACC, *COST):  # cells over fewer seeds than their row
         wide[f"{c}_seeds"] = counts[c].reindex(wide.index)
-    wide["apart"] = [("; ".join(verdicts[i].failed) or "headline potentially unreliable")
+    wide["apart"] = [("; ".join(d.text for d in verdicts[i].doubts if d.finding != "weak-attack")
+                      or "headline potentially unreliable")
                      if i in verdicts and verdicts[i].reliable == "no" else ""
                      for i in wide.index]
     ckpts = wide.index.get_level_values("checkpoint")
