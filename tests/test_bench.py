@@ -41,6 +41,20 @@ def test_bench_reports_floor_and_eval_costs() -> None:
     json.dumps(r)  # serialisable for --json
 
 
+def test_bench_times_the_step_at_full_eps_after_a_warm_up(monkeypatch) -> None:
+    """LeNets++ records clean and ε warm-up epochs: the timed steps must still attack at the
+    full ε (measured on 2026-12-05: timing epoch 0 reported a clean step as the AT step)."""
+    from defenses.base import Defense
+    scales: list[float] = []
+    real = Defense.set_eps_scale
+    monkeypatch.setattr(Defense, "set_eps_scale",
+                        lambda self, s: (scales.append(s), real(self, s))[1])
+    r = bench("at", "lenets++", dataset="mnist", profile="cpu", batch_size=8, steps=1,
+              warmup=1, reps=1, attacks="", device="cpu")  # its protocol: 1 clean + 5 ramp
+    assert scales and set(scales) == {1.0}, scales
+    assert r["ratio_to_components"] > 0.5  # the step costs about k+1 passes, not 1
+
+
 def test_bench_command_standard_training_has_one_pass(tmp_path) -> None:
     out = tmp_path / "b.json"
     res = CliRunner().invoke(cli, ["bench", "--defense", "st", "--arch", "tiny", "--dataset",

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -162,8 +163,12 @@ def bench(defense: str = "at", arch: str = "small-cnn", *, dataset: str = "cifar
                            generator=gen, augment=bool(hp["augment"]), crop_pad=info.crop_pad,
                            flip=info.flip, device=dev)
 
+    # the first epoch at the full ε: an architecture with clean / ε warm-up epochs (LeNets++)
+    # would otherwise time a clean step at epoch 0 and report a training step cheaper than k+1
+    full = int(hp.get("clean_epochs", 0)) + math.ceil(float(hp.get("eps_warmup_epochs", 0)))
+
     def train_step(loader: BatchLoader) -> None:  # the harness's loop over a one-batch epoch
-        train_epoch(step_model, dfn, optimizer, loader, hp, dev, 0, 1, False, cfg)
+        train_epoch(step_model, dfn, optimizer, loader, hp, dev, full, full + 1, False, cfg)
 
     def fwd() -> None:
         with torch.no_grad(), autocast(hp, dev):
