@@ -207,6 +207,15 @@ def _judge(name: str, value: float, detail: str, n: int, p_value: Optional[float
                        p_value, test, list(doubts or WEAK_CELLS.get(name, ())))
 
 
+def _judge_share(name: str, k: int, m: int, detail: str, n: int, doubts: Sequence[str] = (),
+                 **extra: Any) -> CheckResult:
+    """A share check: ``k`` bad of ``m`` points against the minimum effect of ``name``, with the
+    exact one-sided binomial test (:func:`excess_test`)."""
+    share = THRESHOLDS[name][1]
+    return _judge(name, k / m if m else 0.0, detail, n, excess_test(k, m, share),
+                  f"binomial exact one-sided vs {share:g}", doubts, **extra)
+
+
 def skipped(name: str, why: str) -> CheckResult:
     return CheckResult(name, None, None, why)
 
@@ -283,13 +292,10 @@ def unbounded(worst: Tensor, plain: float, eps: float) -> CheckResult:
     ε up to it (so a weak attack at that ε alone cannot fail the model); ``plain`` is the
     attack's own accuracy at ``eps``."""
     k, n = int(worst.sum()), len(worst)
-    value = k / n if n else 0.0
-    return _judge("unbounded-eps", value,
-                  f"at ε={format_eps(eps)} {k} of {n} points stay robust under the worst case "
-                  f"of PGD over every ε up to it (PGD at ε={format_eps(eps)} alone: "
-                  f"{100 * plain:.1f}%)", n, excess_test(k, n, THRESHOLDS["unbounded-eps"][1]),
-                  f"binomial exact one-sided vs {THRESHOLDS['unbounded-eps'][1]:g}",
-                  unbounded_eps=eps, robust=k, plain_acc=plain)
+    return _judge_share("unbounded-eps", k, n,
+                        f"at ε={format_eps(eps)} {k} of {n} points stay robust under the worst "
+                        f"case of PGD over every ε up to it (PGD at ε={format_eps(eps)} alone: "
+                        f"{100 * plain:.1f}%)", n, unbounded_eps=eps, robust=k, plain_acc=plain)
 
 
 def more_budget(pairs: Sequence[tuple[str, Tensor, str, Tensor]], n: int,
@@ -336,11 +342,9 @@ def zero_gradient(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor,
             m.training = flag
     m = int(clean.sum())
     k = int((bad & clean).sum())
-    share = THRESHOLDS["zero-gradient"][1]
-    return _judge("zero-gradient", k / m if m else 0.0,
-                  f"{k} of {m} correctly classified points have an all-zero or non-finite "
-                  f"CE input gradient", len(y), excess_test(k, m, share),
-                  f"binomial exact one-sided vs {share:g}", zero_or_nonfinite=k, correct=m)
+    return _judge_share("zero-gradient", k, m,
+                        f"{k} of {m} correctly classified points have an all-zero or non-finite "
+                        f"CE input gradient", len(y), zero_or_nonfinite=k, correct=m)
 
 
 def loss_trajectories(model: nn.Module, attack: Any, x: Tensor, y: Tensor,
@@ -380,12 +384,11 @@ def incomplete_opt(losses: Tensor, label: str) -> CheckResult:
     """Check (h): share of the points an attack left robust whose loss was still rising at
     its last steps (``losses`` of those points only)."""
     k, m = int(still_improving(losses).sum()), losses.shape[0]
-    share = THRESHOLDS["incomplete-opt"][1]
-    return _judge("incomplete-opt", k / m if m else 0.0,
-                  f"{label}'s loss is still rising over its last {100 * INCOMPLETE_SHARE:g}% of steps on "
-                  f"{k} of the {m} points it left robust", m, excess_test(k, m, share),
-                  f"binomial exact one-sided vs {share:g}", (label,), still_rising=k,
-                  attacked=m, steps=losses.shape[1] - 1)
+    return _judge_share("incomplete-opt", k, m,
+                        f"{label}'s loss is still rising over its last "
+                        f"{100 * INCOMPLETE_SHARE:g}% of steps on {k} of the {m} points it left "
+                        f"robust", m, (label,), still_rising=k, attacked=m,
+                        steps=losses.shape[1] - 1)
 
 
 def _has_black_box(spec: AttackSpec) -> bool:
@@ -405,18 +408,16 @@ def unstable(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, randomized: 
     ces = torch.stack([predict(model, x, y, batch_size)[1] for _ in range(draws)])
     varies = (ces.max(0).values - ces.min(0).values) > 1e-5 * (1 + ces.abs().max(0).values)
     m, k = int(clean.sum()), int((varies & clean).sum())
-    share = THRESHOLDS["unstable"][1]
     if randomized:
         return CheckResult("unstable", k / m if m else 0.0, True,
                            f"{k} of {m} correctly classified points change their loss between "
                            f"forward passes; the defense is declared randomized, so "
                            f"AutoAttack runs its EOT version (rand)", len(y),
                            {"varying": k, "correct": m, "declared_randomized": True})
-    return _judge("unstable", k / m if m else 0.0,
-                  f"{k} of {m} correctly classified points change their loss between "
-                  f"{draws} forward passes, and the attacks use no EOT", len(y),
-                  excess_test(k, m, share), f"binomial exact one-sided vs {share:g}",
-                  varying=k, correct=m, declared_randomized=False)
+    return _judge_share("unstable", k, m,
+                        f"{k} of {m} correctly classified points change their loss between "
+                        f"{draws} forward passes, and the attacks use no EOT", len(y),
+                        varying=k, correct=m, declared_randomized=False)
 
 
 def binarization(model: nn.Module, spec: AttackSpec, x: Tensor) -> CheckResult:
@@ -425,16 +426,14 @@ def binarization(model: nn.Module, spec: AttackSpec, x: Tensor) -> CheckResult:
     a known adversarial example in the ε-ball, on which the attack fails."""
     from benchmark.eval.binarization import binarization_test
     feasible, failed, n = binarization_test(model, spec.build(seed=0), x, spec.eps)
-    share = THRESHOLDS["binarization"][1]
     if not feasible:
         return skipped("binarization", f"no feasible binarized task on {n} points (the "
                                        f"readout never separated the boundary point)")
-    return _judge("binarization", failed / feasible,
-                  f"{spec.label} fails on {failed} of {feasible} binarized tasks that have an "
-                  f"adversarial example in the ε-ball ({n - feasible} of {n} points had no "
-                  f"feasible readout)", n, excess_test(failed, feasible, share),
-                  f"binomial exact one-sided vs {share:g}", (spec.label,), failed=failed,
-                  feasible=feasible)
+    return _judge_share("binarization", failed, feasible,
+                        f"{spec.label} fails on {failed} of {feasible} binarized tasks that have "
+                        f"an adversarial example in the ε-ball ({n - feasible} of {n} points had "
+                        f"no feasible readout)", n, (spec.label,), failed=failed,
+                        feasible=feasible)
 
 
 # ------------------------------------------------------------------- the driver
