@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -28,6 +29,12 @@ LINF_EPS: dict[str, float] = {"cifar": 8 / 255, "mnist": 0.3}
 def linf_eps(scale: str) -> float:
     """The nominal l∞ ε of a dataset scale (``mnist`` or ``cifar``)."""
     return LINF_EPS["mnist" if scale == "mnist" else "cifar"]
+
+
+def same_eps(a: float, b: float) -> bool:
+    """Whether two ε values are one (rows store ε as floats written from fractions such as
+    8/255, so equality is up to float rounding)."""
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
 
 
 #: the paper's common protocol (§4.1)

@@ -93,7 +93,7 @@ from scipy.stats import binomtest
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.config import stable_hash
+from benchmark.config import same_eps, stable_hash
 from benchmark.eval.worstcase import flags_payload, worst_case, write_headlines
 from benchmark.run.resolve import helper_config
 from benchmark.run.protocols import SUITE_EPS, AttackSpec, attack_specs, format_eps
@@ -665,7 +665,7 @@ def _matches(row: Mapping[str, Any], spec: AttackSpec, checkpoint: str) -> bool:
     if row.get("attack") != spec.label or row.get("attack_name", row.get("attack")) != \
             spec.attack or row.get("norm") != spec.norm:
         return False
-    if not np.isclose(float(row.get("eps", -1)), spec.eps, rtol=1e-6, atol=1e-9):
+    if not same_eps(float(row.get("eps", -1)), spec.eps):
         return False
     hp = row.get("attack_hparams") or {}
     return all(hp.get(k) == v for k, v in spec.hparams.items() if k != "members")
@@ -707,7 +707,7 @@ class RunFlags:
         for row in self.rows:
             if row.get("kind", "attack") != "attack" or row.get("checkpoint") != \
                     self.t.checkpoint or int(row.get("n_examples", 0)) < self.n or \
-                    not np.isclose(float(row.get("eps", -1)), eps, rtol=1e-6, atol=1e-9):
+                    not same_eps(float(row.get("eps", -1)), eps):
                 continue
             if not (self.t.out_dir / "flags" / f"{row.get('eval_key')}.pt").exists():
                 continue

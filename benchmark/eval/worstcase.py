@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmark.config import stable_hash
+from benchmark.config import same_eps, stable_hash
 from benchmark.run.protocols import format_eps
 from benchmark.store import atomic_write_json, code_version, now, read_json, safe_torch_load
 
@@ -133,16 +132,12 @@ def stored_attacks(run_dir: Path, rows: Sequence[Mapping[str, Any]], checkpoint:
     return out
 
 
-def _same_eps(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-
-
 def headline_groups(stored: Sequence[Mapping[str, Any]]
                     ) -> dict[tuple[str, float], list[Mapping[str, Any]]]:
     """Stored flags grouped by (norm, ε)."""
     groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
     for s in stored:
-        key = next((k for k in groups if k[0] == s["norm"] and _same_eps(k[1], s["eps"])),
+        key = next((k for k in groups if k[0] == s["norm"] and same_eps(k[1], s["eps"])),
                    (s["norm"], s["eps"]))
         groups.setdefault(key, []).append(s)
     return groups

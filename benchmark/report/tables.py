@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from attacks.base import eps_to_str
-from benchmark.config import linf_eps
+from benchmark.config import linf_eps, same_eps
 from benchmark.eval.corruptions import CORRUPTIONS
 
 UNIT = ["dataset", "profile", "provenance", "arch", "checkpoint", "label", "defense", "seed",
@@ -165,7 +165,7 @@ def frames(records: Iterable[dict]) -> dict[str, pd.DataFrame]:
             nominal_eps = _nan((r.get("hparams") or {}).get("eps"))
             if math.isnan(nominal_eps):
                 nominal_eps = linf_eps("mnist" if r.get("eps_str") == "0.3" else "cifar")
-            nominal = norm != "linf" or bool(np.isclose(eps, nominal_eps, rtol=1e-6, atol=1e-9))
+            nominal = norm != "linf" or same_eps(eps, nominal_eps)
             base.update(attack=str(r.get("attack")), norm=norm, eps=eps,
                         eps_str=str(r.get("eps_str") or eps_to_str(eps)), nominal=nominal,
                         clean=100 * _nan(r.get("clean_acc")), robust=100 * _nan(r.get("robust_acc")),

@@ -44,6 +44,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from benchmark.config import same_eps
+
 
 HEALTH_MARK, RELIABILITY_MARK, WEAK_MARK = "‡", "†", "§"
 #: a defense whose clean accuracy (mean over seeds) is more than this many points below AT's,
@@ -167,8 +169,8 @@ def row_verdicts(records: Iterable[dict], labels: list[str], *, any_eps: bool = 
                 out.setdefault((arch, ckpt, label), RowVerdict()).unhealthy.append(
                     f"seed {r.get('seed')}: {r.get('verdict')} ({why})")
         elif kind == "check" and r.get("status") in ("pass", "fail"):
-            if not any_eps and r.get("norm", "linf") == "linf" and not np.isclose(
-                    float(r.get("eps", math.nan)), _nominal(r), rtol=1e-6, atol=1e-9):
+            if not any_eps and r.get("norm", "linf") == "linf" and not same_eps(
+                    float(r.get("eps", math.nan)), _nominal(r)):
                 continue
             v = out.setdefault((arch, str(r.get("checkpoint") or "best"), label), RowVerdict())
             if r["status"] == "pass":
