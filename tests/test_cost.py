@@ -120,3 +120,15 @@ def test_cost_rows_of_real_runs_add_the_helper_and_reach_table1(tmp_path: Path) 
                                                   names=["arch", "checkpoint", "defense"]))
     assert np.isnan(built[0].loc[("tiny", "best", "hat"), "epoch_cpu_s"])
     assert "no CPU-seconds" in reasons(built[2])[("tiny", "best", "hat", "epoch_cpu_s")]
+    assert "training log of the run" in reasons(built[2])[("tiny", "best", "hat", "epoch_cpu_s")]
+    # the helper's log lacks them, the run's has them: the reason names the helper run
+    log.write_text("".join(json.dumps(r) + "\n" for r in own))
+    helper_log = st_dir / "train_log.jsonl"
+    helper_log.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "cpu_s"})
+                                  + "\n" for r in helper))
+    built = build_table(TABLES[2], frames(load_records(tmp_path, extra=cost_rows(tmp_path)))["attack"],
+                        pd.MultiIndex.from_tuples([("tiny", "best", "hat")],
+                                                  names=["arch", "checkpoint", "defense"]))
+    assert np.isnan(built[0].loc[("tiny", "best", "hat"), "epoch_cpu_s"])
+    assert f"`st` helper run {st_dir.name}" in \
+        reasons(built[2])[("tiny", "best", "hat", "epoch_cpu_s")]

@@ -174,6 +174,7 @@ def frames(records: Iterable[dict]) -> dict[str, pd.DataFrame]:
                         covers=tuple(r.get("attacks") or ()))
             cost = costs.get(base["run_id"], {})
             base.update(has_cost=bool(cost), epoch_cpu_s=_nan(cost.get("epoch_cpu_s")),
+                        cpu_s_missing_in=cost.get("cpu_s_missing_in") or "the run",
                         passes=_nan(cost.get("passes_per_sample")),
                         peak_mem_mb=_nan(cost.get("peak_mem_mb")))
         elif kind == "rejection":
@@ -424,8 +425,11 @@ def on_points(a: pd.DataFrame, labels: Iterable[str], *, nominal: bool = True) -
     return a.iloc[order]
 
 
-_NO_CPU_S = ("no CPU-seconds (`cpu_s`) in the run's training log (trained before they were "
-             "logged; its wall seconds measure the machine's load, so they are not shown)")
+def _no_cpu_s(where: str) -> str:
+    """Why a CPU s/epoch cell is empty although a cost row exists: ``where`` (the run itself
+    or a helper run whose cost it adds, such as HAT's ``st``) has no CPU-seconds in its log."""
+    return (f"no CPU-seconds (`cpu_s`) in the training log of {where} (trained before they "
+            "were logged; its wall seconds measure the machine's load, so they are not shown)")
 
 
 def headline_columns(a: pd.DataFrame) -> list[str]:
@@ -455,9 +459,11 @@ def _fixed(columns: list[str], avg_of: Optional[tuple[str, str]] = None,
                   if c not in ("clean", "avg", *COST)]
         if len(a) and "epoch_cpu_s" in a:
             runs = _best_n(a, UNIT)
-            parts += [_cells(runs.assign(why=np.where(
-                runs["has_cost"] & runs[c].isna(), _NO_CPU_S, None) if c == "epoch_cpu_s"
-                else None), c, c).assign(n=np.nan) for c in COST
+            gap = [_no_cpu_s(w) if has and isna else None for w, has, isna in
+                   zip(runs.get("cpu_s_missing_in", pd.Series("the run", index=runs.index)),
+                       runs["has_cost"], runs["epoch_cpu_s"].isna())]
+            parts += [_cells(runs.assign(why=gap if c == "epoch_cpu_s" else None), c, c)
+                      .assign(n=np.nan) for c in COST
                       if c in cols]  # per run, not per test point
         cells = _concat(parts)
         if avg_of:

@@ -105,6 +105,8 @@ def cost_row(run_dir: Path | str, root: Optional[Path | str] = None) -> Optional
         row["helpers"].append({"defense": req, "run_id": helper["run_id"],
                                **{k: helper[k] for k in ("epoch_s", "epoch_cpu_s",
                                                          "passes_per_sample", "peak_mem_mb")}})
+        if helper["epoch_cpu_s"] is None and row["epoch_cpu_s"] is not None:
+            row["cpu_s_missing_in"] = f"its `{req}` helper run {helper['run_id']}"
         for key in ("epoch_s", "epoch_cpu_s", "passes_per_sample"):
             row[key] = None if row[key] is None or helper[key] is None else \
                 round(row[key] + helper[key], 3)
