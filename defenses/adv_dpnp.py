@@ -38,8 +38,10 @@ Hyperparameters:
 Decisions where the paper is silent (there is no official code to deviate from):
 clean and adversarial batches go through the network in two separate forward passes (each
 branch gets its own BatchNorm statistics, as in TRADES); prototypes start as N(0, 1) rows
-rescaled to norm α; the protocol's weight decay also applies to C (the per-epoch
-renormalisation undoes the shrinkage); the logged training accuracy is on x'. The adaptive
+rescaled to norm α, but for 2-d features (LeNets++) evenly spaced on the α-circle: random
+2-d directions put 5 of 10 within 18°, which neither DNP nor CE undid at lr 0.01 (76% clean
+after 2 epochs, measured; the paper's Figure 2 shows separated prototypes); the protocol's
+weight decay also applies to C (the per-epoch renormalisation undoes the shrinkage); the logged training accuracy is on x'. The adaptive
 attack of Table 8 maximises ``DPP(x') + λ_DFA·DFA(x, x')`` per sample (the x'-dependent part
 of eq. 7, without its constant factor 1/2).
 
@@ -48,6 +50,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -74,7 +77,11 @@ class PrototypeHead(nn.Module):
     def __init__(self, feature_dim: int, num_classes: int, alpha: float) -> None:
         super().__init__()
         self.alpha = float(alpha)
-        self.prototypes = nn.Parameter(torch.randn(num_classes, feature_dim))
+        init = torch.randn(num_classes, feature_dim)
+        if feature_dim == 2:  # evenly spaced on the circle (see the module docstring)
+            angle = torch.arange(num_classes) * (2 * math.pi / num_classes)
+            init = torch.stack([angle.cos(), angle.sin()], dim=1)
+        self.prototypes = nn.Parameter(init)
         self.renormalize()
 
     @torch.no_grad()

@@ -80,6 +80,21 @@ def test_logits_are_features_times_prototypes_over_alpha() -> None:
     assert torch.allclose(model(x), model.features(x) @ C.t() / 40.0, atol=1e-6)
 
 
+def test_two_dimensional_prototypes_start_evenly_spaced() -> None:
+    """LeNets++'s 2-d features: the M prototypes start on the α-circle 360°/M apart (random
+    directions put several within a few degrees); d ≥ 3 keeps the N(0, 1) start."""
+    torch.manual_seed(0)
+    C = PrototypeHead(2, 10, alpha=40.0).prototypes.detach()
+    assert torch.allclose(C.norm(dim=1), torch.full((10,), 40.0))
+    gaps = torch.cdist(C, C) + torch.eye(10) * 1e9
+    side = 2 * 40.0 * math.sin(math.pi / 10)  # chord between neighbours on a regular 10-gon
+    assert torch.allclose(gaps.amin(dim=1), torch.full((10,), side), atol=1e-4)
+    torch.manual_seed(0)
+    high = PrototypeHead(16, 10, alpha=40.0).prototypes.detach()
+    torch.manual_seed(0)
+    assert torch.allclose(high, F.normalize(torch.randn(10, 16), dim=1) * 40.0, atol=1e-5)
+
+
 @pytest.mark.parametrize("alpha", [40.0, 7.5])
 def test_prototypes_live_on_the_alpha_sphere(alpha: float) -> None:
     defense = make_defense(AdvDPNP, hparams={"alpha": alpha})
