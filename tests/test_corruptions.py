@@ -319,6 +319,8 @@ def test_rows_and_tables_on_regenerated_files_say_so(rgb_run: Path, cifar_src: P
     mds = write_report(rows_regen, tmp_path / "report", plots=False)
     table5 = [m for m in mds if "Table 5" in m]
     assert table5 and "regenerated CIFAR-10-C" in table5[0].splitlines()[0]
+    data_line = next(line for line in table5[0].splitlines() if line.startswith("Data:"))
+    assert ". Corruptions: regenerated CIFAR-10-C" in data_line  # its own sentence
 
 
 def test_frost_works_first_in_a_fresh_process_and_leaves_no_stand_in() -> None:

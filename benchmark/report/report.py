@@ -372,12 +372,13 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
             if spec.kind == "corruption":
                 cprov = sorted({str(r.get("corruption_provenance")) for r in recs
                                 if r.get("kind") == "corruption" and r.get("corruption_provenance")})
-                extra = " Corruptions: " + "; ".join(cprov) + "." if cprov else ""
+                extra = "Corruptions: " + "; ".join(cprov) + "." if cprov else ""
                 title = corruption_title(title, cprov)
             numeric = wide.assign(**vd.csv_columns(verdicts, wide.index)) \
                 if verdicts is not None and spec.has_reliability else wide
             md = (f"### {title} — {md_code(dataset)}, profile {md_code(profile)}\n\n"
-                  f"Data: {md_escape(prov or 'provenance not recorded')}.{md_escape(extra)} "
+                  f"Data: {md_escape(prov or 'provenance not recorded')}."
+                  + (f" {md_escape(extra)}" if extra else "") + " "
                   f"Profile {md_code(profile)}. "
                   + (spec.note + " " if spec.note else "")
                   + "Cells: mean ± std over seeds (std only with several seeds); best per column "
