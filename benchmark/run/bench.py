@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import platform
 import statistics
@@ -47,8 +46,8 @@ from benchmark.run.resolve import build_defense
 from benchmark.run.resolve import resolve_run_config
 from benchmark.data import BatchLoader, Split, dataset_info
 from benchmark.device import resolve_device
-from benchmark.run.train import (train_epoch, autocast, make_optimizer, maybe_compile,
-                                 seed_everything)
+from benchmark.run.train import (full_eps_epoch, train_epoch, autocast, make_optimizer,
+                                 maybe_compile, seed_everything)
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +164,7 @@ def bench(defense: str = "at", arch: str = "small-cnn", *, dataset: str = "cifar
 
     # the first epoch at the full ε: an architecture with clean / ε warm-up epochs (LeNets++)
     # would otherwise time a clean step at epoch 0 and report a training step cheaper than k+1
-    full = int(hp.get("clean_epochs", 0)) + math.ceil(float(hp.get("eps_warmup_epochs", 0)))
+    full = full_eps_epoch(hp)
 
     def train_step(loader: BatchLoader) -> None:  # the harness's loop over a one-batch epoch
         train_epoch(step_model, dfn, optimizer, loader, hp, dev, full, full + 1, False, cfg)

@@ -449,6 +449,13 @@ def eps_scale_at(hp: Mapping[str, Any], epoch: int, step: int, steps_per_epoch: 
     return min(1.0, done / ramp)
 
 
+def full_eps_epoch(hp: Mapping[str, Any]) -> int:
+    """The first (0-based) epoch whose every step :func:`eps_scale_at` puts at the full ε
+    (0 without a warm-up)."""
+    ramp = max(float(hp.get("eps_warmup_epochs", 0)), 0.0)
+    return math.ceil(float(hp.get("clean_epochs", 0)) + ramp)
+
+
 def train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer,
                  loader: BatchLoader, hp: Mapping[str, Any], dev: torch.device, epoch: int,
                  epochs: int, progress: bool, cfg: RunConfig, *, ddp: Optional[nn.Module] = None,
