@@ -491,6 +491,38 @@ def figure2(at_run: str, dpnp_run: str, out: str, n_examples: Optional[int], whi
                                       f"{100 * p['adv_acc']:.1f}%" for p in panels))
 
 
+@cli.command()
+@click.option("--run", "run_paths", multiple=True, required=True, type=click.Path(exists=True),
+              help="Run folder (repeatable).")
+@click.option("--n-examples", type=POSITIVE, default=100, show_default=True,
+              help="The first N test points.")
+@click.option("--train-points", type=click.IntRange(min=0), default=512, show_default=True,
+              help="Training points for the training-attack comparison (0: skip).")
+@click.option("--no-components", is_flag=True,
+              help="Skip AutoAttack's components on the PGD-robust points.")
+@click.option("--checkpoint", "which", default="best", show_default=True,
+              type=click.Choice(["best", "last"]))
+@click.option("--data-dir", default=None, type=click.Path())
+@click.option("--device", default="auto", show_default=True, callback=device_option)
+@click.option("--force", is_flag=True, help="Recompute stored results.")
+@click.option("--json", "json_out", default=None, type=click.Path(),
+              help="Also write every result as one JSON list.")
+def diagnose(run_paths: tuple[str, ...], n_examples: int, train_points: int,
+             no_components: bool, which: str, data_dir: Optional[str], device: str,
+             force: bool, json_out: Optional[str]) -> None:
+    """Why PGD overstates a model: saturation, CE vs scale-free losses, AutoAttack's parts."""
+    from benchmark.eval.diagnose import diagnose_run, format_diagnoses
+    from benchmark.store import atomic_write_json
+
+    results = [diagnose_run(p, checkpoint=which, n_examples=n_examples,
+                            train_points=train_points, components=not no_components,
+                            device=device, data_dir=data_dir, force=force)
+               for p in run_paths]
+    if json_out:
+        atomic_write_json(Path(json_out), results)
+    click.echo(format_diagnoses(results))
+
+
 @cli.command(name="list")
 @click.argument("what", type=click.Choice(["defenses", "attacks", "datasets", "archs", "suites"]),
                 default="defenses")

@@ -56,6 +56,16 @@ CPU: dict[str, Any] = {
 
 PROFILES: dict[str, dict[str, Any]] = {"paper": PAPER, "cpu": CPU}
 
+#: protocol hyperparameters that a user may set but that are *absent* from the merged dict
+#: while they keep their default, so adding one leaves every existing run id unchanged (a
+#: user value equal to the default is dropped: the same model keeps the same run).
+#:
+#: * ``train_attack_loss``: the objective of the training attack: ``ce`` (every paper's),
+#:   or a scale-free one, ``margin`` (C&W: max_{j≠y} z_j − z_y) or ``dlr`` (Croce & Hein's
+#:   difference of logits ratio). A deviation from every defense's paper, for the issue-28
+#:   test of whether a cross-entropy training attack is what fails Adv-DPNP.
+OPTIONAL_HPARAMS: dict[str, Any] = {"train_attack_loss": "ce"}
+
 #: per-scale overrides (MNIST: ε = 0.3, step 0.01, 40 steps, paper Figure 2 protocol; no
 #: augmentation, as in Madry et al.'s and TRADES's MNIST protocols: a random crop of 28×28
 #: digits cost AT about 30 points of clean accuracy at the cpu budget)
@@ -148,10 +158,13 @@ def parse_hparams(text: Optional[str]) -> dict[str, Any]:
 
 def merge_hparams(base: Mapping[str, Any], *layers: Mapping[str, Any],
                   user: Optional[Mapping[str, Any]] = None,
-                  choices: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+                  choices: Optional[Mapping[str, Any]] = None,
+                  optional: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """Merge layers of defaults, then validate and apply the user's overrides.
 
     Validation (:mod:`benchmark.validate`) only accepts or refuses; it never changes a value.
+    ``optional`` keys (:data:`OPTIONAL_HPARAMS`, ``Defense.optional_hparams``) are accepted
+    from the user and enter the merged dict only with a value other than their default.
 
     Raises:
         UsageError: unknown key, wrong type (an int where an int is meant, null, NaN/inf),
@@ -163,10 +176,16 @@ def merge_hparams(base: Mapping[str, Any], *layers: Mapping[str, Any],
     merged = dict(base)
     for layer in layers:
         merged.update(layer)
+    optional = dict(optional or {})
     for key, value in (user or {}).items():
+        if key not in merged and key in optional:
+            check_user_value(key, optional[key], value)
+            if value != optional[key]:
+                merged[key] = value
+            continue
         if key not in merged:
             raise UsageError(f"unknown hyperparameter {_cut(str(key))!r}; valid: "
-                             f"{', '.join(sorted(merged))}")
+                             f"{', '.join(sorted(set(merged) | set(optional)))}")
         check_user_value(key, merged[key], value)
         merged[key] = value
     check_hparams(merged, user or {}, choices)

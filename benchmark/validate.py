@@ -32,6 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "select_by": ("val_pgd", "val_clean"),
     "amp": ("none", "bf16"),
     "attack_start": ("uniform", "normal"),
+    "train_attack_loss": ("ce", "margin", "dlr"),
 }
 
 #: (minimum, maximum, minimum is exclusive) of numeric protocol hyperparameters

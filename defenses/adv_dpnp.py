@@ -35,6 +35,12 @@ Hyperparameters:
                          zero gap (the paper does not fix it; gradient ≤ 1/(2√g))
     ==========  =======  ======================================================
 
+Ablation switch (optional: absent from the run id while it keeps its default):
+``dual_branch`` (true): false lets the adversarial terms move the prototypes too (C instead of
+sg C in DPP(x') and p(x')), the "without the dual-branch detach" row of the issue-28
+ablations; the paper's method is true. The other ablations are the weights above set to 0
+(λ_DPP = 0 keeps the CE inside DPP and drops only the alignment pull) and ``alpha``.
+
 Decisions where the paper is silent (there is no official code to deviate from):
 clean and adversarial batches go through the network in two separate forward passes (each
 branch gets its own BatchNorm statistics, as in TRADES); prototypes start as N(0, 1) rows
@@ -131,14 +137,16 @@ def dfa(clean_logits: Tensor, adv_logits: Tensor) -> Tensor:
 
 def adv_dpnp_loss(features: Tensor, adv_features: Tensor, y: Tensor, prototypes: Tensor, *,
                   alpha: float, lambda_dpp: float, lambda_dnp: float,
-                  lambda_dfa: float, dnp_guard: float = SQRT_GUARD
+                  lambda_dfa: float, dnp_guard: float = SQRT_GUARD, dual_branch: bool = True
                   ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Eq. (7) with the dual-branch gradient routing.
+    """Eq. (7) with the dual-branch gradient routing (``dual_branch=False``: the ablation
+    without it, where the adversarial terms also reach the prototypes).
 
     Returns:
         The scalar loss and its parts (batch means, still attached to the graph).
     """
-    frozen = prototypes.detach()  # the adversarial branch never moves the prototypes
+    # the adversarial branch never moves the prototypes (unless ablated)
+    frozen = prototypes.detach() if dual_branch else prototypes
     dpp_clean = dpp(features, y, prototypes, alpha=alpha, lambda_dpp=lambda_dpp)
     dpp_adv = dpp(adv_features, y, frozen, alpha=alpha, lambda_dpp=lambda_dpp)
     align = dfa(prototype_logits(features, prototypes, alpha),
@@ -189,6 +197,7 @@ class AdvDPNP(PrototypeDefense):
     default_hparams = {"alpha": 40.0, "lambda_dpp": 0.1, "lambda_dnp": 0.1, "lambda_dfa": 2.0,
                        "dnp_guard": SQRT_GUARD}
     dataset_hparams = {"cifar100": {"lambda_dpp": 0.3, "lambda_dnp": 3.0, "lambda_dfa": 2.4}}
+    optional_hparams = {"dual_branch": True}
 
     def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
                       step: int) -> StepOutput:
@@ -197,7 +206,8 @@ class AdvDPNP(PrototypeDefense):
         features, adv_features = model.features(x), model.features(x_adv)
         loss, parts = adv_dpnp_loss(features, adv_features, y, head.prototypes,
                                     **self._weights("lambda_dpp", "lambda_dnp", "lambda_dfa",
-                                                    "dnp_guard"))
+                                                    "dnp_guard"),
+                                    dual_branch=bool(self.hparams.get("dual_branch", True)))
         return StepOutput(loss, detached(**parts), head(adv_features).detach())
 
     def objective(self) -> Objective:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from attacks.base import Attack, Objective, ThreatModel, ce_objective, model_mode
 from benchmark import models
 from benchmark.data import DataInfo
+from benchmark.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ class Defense(abc.ABC):
     score_name: ClassVar[str] = "1 - max softmax"
     #: allowed values of this defense's string hyperparameters (checked before training)
     hparam_choices: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    #: hyperparameters (with defaults) that a user may set but that stay out of the merged
+    #: dict, and so out of the run id, while they keep their default (ablation switches
+    #: added after runs exist; see ``config.OPTIONAL_HPARAMS``)
+    optional_hparams: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, hparams: Mapping[str, Any], *, threat: ThreatModel,
                  num_classes: int) -> None:
@@ -146,7 +151,26 @@ class Defense(abc.ABC):
                                f"uses_training_attack = False but asked for a training attack")
         if self.eps_scale == 0.0:  # clean warm-up epochs of the harness's ε schedule
             return x.detach().clone()
-        return attack(model, x, y, loss=loss)
+        return attack(model, x, y, loss=self._training_objective(loss))
+
+    def _training_objective(self, loss: Optional[Objective]) -> Optional[Objective]:
+        """``loss``, or for a CE training attack (``loss`` None) the objective named by the
+        optional ``train_attack_loss`` (``ce`` by default; ``margin``/``dlr`` deviate from
+        the paper on purpose, see ``config.OPTIONAL_HPARAMS``).
+
+        Raises:
+            UsageError: ``train_attack_loss`` set for a defense whose training attack maximises
+                its own objective (TRADES's KL, ...), which it would silently not change.
+        """
+        name = str(self.hparams.get("train_attack_loss", "ce"))
+        if name == "ce":
+            return loss
+        if loss is not None:
+            raise UsageError(f"train_attack_loss={name!r}: {self.name}'s training attack "
+                             f"maximises its own objective, not cross-entropy")
+        from attacks.objectives import objective_named
+
+        return objective_named(name)
 
     @abc.abstractmethod
     def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,

@@ -256,3 +256,34 @@ def test_paper_lambdas_per_dataset() -> None:
     mnist = resolve_run_config("adv-dpnp", "mnist5k", profile="cpu").hparams
     assert [c100[k] for k in keys] == [40.0, 0.3, 3.0, 2.4]
     assert [c10[k] for k in keys] == [mnist[k] for k in keys] == [40.0, 0.1, 0.1, 2.0]
+
+
+# ------------------------------------------------------------------ ablation switch (issue 28)
+def test_without_dual_branch_the_adversarial_terms_reach_the_prototypes() -> None:
+    """``dual_branch=False`` (the ablation) adds exactly the adversarial terms' gradient on C."""
+    defense, model, x, x_adv, y = _model_and_batch()
+    C = model.head.prototypes
+    f, fa = model.features(x), model.features(x_adv)
+    on, _ = adv_dpnp_loss(f, fa, y, C, **KW)
+    off, parts = adv_dpnp_loss(f, fa, y, C, **KW, dual_branch=False)
+    assert off.item() == pytest.approx(on.item(), rel=1e-6)  # same value, other routing
+    g_on = torch.autograd.grad(on, C, retain_graph=True)[0]
+    g_off = torch.autograd.grad(off, C, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(parts["dpp_adv"], C, retain_graph=True)[0]
+    assert torch.count_nonzero(g_adv) > 0
+    # reference: the adversarial DPP and the p(x') side of DFA with C attached, halved
+    q_terms = (KW["lambda_dfa"] * F.kl_div(F.log_softmax(fa @ C.t() / KW["alpha"], 1),
+                                           F.log_softmax(f.detach() @ C.detach().t()
+                                                         / KW["alpha"], 1),
+                                           log_target=True, reduction="none").sum(1))
+    ref = torch.autograd.grad((parts["dpp_adv"] * len(y) + q_terms.sum()) / (2 * len(y)), C)[0]
+    assert torch.allclose(g_off - g_on, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_dual_branch_is_an_optional_hparam_outside_the_run_id() -> None:
+    base = resolve_run_config("adv-dpnp", "synthetic")
+    assert "dual_branch" not in base.hparams
+    same = resolve_run_config("adv-dpnp", "synthetic", user_hparams={"dual_branch": True})
+    assert same.run_id == base.run_id
+    off = resolve_run_config("adv-dpnp", "synthetic", user_hparams={"dual_branch": False})
+    assert off.hparams["dual_branch"] is False and off.run_id != base.run_id
