@@ -162,6 +162,11 @@ def test_figure2_command_plots_two_d_features(tmp_path: Path, tiny_run: Path) ->
     assert panel["clean"].shape == panel["adv"].shape == (16, 2)
     assert panel["centers"].shape == (10, 2) and panel["centers_source"] != "classifier weights"
     assert not np.allclose(panel["clean"], panel["adv"])
+    # the figure says how each model was trained (its training attack is half the story)
+    from benchmark.report.plots import training_text
+    assert panel["hparams"]["train_attack_steps"] == 5
+    assert training_text(panel["hparams"]).startswith("PGD-5 (step ")
+    assert "margin loss" in training_text({**panel["hparams"], "train_attack_loss": "margin"})
     out = tmp_path / "fig2.png"
     res = CliRunner().invoke(cli, ["figure2", "--at", str(runs["at"]), "--adv-dpnp",
                                    str(runs["adv-dpnp"]), "--out", str(out), "--n-examples", "16",

@@ -167,4 +167,5 @@ def figure2_panels(run_dir: Path | str, *, checkpoint: str = "best",
             centers.detach().cpu().float().numpy(),
             "centers_source": centers_source(run.defense, centers),
             "clean_acc": float((pc == y.cpu()).float().mean()),
-            "adv_acc": float((pa == y.cpu()).float().mean()), "attack": spec.record()}
+            "adv_acc": float((pa == y.cpu()).float().mean()), "attack": spec.record(),
+            "hparams": dict(run.cfg.hparams)}

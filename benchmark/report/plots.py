@@ -133,6 +133,16 @@ def _one_point_set(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(out) if out else rows
 
 
+def training_text(hp: dict[str, Any]) -> str:
+    """How a run was trained, for a figure's title: training attack, digits, epochs."""
+    k, step = hp.get("train_attack_steps"), hp.get("train_step_size")
+    loss = hp.get("train_attack_loss", "ce")
+    subset = hp.get("train_subset")
+    digits = f"{subset:,} training points" if subset else "the full training set"
+    return (f"PGD-{k} (step {step:g}{'' if loss == 'ce' else ', ' + loss + ' loss'}), "
+            f"{digits}, {hp.get('epochs')} epochs")
+
+
 def figure2(panels: Sequence[dict[str, Any]]) -> Figure:
     """Figure 2: 2-D features, clean (left) then adversarial (right), one panel per model.
 
@@ -180,7 +190,9 @@ def figure2(panels: Sequence[dict[str, Any]]) -> Figure:
     atk = panels[0].get("attack", {})
     fig.suptitle(f"LeNets++ features on {panels[0].get('dataset')}: adversarial = PGD "
                  f"ε={atk.get('eps_str', '?')}, {atk.get('attack_hparams', {}).get('steps', '?')} "
-                 f"steps of {atk.get('attack_hparams', {}).get('step_size', '?')}", fontsize=11)
+                 f"steps of {atk.get('attack_hparams', {}).get('step_size', '?')}"
+                 + "".join(f"\n{p['defense']} trained with {training_text(p['hparams'])}"
+                           for p in panels if p.get("hparams")), fontsize=10)
     fig.tight_layout()
     return fig
 
