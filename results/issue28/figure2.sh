@@ -19,8 +19,8 @@ ev() { advbench evaluate --run "$1" --data-dir "$DATA" --no-progress "${@:2}"; }
 (ev "$AT" --attacks fgsm,pgd,pgd20 --n-examples 500; ev "$AT" --attacks autoattack --n-examples 100) &
 (ev "$DPNP" --attacks fgsm,pgd,pgd20 --n-examples 500; ev "$DPNP" --attacks autoattack --n-examples 100) &
 wait
-advbench diagnose --run "$AT" --n-examples 100 --data-dir "$DATA" --no-components > /dev/null &
-advbench diagnose --run "$DPNP" --n-examples 100 --data-dir "$DATA" --no-components > /dev/null &
+advbench diagnose --run "$AT" --n-examples 100 --data-dir "$DATA" > /dev/null &
+advbench diagnose --run "$DPNP" --n-examples 100 --data-dir "$DATA" > /dev/null &
 wait
-advbench diagnose --run "$AT" --run "$DPNP" --n-examples 100 --data-dir "$DATA" --no-components --json results/issue28/diagnose_lenets.json
+advbench diagnose --run "$AT" --run "$DPNP" --n-examples 100 --data-dir "$DATA" --json results/issue28/diagnose_lenets.json
 advbench figure2 --at "$AT" --adv-dpnp "$DPNP" --n-examples 1000 --data-dir "$DATA" --out results/plots/figure2.png
