@@ -67,7 +67,8 @@ def adversarially_trained(seed: int) -> nn.Module:
 
 def as_rows(results: list, name: str) -> list[dict[str, Any]]:
     """Check rows as ``advbench check`` writes them (the fields the verdicts read)."""
-    return [{"kind": "check", "check": r.name, "letter": r.letter, "status": r.status,
+    return [{"kind": "check", "check": r.name, "check_version": ck.CHECK_VERSIONS[r.name],
+             "letter": r.letter, "status": r.status,
              "value": r.value, "threshold": r.threshold, "finding": r.finding,
              "doubts": r.doubts, "p_value": r.p_value, "alpha": ck.ALPHA, "test": r.test,
              "detail": r.detail, "eps": EPS, "eps_str": "8/255", "hparams": {"eps": EPS},
@@ -249,18 +250,19 @@ def test_per_norm_reference_check_finds_pgd_l2_weak(monkeypatch: pytest.MonkeyPa
         v.mark(True, "headline") == ""
 
 
-def test_marks_follow_the_mapping_and_old_rows_still_read() -> None:
+def test_marks_follow_the_mapping() -> None:
     """Masking (†) doubts every white-box cell and the headline, never Square's; a weak-attack
-    finding (§) only its cells; rows written before ``finding``/``p_value`` map by name."""
-    old = [{"kind": "check", "check": "more-budget", "letter": "e", "status": "fail",
+    finding (§) only its cells; a row without ``finding``/``doubts`` maps by name."""
+    old = [{"kind": "check", "check": "more-budget", "check_version": 1, "letter": "e",
+            "status": "fail",
             "value": 0.06, "threshold": 0.05, "eps": 0.3, "eps_str": "0.3",
             "hparams": {"eps": 0.3}, "arch": "a", "checkpoint": "best", "seed": 0,
             "detail": "drop"}]
     v = row_verdicts(old, ["at"])[("a", "best", "at")]
     assert v.reliable == "yes" and v.mark(True, "pgd") == "§" and v.mark(True, "headline") == ""
     assert v.mark(True) == "§" and v.mark(False, "pgd") == ""
-    masked = [{**old[0], "check": "zero-gradient", "letter": "f", "value": 1.0,
-               "threshold": 0.05}]
+    masked = [{**old[0], "check": "zero-gradient", "check_version": 1, "letter": "f",
+               "value": 1.0, "threshold": 0.05}]
     m = row_verdicts(masked, ["x"])[("a", "best", "x")]
     assert m.reliable == "no" and m.reliable_cell == "no †"
     assert [m.mark(True, a) for a in ("headline", "autoattack", "pgd", "square")] == \
@@ -353,10 +355,12 @@ def test_tables_mark_unhealthy_and_unreliable_rows_with_footnotes(tmp_path: Path
              "eval_key": "h-oc", "verdict": "did-not-train", "healthy": False,
              "reasons": ["final training accuracy 9.5% is within 5 points of chance"]},
             {**base, "kind": "check", "defense": "adv-dpnp", "seed": 0, "run_id": "adv-dpnp",
-             "eval_key": "c1", "check": "zero-gradient", "letter": "f", "status": "fail",
+             "eval_key": "c1", "check": "zero-gradient", "check_version": 1, "letter": "f",
+             "status": "fail",
              "value": 0.12, "threshold": 0.05, "eps": 0.3, "eps_str": "0.3", "detail": "zero"},
             {**base, "kind": "check", "defense": "at", "seed": 0, "run_id": "at",
-             "eval_key": "c2", "check": "more-budget", "letter": "e", "status": "fail",
+             "eval_key": "c2", "check": "more-budget", "check_version": 1, "letter": "e",
+             "status": "fail",
              "value": 0.08, "threshold": 0.05, "eps": 0.3, "eps_str": "0.3", "detail": "drop",
              "finding": "weak-attack", "doubts": ["pgd"], "p_value": 0.004, "alpha": 0.01,
              "test": "McNemar exact one-sided"}]
@@ -417,7 +421,8 @@ def test_rejection_tables_mark_robust_accuracy_of_unreliable_rows(tmp_path: Path
 
     def check(defense: str, status: str) -> dict:
         return {**base, "kind": "check", "defense": defense, "run_id": defense,
-                "eval_key": f"c-{defense}", "check": "aa-vs-pgd", "letter": "a",
+                "eval_key": f"c-{defense}", "check": "aa-vs-pgd", "check_version": 1,
+                "letter": "a",
                 "status": status, "value": 0.3, "threshold": 0.2, "detail": "AA breaks 27"}
 
     rows = [rej("at", 0.8), rej("adv-dpnp", 0.85), check("at", "pass"),
@@ -572,3 +577,62 @@ def test_binarization_passes_pgd_and_finds_a_one_step_attack_weak() -> None:
     weak = ck.binarization(model, spec.with_hparams(steps=1, step_size=EPS / 20), x)
     assert weak.status == "fail" and weak.finding == "weak-attack" and weak.doubts == ["pgd"]
     assert weak.extra["failed"] > 0.3 * weak.extra["feasible"], weak.detail
+
+
+# ------------------------------------------------------------------- stale evidence (issue 30)
+def _stale_rows() -> list[dict]:
+    """drp's CIFAR-10-JPEG case: a masking finding written before check versions existed
+    (the old Square-vs-PGD rule, no exact test) beside a current pass of the same check."""
+    base = {"dataset": "cifar10-jpeg", "arch": "small-cnn", "profile": "cpu",
+            "checkpoint": "best", "hparams": {"eps": 8 / 255}, "data_provenance": "JPEG",
+            "norm": "linf", "eps": 8 / 255, "eps_str": "8/255", "seed": 0}
+    attack = [{**base, "kind": "attack", "defense": d, "run_id": d, "eval_key": f"{d}-pgd",
+               "attack": "pgd", "clean_acc": 0.5, "robust_acc": acc, "n_examples": 100}
+              for d, acc in (("drp", 0.40), ("at", 0.30))]
+    old = {**base, "kind": "check", "defense": "drp", "run_id": "drp", "eval_key": "c-old",
+           "check": "square", "letter": "d", "status": "fail", "value": 0.4,
+           "threshold": 0.1, "detail": "Square breaks 2 of the 5 points PGD left robust"}
+    ok = {**base, "kind": "check", "defense": "at", "run_id": "at", "eval_key": "c-at",
+          "check": "zero-gradient", "letter": "f", "status": "pass", "value": 0.0,
+          "threshold": 0.05, "detail": "none", "check_version": ck.CHECK_VERSIONS["zero-gradient"]}
+    return attack + [old, ok]
+
+
+def test_a_stale_check_row_is_listed_apart_never_a_finding(tmp_path: Path) -> None:
+    from benchmark.report.html import board
+    from benchmark.report.report import write_report
+    rows = _stale_rows()
+    old = rows[2]
+    assert ck.is_stale(old) and ck.is_stale({**old, "check_version": 0})
+    assert not ck.is_stale({**old, "check_version": ck.CHECK_VERSIONS["square"]})
+    v = row_verdicts(rows, [r["defense"] for r in rows])[("small-cnn", "best", "drp")]
+    assert not v.masked and v.reliable == "–" and v.mark(True, "pgd") == "" and len(v.stale) == 1
+    md = write_report(rows, tmp_path, plots=False)[0]
+    line = next(ln for ln in md.splitlines() if ln.startswith("| drp |"))
+    assert "†" not in line
+    assert "- stale `drp`: 1 check rows of 1 runs were written by an older version" in md
+    assert "`advbench check --run RUNS/cifar10-jpeg/drp/drp --checks square`" in md
+    wide, _ = board(rows)
+    assert "drp" in list(wide.loc[wide["apart"] == "", "defense"])  # not listed apart
+    # the same row written by the current rule is a finding again
+    fresh = [*rows[:2], {**old, "check_version": ck.CHECK_VERSIONS["square"]}, rows[3]]
+    assert row_verdicts(fresh, [r["defense"] for r in fresh])[
+        ("small-cnn", "best", "drp")].reliable == "no"
+
+
+def test_cheap_check_recomputes_a_stale_row_instead_of_reusing_it(tmp_path: Path,
+                                                                   run_dir: Path) -> None:
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    first = {r["check"]: r for r in ck.check_run(run, names=["zero-gradient"], cheap=True,
+                                                 n_examples=16) if r.get("kind") == "check"}
+    row = first["zero-gradient"]
+    assert row["check_version"] == ck.CHECK_VERSIONS["zero-gradient"]
+    path = run / "eval" / f"{row['eval_key']}.json"
+    json.dump({**row, "check_version": 0, "status": "fail", "detail": "old rule"},
+              path.open("w"))
+    again = [r for r in ck.check_run(run, names=["zero-gradient"], cheap=True, n_examples=16)
+             if r.get("kind") == "check"]
+    assert [r["detail"] for r in again] != ["old rule"] and not ck.is_stale(again[0])
+    assert json.loads(path.read_text())["check_version"] == ck.CHECK_VERSIONS["zero-gradient"]

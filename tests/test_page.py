@@ -117,10 +117,12 @@ def test_paper_links_and_reliability_marks() -> None:
         "https://openreview.net/forum?id=rklOg6EFwS"
     assert paper_link("-") is None
     rows = [{"kind": "health", "run_id": "a", "verdict": "ok", "healthy": True},
-            {"kind": "check", "run_id": "a", "name": "aa-vs-pgd", "status": "pass"},
+            {"kind": "check", "run_id": "a", "check": "aa-vs-pgd", "check_version": 1,
+             "status": "pass"},
             {"kind": "health", "run_id": "b", "verdict": "did-not-train", "seed": 1,
              "reasons": ["final training accuracy 10.0% is within 5 points of chance"]},
-            {"kind": "check", "run_id": "c", "name": "zero-gradient", "status": "fail",
+            {"kind": "check", "run_id": "c", "check": "zero-gradient", "check_version": 1,
+             "status": "fail",
              "detail": "40% of points have a zero input gradient"}]
     assert reliability(rows, ["a"])[0] == "✓"
     mark, why = reliability(rows, ["a", "b"])

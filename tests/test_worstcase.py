@@ -231,7 +231,8 @@ def test_an_unreliable_row_is_never_ranked_or_bold_above_reliable_ones(tmp_path:
     common = {k: rows[0][k] for k in ("dataset", "arch", "profile", "checkpoint", "hparams",
                                       "data_provenance", "eps", "eps_str")}
     rows += [{**common, "kind": "check", "defense": d, "seed": 0, "run_id": d,
-              "eval_key": f"c-{d}", "check": "zero-gradient", "letter": "f", "status": s,
+              "eval_key": f"c-{d}", "check": "zero-gradient", "check_version": 1,
+              "letter": "f", "status": s,
               "value": v, "threshold": 0.05, "detail": "masked" if s == "fail" else "ok"}
              for d, s, v in (("st", "fail", 0.9), ("at", "pass", 0.0), ("trades", "pass", 0.0))]
     rows.append({**rows[-1], "defense": "st", "run_id": "st", "eval_key": "c-st-g",

@@ -111,6 +111,12 @@ THRESHOLDS: dict[str, tuple[str, float]] = {
     "zero-gradient": ("f", 0.05), "fgsm-vs-pgd": ("g", 0.05), "incomplete-opt": ("h", 0.10),
     "unstable": ("i", 0.05), "binarization": ("j", 0.10)}
 CHECKS = tuple(THRESHOLDS)
+#: version of each check's rule, written into every row it writes (``check_version``); bump a
+#: check's number whenever its rule (value, test, minimum effect, finding or the attacks it
+#: compares) changes. A row of another version, or of none (written before versions existed),
+#: is stale (:func:`is_stale`): the report lists it apart and never reads it as a finding, and
+#: ``advbench check`` recomputes it instead of reusing it.
+CHECK_VERSIONS: dict[str, int] = {name: 1 for name in THRESHOLDS}
 CHEAP = ("aa-vs-pgd", "aa-vs-pgd-l2", "aa-vs-pgd-l1", "eps-monotone", "unbounded-eps",
          "more-budget", "zero-gradient", "fgsm-vs-pgd", "incomplete-opt", "unstable")
 #: significance level of every check's exact one-sided test
@@ -214,6 +220,22 @@ def _judge_share(name: str, k: int, m: int, detail: str, n: int, doubts: Sequenc
     share = THRESHOLDS[name][1]
     return _judge(name, k / m if m else 0.0, detail, n, excess_test(k, m, share),
                   f"binomial exact one-sided vs {share:g}", doubts, **extra)
+
+
+def is_stale(row: Mapping[str, Any]) -> bool:
+    """Whether a ``check`` row was written by another version of its check's rule than
+    :data:`CHECK_VERSIONS` holds (or by none, or by a check that no longer exists)."""
+    current = CHECK_VERSIONS.get(str(row.get("check")))
+    return row.get("kind") == "check" and (current is None or
+                                           row.get("check_version") != current)
+
+
+def renew_command(row: Mapping[str, Any], names: Sequence[str] = ()) -> str:
+    """The command that renews a stale check row (``RUNS`` is the runs folder)."""
+    run = f"RUNS/{row.get('dataset')}/{row.get('defense')}/{row.get('run_id')}"
+    ckpt = row.get("checkpoint") or "best"
+    return (f"advbench check --run {run} --checks {','.join(names or [str(row.get('check'))])}"
+            + ("" if ckpt == "best" else f" --checkpoint {ckpt}"))
 
 
 def skipped(name: str, why: str) -> CheckResult:
@@ -824,8 +846,10 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
         todo = list(names)
         if cheap:  # `advbench run`: a verdict once written is reused, like attack rows
             done = {c: t.out_dir / "eval" / f"{_check_key(t, c, e)}.json" for c in names}
-            out += [read_json(p) for p in done.values() if p.exists()]
-            todo = [c for c in names if not done[c].exists()]
+            fresh = {c: read_json(p) for c, p in done.items() if p.exists()}
+            fresh = {c: r for c, r in fresh.items() if not is_stale(r)}  # stale: recomputed
+            out += list(fresh.values())
+            todo = [c for c in names if c not in fresh]
             if not todo:
                 continue
         aa_spec = adapt_spec(attack_specs(scale)["autoattack"].with_eps(e), t.defense.randomized)
@@ -860,7 +884,7 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
             path = t.out_dir / "eval" / f"{row['eval_key']}.json"
             if res.passed is None and path.exists():
                 old = read_json(path)
-                if old.get("status") in ("pass", "fail"):
+                if old.get("status") in ("pass", "fail") and not is_stale(old):
                     out.append(old)
                     continue
             atomic_write_json(path, row)
@@ -934,7 +958,8 @@ def _check_row(t: Any, res: CheckResult, eps: float, n: int, n_aa: Optional[int]
     used = set(res.extra.get("attacks_used", ()))
     eps = float(res.extra.pop("eps", eps))  # the per-norm (a) checks run at their norm's ε
     return {"schema": 2, "kind": "check", "eval_key": key, "check": res.name,
-            "letter": res.letter, "value": res.value, "threshold": res.threshold,
+            "check_version": CHECK_VERSIONS[res.name], "letter": res.letter,
+            "value": res.value, "threshold": res.threshold,
             "status": res.status, "passed": res.passed, "detail": res.detail,
             "run_id": cfg.run_id, "defense": cfg.defense, "dataset": cfg.dataset,
             "data_provenance": t.info.provenance, "arch": cfg.arch, "profile": cfg.profile,

@@ -25,6 +25,7 @@ import pandas as pd
 from benchmark.report.latex import cell_text
 from benchmark.report.stats import interval_text
 from benchmark.report.tables import COST, TableSpec, _fixed, _labels, frames
+from benchmark.eval.checks import is_stale
 from benchmark.report.verdicts import behind_reference, finding
 
 #: columns of the page's table (machine name → header)
@@ -117,7 +118,11 @@ def reliability(records: list[dict], run_ids: Iterable[str],
     """
     ids = set(run_ids)
     health = [r for r in records if r.get("kind") == "health" and r.get("run_id") in ids]
-    checks = [r for r in records if r.get("kind") == "check" and r.get("run_id") in ids]
+    every = [r for r in records if r.get("kind") == "check" and r.get("run_id") in ids]
+    checks = [r for r in every if not is_stale(r)]  # stale rows: never a finding
+    stale = len(every) - len(checks)
+    renew = (f"; {stale} stale check rows (older check versions) not read: renew with "
+             f"advbench check" if stale else "")
     sick = [r for r in health if r.get("verdict", "ok") != "ok" or r.get("healthy") is False]
     if sick:
         r = sick[0]
@@ -130,12 +135,12 @@ def reliability(records: list[dict], run_ids: Iterable[str],
         names = sorted({str(r.get("check") or r.get("name")) for r in failed})
         detail = str(failed[0].get("detail") or "")
         return "⚠", "potentially unreliable: " + ", ".join(names) + (f" ({detail})" if detail
-                                                                     else "")
+                                                                     else "") + renew
     if checks or health:
         done = [r for r in checks if r.get("status") == "pass"]
         return "✓", (f"{len(done)} checks passed" if done else "trained normally; no "
-                     "gradient-masking checks yet")
-    return "–", ""
+                     "gradient-masking checks yet") + renew
+    return "–", renew[2:]
 
 
 def _embed_png(path: Path, caption: str) -> str:

@@ -29,6 +29,10 @@ check  name                     doubts                                 mark
 (j)    ``binarization``         ``pgd``                                § attack weak
 =====  =======================  =====================================  ==================
 
+A check row written by another version of its check's rule (``check_version`` differs from
+:data:`benchmark.eval.checks.CHECK_VERSIONS`, or is absent) is *stale*: it never marks,
+unranks or passes a row; the footnotes list it apart with the command that renews it.
+
 White-box cells are every robustness cell except the black-box attacks' (Square, transfer).
 ``reliable`` is the verdict on the headline: ``no`` when a masking check failed for one of the
 row's runs at the ε of the table (the nominal ε; every ε for Table 3; the norm's own ε for the
@@ -45,6 +49,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from benchmark.config import same_eps
+from benchmark.eval.checks import is_stale, renew_command
 
 
 HEALTH_MARK, RELIABILITY_MARK, WEAK_MARK = "‡", "†", "§"
@@ -107,6 +112,8 @@ class RowVerdict:
     failed: list[str] = field(default_factory=list)
     passed: int = 0
     doubts: list[Doubt] = field(default_factory=list)
+    #: stale check rows (another version of the check's rule): (text, row)
+    stale: list[tuple[str, dict]] = field(default_factory=list)
 
     @property
     def masked(self) -> bool:
@@ -173,6 +180,11 @@ def row_verdicts(records: Iterable[dict], labels: list[str], *, any_eps: bool = 
                     float(r.get("eps", math.nan)), _nominal(r)):
                 continue
             v = out.setdefault((arch, str(r.get("checkpoint") or "best"), label), RowVerdict())
+            if is_stale(r):  # never a finding: listed apart with the command that renews it
+                v.stale.append((f"({r.get('letter')}) {r.get('check')} at ε={r.get('eps_str')}, "
+                                f"seed {r.get('seed')} (check version "
+                                f"{r.get('check_version', 'none')}): {r.get('detail')}", r))
+                continue
             if r["status"] == "pass":
                 v.passed += 1
                 continue
@@ -235,7 +247,26 @@ def footnotes(verdicts: dict[tuple[str, str, str], RowVerdict], arch: str, ckpt:
             lines.append(f"- {WEAK_MARK} `{name}`: attack weak (the cells of "
                          + ", ".join(f"`{c}`" for c in cells) + " overstate robustness; the "
                          "headline is not doubted): " + "; ".join(d.text for d in weak))
+        if v.stale:
+            lines.append(stale_line(name, v.stale))
     return lines
+
+
+def stale_line(name: str, stale: list[tuple[str, dict]]) -> str:
+    """The footnote of a row's stale check rows: what they are and the commands (one per run
+    and checkpoint) that renew them."""
+    runs: dict[tuple, tuple[dict, list[str]]] = {}
+    for _, r in stale:
+        key = tuple(r.get(k) for k in ("dataset", "defense", "run_id", "checkpoint"))
+        names = runs.setdefault(key, (r, []))[1]
+        if str(r.get("check")) not in names:
+            names.append(str(r.get("check")))
+    renew = "; ".join(f"`{renew_command(r, names)}`" for r, names in runs.values())
+    failed = [t for t, r in stale if r.get("status") == "fail"]
+    return (f"- stale `{name}`: {len(stale)} check rows of {len(runs)} runs were written by an "
+            "older version of the checks (or before check versions existed) and are not read "
+            "(no mark, no ranking)" + (f"; {len(failed)} of them had failed: " + "; ".join(failed)
+                                       if failed else "") + f". Renew: {renew}")
 
 
 def has_verdicts(records: Iterable[dict]) -> bool:
