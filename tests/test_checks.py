@@ -135,7 +135,7 @@ def test_a_weak_attack_finding_marks_only_pgd(zoo: dict) -> None:
     only_a = row_verdicts([row], ["x"])[("mlp", "best", "x")]
     assert only_a.mark(True, attack="pgd") == "§"
     assert only_a.mark(True, attack="autoattack") == "" and only_a.mark(True, "headline") == ""
-    assert only_a.reliable == "yes"
+    assert only_a.reliable == "–"  # a weak-attack check alone says nothing about masking
 
 
 def test_check_rows_record_their_test(zoo: dict) -> None:
@@ -259,7 +259,7 @@ def test_marks_follow_the_mapping() -> None:
             "hparams": {"eps": 0.3}, "arch": "a", "checkpoint": "best", "seed": 0,
             "detail": "drop"}]
     v = row_verdicts(old, ["at"])[("a", "best", "at")]
-    assert v.reliable == "yes" and v.mark(True, "pgd") == "§" and v.mark(True, "headline") == ""
+    assert v.reliable == "–" and v.mark(True, "pgd") == "§" and v.mark(True, "headline") == ""
     assert v.mark(True) == "§" and v.mark(False, "pgd") == ""
     masked = [{**old[0], "check": "zero-gradient", "check_version": 1, "letter": "f",
                "value": 1.0, "threshold": 0.05}]
@@ -364,6 +364,8 @@ def test_tables_mark_unhealthy_and_unreliable_rows_with_footnotes(tmp_path: Path
              "value": 0.08, "threshold": 0.05, "eps": 0.3, "eps_str": "0.3", "detail": "drop",
              "finding": "weak-attack", "doubts": ["pgd"], "p_value": 0.004, "alpha": 0.01,
              "test": "McNemar exact one-sided"}]
+    rows.append({**rows[-2], "defense": "at", "run_id": "at", "eval_key": "c3",
+                 "status": "pass", "value": 0.0})  # a masking check AT passed
     md = write_report(rows, tmp_path, plots=False)[0]
     lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ")}
     # (e) finds AT's PGD weak: § on its PGD cell only, and the headline verdict stays yes
@@ -401,7 +403,9 @@ def test_page_marks_an_under_trained_row_as_the_tables_do(tmp_path: Path) -> Non
     oc_row = page[page.index(">oc<"):].split("</tr>")[0]
     assert "✗" in oc_row and "under-trained: clean accuracy 70.0 is 26.0 points below" in oc_row
     trades_row = page[page.index(">trades<"):].split("</tr>")[0]
-    assert "✗" not in trades_row and "✓" in trades_row
+    # trained normally but never checked for masking: – (issue 30), not ✓
+    assert "✗" not in trades_row and "✓" not in trades_row and \
+        "no gradient-masking check judged" in trades_row
 
 
 def test_rejection_tables_mark_robust_accuracy_of_unreliable_rows(tmp_path: Path) -> None:
@@ -426,7 +430,9 @@ def test_rejection_tables_mark_robust_accuracy_of_unreliable_rows(tmp_path: Path
                 "status": status, "value": 0.3, "threshold": 0.2, "detail": "AA breaks 27"}
 
     rows = [rej("at", 0.8), rej("adv-dpnp", 0.85), check("at", "pass"),
-            check("adv-dpnp", "fail")]
+            check("adv-dpnp", "fail"),
+            {**check("at", "pass"), "eval_key": "c-at-f", "check": "zero-gradient"},
+            {**check("adv-dpnp", "pass"), "eval_key": "c-dp-f", "check": "zero-gradient"}]
     write_report(rows, tmp_path, plots=False)
     md = (tmp_path / "tables" / "rejection_mnist_cpu.md").read_text()
     lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ")}
