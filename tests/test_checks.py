@@ -30,7 +30,8 @@ EPS = 8 / 255
 N_POINTS = 40
 #: quick AutoAttack / Square budgets (the checks' logic does not depend on them)
 FAST = {"autoattack": {"version": "custom", "attacks": ["apgd-ce", "apgd-t", "square"],
-                       "n_iter": 10, "n_queries": 150}, "square": {"n_queries": 150}}
+                       "n_iter": 10, "n_queries": 150}, "square": {"n_queries": 150},
+        "rays": {"n_queries": 1000}}
 FAST_EOT = {**FAST, "autoattack": {"version": "rand", "n_iter": 10}}
 
 
@@ -107,8 +108,10 @@ MUST_FIRE = {"rounded-logits": {"zero-gradient", "unbounded-eps"},
              "randomized-no-eot": {"unstable"},
              "logits-x1000": {"zero-gradient"},
              "detector": {"unbounded-eps"},
+             "one-hot-scores": {"rays", "zero-gradient"},
              "randomized-eot": set(), "at": set(), "st": set()}
-MASKED = {"rounded-logits", "quantised-input", "randomized-no-eot", "logits-x1000", "detector"}
+MASKED = {"rounded-logits", "quantised-input", "randomized-no-eot", "logits-x1000", "detector",
+          "one-hot-scores"}
 
 
 @pytest.mark.parametrize("name", list(MUST_FIRE))
@@ -642,3 +645,65 @@ def test_cheap_check_recomputes_a_stale_row_instead_of_reusing_it(tmp_path: Path
              if r.get("kind") == "check"]
     assert [r["detail"] for r in again] != ["old rule"] and not ck.is_stale(again[0])
     assert json.loads(path.read_text())["check_version"] == ck.CHECK_VERSIONS["zero-gradient"]
+
+
+def test_check_help_lists_every_check() -> None:
+    from click.testing import CliRunner
+
+    from benchmark.cli import cli
+    import re
+    text = re.sub(r"-\s+", "-", " ".join(CliRunner().invoke(cli, ["check", "--help"]).output
+                                         .split()))  # click wraps at hyphens
+    missing = [c for c in CHECKS if c not in text]
+    assert not missing, missing
+
+
+def test_check_k_flags_what_only_a_decision_attack_breaks() -> None:
+    """Check (k) on flags: RayS breaks 12 of the 30 points every score-based attack left
+    robust (masking, with its ADBD); breaking 2 of them (within the minimum effect) passes."""
+    score = torch.zeros(40, dtype=torch.bool)
+    score[:30] = True
+    rays = score.clone()
+    rays[:12] = False
+    res = ck.decision_gap(score, rays, ["pgd", "square"], torch.full((40,), 0.02))
+    assert res.status == "fail" and res.finding == "masking" and res.extra["adbd"] == \
+        pytest.approx(0.02) and "ADBD 0.0200" in res.detail
+    rays = score.clone()
+    rays[:2] = False
+    assert ck.decision_gap(score, rays, ["pgd"], None).status == "pass"
+
+
+def test_advbench_check_runs_rays_into_the_headline(tmp_path: Path, run_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check (k) runs RayS on the run's points, stores its flags (and boundary distances) like
+    any attack, and the headline rows then cover `rays`; the row records the ADBD."""
+    import shutil
+    monkeypatch.setitem(ck.RAYS_QUERIES, "cpu", 100)
+    monkeypatch.setitem(ck.SQUARE_QUERIES, "cpu", 50)
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (row,) = [r for r in ck.check_run(run, names=["rays"], n_examples=16)
+              if r.get("kind") == "check"]
+    assert row["check"] == "rays" and row["status"] in ("pass", "fail") and \
+        0 <= row["adbd"] <= 1 and "square" in row["score_based"], row
+    heads = [json.loads(p.read_text()) for p in (run / "eval").glob("headline-*.json")]
+    assert heads and all("rays" in h["attacks"] for h in heads if h["n_examples"] == 16)
+
+
+def test_random_noise_beating_every_gradient_attack_is_a_masking_finding(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check (l): when the gradient attacks leave robust points that random corners of the
+    ball break, the finding is masking; on the honest model (real gradient attacks) it
+    passes."""
+    plain = trained(0)
+    x, y = templates_data(N_POINTS, 2)
+    clean = plain(x).argmax(1) == y
+    assert torch.equal(ck.noise_flags(plain, x, y, 0.0, 3), clean)  # ε = 0: nothing moves
+    noisy = ck.noise_flags(plain, x, y, 0.2, 20)
+    assert torch.equal(noisy, ck.noise_flags(plain, x, y, 0.2, 20)) and noisy.sum() < clean.sum()
+    (res,) = Checker(plain, x, y, "cifar", overrides=FAST).run(0.2, ["noise"])
+    assert res.status == "pass" and res.finding == "masking", res.detail
+    # gradient attacks that broke nothing (what broken gradients give): noise beats them
+    monkeypatch.setattr(Checker, "white_box", lambda self, eps, cheap=False: (clean, ["pgd"]))
+    (res,) = Checker(plain, x, y, "cifar", overrides=FAST).run(0.2, ["noise"])
+    assert res.status == "fail" and res.extra["draws"] == ck.NOISE_DRAWS["cpu"], res.detail

@@ -27,13 +27,16 @@ check  name                     doubts                                 mark
 (h)    ``incomplete-opt``       ``pgd``                                § attack weak
 (i)    ``unstable``             every white-box cell and the headline  † masking
 (j)    ``binarization``         ``pgd``                                § attack weak
+(k)    ``rays``                 every white-box cell and the headline  † masking
+(l)    ``noise``                every white-box cell and the headline  † masking
 =====  =======================  =====================================  ==================
 
 A check row written by another version of its check's rule (``check_version`` differs from
 :data:`benchmark.eval.checks.CHECK_VERSIONS`, or is absent) is *stale*: it never marks,
 unranks or passes a row; the footnotes list it apart with the command that renews it.
 
-White-box cells are every robustness cell except the black-box attacks' (Square, transfer).
+White-box cells are every robustness cell except the black-box attacks' (Square, transfer,
+RayS).
 ``reliable`` is the verdict on the headline: ``no`` when a masking check failed for one of the
 row's runs at the ε of the table (the nominal ε; every ε for Table 3; the norm's own ε for the
 per-norm (a) checks, which only ever doubt PGD cells), ``yes`` when at least one masking check
@@ -64,7 +67,7 @@ REFERENCE = "at"
 #: the headline cell's attack label in :meth:`RowVerdict.mark`
 HEADLINE = "headline"
 #: attack labels of black-box attacks (never doubted by a masking finding)
-BLACK_BOX = frozenset({"square", "transfer"})
+BLACK_BOX = frozenset({"square", "transfer", "rays"})
 #: check → (finding, doubted labels) for rows without ``finding``/``doubts`` (older rows)
 MAPPING: dict[str, tuple[str, tuple[str, ...]]] = {
     "aa-vs-pgd": ("weak-attack", ("pgd",)), "aa-vs-pgd-l2": ("weak-attack", ("pgd-l2",)),
@@ -73,7 +76,8 @@ MAPPING: dict[str, tuple[str, tuple[str, ...]]] = {
     "square": ("masking", ()), "transfer": ("masking", ()),
     "more-budget": ("weak-attack", ("pgd", "pgd-r1")), "zero-gradient": ("masking", ()),
     "fgsm-vs-pgd": ("weak-attack", ("pgd",)), "incomplete-opt": ("weak-attack", ("pgd",)),
-    "unstable": ("masking", ()), "binarization": ("weak-attack", ("pgd",))}
+    "unstable": ("masking", ()), "binarization": ("weak-attack", ("pgd",)),
+    "rays": ("masking", ()), "noise": ("masking", ())}
 
 
 def finding(row: dict) -> tuple[str, frozenset[str]]:
