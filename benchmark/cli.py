@@ -278,10 +278,12 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
 @click.option("--n-examples", type=POSITIVE, default=None,
               help="Points [those of the run's AutoAttack row, else 100 cpu / 1000 paper].")
 @click.option("--checks", "names", default=None,
-              help="Comma list of checks [all]: aa-vs-pgd, aa-vs-pgd-l2, aa-vs-pgd-l1, "
-                   "eps-monotone, unbounded-eps, square, transfer, more-budget, zero-gradient, "
-                   "fgsm-vs-pgd, incomplete-opt, unstable; 'health' for the training-health "
-                   "verdict only (always written).")
+              help="Comma list of checks [all]: (a) aa-vs-pgd, aa-vs-pgd-l2, aa-vs-pgd-l1, "
+                   "(b) eps-monotone, (c) unbounded-eps, (d) square, transfer, (e) more-budget, "
+                   "(f) zero-gradient, (g) fgsm-vs-pgd, (h) incomplete-opt, (i) unstable, "
+                   "(j) binarization, (k) rays, (l) noise; 'health' for the training-health "
+                   "verdict only (always written). A stale check row (older check version) is "
+                   "recomputed.")
 @click.option("--cheap", is_flag=True, help="Only what `advbench run` checks (nothing costly "
                                             "that is not stored).")
 @click.option("--source", default=None, type=click.Path(exists=True),

@@ -279,6 +279,22 @@ class DetectorHead(nn.Module):
         return out + self.boost * flagged * top
 
 
+class OneHotScores(nn.Module):
+    """Scores that carry only the decision: ``scale`` × one-hot of the base's prediction.
+    Decisions are the base's; gradients are zero and every score-based search (Square's
+    margin) sees a flat landscape until the decision flips, so only a decision-based attack
+    (RayS, check (k)) sees the base's true robustness."""
+
+    def __init__(self, base: nn.Module, scale: float = 10.0) -> None:
+        super().__init__()
+        self.base, self.scale = base, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        hot = torch.nn.functional.one_hot(out.argmax(1), out.shape[1]).to(out.dtype)
+        return self.scale * hot + 0.0 * out  # in the graph, with a zero gradient
+
+
 def masked_zoo(base: nn.Module, points: torch.Tensor) -> dict[str, tuple[nn.Module, bool]]:
     """Constructed masked models around one trained ``base``: name → (model, declared
     randomized). ``points`` are the evaluation's clean inputs (the detector's lookup)."""
@@ -287,4 +303,5 @@ def masked_zoo(base: nn.Module, points: torch.Tensor) -> dict[str, tuple[nn.Modu
             "randomized-no-eot": (RandomizedLogits(base), False),
             "randomized-eot": (RandomizedLogits(base), True),
             "logits-x1000": (ScaledLogits(base), False),
-            "detector": (DetectorHead(base, points), False)}
+            "detector": (DetectorHead(base, points), False),
+            "one-hot-scores": (OneHotScores(base), False)}

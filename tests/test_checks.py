@@ -30,7 +30,8 @@ EPS = 8 / 255
 N_POINTS = 40
 #: quick AutoAttack / Square budgets (the checks' logic does not depend on them)
 FAST = {"autoattack": {"version": "custom", "attacks": ["apgd-ce", "apgd-t", "square"],
-                       "n_iter": 10, "n_queries": 150}, "square": {"n_queries": 150}}
+                       "n_iter": 10, "n_queries": 150}, "square": {"n_queries": 150},
+        "rays": {"n_queries": 1000}}
 FAST_EOT = {**FAST, "autoattack": {"version": "rand", "n_iter": 10}}
 
 
@@ -67,7 +68,8 @@ def adversarially_trained(seed: int) -> nn.Module:
 
 def as_rows(results: list, name: str) -> list[dict[str, Any]]:
     """Check rows as ``advbench check`` writes them (the fields the verdicts read)."""
-    return [{"kind": "check", "check": r.name, "letter": r.letter, "status": r.status,
+    return [{"kind": "check", "check": r.name, "check_version": ck.CHECK_VERSIONS[r.name],
+             "letter": r.letter, "status": r.status,
              "value": r.value, "threshold": r.threshold, "finding": r.finding,
              "doubts": r.doubts, "p_value": r.p_value, "alpha": ck.ALPHA, "test": r.test,
              "detail": r.detail, "eps": EPS, "eps_str": "8/255", "hparams": {"eps": EPS},
@@ -106,8 +108,10 @@ MUST_FIRE = {"rounded-logits": {"zero-gradient", "unbounded-eps"},
              "randomized-no-eot": {"unstable"},
              "logits-x1000": {"zero-gradient"},
              "detector": {"unbounded-eps"},
+             "one-hot-scores": {"rays", "zero-gradient"},
              "randomized-eot": set(), "at": set(), "st": set()}
-MASKED = {"rounded-logits", "quantised-input", "randomized-no-eot", "logits-x1000", "detector"}
+MASKED = {"rounded-logits", "quantised-input", "randomized-no-eot", "logits-x1000", "detector",
+          "one-hot-scores"}
 
 
 @pytest.mark.parametrize("name", list(MUST_FIRE))
@@ -134,7 +138,7 @@ def test_a_weak_attack_finding_marks_only_pgd(zoo: dict) -> None:
     only_a = row_verdicts([row], ["x"])[("mlp", "best", "x")]
     assert only_a.mark(True, attack="pgd") == "§"
     assert only_a.mark(True, attack="autoattack") == "" and only_a.mark(True, "headline") == ""
-    assert only_a.reliable == "yes"
+    assert only_a.reliable == "–"  # a weak-attack check alone says nothing about masking
 
 
 def test_check_rows_record_their_test(zoo: dict) -> None:
@@ -249,18 +253,19 @@ def test_per_norm_reference_check_finds_pgd_l2_weak(monkeypatch: pytest.MonkeyPa
         v.mark(True, "headline") == ""
 
 
-def test_marks_follow_the_mapping_and_old_rows_still_read() -> None:
+def test_marks_follow_the_mapping() -> None:
     """Masking (†) doubts every white-box cell and the headline, never Square's; a weak-attack
-    finding (§) only its cells; rows written before ``finding``/``p_value`` map by name."""
-    old = [{"kind": "check", "check": "more-budget", "letter": "e", "status": "fail",
+    finding (§) only its cells; a row without ``finding``/``doubts`` maps by name."""
+    old = [{"kind": "check", "check": "more-budget", "check_version": 1, "letter": "e",
+            "status": "fail",
             "value": 0.06, "threshold": 0.05, "eps": 0.3, "eps_str": "0.3",
             "hparams": {"eps": 0.3}, "arch": "a", "checkpoint": "best", "seed": 0,
             "detail": "drop"}]
     v = row_verdicts(old, ["at"])[("a", "best", "at")]
-    assert v.reliable == "yes" and v.mark(True, "pgd") == "§" and v.mark(True, "headline") == ""
+    assert v.reliable == "–" and v.mark(True, "pgd") == "§" and v.mark(True, "headline") == ""
     assert v.mark(True) == "§" and v.mark(False, "pgd") == ""
-    masked = [{**old[0], "check": "zero-gradient", "letter": "f", "value": 1.0,
-               "threshold": 0.05}]
+    masked = [{**old[0], "check": "zero-gradient", "check_version": 1, "letter": "f",
+               "value": 1.0, "threshold": 0.05}]
     m = row_verdicts(masked, ["x"])[("a", "best", "x")]
     assert m.reliable == "no" and m.reliable_cell == "no †"
     assert [m.mark(True, a) for a in ("headline", "autoattack", "pgd", "square")] == \
@@ -353,13 +358,17 @@ def test_tables_mark_unhealthy_and_unreliable_rows_with_footnotes(tmp_path: Path
              "eval_key": "h-oc", "verdict": "did-not-train", "healthy": False,
              "reasons": ["final training accuracy 9.5% is within 5 points of chance"]},
             {**base, "kind": "check", "defense": "adv-dpnp", "seed": 0, "run_id": "adv-dpnp",
-             "eval_key": "c1", "check": "zero-gradient", "letter": "f", "status": "fail",
+             "eval_key": "c1", "check": "zero-gradient", "check_version": 1, "letter": "f",
+             "status": "fail",
              "value": 0.12, "threshold": 0.05, "eps": 0.3, "eps_str": "0.3", "detail": "zero"},
             {**base, "kind": "check", "defense": "at", "seed": 0, "run_id": "at",
-             "eval_key": "c2", "check": "more-budget", "letter": "e", "status": "fail",
+             "eval_key": "c2", "check": "more-budget", "check_version": 1, "letter": "e",
+             "status": "fail",
              "value": 0.08, "threshold": 0.05, "eps": 0.3, "eps_str": "0.3", "detail": "drop",
              "finding": "weak-attack", "doubts": ["pgd"], "p_value": 0.004, "alpha": 0.01,
              "test": "McNemar exact one-sided"}]
+    rows.append({**rows[-2], "defense": "at", "run_id": "at", "eval_key": "c3",
+                 "status": "pass", "value": 0.0})  # a masking check AT passed
     md = write_report(rows, tmp_path, plots=False)[0]
     lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ")}
     # (e) finds AT's PGD weak: § on its PGD cell only, and the headline verdict stays yes
@@ -397,7 +406,9 @@ def test_page_marks_an_under_trained_row_as_the_tables_do(tmp_path: Path) -> Non
     oc_row = page[page.index(">oc<"):].split("</tr>")[0]
     assert "✗" in oc_row and "under-trained: clean accuracy 70.0 is 26.0 points below" in oc_row
     trades_row = page[page.index(">trades<"):].split("</tr>")[0]
-    assert "✗" not in trades_row and "✓" in trades_row
+    # trained normally but never checked for masking: – (issue 30), not ✓
+    assert "✗" not in trades_row and "✓" not in trades_row and \
+        "no gradient-masking check judged" in trades_row
 
 
 def test_rejection_tables_mark_robust_accuracy_of_unreliable_rows(tmp_path: Path) -> None:
@@ -417,11 +428,14 @@ def test_rejection_tables_mark_robust_accuracy_of_unreliable_rows(tmp_path: Path
 
     def check(defense: str, status: str) -> dict:
         return {**base, "kind": "check", "defense": defense, "run_id": defense,
-                "eval_key": f"c-{defense}", "check": "aa-vs-pgd", "letter": "a",
+                "eval_key": f"c-{defense}", "check": "aa-vs-pgd", "check_version": 1,
+                "letter": "a",
                 "status": status, "value": 0.3, "threshold": 0.2, "detail": "AA breaks 27"}
 
     rows = [rej("at", 0.8), rej("adv-dpnp", 0.85), check("at", "pass"),
-            check("adv-dpnp", "fail")]
+            check("adv-dpnp", "fail"),
+            {**check("at", "pass"), "eval_key": "c-at-f", "check": "zero-gradient"},
+            {**check("adv-dpnp", "pass"), "eval_key": "c-dp-f", "check": "zero-gradient"}]
     write_report(rows, tmp_path, plots=False)
     md = (tmp_path / "tables" / "rejection_mnist_cpu.md").read_text()
     lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ")}
@@ -572,3 +586,124 @@ def test_binarization_passes_pgd_and_finds_a_one_step_attack_weak() -> None:
     weak = ck.binarization(model, spec.with_hparams(steps=1, step_size=EPS / 20), x)
     assert weak.status == "fail" and weak.finding == "weak-attack" and weak.doubts == ["pgd"]
     assert weak.extra["failed"] > 0.3 * weak.extra["feasible"], weak.detail
+
+
+# ------------------------------------------------------------------- stale evidence (issue 30)
+def _stale_rows() -> list[dict]:
+    """drp's CIFAR-10-JPEG case: a masking finding written before check versions existed
+    (the old Square-vs-PGD rule, no exact test) beside a current pass of the same check."""
+    base = {"dataset": "cifar10-jpeg", "arch": "small-cnn", "profile": "cpu",
+            "checkpoint": "best", "hparams": {"eps": 8 / 255}, "data_provenance": "JPEG",
+            "norm": "linf", "eps": 8 / 255, "eps_str": "8/255", "seed": 0}
+    attack = [{**base, "kind": "attack", "defense": d, "run_id": d, "eval_key": f"{d}-pgd",
+               "attack": "pgd", "clean_acc": 0.5, "robust_acc": acc, "n_examples": 100}
+              for d, acc in (("drp", 0.40), ("at", 0.30))]
+    old = {**base, "kind": "check", "defense": "drp", "run_id": "drp", "eval_key": "c-old",
+           "check": "square", "letter": "d", "status": "fail", "value": 0.4,
+           "threshold": 0.1, "detail": "Square breaks 2 of the 5 points PGD left robust"}
+    ok = {**base, "kind": "check", "defense": "at", "run_id": "at", "eval_key": "c-at",
+          "check": "zero-gradient", "letter": "f", "status": "pass", "value": 0.0,
+          "threshold": 0.05, "detail": "none", "check_version": ck.CHECK_VERSIONS["zero-gradient"]}
+    return attack + [old, ok]
+
+
+def test_a_stale_check_row_is_listed_apart_never_a_finding(tmp_path: Path) -> None:
+    from benchmark.report.html import board
+    from benchmark.report.report import write_report
+    rows = _stale_rows()
+    old = rows[2]
+    assert ck.is_stale(old) and ck.is_stale({**old, "check_version": 0})
+    assert not ck.is_stale({**old, "check_version": ck.CHECK_VERSIONS["square"]})
+    v = row_verdicts(rows, [r["defense"] for r in rows])[("small-cnn", "best", "drp")]
+    assert not v.masked and v.reliable == "–" and v.mark(True, "pgd") == "" and len(v.stale) == 1
+    md = write_report(rows, tmp_path, plots=False)[0]
+    line = next(ln for ln in md.splitlines() if ln.startswith("| drp |"))
+    assert "†" not in line
+    assert "- stale `drp`: 1 check rows of 1 runs were written by an older version" in md
+    assert "`advbench check --run RUNS/cifar10-jpeg/drp/drp --checks square`" in md
+    wide, _ = board(rows)
+    assert "drp" in list(wide.loc[wide["apart"] == "", "defense"])  # not listed apart
+    # the same row written by the current rule is a finding again
+    fresh = [*rows[:2], {**old, "check_version": ck.CHECK_VERSIONS["square"]}, rows[3]]
+    assert row_verdicts(fresh, [r["defense"] for r in fresh])[
+        ("small-cnn", "best", "drp")].reliable == "no"
+
+
+def test_cheap_check_recomputes_a_stale_row_instead_of_reusing_it(tmp_path: Path,
+                                                                   run_dir: Path) -> None:
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    first = {r["check"]: r for r in ck.check_run(run, names=["zero-gradient"], cheap=True,
+                                                 n_examples=16) if r.get("kind") == "check"}
+    row = first["zero-gradient"]
+    assert row["check_version"] == ck.CHECK_VERSIONS["zero-gradient"]
+    path = run / "eval" / f"{row['eval_key']}.json"
+    json.dump({**row, "check_version": 0, "status": "fail", "detail": "old rule"},
+              path.open("w"))
+    again = [r for r in ck.check_run(run, names=["zero-gradient"], cheap=True, n_examples=16)
+             if r.get("kind") == "check"]
+    assert [r["detail"] for r in again] != ["old rule"] and not ck.is_stale(again[0])
+    assert json.loads(path.read_text())["check_version"] == ck.CHECK_VERSIONS["zero-gradient"]
+
+
+def test_check_help_lists_every_check() -> None:
+    from click.testing import CliRunner
+
+    from benchmark.cli import cli
+    import re
+    text = re.sub(r"-\s+", "-", " ".join(CliRunner().invoke(cli, ["check", "--help"]).output
+                                         .split()))  # click wraps at hyphens
+    missing = [c for c in CHECKS if c not in text]
+    assert not missing, missing
+
+
+def test_check_k_flags_what_only_a_decision_attack_breaks() -> None:
+    """Check (k) on flags: RayS breaks 12 of the 30 points every score-based attack left
+    robust (masking, with its ADBD); breaking 2 of them (within the minimum effect) passes."""
+    score = torch.zeros(40, dtype=torch.bool)
+    score[:30] = True
+    rays = score.clone()
+    rays[:12] = False
+    res = ck.decision_gap(score, rays, ["pgd", "square"], torch.full((40,), 0.02))
+    assert res.status == "fail" and res.finding == "masking" and res.extra["adbd"] == \
+        pytest.approx(0.02) and "ADBD 0.0200" in res.detail
+    rays = score.clone()
+    rays[:2] = False
+    assert ck.decision_gap(score, rays, ["pgd"], None).status == "pass"
+
+
+def test_advbench_check_runs_rays_into_the_headline(tmp_path: Path, run_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check (k) runs RayS on the run's points, stores its flags (and boundary distances) like
+    any attack, and the headline rows then cover `rays`; the row records the ADBD."""
+    import shutil
+    monkeypatch.setitem(ck.RAYS_QUERIES, "cpu", 100)
+    monkeypatch.setitem(ck.SQUARE_QUERIES, "cpu", 50)
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (row,) = [r for r in ck.check_run(run, names=["rays"], n_examples=16)
+              if r.get("kind") == "check"]
+    assert row["check"] == "rays" and row["status"] in ("pass", "fail") and \
+        0 <= row["adbd"] <= 1 and "square" in row["score_based"], row
+    heads = [json.loads(p.read_text()) for p in (run / "eval").glob("headline-*.json")]
+    assert heads and all("rays" in h["attacks"] for h in heads if h["n_examples"] == 16)
+
+
+def test_random_noise_beating_every_gradient_attack_is_a_masking_finding(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check (l): when the gradient attacks leave robust points that random corners of the
+    ball break, the finding is masking; on the honest model (real gradient attacks) it
+    passes."""
+    plain = trained(0)
+    x, y = templates_data(N_POINTS, 2)
+    clean = plain(x).argmax(1) == y
+    assert torch.equal(ck.noise_flags(plain, x, y, 0.0, 3), clean)  # ε = 0: nothing moves
+    noisy = ck.noise_flags(plain, x, y, 0.2, 20)
+    assert torch.equal(noisy, ck.noise_flags(plain, x, y, 0.2, 20)) and noisy.sum() < clean.sum()
+    (res,) = Checker(plain, x, y, "cifar", overrides=FAST).run(0.2, ["noise"])
+    assert res.status == "pass" and res.finding == "masking", res.detail
+    # gradient attacks that broke nothing (what broken gradients give): noise beats them
+    monkeypatch.setattr(Checker, "white_box", lambda self, eps, cheap=False: (clean, ["pgd"]))
+    (res,) = Checker(plain, x, y, "cifar", overrides=FAST).run(0.2, ["noise"])
+    assert res.status == "fail" and res.extra["draws"] == ck.NOISE_DRAWS["cpu"], res.detail

@@ -117,17 +117,25 @@ def test_paper_links_and_reliability_marks() -> None:
         "https://openreview.net/forum?id=rklOg6EFwS"
     assert paper_link("-") is None
     rows = [{"kind": "health", "run_id": "a", "verdict": "ok", "healthy": True},
-            {"kind": "check", "run_id": "a", "name": "aa-vs-pgd", "status": "pass"},
+            {"kind": "check", "run_id": "a", "check": "zero-gradient", "check_version": 1,
+             "status": "pass"},
+            {"kind": "check", "run_id": "a", "check": "aa-vs-pgd", "check_version": 1,
+             "status": "fail", "value": 0.3, "threshold": 0.2, "letter": "a", "eps_str": "0.3",
+             "detail": "AutoAttack breaks 9 of 30"},
             {"kind": "health", "run_id": "b", "verdict": "did-not-train", "seed": 1,
              "reasons": ["final training accuracy 10.0% is within 5 points of chance"]},
-            {"kind": "check", "run_id": "c", "name": "zero-gradient", "status": "fail",
+            {"kind": "check", "run_id": "c", "check": "zero-gradient", "check_version": 1,
+             "status": "fail",
              "detail": "40% of points have a zero input gradient"}]
-    assert reliability(rows, ["a"])[0] == "✓"
+    mark, why = reliability(rows, ["a"])  # the cell says what it means (issue 30)
+    assert mark == "✓" and "no masking finding" in why and "attacks found weak: pgd ((a) " \
+        "aa-vs-pgd" in why
     mark, why = reliability(rows, ["a", "b"])
     assert mark == "✗" and "did-not-train" in why and "chance" in why
     mark, why = reliability(rows, ["c"])
     assert mark == "⚠" and "zero-gradient" in why
-    assert reliability(rows, ["zzz"]) == ("–", "")
+    assert reliability(rows, ["zzz"])[0] == "–"
+    assert reliability(rows[:1], ["a"])[0] == "–"  # trained normally, no masking check
 
 
 def _browser() -> str:

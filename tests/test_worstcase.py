@@ -231,7 +231,8 @@ def test_an_unreliable_row_is_never_ranked_or_bold_above_reliable_ones(tmp_path:
     common = {k: rows[0][k] for k in ("dataset", "arch", "profile", "checkpoint", "hparams",
                                       "data_provenance", "eps", "eps_str")}
     rows += [{**common, "kind": "check", "defense": d, "seed": 0, "run_id": d,
-              "eval_key": f"c-{d}", "check": "zero-gradient", "letter": "f", "status": s,
+              "eval_key": f"c-{d}", "check": "zero-gradient", "check_version": 1,
+              "letter": "f", "status": s,
               "value": v, "threshold": 0.05, "detail": "masked" if s == "fail" else "ok"}
              for d, s, v in (("st", "fail", 0.9), ("at", "pass", 0.0), ("trades", "pass", 0.0))]
     rows.append({**rows[-1], "defense": "st", "run_id": "st", "eval_key": "c-st-g",
@@ -313,3 +314,61 @@ def test_a_dataset_with_trained_but_unevaluated_runs_does_not_stop_the_report(
     tables = sorted(p.name for p in (tmp_path / "tables").glob("*.md"))
     assert "table1_mnist_cpu.md" in tables
     assert not any("cifar10-jpeg" in t for t in tables)
+
+
+def _checked(rows: list[dict], verdicts: dict[str, tuple[str, str, float]]) -> list[dict]:
+    """``rows`` plus one current check row per defense: defense → (check, status, value)."""
+    common = {k: rows[0][k] for k in ("dataset", "arch", "profile", "checkpoint", "hparams",
+                                      "data_provenance", "eps", "eps_str", "n_examples")}
+    return rows + [{**common, "kind": "check", "defense": d, "seed": 0, "run_id": d,
+                    "eval_key": f"c-{d}-{c}", "check": c, "check_version": 1, "letter": "f",
+                    "status": s, "value": v, "threshold": 0.05, "detail": "d"}
+                   for d, (c, s, v) in verdicts.items()]
+
+
+def test_an_unchecked_row_is_never_ranked_or_bold_above_checked_ones(tmp_path: Path) -> None:
+    """Issue 30: `at` has the best headline but no masking check ran on it (health only): it
+    shows –, ranks below the checked rows and is not bold; the checked `trades` is best."""
+    from benchmark.report.html import board
+    from benchmark.report.report import write_report
+    rows = _checked(_rows(), {"trades": ("zero-gradient", "pass", 0.0),
+                              "st": ("zero-gradient", "pass", 0.0)})
+    rows.append({**rows[0], "kind": "health", "defense": "at", "run_id": "at",
+                 "eval_key": "h-at", "verdict": "ok", "healthy": True, "reasons": []})
+    wide, _ = board(rows)
+    assert list(wide["defense"]) == ["trades", "st", "at"] and list(wide["rank"]) == \
+        ["1", "2", "3"]
+    write_report(rows, tmp_path, plots=False)
+    page = (tmp_path / "index.html").read_text()
+    at_row = page[page.index(">at<"):].split("</tr>")[0]
+    assert "<b>" not in at_row and "no gradient-masking check judged" in at_row
+    assert "✓" not in at_row
+    md = (tmp_path / "tables" / "table1_mnist_cpu.md").read_text()
+    lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ")}
+    assert "**" not in lines["at"] and "**78.00" in lines["trades"]
+    assert lines["at"].rstrip().endswith("| – |") and lines["trades"].rstrip().endswith("| yes |")
+
+
+def test_a_masking_finding_against_a_headline_of_0_is_reported_not_unranked() -> None:
+    """A headline of 0 cannot be overstated: the masking finding is reported (footnote, † on
+    the other white-box cells) but neither doubts the headline nor unranks the row."""
+    from benchmark.report.html import board
+    from benchmark.report.verdicts import footnotes, row_verdicts
+    rows = _rows()
+    for r in rows:
+        if r["defense"] == "st" and r["kind"] == "headline":
+            r["robust_bits"], r["robust_acc"] = to_hex(np.zeros(100, dtype=bool)), 0.0
+    rows = _checked(rows, {"st": ("zero-gradient", "fail", 0.9),
+                           "at": ("zero-gradient", "pass", 0.0),
+                           "trades": ("zero-gradient", "pass", 0.0)})
+    wide, _ = board(rows)
+    assert list(wide["rank"]) == ["1", "2", "3"] and (wide["apart"] == "").all()
+    labels = [str(r["defense"]) for r in rows]
+    v = row_verdicts(rows, labels)[("small-cnn", "best", "st")]
+    assert v.reliable == "yes" and v.mark(True, "headline") == "" and v.mark(True, "pgd") == "†"
+    assert "headline is 0, which cannot be overstated" in "\n".join(
+        footnotes(row_verdicts(rows, labels), "small-cnn", "best", ["st"], True))
+    # the same finding against a headline above 0 still unranks
+    above = [r for r in rows if not (r["defense"] == "st" and r["kind"] == "headline")]
+    wide, _ = board(above)
+    assert list(wide.loc[wide["defense"] == "st", "rank"]) == ["–"]

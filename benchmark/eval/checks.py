@@ -48,6 +48,15 @@ check  name                value (test)                                      eff
                            al. 2022: a readout with a known adversarial
                            example in the ball) on which PGD fails
                            (binomial; not in the cheap subset)
+(k)    ``rays``            share of the points every score-based attack      > 0.10  masking
+                           (every gradient attack and Square) left robust
+                           that RayS, which reads only decisions, breaks
+                           (McNemar; records RayS's ADBD; not in the cheap
+                           subset)
+(l)    ``noise``           share of the points every gradient attack left    > 0.05  masking
+                           robust that random noise breaks (uniform random
+                           signs ±ε, many draws; McNemar): noise must never
+                           beat gradients (Carlini et al. 2019, §5.2)
 =====  ==================  ================================================  ======  =========
 
 A ``masking`` finding doubts every white-box cell and the headline (†); a ``weak-attack``
@@ -109,10 +118,17 @@ THRESHOLDS: dict[str, tuple[str, float]] = {
     "eps-monotone": ("b", 0.01), "unbounded-eps": ("c", 0.02),
     "square": ("d", 0.10), "transfer": ("d", 0.10), "more-budget": ("e", 0.05),
     "zero-gradient": ("f", 0.05), "fgsm-vs-pgd": ("g", 0.05), "incomplete-opt": ("h", 0.10),
-    "unstable": ("i", 0.05), "binarization": ("j", 0.10)}
+    "unstable": ("i", 0.05), "binarization": ("j", 0.10), "rays": ("k", 0.10),
+    "noise": ("l", 0.05)}
 CHECKS = tuple(THRESHOLDS)
+#: version of each check's rule, written into every row it writes (``check_version``); bump a
+#: check's number whenever its rule (value, test, minimum effect, finding or the attacks it
+#: compares) changes. A row of another version, or of none (written before versions existed),
+#: is stale (:func:`is_stale`): the report lists it apart and never reads it as a finding, and
+#: ``advbench check`` recomputes it instead of reusing it.
+CHECK_VERSIONS: dict[str, int] = {name: 1 for name in THRESHOLDS}
 CHEAP = ("aa-vs-pgd", "aa-vs-pgd-l2", "aa-vs-pgd-l1", "eps-monotone", "unbounded-eps",
-         "more-budget", "zero-gradient", "fgsm-vs-pgd", "incomplete-opt", "unstable")
+         "more-budget", "zero-gradient", "fgsm-vs-pgd", "incomplete-opt", "unstable", "noise")
 #: significance level of every check's exact one-sided test
 ALPHA = 0.01
 #: what a failed check says: ``masking`` (gradients are broken: every white-box cell and the
@@ -122,7 +138,7 @@ FINDING: dict[str, str] = {
     "eps-monotone": "weak-attack", "unbounded-eps": "masking", "square": "masking",
     "transfer": "masking", "more-budget": "weak-attack", "zero-gradient": "masking",
     "fgsm-vs-pgd": "weak-attack", "incomplete-opt": "weak-attack", "unstable": "masking",
-    "binarization": "weak-attack"}
+    "binarization": "weak-attack", "rays": "masking", "noise": "masking"}
 #: the attack labels a weak-attack check doubts by default (rows may narrow them: ``doubts``)
 WEAK_CELLS: dict[str, tuple[str, ...]] = {
     "aa-vs-pgd": ("pgd",), "aa-vs-pgd-l2": ("pgd-l2",), "aa-vs-pgd-l1": ("pgd-l1",),
@@ -135,7 +151,9 @@ REFERENCES: dict[str, tuple[str, tuple[str, ...]]] = {
 #: the (a) checks of the other norms (run at the paper's column's ε of that norm)
 PER_NORM = ("aa-vs-pgd-l2", "aa-vs-pgd-l1")
 #: registered attacks that never read the target's gradients
-BLACK_BOX = frozenset({"square", "transfer"})
+BLACK_BOX = frozenset({"square", "transfer", "rays"})
+#: registered attacks that read only the target's decisions (check (k))
+DECISION_ONLY = frozenset({"rays"})
 #: AutoAttack sub-attacks that read gradients (its white-box part, for check (d))
 AA_WHITE_BOX = ("apgd-ce", "apgd-t")
 #: incomplete optimisation (Pintor et al. 2022): the running best of the attack loss, scaled
@@ -150,6 +168,10 @@ UNBOUNDED_EPS = {"mnist": 1.0, "cifar": 0.5}
 DEFAULT_CHECK_N = {"cpu": 100, "paper": 1000}
 #: Square's queries per point in the check (AutoAttack's 5000 on GPUs; fewer on 2 CPU cores)
 SQUARE_QUERIES = {"cpu": 1000, "paper": 5000}
+#: RayS's queries per point in the check (the paper's 10000; fewer on 2 CPU cores)
+RAYS_QUERIES = {"cpu": 2000, "paper": 10000}
+#: random-noise draws per point of check (l) (corners of the l∞ ball: ±ε per coordinate)
+NOISE_DRAWS = {"cpu": 20, "paper": 100}
 #: Table 6/7 budgets computed when the run has no such rows (more when rows exist)
 MORE_STEPS, MORE_RESTARTS = 100, 5
 SOURCE_DEFENSE = "st"
@@ -214,6 +236,22 @@ def _judge_share(name: str, k: int, m: int, detail: str, n: int, doubts: Sequenc
     share = THRESHOLDS[name][1]
     return _judge(name, k / m if m else 0.0, detail, n, excess_test(k, m, share),
                   f"binomial exact one-sided vs {share:g}", doubts, **extra)
+
+
+def is_stale(row: Mapping[str, Any]) -> bool:
+    """Whether a ``check`` row was written by another version of its check's rule than
+    :data:`CHECK_VERSIONS` holds (or by none, or by a check that no longer exists)."""
+    current = CHECK_VERSIONS.get(str(row.get("check")))
+    return row.get("kind") == "check" and (current is None or
+                                           row.get("check_version") != current)
+
+
+def renew_command(row: Mapping[str, Any], names: Sequence[str] = ()) -> str:
+    """The command that renews a stale check row (``RUNS`` is the runs folder)."""
+    run = f"RUNS/{row.get('dataset')}/{row.get('defense')}/{row.get('run_id')}"
+    ckpt = row.get("checkpoint") or "best"
+    return (f"advbench check --run {run} --checks {','.join(names or [str(row.get('check'))])}"
+            + ("" if ckpt == "best" else f" --checkpoint {ckpt}"))
 
 
 def skipped(name: str, why: str) -> CheckResult:
@@ -436,6 +474,53 @@ def binarization(model: nn.Module, spec: AttackSpec, x: Tensor) -> CheckResult:
                         feasible=feasible)
 
 
+def boundary_distances(atk: Any, clean: Tensor) -> Optional[Tensor]:
+    """Per-point decision-boundary distances of a decision-based attack that records them
+    (:attr:`attacks.rays.RayS.distances`, one tensor per batch of the correctly classified
+    points, in order), on all points: 0 for a misclassified point; None for other attacks."""
+    got = getattr(atk, "distances", None)
+    if not got:
+        return None
+    out = torch.zeros(len(clean))
+    out[torch.nonzero(clean.cpu()).flatten()] = torch.cat(got).float()
+    return out
+
+
+def noise_flags(model: nn.Module, x: Tensor, y: Tensor, eps: float, draws: int,
+                batch_size: int = 256, seed: int = 0) -> Tensor:
+    """Per point: still correctly classified under every one of ``draws`` random corners of
+    the l∞ ball (x + ε·s, s uniform in {-1, +1}^d, clipped to [0, 1])."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    robust = torch.ones(len(y), dtype=torch.bool)
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(draws):
+                for i in range(0, len(y), batch_size):
+                    xb = x[i:i + batch_size]
+                    s = torch.randint(0, 2, xb.shape, generator=gen, device=x.device) * 2 - 1
+                    out = model((xb + eps * s.to(xb.dtype)).clamp(0, 1))
+                    robust[i:i + batch_size] &= (out.argmax(1) == y[i:i + batch_size]).cpu()
+    finally:
+        for m, flag in was:
+            m.training = flag
+    return robust
+
+
+def decision_gap(score: Tensor, decision: Tensor, labels: Sequence[str],
+                 distances: Optional[Tensor]) -> CheckResult:
+    """Check (k): share of the points every score-based attack left robust that the
+    decision-only attack (RayS) breaks, with its ADBD (mean boundary distance, all points)."""
+    res = per_sample_gap("rays", score, decision, "RayS", "every score-based attack")
+    res.extra["score_based"] = list(labels)
+    if distances is not None:
+        adbd = float(distances.mean())
+        res.extra["adbd"] = adbd
+        res.detail += f"; RayS's ADBD {adbd:.4f}"
+    return res
+
+
 # ------------------------------------------------------------------- the driver
 FlagSource = Callable[[AttackSpec], Tensor]
 
@@ -502,7 +587,17 @@ class Checker:
                 self._cache[key] = attack_points(self.model, atk, self.x, self.y,
                                                  clean=self.clean, clean_ce=torch.zeros(len(
                                                      self.y)), batch_size=self.batch_size)[0]
+                dist = boundary_distances(atk, self.clean)
+                if dist is not None:
+                    self.__dict__.setdefault("_dist", {})[key] = dist
         return self._cache[key]
+
+    def distances(self, spec: AttackSpec) -> Optional[Tensor]:
+        """Boundary distances a decision-based attack recorded on these points (or None)."""
+        self.robust(spec)
+        got = self.__dict__.get("_dist", {}).get(stable_hash(spec.key()))
+        lister = getattr(self.flags, "distances", None)
+        return got if got is not None or not callable(lister) else lister(spec)
 
     def acc(self, spec: AttackSpec) -> float:
         return float(self.robust(spec).float().mean())
@@ -576,6 +671,34 @@ class Checker:
                 res = per_sample_gap(name, wb, self.robust(bb), what,
                                      "every gradient attack")
                 res.extra["white_box"] = labels
+                out.append(res)
+            elif name == "rays":
+                if cheap:
+                    out.append(skipped(name, "not in the cheap subset (advbench check)"))
+                    continue
+                if self.randomized:
+                    out.append(skipped(name, "the defense is declared randomized: a hard-label "
+                                             "ray search needs deterministic decisions"))
+                    continue
+                rs = self.spec("rays", eps, n_queries=RAYS_QUERIES.get(self.profile, 10000))
+                wb, labels = self.white_box(eps)
+                sq = self.spec("square", eps, n_queries=SQUARE_QUERIES.get(self.profile, 5000))
+                score = worst_case([wb, self.robust(sq)])
+                res = decision_gap(score, self.robust(rs), [*labels, sq.label],
+                                   self.distances(rs))
+                out.append(res)
+            elif name == "noise":
+                if self.randomized:
+                    out.append(skipped(name, "the defense is declared randomized: one draw of "
+                                             "noise cannot be told from one of the defense"))
+                    continue
+                draws = NOISE_DRAWS.get(self.profile, 100)
+                wb, labels = self.white_box(eps, cheap)
+                noisy = noise_flags(self.model, self.x, self.y, eps, draws, self.batch_size)
+                res = per_sample_gap(name, wb, noisy & self.clean.cpu(),
+                                     f"random noise ({draws} draws of ±ε)",
+                                     "every gradient attack")
+                res.extra.update(white_box=labels, draws=draws)
                 out.append(res)
             elif name == "more-budget":
                 pairs, weaker = [], []
@@ -701,6 +824,12 @@ class RunFlags:
     def exists(self, spec: AttackSpec) -> bool:
         return self._flag_file(spec) is not None
 
+    def distances(self, spec: AttackSpec) -> Optional[Tensor]:
+        """The boundary distances stored with a decision-based attack's flags (or None)."""
+        found = self._flag_file(spec)
+        got = safe_torch_load(found[0]).get("boundary_distance") if found else None
+        return None if got is None else got[:self.n]
+
     def specs(self, eps: float) -> list[AttackSpec]:
         """Specs of the run's attack rows at ``eps`` whose flags cover these points."""
         out = []
@@ -738,8 +867,11 @@ class RunFlags:
         robust, adv_ce = attack_points(self.t.model, atk, x, y, clean=clean, clean_ce=ce,
                                        batch_size=self.batch_size)
         key = eval_key(self.t.cfg.run_id, self.t.checkpoint, spec, self.n)
-        atomic_torch_save(self.t.out_dir / "flags" / f"{key}.pt", flags_payload(
-            clean, robust, adv_ce, spec.record(), self.t.checkpoint))
+        payload = flags_payload(clean, robust, adv_ce, spec.record(), self.t.checkpoint)
+        dist = boundary_distances(atk, clean)
+        if dist is not None:
+            payload["boundary_distance"] = dist
+        atomic_torch_save(self.t.out_dir / "flags" / f"{key}.pt", payload)
         self.computed.append(label)
         return robust
 
@@ -824,8 +956,10 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
         todo = list(names)
         if cheap:  # `advbench run`: a verdict once written is reused, like attack rows
             done = {c: t.out_dir / "eval" / f"{_check_key(t, c, e)}.json" for c in names}
-            out += [read_json(p) for p in done.values() if p.exists()]
-            todo = [c for c in names if not done[c].exists()]
+            fresh = {c: read_json(p) for c, p in done.items() if p.exists()}
+            fresh = {c: r for c, r in fresh.items() if not is_stale(r)}  # stale: recomputed
+            out += list(fresh.values())
+            todo = [c for c in names if c not in fresh]
             if not todo:
                 continue
         aa_spec = adapt_spec(attack_specs(scale)["autoattack"].with_eps(e), t.defense.randomized)
@@ -860,7 +994,7 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
             path = t.out_dir / "eval" / f"{row['eval_key']}.json"
             if res.passed is None and path.exists():
                 old = read_json(path)
-                if old.get("status") in ("pass", "fail"):
+                if old.get("status") in ("pass", "fail") and not is_stale(old):
                     out.append(old)
                     continue
             atomic_write_json(path, row)
@@ -934,7 +1068,8 @@ def _check_row(t: Any, res: CheckResult, eps: float, n: int, n_aa: Optional[int]
     used = set(res.extra.get("attacks_used", ()))
     eps = float(res.extra.pop("eps", eps))  # the per-norm (a) checks run at their norm's ε
     return {"schema": 2, "kind": "check", "eval_key": key, "check": res.name,
-            "letter": res.letter, "value": res.value, "threshold": res.threshold,
+            "check_version": CHECK_VERSIONS[res.name], "letter": res.letter,
+            "value": res.value, "threshold": res.threshold,
             "status": res.status, "passed": res.passed, "detail": res.detail,
             "run_id": cfg.run_id, "defense": cfg.defense, "dataset": cfg.dataset,
             "data_provenance": t.info.provenance, "arch": cfg.arch, "profile": cfg.profile,
@@ -955,11 +1090,12 @@ def format_checks(rows: Sequence[Mapping[str, Any]]) -> str:
     """Markdown listing: one line per health or check row (``p`` is the check's exact test;
     ``–`` for rows written before it)."""
     lines = ["| defense | seed | ckpt | ε | check | status | finding | value | threshold | p | "
-             "points | detail |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "points | ADBD | detail |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("kind") == "health":
             lines.append(f"| {r['defense']} | {r['seed']} | – | – | health | {r['verdict']} | "
-                         f"– | – | – | – | – | {'; '.join(r['reasons']) or 'trained normally'} |")
+                         f"– | – | – | – | – | – | "
+                     f"{'; '.join(r['reasons']) or 'trained normally'} |")
             continue
         value = "–" if r.get("value") is None else f"{r['value']:.3f}"
         p = r.get("p_value")
@@ -967,7 +1103,9 @@ def format_checks(rows: Sequence[Mapping[str, Any]]) -> str:
                      f"({r['letter']}) {r['check']} | {r['status']} | "
                      f"{r.get('finding') or FINDING.get(str(r.get('check')), '–')} | {value} | "
                      f"{r['threshold']:g} | {'–' if p is None else f'{p:.2g}'} | "
-                     f"{r['n_examples']} | {r['detail']} |")
+                     f"{r['n_examples']} | "
+                     f"{'–' if r.get('adbd') is None else format(r['adbd'], '.4f')} | "
+                     f"{r['detail']} |")
     return "\n".join(lines) + "\n"
 
 

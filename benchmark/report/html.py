@@ -17,7 +17,7 @@ import base64
 import html
 import re
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,7 +25,8 @@ import pandas as pd
 from benchmark.report.latex import cell_text
 from benchmark.report.stats import interval_text
 from benchmark.report.tables import COST, TableSpec, _fixed, _labels, frames
-from benchmark.report.verdicts import behind_reference, finding
+from benchmark.report import verdicts as vd
+from benchmark.report.verdicts import behind_reference
 
 #: columns of the page's table (machine name → header)
 HEADERS = {"rank": "Rank", "defense": "Defense", "clean": "Clean (%)",
@@ -106,18 +107,20 @@ def _citation(defense: str, records: Iterable[dict],
     return str((catalog or {}).get(defense, {}).get("paper", "") or "")
 
 
-def reliability(records: list[dict], run_ids: Iterable[str],
-                under_trained: str = "") -> tuple[str, str]:
+def reliability(records: list[dict], run_ids: Iterable[str], under_trained: str = "",
+                verdict: Any = None) -> tuple[str, str]:
     """(mark, reason) for the runs of one table row from ``health`` and ``check`` rows.
 
     ``✗`` when a run's training-health verdict is not ok or the row is ``under_trained`` (the
     tables' ‡ yardstick: clean accuracy more than 10 points below AT's), ``⚠`` (potentially
-    unreliable, as RobustBench flags it) when a gradient-masking check failed (one that doubts
-    the headline; a check that only finds PGD weak does not), ``✓`` otherwise when checks ran, ``–`` when no such row exists.
+    unreliable, as RobustBench flags it) when a gradient-masking check doubts the headline,
+    ``✓`` when masking checks were judged and none doubts it (the reason says so, and names
+    the attacks found weak), ``–`` when no masking check was judged. ``verdict``: the row's
+    :class:`benchmark.report.verdicts.RowVerdict` (default: built from the runs' check rows,
+    at every ε). Stale check rows are never read.
     """
     ids = set(run_ids)
     health = [r for r in records if r.get("kind") == "health" and r.get("run_id") in ids]
-    checks = [r for r in records if r.get("kind") == "check" and r.get("run_id") in ids]
     sick = [r for r in health if r.get("verdict", "ok") != "ok" or r.get("healthy") is False]
     if sick:
         r = sick[0]
@@ -125,17 +128,16 @@ def reliability(records: list[dict], run_ids: Iterable[str],
         return "✗", f"training: {r.get('verdict')} (seed {r.get('seed')}): {reasons}"
     if under_trained:
         return "✗", f"training: {under_trained}"
-    failed = [r for r in checks if r.get("status") == "fail" and finding(r)[0] != "weak-attack"]
-    if failed:
-        names = sorted({str(r.get("check") or r.get("name")) for r in failed})
-        detail = str(failed[0].get("detail") or "")
-        return "⚠", "potentially unreliable: " + ", ".join(names) + (f" ({detail})" if detail
-                                                                     else "")
-    if checks or health:
-        done = [r for r in checks if r.get("status") == "pass"]
-        return "✓", (f"{len(done)} checks passed" if done else "trained normally; no "
-                     "gradient-masking checks yet")
-    return "–", ""
+    if verdict is None:
+        checks = [r for r in records if r.get("kind") == "check" and r.get("run_id") in ids]
+        verdict = vd.RowVerdict()
+        for v in vd.row_verdicts(checks, ["row"] * len(checks), any_eps=True).values():
+            verdict.passed += v.passed
+            verdict.masking_judged += v.masking_judged
+            verdict.doubts += v.doubts
+            verdict.stale += v.stale
+    mark = {"no": "⚠", "yes": "✓"}.get(verdict.reliable, "–")
+    return mark, verdict.summary()
 
 
 def _embed_png(path: Path, caption: str) -> str:
@@ -152,7 +154,6 @@ def board(records: list[dict], order: Sequence[str] = ()) -> tuple[pd.DataFrame,
     is unreliable (``RowVerdict.reliable == "no"``) is never ranked: it follows the ranked
     rows with rank ``–`` and its reason in ``apart``.
     """
-    from benchmark.report import verdicts as vd
     from benchmark.report.grid import _index, build_table
     from benchmark.report.stats import rankable
 
@@ -160,9 +161,9 @@ def board(records: list[dict], order: Sequence[str] = ()) -> tuple[pd.DataFrame,
     if not len(fr["attack"]):
         return pd.DataFrame(), ""
     verdicts = vd.row_verdicts(records, _labels(records)) if vd.has_verdicts(records) else {}
+    rank_ok = rankable(verdicts)
     # the models with attack rows (a rejection-score option is no model of its own)
-    built = build_table(_SPEC, fr["attack"], _index({"attack": fr["attack"]}, order),
-                        rankable(verdicts))
+    built = build_table(_SPEC, fr["attack"], _index({"attack": fr["attack"]}, order), rank_ok)
     if built is None:
         return pd.DataFrame(), ""
     wide, counts = built[0], built[1]
@@ -172,18 +173,22 @@ def board(records: list[dict], order: Sequence[str] = ()) -> tuple[pd.DataFrame,
                       or "headline potentially unreliable")
                      if i in verdicts and verdicts[i].reliable == "no" else ""
                      for i in wide.index]
+    # a row not checked for masking never ranks or is bold above a checked one
+    wide["_checked"] = [rank_ok.get(i) for i in wide.index]
+    wide["_verdict"] = [verdicts.get(i) or vd.RowVerdict() for i in wide.index]
     ckpts = wide.index.get_level_values("checkpoint")
     if (ckpts != "last").any():  # one row per model: the validation-selected checkpoint
         wide = wide[ckpts != "last"]  # (best) of a trained run, the published zoo weights
     wide = wide.reset_index()
     has_h, has_aa = wide["headline"].notna(), wide["autoattack"].notna()
-    wide["_key0"] = (wide["apart"] != "").astype(int)
+    wide["_key0"] = (wide["apart"] != "").astype(int) * 2 + (~wide["_checked"].astype(bool))
     wide["_key1"] = np.where(has_h, 0, np.where(has_aa, 1, 2))
     wide["_key2"] = np.where(has_h, wide["headline"], np.where(has_aa, wide["autoattack"],
                                                                wide["pgd"]))
     wide = wide.sort_values(["_key0", "_key1", "_key2", "clean"],
                             ascending=[True, True, False, False], na_position="last",
                             kind="stable").drop(columns=["_key0", "_key1", "_key2"])
+    wide["_checked"] = wide["_checked"].astype(bool)
     ranked = int((wide["apart"] == "").sum())
     wide.insert(0, "rank", [str(i) for i in range(1, ranked + 1)] + ["–"] * (len(wide) - ranked))
     if has_h.all():
@@ -219,15 +224,17 @@ def _row_cells(r: pd.Series, records: list[dict], prov: str,
         if c == "headline" and r.get("headline_tied_best") == 1 and r.get("headline_p_best") != 1:
             cells[c] += ' <span title="statistically tied with the best headline">≈</span>'
         elif c == "headline" and pd.notna(r[c]) and r.get("headline_p_best") == 1 and \
-                str(r["rank"]) != "–":
+                str(r["rank"]) != "–" and r.get("_checked", True):
             cells[c] = f"<b>{cells[c]}</b>"
         n = r.get(f"{c}_seeds", np.nan)
         if pd.notna(r[c]) and pd.notna(n) and 0 < n < r["n_seeds"]:
             cells[c] += f' <span class="few">({int(n)} of {int(r["n_seeds"])} seeds)</span>'
     runs = {str(x.get("run_id")) for x in records if str(x.get("defense")) == defense
             and str(x.get("arch")) == str(r["arch"])}
+    verdict = r.get("_verdict")
     mark, why = reliability(records, runs, (behind or {}).get(
-        (str(r["arch"]), str(r["checkpoint"]), label), ""))
+        (str(r["arch"]), str(r["checkpoint"]), label), ""),
+        verdict if isinstance(verdict, vd.RowVerdict) else None)
     if r.get("apart"):
         why = f"not ranked: {r['apart']}"
     cls = {"✓": "ok", "✗": "bad", "⚠": "warn"}.get(mark, "")
@@ -320,9 +327,10 @@ def write_page(groups: list[tuple[str, str, str, list[dict]]], out_dir: Path | s
             f"<h1>{html.escape(title)}</h1>\n"
             f'<p class="note">Built by <code>advbench report</code> from {n_rows} result rows. '
             "One section per dataset, data provenance and profile; profiles are never mixed. "
-            "Reliability: ✓ trained normally and passed the gradient-masking checks found, "
-            "⚠ potentially unreliable (a check failed), ✗ the training did not converge, "
-            "– not checked.</p>\n"
+            "Reliability: ✓ trained normally and no gradient-masking finding on the headline "
+            "(the reason names the attacks found weak), ⚠ potentially unreliable (a masking "
+            "check failed), ✗ the training did not converge, – no masking check judged (never "
+            "ranked or bold above a checked row).</p>\n"
             f"<nav>{nav}</nav>\n" + "\n".join(sections)
             + f"\n<script>{_JS}</script>\n</body>\n</html>\n")
     path = out_dir / "index.html"

@@ -164,7 +164,8 @@ def _md_verdicts(verdicts: dict) -> dict:
     """The verdicts with names and reasons made safe for the Markdown footnotes."""
     return {(a, c, _code_safe(n)): vd.RowVerdict(
                 [md_escape(u) for u in v.unhealthy], [md_escape(f) for f in v.failed], v.passed,
-                [vd.Doubt(md_escape(d.text), d.finding, d.cells) for d in v.doubts])
+                [vd.Doubt(md_escape(d.text), d.finding, d.cells) for d in v.doubts],
+                [(md_escape(t), r) for t, r in v.stale])
             for (a, c, n), v in verdicts.items()}
 
 

@@ -35,10 +35,31 @@ def value_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in META and not str(c).endswith(META_SUFFIXES)]
 
 
-def rankable(verdicts: Optional[Mapping[tuple, Any]]) -> dict[tuple, bool]:
-    """(arch, checkpoint, label) → False where the row's headline is unreliable: such a row is
-    never ranked or bolded above the others."""
-    return {k: v.reliable != "no" for k, v in (verdicts or {}).items()}
+class Rankable(dict):
+    """(arch, checkpoint, label) → whether the row may be ranked or bold; a row without a
+    verdict gets its section's default (``get`` ignores the caller's default)."""
+
+    def __init__(self, items: Mapping[tuple, bool], sections: Mapping[tuple, bool]) -> None:
+        super().__init__(items)
+        self.sections = dict(sections)
+
+    def get(self, key: Any, default: Any = None) -> bool:  # type: ignore[override]
+        if key in self:
+            return bool(self[key])
+        return self.sections.get(tuple(key)[:2], True) if isinstance(key, tuple) else True
+
+
+def rankable(verdicts: Optional[Mapping[tuple, Any]]) -> Rankable:
+    """(arch, checkpoint, label) → False where the row's headline is unreliable, and, in a
+    section where some row passed its masking checks (``reliable == "yes"``), also where the
+    row was not checked for masking: such rows are never ranked or bold above checked ones."""
+    verdicts = verdicts or {}
+    checked: dict[tuple, bool] = {}
+    for k, v in verdicts.items():
+        checked[k[:2]] = checked.get(k[:2], False) or v.reliable == "yes"
+    return Rankable({k: v.reliable == "yes" if checked[k[:2]] else v.reliable != "no"
+                     for k, v in verdicts.items()},
+                    {s: not c for s, c in checked.items()})
 
 
 def wilson(k: int, n: int, confidence: float = 1 - ALPHA) -> tuple[float, float]:

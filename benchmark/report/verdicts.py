@@ -27,13 +27,23 @@ check  name                     doubts                                 mark
 (h)    ``incomplete-opt``       ``pgd``                                § attack weak
 (i)    ``unstable``             every white-box cell and the headline  † masking
 (j)    ``binarization``         ``pgd``                                § attack weak
+(k)    ``rays``                 every white-box cell and the headline  † masking
+(l)    ``noise``                every white-box cell and the headline  † masking
 =====  =======================  =====================================  ==================
 
-White-box cells are every robustness cell except the black-box attacks' (Square, transfer).
+A check row written by another version of its check's rule (``check_version`` differs from
+:data:`benchmark.eval.checks.CHECK_VERSIONS`, or is absent) is *stale*: it never marks,
+unranks or passes a row; the footnotes list it apart with the command that renews it.
+
+White-box cells are every robustness cell except the black-box attacks' (Square, transfer,
+RayS).
 ``reliable`` is the verdict on the headline: ``no`` when a masking check failed for one of the
 row's runs at the ε of the table (the nominal ε; every ε for Table 3; the norm's own ε for the
-per-norm (a) checks, which only ever doubt PGD cells), ``yes`` when checks ran and none of the
-failed ones doubts the headline, ``–`` when no check ran.
+per-norm (a) checks, which only ever doubt PGD cells), ``yes`` when at least one masking check
+was judged and none of the failed ones doubts the headline, ``–`` when no masking check was
+judged (weak-attack checks alone say nothing about masking). A masking finding against a
+headline of 0 (on the check's points) is reported and marks the other white-box cells, but
+does not doubt the headline: a robust accuracy of 0 cannot be overstated.
 """
 from __future__ import annotations
 
@@ -45,6 +55,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from benchmark.config import same_eps
+from benchmark.eval.checks import is_stale, renew_command
 
 
 HEALTH_MARK, RELIABILITY_MARK, WEAK_MARK = "‡", "†", "§"
@@ -56,7 +67,7 @@ REFERENCE = "at"
 #: the headline cell's attack label in :meth:`RowVerdict.mark`
 HEADLINE = "headline"
 #: attack labels of black-box attacks (never doubted by a masking finding)
-BLACK_BOX = frozenset({"square", "transfer"})
+BLACK_BOX = frozenset({"square", "transfer", "rays"})
 #: check → (finding, doubted labels) for rows without ``finding``/``doubts`` (older rows)
 MAPPING: dict[str, tuple[str, tuple[str, ...]]] = {
     "aa-vs-pgd": ("weak-attack", ("pgd",)), "aa-vs-pgd-l2": ("weak-attack", ("pgd-l2",)),
@@ -65,7 +76,8 @@ MAPPING: dict[str, tuple[str, tuple[str, ...]]] = {
     "square": ("masking", ()), "transfer": ("masking", ()),
     "more-budget": ("weak-attack", ("pgd", "pgd-r1")), "zero-gradient": ("masking", ()),
     "fgsm-vs-pgd": ("weak-attack", ("pgd",)), "incomplete-opt": ("weak-attack", ("pgd",)),
-    "unstable": ("masking", ()), "binarization": ("weak-attack", ("pgd",))}
+    "unstable": ("masking", ()), "binarization": ("weak-attack", ("pgd",)),
+    "rays": ("masking", ()), "noise": ("masking", ())}
 
 
 def finding(row: dict) -> tuple[str, frozenset[str]]:
@@ -97,6 +109,8 @@ class Doubt:
     text: str
     finding: str
     cells: frozenset[str]
+    #: a masking finding on a run whose headline is 0 on the check's points (not doubted)
+    at_zero: bool = False
 
 
 @dataclass
@@ -107,16 +121,57 @@ class RowVerdict:
     failed: list[str] = field(default_factory=list)
     passed: int = 0
     doubts: list[Doubt] = field(default_factory=list)
+    #: stale check rows (another version of the check's rule): (text, row)
+    stale: list[tuple[str, dict]] = field(default_factory=list)
+    #: judged (pass or fail) masking checks: without one the row is not checked for masking
+    masking_judged: int = 0
 
     @property
     def masked(self) -> bool:
-        """Whether a failed check doubts the headline (gradients look masked)."""
+        """Whether a failed check doubts the headline (gradients look masked and the headline
+        is above 0)."""
+        return any(d.finding != "weak-attack" and not d.at_zero for d in self.doubts)
+
+    @property
+    def masking_any(self) -> bool:
+        """Whether a masking check failed at all (also against a headline of 0)."""
         return any(d.finding != "weak-attack" for d in self.doubts)
 
     @property
     def reliable(self) -> str:
-        """The verdict on the headline: ``no`` | ``yes`` | ``–``."""
-        return "no" if self.masked else "yes" if self.passed or self.doubts else "–"
+        """The verdict on the headline: ``no`` | ``yes`` | ``–`` (no masking check judged)."""
+        return "no" if self.masked else "yes" if self.masking_judged else "–"
+
+    def weak_attacks(self) -> dict[str, list[str]]:
+        """Attack label → the checks (``(a) aa-vs-pgd``) that found it weak."""
+        out: dict[str, list[str]] = {}
+        for d in self.doubts:
+            if d.finding == "weak-attack":
+                for c in sorted(d.cells):
+                    tag = d.text.split(" at ε=")[0]
+                    if tag not in out.setdefault(c, []):
+                        out[c].append(tag)
+        return out
+
+    def summary(self) -> str:
+        """What the verdict means, in words (the page's reliability cell)."""
+        if self.masked:
+            return "potentially unreliable: " + "; ".join(
+                d.text for d in self.doubts if d.finding != "weak-attack" and not d.at_zero)
+        parts = [f"no masking finding ({self.masking_judged} masking check rows judged)"
+                 if self.masking_judged else "no gradient-masking check judged"]
+        zero = [d.text for d in self.doubts if d.at_zero]
+        if zero:
+            parts.append("masking finding against a headline of 0 (reported, not doubted: "
+                         "0 cannot be overstated): " + "; ".join(zero))
+        weak = self.weak_attacks()
+        parts.append("attacks found weak: " + "; ".join(
+            f"{a} ({', '.join(t)})" for a, t in weak.items()) if weak
+            else "no attack found weak")
+        if self.stale:
+            parts.append(f"{len(self.stale)} stale check rows not read (renew with advbench "
+                         "check)")
+        return "; ".join(parts)
 
     @property
     def reliable_cell(self) -> str:
@@ -137,7 +192,7 @@ class RowVerdict:
         if attack is None:
             return marks + (RELIABILITY_MARK if self.masked else WEAK_MARK if self.doubts
                             else "")
-        if self.masked and attack not in BLACK_BOX:
+        if attack not in BLACK_BOX and (self.masked or (self.masking_any and attack != HEADLINE)):
             marks += RELIABILITY_MARK
         if self.weak(attack):
             marks += WEAK_MARK
@@ -160,6 +215,7 @@ def row_verdicts(records: Iterable[dict], labels: list[str], *, any_eps: bool = 
     checkpoints = sorted({str(r.get("checkpoint") or "best") for r in records
                           if r.get("kind") not in ("health",)}) or ["best"]
     out: dict[tuple[str, str, str], RowVerdict] = {}
+    zero = _zero_headlines(records)
     for r, label in zip(records, labels):
         kind = r.get("kind")
         arch = str(r.get("arch", "?"))
@@ -173,21 +229,55 @@ def row_verdicts(records: Iterable[dict], labels: list[str], *, any_eps: bool = 
                     float(r.get("eps", math.nan)), _nominal(r)):
                 continue
             v = out.setdefault((arch, str(r.get("checkpoint") or "best"), label), RowVerdict())
+            if is_stale(r):  # never a finding: listed apart with the command that renews it
+                v.stale.append((f"({r.get('letter')}) {r.get('check')} at ε={r.get('eps_str')}, "
+                                f"seed {r.get('seed')} (check version "
+                                f"{r.get('check_version', 'none')}): {r.get('detail')}", r))
+                continue
+            what, cells = finding(r)
+            if what != "weak-attack":
+                v.masking_judged += 1
             if r["status"] == "pass":
                 v.passed += 1
                 continue
-            what, cells = finding(r)
             test = (f", {r.get('test')} p = {r['p_value']:.2g} < α = {r.get('alpha'):g}"
                     if isinstance(r.get("p_value"), (int, float)) and r.get("test")
                     and " p = " not in str(r.get("detail")) else "")  # said once
             text = (f"({r.get('letter')}) {r.get('check')} at ε={r.get('eps_str')}, seed "
-                    f"{r.get('seed')}: {r.get('value'):.3g} > {r.get('threshold'):g}{test}, "
+                    f"{r.get('seed')}: {_num(r.get('value'), '.3g')} > "
+                    f"{_num(r.get('threshold'), 'g')}{test}, "
                     f"{r.get('detail')}")
+            at_zero = what != "weak-attack" and _headline_zero(zero, r)
+            if at_zero:
+                text += " (the headline is 0 on these points: reported, not doubted)"
             v.failed.append(text)
-            v.doubts.append(Doubt(text, what, cells))
+            v.doubts.append(Doubt(text, what, cells, at_zero))
     for key, why in behind_reference(records, labels).items():
         out.setdefault(key, RowVerdict()).unhealthy.append(why)
     return out
+
+
+def _num(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) else "–"
+
+
+def _zero_headlines(records: list[dict]) -> dict[tuple, list[tuple[float, int]]]:
+    """(run_id, checkpoint, ε) → the point counts N at which the run's l∞ headline is 0."""
+    out: dict[tuple, list[tuple[float, int]]] = {}
+    for r in records:
+        if r.get("kind") == "headline" and r.get("norm", "linf") == "linf" and \
+                r.get("robust_acc") == 0 and isinstance(r.get("eps"), (int, float)):
+            key = (r.get("run_id"), str(r.get("checkpoint") or "best"))
+            out.setdefault(key, []).append((float(r["eps"]), int(r.get("n_examples") or 0)))
+    return out
+
+
+def _headline_zero(zero: dict, check: dict) -> bool:
+    """Whether the check's run has a headline of 0 at its ε on at least its points."""
+    n = int(check.get("n_examples") or 0)
+    return any(same_eps(e, float(check.get("eps", math.nan))) and m >= n
+               for e, m in zero.get((check.get("run_id"), str(check.get("checkpoint") or
+                                                                "best")), []))
 
 
 def behind_reference(records: Iterable[dict], labels: list[str]) -> dict[tuple[str, str, str], str]:
@@ -224,18 +314,43 @@ def footnotes(verdicts: dict[tuple[str, str, str], RowVerdict], arch: str, ckpt:
             lines.append(f"- {HEALTH_MARK} `{name}`: training health: " + "; ".join(v.unhealthy))
         if not reliability:
             continue
-        masking = [d.text for d in v.doubts if d.finding != "weak-attack"]
+        masking = [d.text for d in v.doubts if d.finding != "weak-attack" and not d.at_zero]
+        at_zero = [d.text for d in v.doubts if d.at_zero]
         weak = [d for d in v.doubts if d.finding == "weak-attack"]
         if masking:
             lines.append(f"- {RELIABILITY_MARK} `{name}`: gradients look masked, so every "
                          f"white-box cell and the headline are potentially unreliable: "
                          + "; ".join(masking))
+        if at_zero and not masking:
+            lines.append(f"- {RELIABILITY_MARK} `{name}`: gradients look masked, so the "
+                         "white-box cells are potentially unreliable, but the headline is 0, "
+                         "which cannot be overstated: it is not doubted and the row stays "
+                         "ranked: " + "; ".join(at_zero))
         if weak:
             cells = sorted({c for d in weak for c in d.cells})
             lines.append(f"- {WEAK_MARK} `{name}`: attack weak (the cells of "
                          + ", ".join(f"`{c}`" for c in cells) + " overstate robustness; the "
                          "headline is not doubted): " + "; ".join(d.text for d in weak))
+        if v.stale:
+            lines.append(stale_line(name, v.stale))
     return lines
+
+
+def stale_line(name: str, stale: list[tuple[str, dict]]) -> str:
+    """The footnote of a row's stale check rows: what they are and the commands (one per run
+    and checkpoint) that renew them."""
+    runs: dict[tuple, tuple[dict, list[str]]] = {}
+    for _, r in stale:
+        key = tuple(r.get(k) for k in ("dataset", "defense", "run_id", "checkpoint"))
+        names = runs.setdefault(key, (r, []))[1]
+        if str(r.get("check")) not in names:
+            names.append(str(r.get("check")))
+    renew = "; ".join(f"`{renew_command(r, names)}`" for r, names in runs.values())
+    failed = [t for t, r in stale if r.get("status") == "fail"]
+    return (f"- stale `{name}`: {len(stale)} check rows of {len(runs)} runs were written by an "
+            "older version of the checks (or before check versions existed) and are not read "
+            "(no mark, no ranking)" + (f"; {len(failed)} of them had failed: " + "; ".join(failed)
+                                       if failed else "") + f". Renew: {renew}")
 
 
 def has_verdicts(records: Iterable[dict]) -> bool:

@@ -23,6 +23,8 @@ apgd-l1        l1-APGD-CE ε 2000/255, 100 iterations, 5 restarts  ε 10, same s
 autoattack-l2  AutoAttack standard l2, ε 128/255                  ε 2
 autoattack-l1  AutoAttack standard l1, ε 2000/255                 ε 10
 adaptive       PGD-20, step ε/10, on the defense's loss (Table 8) same
+rays           RayS, hard-label l∞, 10000 queries (Chen & Gu      same
+               2020; issue 30: the decision-only attack)
 pgd-k{K}       K ∈ 20, 40, 100, 250, 500; step 1/255 (Table 6)    step 0.01
 pgd-r{R}       R ∈ 1, 5, 10, 20 restarts; 40 steps, step 0.5/255  40 steps, step 0.01
                (Table 7)
@@ -132,6 +134,7 @@ def attack_specs(scale: str) -> dict[str, AttackSpec]:
         AttackSpec("autoattack-l1", "autoattack-l1", "l1", l1[0], {"version": "standard"},
                    {"cpu": CPU_CAP_AA}),
         AttackSpec("adaptive", "adaptive", "linf", eps, {"steps": 20, "rel_step_size": 0.1}),
+        AttackSpec("rays", "rays", "linf", eps, {"n_queries": 10000}, {"cpu": CPU_CAP_AA}),
         *(AttackSpec(f"pgd-k{k}", "pgd", "linf", eps, {"steps": k, "step_size": sanity_step},
                      sanity_caps) for k in TABLE6_STEPS),
         *(AttackSpec(f"pgd-r{r}", "pgd", "linf", eps,
