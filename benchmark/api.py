@@ -101,6 +101,26 @@ def evaluate_model(model: nn.Module, *, dataset: Optional[str] = None,
             ``randomized``.
         NonFiniteError: NaN/inf outputs.
     """
+    data = user_data(x, y, dataset) if x is not None or y is not None else \
+        _load(dataset, data_dir)
+    return evaluate_on_data(model, data, threat_model=threat_model, eps=eps,
+                            n_examples=n_examples, attacks=attacks, checks=checks,
+                            randomized=randomized, source=source, device=device, name=name,
+                            arch=arch, runs_dir=runs_dir, profile=profile,
+                            batch_size=batch_size, progress=progress)
+
+
+def evaluate_on_data(model: nn.Module, data: Data, *, threat_model: str = "Linf",
+                     eps: Optional[float] = None, n_examples: Optional[int] = 1000,
+                     attacks: str = "standard", checks: bool | str | Sequence[str] = True,
+                     randomized: bool = False, source: Optional[nn.Module | str | Path] = None,
+                     device: str | torch.device = "cpu", name: str = "model",
+                     arch: Optional[str] = None, runs_dir: Optional[str | Path] = None,
+                     profile: str = "paper", batch_size: Optional[int] = None,
+                     progress: bool = False, model_source: Optional[str] = None
+                     ) -> EvaluationResult:
+    """:func:`evaluate_model` on loaded test data (``data.test``); ``model_source`` (a model
+    file's path) is recorded in the rows. ``advbench evaluate/check --model-file`` call this."""
     from benchmark.device import default_eval_batch_size
     from benchmark.eval.checks import CHECKS, check_target
     from benchmark.eval.evaluate import evaluate_target
@@ -115,12 +135,11 @@ def evaluate_model(model: nn.Module, *, dataset: Optional[str] = None,
             n_examples, int) or n_examples < 1):
         raise UsageError(f"n_examples must be a positive integer or None, got {n_examples!r}")
     norm = THREATS[threat_model]
-    data = user_data(x, y, dataset) if x is not None or y is not None else \
-        _load(dataset, data_dir)
     info = data.info
     eps = float(attack_specs(info.scale)[PAPER_ATTACK[norm]].eps) if eps is None else eps
     t = model_target(model, info, name=name, eps=eps, norm=norm, arch=arch, profile=profile,
-                     randomized=randomized, device=device, runs_dir=runs_dir)
+                     randomized=randomized, device=device, runs_dir=runs_dir,
+                     source=model_source)
     n = len(data.test) if n_examples is None else min(n_examples, len(data.test))
     check_outputs(t.model, data, t.device, info.num_classes)
     specs = resolve_specs(STANDARD[norm] if attacks == "standard" else attacks, info.scale,
@@ -239,4 +258,4 @@ def _source(source: Any, device: torch.device, info: DataInfo
     return path, str(path)
 
 
-__all__ = ["evaluate_model", "EvaluationResult", "THREATS", "STANDARD"]
+__all__ = ["evaluate_model", "evaluate_on_data", "EvaluationResult", "THREATS", "STANDARD"]

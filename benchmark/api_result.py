@@ -178,7 +178,8 @@ def build_result(t: Any, attack_rows: Sequence[dict[str, Any]],
         if c.name == "transfer" and c.status == "skipped":
             notes.append(f"the transfer check (d) was not run: {c.detail}")
     if not checks:
-        notes.append("no check ran (checks=False): the headline is unjudged")
+        notes.append("no check ran: the headline is unjudged (checks=True in Python, "
+                     "advbench check --model-file FILE in the CLI)")
     kept = {"attack", "headline", "check"}
     from benchmark.eval.checks import _rows_of
     rows = [r for r in _rows_of(t.out_dir) if r.get("kind", "attack") in kept
