@@ -365,6 +365,10 @@ def check(run_paths: tuple[str, ...], model_file: Optional[str], arch: Optional[
                           cheap=cheap, checkpoint=which, device=device, batch_size=batch_size,
                           data_dir=Path(data_dir) if data_dir else None, source=source)
     click.echo(format_checks(rows))
+    for r in rows:
+        if r.get("check") == "transfer" and r.get("status") == "skipped":
+            click.echo(f"note: {r['defense']} seed {r['seed']}: the transfer check (d) was not "
+                       f"run, so the verdict lacks it: {r['detail']}")
 
 
 def _evaluate_model_file(path: str, arch: Optional[str], dataset: Optional[str],

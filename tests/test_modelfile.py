@@ -218,3 +218,14 @@ def test_bad_model_files_are_one_line_exit_2(tiny: nn.Module, tmp_path: Path,
     res = advbench(*base, "--arch", "resnet50")
     assert res.code == 2 and "pip install timm" in res.err, res
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.json"))
+
+
+def test_check_on_a_run_says_when_transfer_was_skipped(tmp_path: Path) -> None:
+    from benchmark.testing import tiny_st_run
+    run = tiny_st_run(tmp_path / "runs", epochs=1)  # the st run is no source for itself
+    res = advbench("check", "--run", str(run), "--checks", "transfer", "--n-examples", "8",
+                   "--device", "cpu")
+    assert res.code == 0, res.err
+    (note,) = [ln for ln in res.out.splitlines() if ln.startswith("note:")]
+    assert "transfer check (d) was not run" in note and "want of a source model" in note
+    assert "give --source" in note

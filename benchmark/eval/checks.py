@@ -806,7 +806,7 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
     else:
         src, src_note = transfer_source(run_dir, t.cfg, t.info.scale)
         if src is None:
-            src_note += " (train it, or give --source)"
+            src_note += "; give --source to run it"
     return out + check_target(t, eps=eps, n_examples=n_examples, names=names, cheap=cheap,
                               batch_size=batch_size, data=data, data_dir=data_dir, source=src,
                               source_note=src_note)
