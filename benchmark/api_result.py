@@ -130,8 +130,9 @@ class EvaluationResult:
                      f"{len(self.checks) - len(judged)} skipped)")
         for c in self.checks:
             value = "–" if c.value is None else f"{c.value:.3f}"
-            lines.append(f"    ({c.letter}) {c.name:<15} {c.status:<7} {c.mark or ' '} "
-                         f"{c.finding:<11} value {value} (min. effect {c.threshold:g})"
+            status = c.status.upper() if c.status == "fail" else c.status
+            lines.append(f"    ({c.letter}) {c.name:<15} {status:<7} {c.mark or ' '} value "
+                         f"{value:<5} min. effect {c.threshold:<4g} [{c.finding} check]"
                          + (f": {c.detail}" if c.status != "pass" else ""))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -176,7 +177,8 @@ def build_result(t: Any, attack_rows: Sequence[dict[str, Any]],
     notes = []
     for c in checks:
         if c.name == "transfer" and c.status == "skipped":
-            notes.append(f"the transfer check (d) was not run: {c.detail}")
+            notes.append("the verdict lacks the transfer check (d): it was skipped for want "
+                         "of a source model")
     if not checks:
         notes.append("no check ran: the headline is unjudged (checks=True in Python, "
                      "advbench check --model-file FILE in the CLI)")
