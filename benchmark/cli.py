@@ -223,8 +223,20 @@ def _train_and_print(job: Any) -> None:
                    "RUNS_DIR/<dataset>/rb-NAME/ (needs the zoo extra).")
 @click.option("--threat", default="Linf", show_default=True, type=click.Choice(["Linf", "L2"]),
               help="--robustbench: RobustBench threat model.")
-@click.option("--dataset", default="cifar10", show_default=True,
-              type=click.Choice(["cifar10", "cifar100"]), help="--robustbench: dataset.")
+@click.option("--dataset", default=None,
+              help="--robustbench: cifar10 [default] or cifar100; --model-file: the dataset "
+                   "(cifar10, mnist, ..., or an image-folder name under --data-dir).")
+@click.option("--model-file", "model_file", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="A model trained anywhere, in a file that runs no code when loaded: "
+                   "safetensors weights (with --arch) or a torch.export .pt2. Inputs in "
+                   "[0,1], logits out. Rows go to RUNS_DIR/<dataset>/<name>/<id>/.")
+@click.option("--arch", default=None,
+              help="--model-file: architecture of safetensors weights (advbench list archs, "
+                   "or a timm model name if timm is installed).")
+@click.option("--name", default=None, help="--model-file: the rows' defense label [file stem].")
+@click.option("--randomized", is_flag=True, help="--model-file: the forward is random on "
+                                                 "purpose (attacked with EOT).")
 @click.option("--model-dir", default="models", show_default=True, type=click.Path(),
               help="--robustbench: weights in RobustBench's layout DIR/<dataset>/<threat>/NAME.pt.")
 @click.option("--download", is_flag=True, help="--robustbench: let robustbench download "
@@ -232,18 +244,34 @@ def _train_and_print(job: Any) -> None:
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(),
               help="--robustbench: where the zoo model's rows go.")
 @click.option("--profile", default="paper", show_default=True, type=click.Choice(["cpu", "paper"]),
-              help="--robustbench: report section and default test points.")
+              help="--robustbench/--model-file: report section and default test points.")
 def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: Optional[str],
              suite: Optional[str], eps: Optional[str], n_examples: Optional[int], which: str,
              batch_size: Optional[int], data_dir: Optional[str], device: str,
              out: Optional[str], force: bool, no_progress: bool, zoo_name: Optional[str],
-             threat: str, dataset: str, model_dir: str, download: bool, runs_dir: str,
-             profile: str, ood_data_dir: Optional[str] = None) -> None:
-    """Attack trained runs, checkpoint files or a RobustBench model; rows go to RUN/eval."""
+             threat: str, dataset: Optional[str], model_file: Optional[str],
+             arch: Optional[str], name: Optional[str], randomized: bool, model_dir: str,
+             download: bool, runs_dir: str, profile: str,
+             ood_data_dir: Optional[str] = None) -> None:
+    """Attack trained runs, checkpoint files, a model file or a RobustBench model; rows go to
+    RUN/eval."""
     from benchmark.eval.evaluate import evaluate_path, format_rows
 
-    if not run_paths and not ckpt_files and not zoo_name:
-        raise UsageError("give --run RUN_DIR, --checkpoint-file FILE or --robustbench NAME")
+    if not run_paths and not ckpt_files and not zoo_name and not model_file:
+        raise UsageError("give --run RUN_DIR, --checkpoint-file FILE, --model-file FILE or "
+                         "--robustbench NAME")
+    if model_file:
+        if run_paths or ckpt_files or zoo_name or suite:
+            raise UsageError("--model-file is evaluated alone (no --run, --checkpoint-file, "
+                             "--robustbench or --suite)")
+        result = _evaluate_model_file(model_file, arch, dataset, data_dir, name, eps, threat,
+                                      n_examples, profile, attacks or "standard", False,
+                                      randomized, None, None, device, runs_dir, batch_size,
+                                      not no_progress)
+        click.echo(format_rows([r for r in result.rows if r.get("kind") == "attack"]))
+        click.echo(str(result))
+        click.echo(f"rows: {result.out_dir}")
+        return
     if suite == "rejection":
         from benchmark.eval.rejection import evaluate_rejection, format_rejection
         if ckpt_files or zoo_name or attacks or eps:
@@ -256,7 +284,8 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
     rows = []
     if zoo_name:
         from benchmark.eval.zoo import evaluate_zoo
-        rows += evaluate_zoo(zoo_name, threat=threat, dataset=dataset, model_dir=model_dir,
+        rows += evaluate_zoo(zoo_name, threat=threat, dataset=dataset or "cifar10",
+                             model_dir=model_dir,
                              runs_dir=runs_dir, profile=profile, download=download,
                              attacks=attacks, suite=suite, eps=eps, n_examples=n_examples,
                              device=device, batch_size=batch_size or 256,
@@ -272,8 +301,24 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
 
 
 @cli.command()
-@click.option("--run", "run_paths", multiple=True, required=True, type=click.Path(exists=True),
+@click.option("--run", "run_paths", multiple=True, type=click.Path(exists=True),
               help="Run folder (repeatable).")
+@click.option("--model-file", "model_file", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="A model trained anywhere (safetensors + --arch, or a .pt2; see advbench "
+                   "evaluate --help): the default suite (fgsm, pgd) runs first, then the checks.")
+@click.option("--arch", default=None, help="--model-file: architecture of safetensors weights.")
+@click.option("--dataset", default=None, help="--model-file: the dataset.")
+@click.option("--name", default=None, help="--model-file: the rows' defense label [file stem].")
+@click.option("--source-arch", default=None,
+              help="Architecture of a safetensors --source [--arch].")
+@click.option("--randomized", is_flag=True, help="--model-file: random forward on purpose.")
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(),
+              help="--model-file: where its rows go.")
+@click.option("--profile", default="paper", show_default=True, type=click.Choice(["cpu", "paper"]),
+              help="--model-file: report section.")
+@click.option("--threat", default="Linf", show_default=True,
+              type=click.Choice(["Linf", "L2", "L1"]), help="--model-file: threat model.")
 @click.option("--eps", default=None, help="Comma list of ε to check [the run's nominal ε].")
 @click.option("--n-examples", type=POSITIVE, default=None,
               help="Points [those of the run's AutoAttack row, else 100 cpu / 1000 paper].")
@@ -287,11 +332,15 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
 @click.option("--cheap", is_flag=True, help="Only what `advbench run` checks (nothing costly "
                                             "that is not stored).")
 @click.option("--source", default=None, type=click.Path(exists=True),
-              help="Transfer source run folder or checkpoint [the `st` run of the protocol].")
+              help="Transfer source: a run folder, an advbench checkpoint, or a model file "
+                   "(safetensors + --source-arch, or .pt2) [the `st` run of the protocol; "
+                   "none for --model-file: the transfer check is then skipped, and says so].")
 @checkpoint_options
-def check(run_paths: tuple[str, ...], eps: Optional[str], n_examples: Optional[int],
-          names: Optional[str], cheap: bool, source: Optional[str], which: str,
-          batch_size: Optional[int], data_dir: Optional[str], device: str) -> None:
+def check(run_paths: tuple[str, ...], model_file: Optional[str], arch: Optional[str],
+          dataset: Optional[str], name: Optional[str], source_arch: Optional[str],
+          randomized: bool, runs_dir: str, profile: str, threat: str, eps: Optional[str],
+          n_examples: Optional[int], names: Optional[str], cheap: bool, source: Optional[str],
+          which: str, batch_size: Optional[int], data_dir: Optional[str], device: str) -> None:
     """Training-health and gradient-masking verdicts; rows go to RUN/eval (kind health/check)."""
     from benchmark.eval.checks import CHECKS, check_run, format_checks
     from benchmark.run.protocols import parse_eps_list
@@ -301,12 +350,67 @@ def check(run_paths: tuple[str, ...], eps: Optional[str], n_examples: Optional[i
     bad = sorted(set(chosen) - set(CHECKS))
     if bad:
         raise UsageError(f"unknown checks {bad}; valid: {', '.join(CHECKS)}")
+    if bool(run_paths) == bool(model_file):
+        raise UsageError("give --run RUN_DIR (repeatable) or --model-file FILE")
+    if model_file:
+        result = _evaluate_model_file(
+            model_file, arch, dataset, data_dir, name, eps, threat, n_examples, profile,
+            "fgsm,pgd" if threat == "Linf" else "standard",
+            "cheap" if cheap else chosen if names else True, randomized, source,
+            source_arch or arch, device, runs_dir, batch_size, False)
+        click.echo(format_checks([r for r in result.rows if r.get("kind") == "check"]))
+        click.echo(str(result))
+        return
     rows = []
     for path in run_paths:
         rows += check_run(path, eps=parse_eps_list(eps), n_examples=n_examples, names=chosen,
                           cheap=cheap, checkpoint=which, device=device, batch_size=batch_size,
                           data_dir=Path(data_dir) if data_dir else None, source=source)
     click.echo(format_checks(rows))
+    for r in rows:
+        if r.get("check") == "transfer" and r.get("status") == "skipped":
+            click.echo(f"note: {r['defense']} seed {r['seed']}: the transfer check (d) was not "
+                       f"run, so the verdict lacks it: {r['detail']}")
+
+
+def _evaluate_model_file(path: str, arch: Optional[str], dataset: Optional[str],
+                         data_dir: Optional[str], name: Optional[str], eps: Optional[str],
+                         threat: str, n_examples: Optional[int], profile: str, attacks: str,
+                         checks: Any, randomized: bool, source: Optional[str],
+                         source_arch: Optional[str], device: str, runs_dir: str,
+                         batch_size: Optional[int], progress: bool) -> Any:
+    """``--model-file``: open the file without running code from it and hand the model to
+    :func:`benchmark.api.evaluate_model` (the Python API's path, the same rows)."""
+    import re
+
+    from benchmark.api import evaluate_on_data
+    from benchmark.config import DEFAULT_N_EXAMPLES
+    from benchmark.data import load_dataset
+    from benchmark.modelfile import load_model_file, sniff
+    from benchmark.run.protocols import parse_eps_list
+
+    if not dataset:
+        raise UsageError("--model-file needs --dataset (cifar10, mnist, ...)")
+    eps_list = parse_eps_list(eps)
+    if eps_list and len(eps_list) != 1:
+        raise UsageError("--model-file takes one --eps")
+    kind = sniff(Path(path))
+    data = load_dataset(dataset, data_dir)
+    model = load_model_file(path, arch, data.info)
+    src: Any = None
+    if source is not None:
+        sp = Path(source)
+        src = load_model_file(sp, source_arch, data.info) if sp.is_file() and \
+            sniff(sp) in ("safetensors", "pt2") else sp
+    label = name or re.sub(r"[^A-Za-z0-9._+-]", "-", Path(path).stem).lstrip("._+-") or "model"
+    return evaluate_on_data(model, data, threat_model=threat,
+                            eps=eps_list[0] if eps_list else None,
+                            n_examples=n_examples or DEFAULT_N_EXAMPLES.get(profile),
+                            attacks=attacks, checks=checks, randomized=randomized, source=src,
+                            device=device, name=label,
+                            arch=arch if kind == "safetensors" else None, runs_dir=runs_dir,
+                            profile=profile, batch_size=batch_size, progress=progress,
+                            model_source=str(path))
 
 
 @cli.command(name="false-alarms")

@@ -59,6 +59,17 @@ class Split:
         return self.x.to(device).float().div_(255), self.y.to(device)
 
 
+class FloatSplit(Split):
+    """A split of float images already in [0,1] (points a user supplies, e.g. to
+    :func:`benchmark.evaluate_model`): :meth:`floats` returns them unchanged."""
+
+    def subset(self, idx: Tensor) -> "FloatSplit":
+        return FloatSplit(self.x[idx], self.y[idx])
+
+    def floats(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        return self.x.to(device).float(), self.y.to(device)
+
+
 @dataclass
 class Data:
     info: DataInfo

@@ -9,8 +9,10 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "benchmark"
 #: above every layer: the command line, the sweep that joins the layers, the plugin test kit,
-#: and the package's public façade (``benchmark.load_model``)
-APP = {"benchmark", "benchmark.cli", "benchmark.sweep", "benchmark.testing"}
+#: and the package's public façade (``benchmark.load_model``, ``benchmark.evaluate_model`` and
+#: its result)
+APP = {"benchmark", "benchmark.cli", "benchmark.sweep", "benchmark.testing", "benchmark.api",
+       "benchmark.api_result"}
 PLUGINS = ("defenses", "attacks")
 RANK = {"core": 0, "run": 1, "eval": 2, "report": 3, "app": 4}
 

@@ -538,6 +538,7 @@ class Checker:
         overrides: attack name → hyperparameters replacing the spec's (tests, quick checks).
         randomized: the defense is randomized (AutoAttack's ``rand`` version).
         transfer_source: run folder / checkpoint / model of the transfer source (None: skip).
+        no_source: why there is no transfer source (said in the skipped row).
         existing: whether a spec's flags are already stored (the cheap subset uses only those).
         batch_size: attack batch.
     """
@@ -553,6 +554,7 @@ class Checker:
     transfer_source: Any = None
     existing: Callable[[AttackSpec], bool] = lambda spec: False
     batch_size: int = 256
+    no_source: str = ""
 
     def __post_init__(self) -> None:
         from benchmark.eval.flags import predict
@@ -655,8 +657,8 @@ class Checker:
                     out.append(skipped(name, "not in the cheap subset (advbench check)"))
                     continue
                 if name == "transfer" and self.transfer_source is None:
-                    out.append(skipped(name, "no transfer source (train the `st` run of this "
-                                             "protocol, or give --source)"))
+                    out.append(skipped(name, f"skipped for want of a source model: "
+                                             f"{self.no_source or 'none given'}"))
                     continue
                 if name == "square":
                     bb = self.spec("square", eps, n_queries=SQUARE_QUERIES.get(self.profile,
@@ -664,8 +666,7 @@ class Checker:
                     what = "Square"
                 else:
                     src = self.transfer_source
-                    bb = self.spec("transfer", eps, **({"source": str(src)} if isinstance(
-                        src, (str, Path)) else {}))
+                    bb = self.spec("transfer", eps, source=_source_label(src))
                     what = "the transfer attack"
                 wb, labels = self.white_box(eps)
                 res = per_sample_gap(name, wb, self.robust(bb), what,
@@ -779,6 +780,17 @@ class Checker:
         from benchmark.run.protocols import resolve_specs
         spec = resolve_specs(label, self.scale)[0].with_eps(eps)
         return spec.with_hparams(**self.overrides.get(spec.attack, {}))
+
+
+def _source_label(source: Any) -> Optional[str]:
+    """The transfer spec's ``source``: a path as given, a module by its weights' hash (so
+    flags of one source are never reused for another)."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, nn.Module):
+        from benchmark.eval.target import state_sha256
+        return "module-sha256:" + state_sha256(source)[:16]
+    return None
 
 
 # ------------------------------------------------------------------- run folders
@@ -907,11 +919,8 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
         cheap: the subset ``advbench run`` uses (nothing expensive that is not stored).
         source: transfer source (run folder or checkpoint file; default the ``st`` run).
     """
-    import time
-
-    from benchmark.device import default_eval_batch_size, resolve_device
-    from benchmark.eval.flags import adapt_spec, predict
-    from benchmark.eval.target import check_model, open_target
+    from benchmark.device import resolve_device
+    from benchmark.eval.target import open_target
     from benchmark.run.health import write_health
 
     run_dir = Path(run_dir)
@@ -923,16 +932,59 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
     if not names:  # the health verdict only (works for a run without a checkpoint yet)
         return out
     t = open_target(run_dir, checkpoint, device=dev)
+    if source is not None:
+        src: Any = Path(source)
+        src_note = str(source)
+    else:
+        src, src_note = transfer_source(run_dir, t.cfg, t.info.scale)
+        if src is None:
+            src_note += "; give --source to run it"
+    return out + check_target(t, eps=eps, n_examples=n_examples, names=names, cheap=cheap,
+                              batch_size=batch_size, data=data, data_dir=data_dir, source=src,
+                              source_note=src_note)
+
+
+def load_source(source: Path, device: Any) -> nn.Module:
+    """A transfer source from a run folder or an advbench checkpoint file, in eval mode."""
+    from benchmark.checkpoint import read_checkpoint, resolve_checkpoint
+    from benchmark.run.resolve import model_from_checkpoint
+    ck = resolve_checkpoint(source, "best") if source.is_dir() else source
+    return model_from_checkpoint(read_checkpoint(ck))[0].to(device).eval()
+
+
+def check_target(t: Any, *, eps: Optional[Sequence[float]] = None,
+                 n_examples: Optional[int] = None, names: Sequence[str] = CHECKS,
+                 cheap: bool = False, batch_size: Optional[int] = None, data: Any = None,
+                 data_dir: Optional[Path] = None, source: Any = None, source_note: str = "",
+                 overrides: Optional[Mapping[str, Mapping[str, Any]]] = None
+                 ) -> list[dict[str, Any]]:
+    """Write the check rows of an opened target (:mod:`benchmark.eval.target`: a run's
+    checkpoint or a model advbench did not train) and its headlines; return the rows.
+
+    Args:
+        t: the :class:`~benchmark.eval.target.Target`; rows go to ``t.out_dir``.
+        eps, n_examples, names, cheap: as :func:`check_run`.
+        data: the test points (a :class:`~benchmark.data.Data`; default: the target's
+            dataset, loaded from ``data_dir``).
+        source: the transfer source: an ``nn.Module``, a run folder or an advbench checkpoint
+            file; None skips the transfer check, and its row says why (``source_note``).
+        source_note: where the source came from, or why there is none.
+        overrides: attack name → hyperparameters replacing the protocol's (quick checks).
+    """
+    import time
+
+    from benchmark.device import default_eval_batch_size
+    from benchmark.eval.flags import adapt_spec, predict
+    from benchmark.eval.target import check_model
+
+    dev = t.device
+    out: list[dict[str, Any]] = []
     batch_size = batch_size or default_eval_batch_size(dev, t.cfg.arch)
-    rows = _rows_of(run_dir)
+    rows = _rows_of(t.out_dir)
     if not cheap:
-        backfill_prefixes(run_dir, rows)
+        backfill_prefixes(t.out_dir, rows)
     scale = t.info.scale
     eps_list = list(eps) if eps else [float(t.cfg.hparams["eps"])]
-    if source is not None:
-        src_path, src_note = Path(source), str(source)
-    else:
-        src_path, src_note = transfer_source(run_dir, t.cfg, scale)
     cache: dict[str, Any] = {}
 
     def test_points() -> tuple[Tensor, Tensor]:
@@ -942,13 +994,10 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
         return cache["xy"]
 
     def source_model() -> Optional[nn.Module]:
-        if src_path is None:
-            return None
+        if source is None or isinstance(source, nn.Module):
+            return source
         if "src" not in cache:
-            from benchmark.checkpoint import read_checkpoint, resolve_checkpoint
-            from benchmark.run.resolve import model_from_checkpoint
-            ck = resolve_checkpoint(src_path, "best") if src_path.is_dir() else src_path
-            cache["src"] = model_from_checkpoint(read_checkpoint(ck))[0].to(dev).eval()
+            cache["src"] = load_source(Path(source), dev)
         return cache["src"]
 
     for e in eps_list:
@@ -981,7 +1030,9 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
 
         flags = RunFlags(t, rows, n, points, clean_flags, batch_size, source_model)
         checker = _LazyChecker(t.model, points, clean_flags, scale, t.cfg.profile, flags,
-                               t.defense.randomized, src_path, batch_size)
+                               t.defense.randomized, source, batch_size)
+        checker.overrides = dict(overrides or {})
+        checker.no_source = source_note
         for name in todo:
             if name in PER_NORM and e != eps_list[0]:  # at their norm's ε: once per run
                 continue
@@ -990,7 +1041,7 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
             res.extra["attacks_used"] = sorted(set(checker.used))
             wall = time.perf_counter() - t0
             n_pts = min(n, len(test_points()[1])) if cache.get("xy") is not None else n
-            row = _check_row(t, res, e, n_pts, n_aa, flags, wall, src_note)
+            row = _check_row(t, res, e, n_pts, n_aa, flags, wall, source_note)
             path = t.out_dir / "eval" / f"{row['eval_key']}.json"
             if res.passed is None and path.exists():
                 old = read_json(path)

@@ -154,6 +154,103 @@ def open_target(path: Path | str, checkpoint: str = "best", *, device: str | tor
     return t
 
 
+class OutsideDefense:
+    """What evaluation needs of a defense, for a model advbench did not train (a plain
+    ``nn.Module`` or a model file): cross-entropy for the adaptive attack, no class centers.
+
+    Args:
+        randomized: the model's forward is random on purpose (AutoAttack's ``rand`` version,
+            EOT); otherwise a nondeterministic forward is refused.
+    """
+
+    def __init__(self, randomized: bool = False) -> None:
+        self.randomized = bool(randomized)
+
+    def objective(self) -> Any:
+        """The adaptive attack's loss: cross-entropy (an outside model brings no training
+        loss)."""
+        from attacks.base import ce_objective
+        return ce_objective
+
+    def class_centers(self, model: nn.Module) -> None:
+        return None
+
+
+#: the checkpoint label of a model that advbench did not train (rows, flags and headlines)
+OUTSIDE_CHECKPOINT = "model"
+#: report sections an outside model's rows may go to
+OUTSIDE_PROFILES = ("cpu", "paper")
+
+
+def state_sha256(model: nn.Module) -> str:
+    """SHA-256 of a model's ``state_dict`` (names, dtypes, shapes and values, in order): what
+    keys an outside model's cached rows, as a checkpoint file's hash does."""
+    h = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        if not isinstance(value, Tensor):
+            h.update(f"{name}={value!r};".encode())
+            continue
+        t = value.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def model_target(model: nn.Module, info: DataInfo, *, name: str, eps: float, norm: str = "linf",
+                 arch: Optional[str] = None, profile: str = "paper", randomized: bool = False,
+                 device: str | torch.device = "cpu", runs_dir: Optional[Path | str] = None,
+                 source: Optional[str] = None) -> Target:
+    """Open a model that advbench did not train (a plain ``nn.Module``, or one built from a
+    model file) for evaluation: the same :class:`Target` a checkpoint gives.
+
+    Rows go to ``RUNS_DIR/<dataset>/<name>/<run_id>/`` (``advbench report --runs-dir RUNS_DIR``
+    shows them beside advbench's own runs; ``run_id`` hashes name, dataset, arch, profile, ε
+    and norm), or to a fresh temporary folder when ``runs_dir`` is None. The checkpoint label
+    is ``model``; rows cached there are reused only while the model's weights (their SHA-256,
+    stamped in ``eval/``) are unchanged, else they move to ``stale/``.
+
+    Args:
+        model: inputs in [0,1] (N×C×H×W), logits out (N×K); put in eval mode here.
+        info: the dataset facts (classes, input shape, attack scale).
+        name: the rows' ``defense`` label (e.g. ``my-model``).
+        eps: the nominal ε (the verdicts are judged at it).
+        norm: ``linf``, ``l2`` or ``l1``.
+        arch: the architecture name recorded in rows (default: the module's class name).
+        profile: the report section (``paper`` or ``cpu``).
+        randomized: the forward is random on purpose (attacked with EOT).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        runs_dir: where rows go (None: a temporary folder).
+        source: where the model came from (a file path), recorded in every row.
+
+    Raises:
+        UsageError: a name that is not a plain label, an unknown profile, a non-positive ε.
+    """
+    import re
+    import tempfile
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", name):
+        raise UsageError(f"model name {name!r}: letters, digits and ._+- only (at most 100)")
+    if profile not in OUTSIDE_PROFILES:
+        raise UsageError(f"profile {profile!r}: one of {', '.join(OUTSIDE_PROFILES)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or \
+            not 0 < float(eps) < float("inf"):
+        raise UsageError(f"eps must be a positive number, got {eps!r}")
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    sha = state_sha256(model)
+    cfg = RunConfig(defense=name, dataset=info.name, arch=arch or type(model).__name__,
+                    profile=profile, seed=0,
+                    hparams={"eps": float(eps), "norm": norm, "outside": True})
+    out = Path(runs_dir) / info.name / name / cfg.run_id if runs_dir is not None \
+        else Path(tempfile.mkdtemp(prefix="advbench-model-"))
+    out.mkdir(parents=True, exist_ok=True)
+    retire_stale_rows(out, OUTSIDE_CHECKPOINT, None, sha=sha)
+    extra = {"outside": {"weights_sha256": sha, "source": source or "nn.Module (Python API)"}}
+    return Target(model, OutsideDefense(randomized), cfg, info, dev,
+                  Path(source) if source else Path(f"{name}.state_dict"), OUTSIDE_CHECKPOINT, 0,
+                  out, {"git": None}, row_extra=extra)
+
+
 #: the row a run refused by evaluation leaves, so that the report shows it with its reason
 REFUSED_KIND = "refused"
 
@@ -221,7 +318,8 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def retire_stale_rows(run_dir: Path, checkpoint: str, ckpt_path: Path) -> int:
+def retire_stale_rows(run_dir: Path, checkpoint: str, ckpt_path: Optional[Path], *,
+                      sha: Optional[str] = None) -> int:
     """Keep cached rows only while the checkpoint they were computed on is unchanged.
 
     The first evaluation of a checkpoint stamps its content hash (``eval/.checkpoint-<label>
@@ -229,10 +327,11 @@ def retire_stale_rows(run_dir: Path, checkpoint: str, ckpt_path: Path) -> int:
     overwritten by NaN weights), the rows of that checkpoint label (``eval/*.json``) and their
     flags move to ``stale/<old hash>/``, so every command (evaluate, check, features,
     corruptions, rejection) recomputes instead of reusing them. Rows from before stamps
-    existed are trusted once (the stamp is written then). Returns the number of rows moved.
+    existed are trusted once (the stamp is written then). ``sha`` (an outside model's weights
+    hash) replaces the file's. Returns the number of rows moved.
     """
     stamp = run_dir / STAMP.format(checkpoint)
-    sha = file_sha256(ckpt_path)
+    sha = sha or file_sha256(ckpt_path)  # type: ignore[arg-type]
     old = stamp.read_text().strip() if stamp.is_file() else None
     moved = 0
     if old is not None and old != sha:
@@ -251,7 +350,8 @@ def retire_stale_rows(run_dir: Path, checkpoint: str, ckpt_path: Path) -> int:
                 src.replace(target)
             moved += 1
         logger.info("%s changed since its %d result row(s) were computed (sha256 %s, was %s): "
-                    "they moved to %s and are recomputed", ckpt_path, moved, sha[:12], old[:12],
+                    "they moved to %s and are recomputed", ckpt_path or "the model", moved,
+                    sha[:12], old[:12],
                     dest)
     if old != sha:
         stamp.parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,9 @@ nav a{margin-right:1rem}.note{color:#555;font-size:.9rem}
 table.board{border-collapse:collapse;width:100%;margin:.6rem 0;font-size:.9rem}
 table.board th,table.board td{padding:.35rem .5rem;border-bottom:1px solid #e3e3e3;
 text-align:right;white-space:nowrap}
-table.board th{background:#f4f5f7;cursor:pointer;user-select:none;position:sticky;top:0}
+table.board th{background:#f4f5f7;cursor:pointer;user-select:none;position:sticky;top:0;
+white-space:normal}
+.prov{display:inline-block;max-width:8rem;white-space:normal;font-size:.8rem;text-align:left}
 table.board th[aria-sort=ascending]::after{content:" \\25B2"}
 table.board th[aria-sort=descending]::after{content:" \\25BC"}
 table.board .col1,table.board .col5,table.board .col6,table.board .col8{text-align:left}
@@ -58,7 +60,8 @@ table.board td.col5{white-space:normal;max-width:18rem}
 table.board tr:hover td{background:#fafbff}
 .few{font-size:.75rem;color:#777}
 .ok{color:#11772d}.bad{color:#b3261e}.warn{color:#a15c00}.why{display:block;font-size:.78rem;
-color:#666}
+color:#666}details.why{white-space:normal;max-width:16rem}
+details.why summary{cursor:pointer;font-size:.9rem;white-space:nowrap}
 figure{display:inline-block;margin:.5rem 1rem .5rem 0}figure img{max-width:100%;
 width:900px;border:1px solid #eee}
 """
@@ -238,12 +241,15 @@ def _row_cells(r: pd.Series, records: list[dict], prov: str,
     if r.get("apart"):
         why = f"not ranked: {r['apart']}"
     cls = {"✓": "ok", "✗": "bad", "⚠": "warn"}.get(mark, "")
-    cells["reliable"] = (f'<span class="{cls}">{mark}</span>'
-                         + (f'<span class="why">{html.escape(why)}</span>' if why else ""))
+    # the reason one click away (a closed <details>), so a long one never widens the board
+    cells["reliable"] = (f'<details class="why"><summary><span class="{cls}">{mark}</span>'
+                         f'</summary>{html.escape(why)}</details>' if why else
+                         f'<span class="{cls}">{mark}</span>')
     cells["arch"] = html.escape(str(r["arch"]))
     cells["n_seeds"] = str(int(r["n_seeds"]))
     short = prov.split(":")[0].split(". ")[0]
-    cells["data"] = f'<span title="{html.escape(prov)}">{html.escape(short)}</span>'
+    cells["data"] = (f'<span class="prov" title="{html.escape(prov)}">'
+                     f'{html.escape(short)}</span>')
     return cells
 
 
