@@ -440,22 +440,64 @@ def _mnist(root: Path) -> tuple[Split, Split]:
     return splits[0], splits[1]
 
 
-def _image_folder(root: Path) -> tuple[Split, Split, list[str]]:
+def read_images(files: list[Path], folder: Path) -> np.ndarray:
+    """Images of one folder as one uint8 array N×H×W×C (C = 1 for grey, else 3).
+
+    Every error of the image reader is a bad file: PIL's decompression-bomb check (any image
+    over ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is refused, not only twice that), an
+    unreadable or truncated file, an image whose size or channels differ from the first one.
+
+    Raises:
+        DataError: names the file and the problem; also an empty list (no images in ``folder``).
+    """
+    import warnings
+
     from PIL import Image
 
-    splits, classes = [], sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    for part in ("train", "test"):
-        xs, ys = [], []
-        for label, cls in enumerate(classes):
-            files = sorted(f for f in (root / part / cls).iterdir() if f.is_file())
-            for f in files:
+    if not files:
+        raise DataError(f"no images under {folder}/<class>/")
+    arrs: list[np.ndarray] = []
+    for f in files:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(f) as im:
                     arr = np.asarray(im.convert("L" if im.mode in ("L", "1") else "RGB"))
-                xs.append(arr if arr.ndim == 3 else arr[..., None])
-                ys.append(label)
-        if not xs:
-            raise DataError(f"no images under {root / part}/<class>/")
-        splits.append(Split(_to_nchw(np.stack(xs)), torch.tensor(ys, dtype=torch.int64)))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DataError(f"{f}: image refused as a decompression bomb ({exc})") from None
+        except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+            raise DataError(f"{f}: cannot read it as an image ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        arr = arr if arr.ndim == 3 else arr[..., None]
+        if arrs and arr.shape != arrs[0].shape:
+            raise DataError(f"{f}: image is {arr.shape[1]}x{arr.shape[0]} with {arr.shape[2]} "
+                            f"channel(s), the first image of {folder} is {arrs[0].shape[1]}x"
+                            f"{arrs[0].shape[0]} with {arrs[0].shape[2]}: one size per folder")
+        arrs.append(arr)
+    return np.stack(arrs)
+
+
+def _image_folder(root: Path) -> tuple[Split, Split, list[str]]:
+    splits, classes = [], sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    extra = sorted({p.name for p in (root / "test").iterdir() if p.is_dir()} - set(classes))
+    if extra:
+        raise DataError(f"{root / 'test'} has class folder(s) {', '.join(extra)[:200]} that "
+                        f"{root / 'train'} lacks: their images would be dropped")
+    first: tuple[int, ...] = ()
+    for part in ("train", "test"):
+        files, ys = [], []
+        for label, cls in enumerate(classes):
+            folder = root / part / cls
+            found = sorted(f for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
+            files += found
+            ys += [label] * len(found)
+        x = read_images(files, root / part)
+        if splits and x.shape[1:] != first:
+            raise DataError(f"{root / 'test'}: images are {x.shape[2]}x{x.shape[1]} with "
+                            f"{x.shape[3]} channel(s), those of {root / 'train'} {first[1]}x"
+                            f"{first[0]} with {first[2]}")
+        first = x.shape[1:]
+        splits.append(Split(_to_nchw(x), torch.tensor(ys, dtype=torch.int64)))
     # files are read class by class: put the test split in one fixed shuffled order so that
     # the first N test points (evaluation caps, --n-examples) cover every class
     order = torch.randperm(len(splits[1]), generator=torch.Generator().manual_seed(0))

@@ -207,6 +207,8 @@ def read_jsonl(path: Path, skipped: Optional[list[str]] = None) -> list[dict[str
             value = json.loads(line)
         except json.JSONDecodeError:
             problem = f"line {i + 1}: not JSON (truncated?)"
+        except RecursionError:
+            problem = f"line {i + 1}: JSON nested too deeply"
         else:
             if isinstance(value, dict):
                 rows.append(value)
@@ -229,6 +231,8 @@ def read_json(path: Path) -> dict[str, Any]:
         value = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(f"cannot read {path}: JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"cannot read {path}: expected a JSON object, got "
                               f"{type(value).__name__}")

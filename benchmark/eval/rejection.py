@@ -114,16 +114,21 @@ def _convert(x: Tensor, info: DataInfo) -> Tensor:
 
 def _folder_test_images(root: Path, n: int) -> Tensor:
     """The first n test images of an image folder, in a seeded shuffled order (float, [0,1])."""
-    from PIL import Image
+    from benchmark.data import read_images
     files = sorted(f for d in sorted((root / "test").iterdir()) if d.is_dir()
                    for f in d.iterdir() if f.is_file())
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[:n]
-    arrs = []
-    for i in order.tolist():
-        with Image.open(files[i]) as im:
-            arr = np.asarray(im.convert("RGB" if im.mode not in ("L", "1") else "L"))
-        arrs.append(arr if arr.ndim == 3 else arr[..., None])
-    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div(255)
+    arrs = read_images([files[i] for i in order.tolist()], root / "test")
+    return torch.from_numpy(arrs).permute(0, 3, 1, 2).float().div(255)
+
+
+def tensor_sha256(x: Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (an OOD set as it is scored)."""
+    import hashlib
+    x = x.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
+    h.update(x.numpy().tobytes())
+    return h.hexdigest()
 
 
 def ood_sets(info: DataInfo, n: int, data_dir: Optional[Path | str]
