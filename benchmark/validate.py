@@ -322,14 +322,69 @@ ATTACK_FIELDS = ("run_id", "eval_key", "defense", "dataset", "seed", "checkpoint
 ACCURACY_FIELDS = ("clean_acc", "robust_acc", "accuracy", "clean_accuracy")
 
 
+#: fields that become file or folder names (report tables, plots, RobustBench export)
+PATH_FIELDS = ("dataset", "profile")
+#: fields that name things in tables (and their labels): at most :data:`MAX_NAME_CHARS`
+NAME_FIELDS = ("run_id", "eval_key", "defense", "arch", "checkpoint", "attack", "norm", "kind",
+               "condition", "corruption", "negatives", "score", "score_option", "eps_str",
+               "check", "status", "finding")
+MAX_NAME_CHARS = 256
+#: longest text anywhere in a row (provenance, reasons, per-sample bit strings)
+MAX_TEXT_CHARS = 1 << 16
+
+
+def path_problem(row: Mapping[str, Any]) -> Optional[str]:
+    """Why a row's :data:`PATH_FIELDS` cannot name a file (None if they can, or are absent)."""
+    from benchmark.safepath import ident_problem
+    for k in PATH_FIELDS:
+        if k in row and row[k] is not None:
+            problem = ident_problem(row[k])
+            if problem is not None:
+                return f"{k} {problem}"
+    return None
+
+
+def _text_problem(value: Any, where: str, depth: int = 0) -> Optional[str]:
+    if isinstance(value, str):
+        return f"{where} is {len(value)} characters (at most {MAX_TEXT_CHARS})" \
+            if len(value) > MAX_TEXT_CHARS else None
+    if depth > 8:
+        return f"{where} is nested deeper than 8 levels"
+    items = value.items() if isinstance(value, dict) else enumerate(value) \
+        if isinstance(value, list) else ()
+    for k, v in items:
+        if isinstance(k, str) and len(k) > MAX_NAME_CHARS:
+            return f"a key of {where} is {len(k)} characters (at most {MAX_NAME_CHARS})"
+        problem = _text_problem(v, f"{where}.{k}" if isinstance(value, dict) else where, depth + 1)
+        if problem:
+            return problem
+    return None
+
+
 def row_problem(row: Any) -> Optional[str]:
     """Why a result row must not be written or reused (None if it is fine).
 
     A row is a JSON object; an attack row has :data:`ATTACK_FIELDS`; ``n_examples`` (where
-    present) is an integer >= 1; accuracies are finite and within [0, 1]; ``adv_ce`` is finite.
+    present) is an integer >= 1; accuracies are finite and within [0, 1]; ``adv_ce`` is finite;
+    ``dataset`` and ``profile`` are identifiers (:func:`path_problem`: they name files); names
+    are at most :data:`MAX_NAME_CHARS` characters, any text at most :data:`MAX_TEXT_CHARS`,
+    nesting at most 8 levels (so that no row makes the report's output explode).
     """
     if not isinstance(row, dict):
         return f"not a JSON object ({type(row).__name__})"
+    problem = path_problem(row)
+    if problem:
+        return problem
+    for k in NAME_FIELDS:
+        if isinstance(row.get(k), str) and len(row[k]) > MAX_NAME_CHARS:
+            return f"{k} is {len(row[k])} characters (at most {MAX_NAME_CHARS})"
+    for k, v in (row.get("hparams") or {}).items() if isinstance(row.get("hparams"), dict) \
+            else ():
+        if isinstance(v, str) and len(v) > MAX_NAME_CHARS:
+            return f"hparams.{k} is {len(v)} characters (at most {MAX_NAME_CHARS})"
+    problem = _text_problem(row, "row")
+    if problem:
+        return problem
     if row.get("kind", "attack") == "attack":
         missing = [k for k in ATTACK_FIELDS if k not in row]
         if missing:

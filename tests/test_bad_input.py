@@ -953,3 +953,465 @@ def test_validation_keeps_every_committed_run_id() -> None:
             {k: v for k, v in c["hparams"].items() if k in cfg.hparams}, f
         if set(cfg.hparams) == set(c["hparams"]):
             assert cfg.run_id == c["run_id"], f
+
+
+# ------------------------------------------------------------------------------ issue 31
+def _row(**fields: object) -> dict:
+    """A valid attack row (the report builds tables from it)."""
+    return {"run_id": "r", "eval_key": "k", "defense": "st", "dataset": "synthetic", "seed": 0,
+            "checkpoint": "best", "arch": "tiny", "profile": "cpu", "attack": "fgsm",
+            "kind": "attack", "norm": "linf", "eps": 8 / 255, "eps_str": "8/255",
+            "hparams": {"eps": 8 / 255}, "n_examples": 10, "clean_acc": 0.5, "robust_acc": 0.25,
+            **fields}
+
+
+def _outside(root: Path, *inside: Path) -> set[str]:
+    """Files under ``root`` that are not under any of ``inside``."""
+    return {str(p) for p in root.rglob("*") if p.is_file()
+            and not any(p.is_relative_to(d) for d in inside)}
+
+
+HOSTILE_NAMES = ["../../../../x", "../y", "/tmp/advbench-abs", "a/b", "..", ".", "", "x\ny",
+                 "a\\b", "é", "x" * 65, "-rf"]
+
+
+@pytest.mark.parametrize("field_", ["dataset", "profile"])
+@pytest.mark.parametrize("value", HOSTILE_NAMES, ids=repr)
+def test_row_fields_never_become_paths_report_rows(tmp_path: Path, field_: str,
+                                                   value: str) -> None:
+    """Class 1: a row's dataset/profile names table files: a value that is not an identifier
+    is a bad file (exit 2, one line naming it), and nothing is written anywhere."""
+    base = tmp_path / "a" / "b" / "c" / "d"
+    base.mkdir(parents=True)
+    (base / "rows.jsonl").write_text(json.dumps(_row()) + "\n"
+                                     + json.dumps(_row(eval_key="k2", **{field_: value})) + "\n")
+    res = advbench("report", "--rows", str(base / "rows.jsonl"), "--out", str(base / "out"),
+                   "--no-plots", "--no-print")
+    _count(res, 2, lost=False)
+    assert res.code == 2 and len(res.lines) == 1 and field_ in res.lines[0], res.err
+    assert str(base / "rows.jsonl") in res.lines[0]
+    assert _outside(tmp_path, base / "rows.jsonl") == set() and not (base / "out").exists()
+    assert not Path("/tmp/advbench-abs_cpu.md").exists()
+
+
+def test_row_fields_never_become_paths_run_folder_and_robustbench(tmp_path: Path,
+                                                                  trained: Path) -> None:
+    """The same from a run folder's eval/*.json, and from report() / the RobustBench export
+    given rows directly (library callers)."""
+    from benchmark.errors import DataError
+    from benchmark.report.report import write_report
+    from benchmark.report.robustbench import write_model_info
+
+    run = copy_run(trained, tmp_path)
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "evil.json").write_text(json.dumps(_row(dataset="../../../../../../x")))
+    res = advbench("report", "--runs-dir", str(R(tmp_path)), "--out", str(tmp_path / "out"),
+                   "--no-plots", "--no-print")
+    assert res.code == 2 and len(res.lines) == 1 and "evil.json" in res.lines[0], res.err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("x_*"))
+    for bad in ({"dataset": "../x"}, {"profile": "/abs"}):
+        with pytest.raises(DataError):
+            write_report([_row(**bad)], tmp_path / "out2", plots=False)
+        assert not (tmp_path / "out2").exists()
+    aa = _row(attack="autoattack", eval_key="k3", dataset="..")
+    with pytest.raises(DataError):
+        write_model_info([_row(dataset=".."), aa], tmp_path / "rb")
+    assert _outside(tmp_path, R(tmp_path)) == set()
+
+
+def _stamp(run: Path) -> Path:
+    return run / "eval" / ".checkpoint-best.sha256"
+
+
+@pytest.mark.parametrize("text", ["../../../../../../escaped-stamp", "/tmp/advbench-stamp-abs",
+                                  "0" * 63, "g" * 64, "\x00", ""], ids=repr)
+def test_a_stamp_is_a_hex_digest_or_nothing(tmp_path: Path, trained: Path, text: str) -> None:
+    """Class 1: the stamp's text never names a folder: a stamp that is not a 64-hex digest
+    counts as no stamp (it is replaced); rows that record the checkpoint's hash are kept, and
+    nothing is written outside the run folder."""
+    run = copy_run(trained, tmp_path)
+    assert advbench(*_eval_args(run)).code == 0
+    rows = {f.name: f.read_bytes() for f in (run / "eval").glob("*.json")}
+    _stamp(run).write_text(text)
+    res = advbench(*_eval_args(run))
+    assert res.code == 0, res.err
+    assert _outside(tmp_path, run) == set() and not Path("/tmp/advbench-stamp-abs").exists()
+    assert {f.name: f.read_bytes() for f in (run / "eval").glob("*.json")} == rows  # reused
+    from benchmark.eval.target import file_sha256
+    assert _stamp(run).read_text().strip() == file_sha256(run / "ckpt_best.pt")
+
+
+def test_a_symlinked_stamp_is_replaced_never_followed(tmp_path: Path, trained: Path) -> None:
+    run = copy_run(trained, tmp_path)
+    assert advbench(*_eval_args(run)).code == 0
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me\n")
+    _stamp(run).unlink()
+    _stamp(run).symlink_to(precious)
+    res = advbench(*_eval_args(run))
+    assert res.code == 0, res.err
+    assert precious.read_text() == "keep me\n"
+    assert not _stamp(run).is_symlink() and len(_stamp(run).read_text().strip()) == 64
+
+
+def test_a_symlinked_eval_folder_is_refused(tmp_path: Path, trained: Path) -> None:
+    """A run whose eval/ points outside it: evaluation writes nothing there (exit 2)."""
+    run = copy_run(trained, tmp_path)
+    shutil.rmtree(run / "eval", ignore_errors=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / "eval").symlink_to(elsewhere)
+    res = advbench(*_eval_args(run))
+    assert res.code == 2 and len(res.lines) == 1 and "outside" in res.lines[0], res.err
+    assert not list(elsewhere.iterdir())
+
+
+def test_cached_rows_need_the_checkpoint_hash_they_record(tmp_path: Path,
+                                                          trained: Path) -> None:
+    """Class 2: without a stamp a row is not reused for a replaced checkpoint (it records the
+    hash it was computed on), and a row that says it was computed on `last` is not reused for
+    `best`."""
+    from benchmark.eval.target import file_sha256
+    run = copy_run(trained, tmp_path)
+    assert advbench(*_eval_args(run)).code == 0
+    (key_file,) = [f for f in (run / "eval").glob("*.json")
+                   if json.loads(f.read_text()).get("attack") == "fgsm"]
+    _stamp(run).unlink()
+    halved = ckpt_file(trained, tmp_path, lambda ck: _scale_weights(ck, 0.01))
+    shutil.copy(halved, run / "ckpt_best.pt")
+    res = advbench(*_eval_args(run))
+    assert res.code == 0, res.err
+    row = json.loads(key_file.read_text())
+    assert row["inputs_sha256"]["checkpoint"] == file_sha256(run / "ckpt_best.pt")
+    assert list(run.glob("stale/*/eval/*.json"))  # the old row is kept aside
+    # a row of `last` planted under the key of `best`
+    assert advbench(*_eval_args(run, "--checkpoint", "last")).code == 0
+    last = next(json.loads(f.read_text()) for f in (run / "eval").glob("*.json")
+                if json.loads(f.read_text()).get("checkpoint") == "last"
+                and json.loads(f.read_text()).get("attack") == "fgsm")
+    key_file.write_text(json.dumps({**last, "eval_key": key_file.stem}))
+    assert advbench(*_eval_args(run)).code == 0
+    assert json.loads(key_file.read_text())["checkpoint"] == "best"
+
+
+def _ood_folder(root: Path, value: int) -> Path:
+    from PIL import Image
+    for part in ("train", "test"):
+        for c in ("0", "1"):
+            (root / "mnist" / part / c).mkdir(parents=True, exist_ok=True)
+            for i in range(3):
+                Image.new("L", (28, 28), color=(value + 40 * i) % 256).save(
+                    root / "mnist" / part / c / f"{i}.png")
+    return root
+
+
+def test_the_ood_row_follows_the_ood_set_content(tmp_path: Path, trained: Path) -> None:
+    """Class 2: the rejection suite's OOD row is recomputed when --ood-data-dir holds other
+    images (same folder names), and reused while they are the same."""
+    from benchmark.eval.rejection import evaluate_rejection
+    run = copy_run(trained, tmp_path)
+    kw = dict(n_examples=16, device="cpu", lambdas=(1.0,))
+    first = evaluate_rejection(run, ood_data_dir=_ood_folder(tmp_path / "a", 10), **kw)
+    ood_a = next(r for r in first if r["negatives"] == "ood-mnist-rgb")
+    again = evaluate_rejection(run, ood_data_dir=tmp_path / "a", **kw)
+    assert next(r for r in again if r["negatives"] == "ood-mnist-rgb")["created"] == \
+        ood_a["created"]
+    second = evaluate_rejection(run, ood_data_dir=_ood_folder(tmp_path / "b", 200), **kw)
+    ood_b = next(r for r in second if r["negatives"] == "ood-mnist-rgb")
+    assert ood_b["inputs_sha256"]["ood_set"] != ood_a["inputs_sha256"]["ood_set"]
+    assert ood_b["auroc"] != ood_a["auroc"] or ood_b["created"] != ood_a["created"]
+
+
+def _cifar10_folder(root: Path, n: int = 10, size: int = 32, classes: int = 10) -> Path:
+    """A tiny image-folder stand-in for CIFAR-10 (random RGB images)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for part in ("train", "test"):
+        for i in range(n):
+            folder = root / part / f"class{i % classes}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                folder / f"{i}.png")
+    return root
+
+
+def test_a_killed_corruption_generation_is_never_read_as_whole(
+        tmp_path: Path, trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Class 2: `corruptions --generate` writes into a hidden sibling folder renamed into place
+    when complete: killed after 2 corruptions, --data-dir does not exist; a folder left by an
+    older advbench (record lists 19, 4 present) is refused by `corruptions --run`."""
+    from benchmark.eval import cifar_c
+    from benchmark.eval import corruptions as cc
+    src = _cifar10_folder(tmp_path / "src")
+    out = tmp_path / "c10c"
+    real, calls = cifar_c.corrupt, []
+
+    def dying(x, name, s, rng):  # type: ignore[no-untyped-def]
+        calls.append(name)
+        if len(set(calls)) > 2:
+            raise KeyboardInterrupt  # kill -9 stand-in: nothing after this point runs
+        return real(x, name, s, rng)
+    monkeypatch.setattr(cifar_c, "corrupt", dying)
+    with pytest.raises(KeyboardInterrupt):
+        cifar_c.generate(out, "cifar10", src, n_images=2, corruptions=["fog", "contrast",
+                                                                       "snow"], progress=False)
+    assert not out.exists()
+    monkeypatch.setattr(cifar_c, "corrupt", real)
+    meta = cifar_c.generate(out, "cifar10", src, n_images=2, corruptions=["fog", "contrast",
+                                                                          "snow"], progress=False)
+    assert meta["corruptions"] == ["snow", "fog", "contrast"]
+    assert cc.list_corruptions(out) == ["snow", "fog", "contrast"]
+    assert not list(tmp_path.glob(".c10c*"))
+    (out / "fog.npy").unlink()  # what an interrupted older generation leaves
+    res = advbench("corruptions", "--run", str(copy_run(trained, tmp_path)), "--data-dir",
+                   str(out), "--device", "cpu", "--no-progress")
+    assert res.code == 2 and res.lines[-1].startswith("advbench: error:"), res.err
+    assert "incomplete CIFAR-10-C generation: 1 of its 3" in res.lines[-1]  # (after a warning
+    # that the synthetic run is not a CIFAR-10 model)
+
+
+def _cifar_batches(root: Path, edit: Callable[[str, bytes], bytes] = lambda f, b: b,
+                   labels: Optional[list] = None) -> Path:
+    """A complete CIFAR-10 python layout (4 images a batch); ``edit`` rewrites a file's
+    pickle bytes, ``labels`` replaces the first training batch's labels."""
+    import pickle
+
+    import numpy as np
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": np.full((4, 3072), 7, np.uint8), "labels": [0, 1, 2, 3]}
+        if f == "data_batch_1" and labels is not None:
+            batch["labels"] = labels
+        (folder / f).write_bytes(edit(f, pickle.dumps(batch, protocol=2)))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
+    return root
+
+
+#: the pickled state of a plain uint8 dtype ends with its flags (0); these set others
+_DTYPE_FLAGS = b"J\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t"
+
+
+def _forge_flags(flags: int) -> Callable[[str, bytes], bytes]:
+    def edit(f: str, raw: bytes) -> bytes:
+        assert _DTYPE_FLAGS in raw
+        return raw.replace(_DTYPE_FLAGS, _DTYPE_FLAGS[:-2] + bytes([flags]) + b"t") \
+            if f == "data_batch_1" else raw
+    return edit
+
+
+def _forge_typecode(raw_from: bytes, raw_to: bytes) -> Callable[[str, bytes], bytes]:
+    def edit(f: str, raw: bytes) -> bytes:
+        return raw.replace(raw_from, raw_to) if f == "data_batch_1" else raw
+    return edit
+
+
+def _cifar_train(edit: Callable[[str, bytes], bytes] = lambda f, b: b,
+                 labels: Optional[list] = None) -> Callable[[Path, Path], list]:
+    def argv(t: Path, tr: Path) -> list:
+        return ["train", "--defense", "st", "--dataset", "cifar10", "--data-dir",
+                str(_cifar_batches(t / "data", edit, labels)), "--arch", "tiny", "--runs-dir",
+                str(R(t)), "--no-progress", "--device", "cpu", "--hparams", json.dumps(HP)]
+    return argv
+
+
+def _pics(t: Path, sizes: dict[str, tuple[int, int]], test_classes: tuple = ("a", "b")) -> Path:
+    """An image folder: ``sizes`` maps train/<class>/<file> to its size."""
+    from PIL import Image
+    for c in test_classes:
+        (t / "pics" / "test" / c).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(t / "pics" / "test" / c / "0.png")
+    for rel, size in sizes.items():
+        (t / "pics" / "train" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size).save(t / "pics" / "train" / rel)
+    return t / "pics"
+
+
+def _pics_train(**kw: object) -> Callable[[Path, Path], list]:
+    def argv(t: Path, tr: Path) -> list:
+        return ["train", "--defense", "st", "--dataset", "pics", "--data-dir",
+                str(_pics(t, **kw)), "--arch", "tiny", "--runs-dir", str(R(t)),  # type: ignore[arg-type]
+                "--no-progress", "--device", "cpu", "--hparams", json.dumps(HP)]
+    return argv
+
+
+_SQUARE = {"a/0.png": (8, 8), "b/0.png": (8, 8)}
+
+CASES_31 = [
+    # --- class 3: the pickle never chooses a dtype or its flags ---
+    Case("cifar10 batch whose uint8 dtype has object/refcount flags",
+         _cifar_train(_forge_flags(0x3f)), "forged dtype"),
+    Case("cifar10 batch whose dtype sets the refcount flag only",
+         _cifar_train(_forge_flags(0x01)), "forged dtype"),
+    Case("cifar10 batch of object dtype", _cifar_train(_forge_typecode(b"X\x02\x00\x00\x00u1",
+                                                                       b"X\x02\x00\x00\x00O8")),
+         "'O8'"),
+    Case("cifar10 batch whose shape claims more bytes than it holds",
+         _cifar_train(_forge_typecode(b"M\x00\x0c", b"M\x00\x0d")), "needs"),
+    Case("cifar10 label 10", _cifar_train(labels=[0, 1, 2, 10]), "label 10 outside 0-9"),
+    Case("cifar10 label -1", _cifar_train(labels=[0, 1, -1, 3]), "label -1 outside 0-9"),
+    # --- class 4: errors of the image reader are bad files ---
+    Case("image folder of mixed sizes", _pics_train(sizes={**_SQUARE, "b/1.png": (9, 8)}),
+         "one size per folder"),
+    Case("image folder whose test/ has a class train/ lacks",
+         _pics_train(sizes=_SQUARE, test_classes=("a", "b", "zzz")), "zzz"),
+    Case("image folder with a file that is not an image",
+         lambda t, tr: (_pics_train(sizes=_SQUARE)(t, tr),
+                        (t / "pics" / "train" / "a" / "1.png").write_bytes(b"not png"))[0],
+         "cannot read it as an image"),
+    Case("report --rows JSON nested 100,000 deep", _rows_file("[" * 100000 + "\n"),
+         "nested too deeply"),
+    Case("false-alarms --rows JSON nested 100,000 deep",
+         lambda t, tr: (_rows_file("{\"a\":" * 100000 + "\n")(t, tr),
+                        ["false-alarms", "--rows", str(t / "rows.jsonl")])[1],
+         "nested too deeply"),
+    Case("report --rows with a 1 MB defense name",
+         _rows_file(json.dumps(_row(defense="d" * (1 << 20))) + "\n"), "at most 256"),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=c.marks) for c in CASES_31])
+def test_bad_input_issue_31(case: Case, tmp_path: Path, trained: Path) -> None:
+    test_bad_input(case, tmp_path, trained)
+    assert not (tmp_path / "out").exists()
+
+
+def test_decompression_bombs_are_bad_files(tmp_path: Path, trained: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Class 4: PIL's decompression-bomb check (here at a lowered pixel limit) is a bad file
+    in a training image folder, an OOD folder and a corruption source: exit 2 naming it."""
+    from PIL import Image
+
+    from benchmark.data import DataInfo
+    from benchmark.eval.rejection import ood_sets
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # 8×8 = 64 > 2 × 20: an error
+    res = advbench(*[str(a) for a in _pics_train(sizes=_SQUARE)(tmp_path, trained)])
+    assert res.code == 2 and len(res.lines) == 1 and "decompression bomb" in res.lines[0], res.err
+    assert "0.png" in res.lines[0] and not files(R(tmp_path))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # 64 > 50: PIL only warns; refused too
+    src = _cifar10_folder(tmp_path / "src", size=8)
+    res = advbench("corruptions", "--generate", "--data-dir", str(tmp_path / "c10c"),
+                   "--source-dir", str(src), "--n-images", "2", "--corruptions", "fog",
+                   "--no-progress")
+    assert res.code == 2 and len(res.lines) == 1 and "decompression bomb" in res.lines[0], res.err
+    assert not (tmp_path / "c10c").exists()
+    rgb = DataInfo("c", 10, 3, 8, (0.5,) * 3, (0.5,) * 3, "cifar")
+    sets, skipped = ood_sets(rgb, 4, _ood_folder(tmp_path / "ood", 10))
+    assert "mnist-rgb" not in sets and "decompression bomb" in skipped[0]
+
+
+def test_an_empty_ood_folder_is_named_not_a_crash(tmp_path: Path) -> None:
+    from benchmark.data import DataInfo
+    from benchmark.eval.rejection import ood_sets
+    for part in ("train", "test"):
+        (tmp_path / "mnist" / part / "0").mkdir(parents=True)
+    rgb = DataInfo("c", 10, 3, 8, (0.5,) * 3, (0.5,) * 3, "cifar")
+    sets, skipped = ood_sets(rgb, 4, tmp_path)
+    assert "mnist-rgb" not in sets and "no images under" in skipped[0], skipped
+
+
+def test_false_alarms_reads_the_rows_report_accepts(tmp_path: Path) -> None:
+    """Class 4: a check row that report refuses (n_examples 0) is not counted by
+    false-alarms either; a row whose dataset cannot name a file is refused (exit 2)."""
+    ok = {"kind": "check", "check": "cheap", "defense": "st", "status": "pass", "seed": 0,
+          "run_id": "r1", "checkpoint": "best", "dataset": "synthetic", "n_examples": 10}
+    bad = {**ok, "run_id": "r2", "status": "fail", "n_examples": 0}
+    from benchmark.eval.checks import CHECKS
+    ok["check"] = bad["check"] = next(iter(CHECKS))
+    (tmp_path / "rows.jsonl").write_text(json.dumps(ok) + "\n" + json.dumps(bad) + "\n")
+    res = advbench("false-alarms", "--rows", str(tmp_path / "rows.jsonl"))
+    assert res.code == 0, res.err
+    assert "0/1" in res.out and "1/2" not in res.out, res.out
+    (tmp_path / "rows.jsonl").write_text(json.dumps({**ok, "dataset": "../x"}) + "\n")
+    res = advbench("false-alarms", "--rows", str(tmp_path / "rows.jsonl"))
+    assert res.code == 2 and len(res.lines) == 1 and "dataset" in res.lines[0], res.err
+
+
+def test_report_output_is_bounded_by_a_multiple_of_its_rows(tmp_path: Path) -> None:
+    """Class 4: tables larger than OUTPUT_MULTIPLE × the rows (+ slack) are refused before
+    any is written."""
+    import benchmark.report.report as rep
+    from benchmark.errors import DataError
+    rows = [_row(eval_key=f"k{i}", run_id=f"r{i}", seed=i, defense="d" * 250) for i in range(3)]
+    rep.write_report(rows, tmp_path / "ok", plots=False)  # the default budget holds them
+    old = rep.OUTPUT_SLACK
+    try:
+        rep.OUTPUT_SLACK = 0
+        rep.OUTPUT_MULTIPLE = 1
+        with pytest.raises(DataError, match="more than 1× the"):
+            rep.write_report(rows, tmp_path / "out", plots=False)
+    finally:
+        rep.OUTPUT_SLACK, rep.OUTPUT_MULTIPLE = old, 20
+    assert not (tmp_path / "out" / "tables").exists()
+
+
+# ------------------------------------------------------------------------------ issue 31 fuzz
+def _fuzz_text():  # type: ignore[no-untyped-def]
+    """Hostile text: path pieces, separators, dots, control and non-ASCII characters."""
+    from hypothesis import strategies as st
+    piece = st.sampled_from(["..", ".", "/", "\\", "~", "x", "-", "_", "é", "\x00", "\n", "%",
+                             "tables", "..%2f", "/tmp", "$HOME", " "])
+    return st.one_of(st.lists(piece, max_size=8).map("".join), st.text(max_size=20))
+
+
+def test_fuzz_row_fields_never_write_outside_the_output_folder(tmp_path: Path) -> None:
+    """Any dataset/profile/defense/checkpoint text in a row: `report` exits 0 or 2 (never 1),
+    and every file it writes is inside --out."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    counter = iter(range(10 ** 6))
+
+    @settings(max_examples=40, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(field_=st.sampled_from(["dataset", "profile", "defense", "checkpoint", "arch"]),
+           value=_fuzz_text())
+    def check(field_: str, value: str) -> None:
+        base = tmp_path / f"case{next(counter)}" / "deep" / "er"
+        base.mkdir(parents=True)
+        (base / "rows.jsonl").write_text(json.dumps(_row(eval_key="k0")) + "\n" + json.dumps(
+            _row(**{field_: value})) + "\n")
+        res = advbench("report", "--rows", str(base / "rows.jsonl"), "--out",
+                       str(base / "out"), "--no-plots", "--no-print")
+        assert res.code in (0, 2) and "internal error" not in res.err, (field_, value, res.err)
+        assert _outside(base.parents[1], base / "out", base / "rows.jsonl") == set(), value
+        if res.code == 2:
+            assert len(res.lines) == 1 and not (base / "out").exists()
+    check()
+    assert _outside(tmp_path, *tmp_path.glob("case*")) == set()
+
+
+def test_fuzz_stamp_contents_never_name_a_path(tmp_path: Path, trained: Path) -> None:
+    """Any stamp text (or bytes): the stale rows stay inside the run folder, the stamp ends as
+    the checkpoint's digest, and nothing outside the run is written."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from benchmark.eval.target import file_sha256, retire_stale_rows
+    run = copy_run(trained, tmp_path)
+    assert advbench(*_eval_args(run)).code == 0
+    sha = file_sha256(run / "ckpt_best.pt")
+    legacy = tmp_path / "legacy.json"  # a row without inputs_sha256: moved by a bad stamp
+    row = next(r for r in map(lambda f: json.loads(f.read_text()), (run / "eval").glob("*.json"))
+               if r.get("attack") == "fgsm")
+    row.pop("inputs_sha256", None)
+    legacy.write_text(json.dumps({**row, "eval_key": "legacy"}))
+
+    @settings(max_examples=60, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(content=st.one_of(_fuzz_text(), st.binary(max_size=80),
+                             st.just(("../" * 8 + "x").encode()), st.just(b"/" + b"a" * 63)))
+    def check(content: object) -> None:
+        shutil.copy(legacy, run / "eval" / "legacy.json")
+        stamp = _stamp(run)
+        if isinstance(content, bytes):
+            stamp.write_bytes(content)
+        else:
+            stamp.write_text(content, errors="surrogateescape")
+        retire_stale_rows(run, "best", run / "ckpt_best.pt")
+        assert stamp.read_text().strip() == sha
+        assert not (run / "eval" / "legacy.json").exists()  # no valid stamp: not reused
+        assert _outside(tmp_path, run, legacy) == set()
+        assert all(p.resolve().is_relative_to(run.resolve()) for p in run.rglob("*"))
+    check()

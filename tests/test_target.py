@@ -15,8 +15,9 @@ from benchmark.eval.evaluate import evaluate_path
 from benchmark.eval.features import evaluate_features
 from benchmark.testing import tiny_st_run
 
-#: fields that legitimately differ between two rows of one checkpoint
-PER_ROW = {"eval_key", "kind", "created"}
+#: fields that legitimately differ between two rows of one checkpoint (``inputs_sha256``: the
+#: checkpoint's hash is common, a corruption row adds its corruption set's)
+PER_ROW = {"eval_key", "kind", "created", "inputs_sha256"}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,9 @@ def test_every_row_kind_carries_the_same_provenance(run_dir: Path, data, tmp_pat
         for field, value in expected.items():
             if field not in PER_ROW:
                 assert row[field] == value, (row["kind"], field)
+        assert row["inputs_sha256"]["checkpoint"] == t.ckpt_sha256 == \
+            target.file_sha256(t.ckpt_path)
+    assert set(corruption_row["inputs_sha256"]) == {"checkpoint", "corruption_set"}
     assert (attack_row["kind"], feature_row["kind"], corruption_row["kind"]) == \
         ("attack", "features", "corruption")
 

@@ -1058,15 +1058,20 @@ def backfill_prefixes(run_dir: Path, rows: Sequence[dict[str, Any]]) -> int:
     """Add ``acc_on_first`` (accuracies on test-order prefixes, for same-point tables) to
     attack rows written before it existed, from their stored flags; return how many."""
     from benchmark.eval.flags import prefix_stats
+    from benchmark.safepath import ident_problem, inside
     done = 0
     for row in rows:
-        flags = run_dir / "flags" / f"{row.get('eval_key')}.pt"
-        if row.get("kind", "attack") != "attack" or "acc_on_first" in row or not flags.exists():
+        key = row.get("eval_key")
+        if row.get("kind", "attack") != "attack" or "acc_on_first" in row or \
+                ident_problem(key, 255) is not None:  # a key that cannot name a file: skipped
+            continue
+        flags = inside(run_dir, "flags", f"{key}.pt")
+        if not flags.exists() or not inside(run_dir, "eval", f"{key}.json").is_file():
             continue
         saved = safe_torch_load(flags)
         adv_ce = saved.get("adv_ce", torch.full((len(saved["robust"]),), math.nan))
         row["acc_on_first"] = prefix_stats(saved["clean"], saved["robust"], adv_ce)
-        atomic_write_json(run_dir / "eval" / f"{row['eval_key']}.json", row)
+        atomic_write_json(inside(run_dir, "eval", f"{key}.json"), row)
         done += 1
     return done
 

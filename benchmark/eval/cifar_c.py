@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import shutil
 import importlib.resources
 import logging
 import sys
@@ -46,6 +48,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from benchmark.errors import DataError, UsageError
+from benchmark.safepath import ident_problem
 
 logger = logging.getLogger(__name__)
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -471,27 +474,50 @@ def generate(out_dir: Path | str, dataset: str = "cifar10",
              "n_images": n, "seed": seed, "parameters_source": SOURCE,
              "parameters": {k: PARAMS[k] for k in PARAMS}}
     out = Path(out_dir).expanduser()
-    old = read_meta(out)
+    old = read_meta(out) if out.is_dir() else None
     if old is not None and not force:
         differ = [k for k in ident if json_safe(old.get(k)) != json_safe(ident[k])]
         if differ:
             raise UsageError(f"{out} holds a CIFAR-10-C generation with other settings "
                              f"({', '.join(differ)}); choose another --data-dir or pass --force")
-    out.mkdir(parents=True, exist_ok=True)
-    clean_tmp(out)
+    if old is None and out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"{out} holds files but no {META}: not a CIFAR-10-C generation; "
+                         f"choose an empty or new --data-dir")
+    same = old is not None and all(json_safe(old.get(k)) == json_safe(ident[k]) for k in ident)
+    # written into a hidden sibling folder, renamed into place only when complete: a killed
+    # generation is never read as a whole one (and the next call resumes the sibling)
+    stage = out.parent / f".{out.name}.partial"
+    staged = read_meta(stage) if stage.is_dir() else None
+    if stage.exists() and (force or staged is None or any(
+            json_safe(staged.get(k)) != json_safe(ident[k]) for k in ident)):
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True, exist_ok=True)
+    clean_tmp(stage)
+    carried = []
+    if same and not force:  # finished files of the same settings are kept (hard links)
+        for f in sorted(out.glob("*.npy")):
+            if f.is_symlink() or f.stem == "labels" or not _complete(f, n):
+                continue
+            if not (stage / f.name).exists():
+                try:
+                    os.link(f, stage / f.name)
+                except OSError:
+                    shutil.copy2(f, stage / f.name)
+            carried.append(f.stem)
+    order = list(PARAMS)
+    listed = [c for c in order if c in set(names) | set(carried)]
     meta = {**ident, "released_files": False,
             "note": "regenerated from the test images with make_cifar_c.py's CIFAR parameters; "
                     "not the released CIFAR-10-C (zenodo 2535967): numbers are not comparable",
             "layout": "<corruption>.npy (5·n)×32×32×3 uint8, severity s in rows [(s-1)n, sn); "
                       "labels.npy 5·n uint8", "rng": "numpy default_rng([seed, k, s, i])",
-            "versions": _versions(), "corruptions": names,
-            "wall_s": dict((old or {}).get("wall_s") or {}) if not force else {}}
-    atomic_write_json(out / META, meta)
-    _save_npy(out / "labels.npy", np.tile(y, 5).astype(np.uint8))
-    todo = [c for c in names if force or not _complete(out / f"{c}.npy", n)]
+            "versions": _versions(), "corruptions": listed,
+            "wall_s": dict((staged or old or {}).get("wall_s") or {}) if not force else {}}
+    atomic_write_json(stage / META, meta)
+    _save_npy(stage / "labels.npy", np.tile(y, 5).astype(np.uint8))
+    todo = [c for c in names if not _complete(stage / f"{c}.npy", n)]
     logger.info("CIFAR-10-C: %d of %d corruption files to write (%d images each) in %s",
-                len(todo), len(names), 5 * n, out)
-    order = list(PARAMS)
+                len(todo), len(names), 5 * n, stage)
     with tqdm(total=len(todo) * 5 * n, desc="CIFAR-10-C", unit="img", disable=not progress,
               leave=False) as bar:
         for name in todo:
@@ -501,10 +527,38 @@ def generate(out_dir: Path | str, dataset: str = "cifar10",
                 for i in range(n):
                     arr[(s - 1) * n + i] = corrupt(x[i], name, s, np.random.default_rng([seed, k, s, i]))
                 bar.update(n)
-            _save_npy(out / f"{name}.npy", arr)
+            _save_npy(stage / f"{name}.npy", arr)
             meta["wall_s"][name] = round(time.perf_counter() - t0, 2)
-            atomic_write_json(out / META, meta)
+            atomic_write_json(stage / META, meta)
+    check_generation(stage, meta)
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, trash)
+        os.rename(stage, out)
+        shutil.rmtree(trash)
+    else:
+        os.rename(stage, out)
     return meta
+
+
+def check_generation(root: Path, meta: dict) -> None:
+    """Refuse a generated CIFAR-10-C folder that lacks a corruption its record lists (a
+    generation killed by an earlier advbench, or a ``.partial`` folder).
+
+    Raises:
+        DataError: a listed corruption file is missing or not (5·n)×32×32×3 uint8.
+    """
+    listed = meta.get("corruptions") or []
+    n = meta.get("n_images")
+    if not isinstance(listed, list) or not isinstance(n, int):
+        raise DataError(f"{root / META}: no list of corruptions and n_images")
+    bad = [c for c in listed if not isinstance(c, str) or ident_problem(c) is not None
+           or not _complete(Path(root) / f"{c}.npy", n)]
+    if bad:
+        raise DataError(f"{root} holds an incomplete CIFAR-10-C generation: {len(bad)} of its "
+                        f"{len(listed)} corruptions missing or truncated (first "
+                        f"{str(bad[0])[:40]}); an interrupted `advbench corruptions --generate`? "
+                        f"Rerun it")
 
 
 def json_safe(obj: object) -> object:

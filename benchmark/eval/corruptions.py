@@ -31,9 +31,11 @@ from torch import Tensor
 
 from benchmark.config import stable_hash
 from benchmark.errors import DataError, UsageError
-from benchmark.eval.cifar_c import SEVERITIES, describe, generation_id, read_meta
+from benchmark.eval.cifar_c import (SEVERITIES, check_generation, describe, generation_id,
+                                    read_meta)
 from benchmark.eval.target import check_model, open_target
-from benchmark.store import atomic_write_json, read_row
+from benchmark.safepath import identifier
+from benchmark.store import atomic_write_json
 from benchmark.validate import check_row
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,22 @@ def list_corruptions(root: Path) -> list[str]:
     """Corruption files present, official ones first in official order, then others sorted."""
     present = {p.stem for p in Path(root).glob("*.npy") if p.stem != "labels"}
     return [c for c in CORRUPTIONS if c in present] + sorted(present - set(CORRUPTIONS))
+
+
+def corruption_sha256(root: Path, name: str) -> str:
+    """SHA-256 of one corruption set: its ``<name>.npy`` and ``labels.npy`` (what a row read)."""
+    from benchmark.eval.target import file_sha256
+    path = Path(root) / f"{identifier(name, 'corruption name')}.npy"
+    if not path.is_file():
+        raise DataError(f"{path} not found; present: {', '.join(list_corruptions(root)) or 'none'}")
+    return set_sha256({"images": file_sha256(path), "labels": file_sha256(Path(root) / "labels.npy")})
+
+
+def set_sha256(parts: dict[str, str]) -> str:
+    """One SHA-256 over named digests (sorted by name)."""
+    import hashlib
+    return hashlib.sha256("".join(f"{k}={v};" for k, v in sorted(parts.items())).encode()
+                          ).hexdigest()
 
 
 def _open(path: Path) -> np.ndarray:
@@ -152,18 +170,24 @@ def evaluate_corruptions(run_dir: Path | str, data_dir: Path | str, *, checkpoin
     n_examples = run.n_points(n_examples)
     labels = load_labels(root)
     meta = read_meta(root)
+    if meta is not None:
+        check_generation(root, meta)  # a killed generation is never read as a whole one
     cprov = f"{describe(meta) if meta else PROVENANCE} from {root}"
     data_key = {"generation": generation_id(meta)} if meta else {}
     rows: list[dict[str, Any]] = []
     checked = False
+    shas: dict[str, str] = {}
     for name in names:
+        identifier(name, "corruption name")
         for sev in severities:
             key = stable_hash({"run_id": run.cfg.run_id, "checkpoint": checkpoint,
                                "kind": "corruption", "corruption": name, "severity": sev,
                                "n_examples": n_examples if n_examples is not None else -1,
                                **data_key})
             path = run.out_dir / "eval" / f"{key}.json"
-            cached = read_row(path) if path.exists() and not force else None
+            if name not in shas:  # the corruption set: its file and the labels
+                shas[name] = corruption_sha256(root, name)
+            cached = run.cached(path, force=force, corruption_set=shas[name])
             if cached is not None:
                 rows.append(cached)
                 continue
@@ -174,7 +198,8 @@ def evaluate_corruptions(run_dir: Path | str, data_dir: Path | str, *, checkpoin
                 checked = True
             t0 = time.perf_counter()
             acc = accuracy(run.model, x, y, batch_size=batch_size, device=run.device)
-            row = {**run.row(key, "corruption"), "corruption": name, "severity": sev,
+            row = {**run.row(key, "corruption", inputs={"corruption_set": shas[name]}),
+                   "corruption": name, "severity": sev,
                    "corruption_provenance": cprov,
                    "n_examples": int(len(y)), "accuracy": acc,
                    "wall_s": round(time.perf_counter() - t0, 3)}
@@ -191,7 +216,8 @@ def evaluate_corruptions(run_dir: Path | str, data_dir: Path | str, *, checkpoin
                            **data_key})
         per_sev = {str(s): float(np.mean([r["accuracy"] for r in cells if r["severity"] == s]))
                    for s in sorted({r["severity"] for r in cells})}
-        agg = {**run.row(key, "corruption"), "corruption": "all", "severity": None,
+        agg = {**run.row(key, "corruption", inputs={"corruption_set": set_sha256(shas)}),
+               "corruption": "all", "severity": None,
                "aggregate": True, "corruptions": names, "accuracy_by_severity": per_sev,
                "accuracy": float(np.mean([r["accuracy"] for r in cells])),
                "n_examples": n_examples, "corruption_provenance": cprov}

@@ -38,8 +38,7 @@ from benchmark.eval.flags import (ATTACK_SEED, adapt_spec, attack_points, effect
 from benchmark.eval.target import Target, check_model, open_target
 from benchmark.eval.worstcase import bit_fields, flags_payload, write_headlines
 from benchmark.run.protocols import AttackSpec, parse_eps_list, resolve_specs
-from benchmark.store import (atomic_torch_save, atomic_write_json, clean_tmp, read_row,
-                             safe_torch_load)
+from benchmark.store import (atomic_torch_save, atomic_write_json, clean_tmp, safe_torch_load)
 from benchmark.validate import check_eval_sizes, check_row
 
 logger = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ def evaluate_target(t: Target, specs: Sequence[AttackSpec], *, n_examples: Optio
         n = effective_n(spec, t.cfg.profile, n_examples)
         key = eval_key(t.cfg.run_id, t.checkpoint, spec, n)
         path = t.out_dir / "eval" / f"{key}.json"
-        cached = read_row(path) if path.exists() and not force else None
+        cached = t.cached(path, force=force)
         if cached is not None:
             rows.append(cached)
         else:

@@ -30,7 +30,7 @@ from benchmark.errors import UsageError
 from benchmark.eval.metrics import feature_metrics
 from benchmark.eval.target import Target, check_model, open_target
 from benchmark.run.protocols import AttackSpec
-from benchmark.store import atomic_write_json, read_row
+from benchmark.store import atomic_write_json
 from benchmark.validate import check_row
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def evaluate_features(run_dir: Path | str, *, checkpoint: str = "best",
                            "n_examples": n_examples if n_examples is not None else -1,
                            "subset": _subset(n_examples)})
         path = run.out_dir / "eval" / f"{key}.json"
-        cached = read_row(path) if path.exists() and not force else None
+        cached = run.cached(path, force=force)
         if cached is not None:
             rows.append(cached)
         else:

@@ -114,16 +114,21 @@ def _convert(x: Tensor, info: DataInfo) -> Tensor:
 
 def _folder_test_images(root: Path, n: int) -> Tensor:
     """The first n test images of an image folder, in a seeded shuffled order (float, [0,1])."""
-    from PIL import Image
+    from benchmark.data import read_images
     files = sorted(f for d in sorted((root / "test").iterdir()) if d.is_dir()
                    for f in d.iterdir() if f.is_file())
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[:n]
-    arrs = []
-    for i in order.tolist():
-        with Image.open(files[i]) as im:
-            arr = np.asarray(im.convert("RGB" if im.mode not in ("L", "1") else "L"))
-        arrs.append(arr if arr.ndim == 3 else arr[..., None])
-    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div(255)
+    arrs = read_images([files[i] for i in order.tolist()], root / "test")
+    return torch.from_numpy(arrs).permute(0, 3, 1, 2).float().div(255)
+
+
+def tensor_sha256(x: Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (an OOD set as it is scored)."""
+    import hashlib
+    x = x.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
+    h.update(x.numpy().tobytes())
+    return h.hexdigest()
 
 
 def ood_sets(info: DataInfo, n: int, data_dir: Optional[Path | str]
@@ -291,7 +296,7 @@ def evaluate_rejection(run_dir: Path | str, *, checkpoint: str = "best",
         lambdas: detector weights of the adaptive attack.
         ood_data_dir: where to look for the OOD source (default ``data_dir``).
     """
-    from benchmark.store import atomic_write_json, read_json
+    from benchmark.store import atomic_write_json
 
     if not 0 < tpr < 1:
         raise UsageError(f"tpr must lie in (0, 1), got {tpr}")
@@ -329,9 +334,9 @@ def evaluate_rejection(run_dir: Path | str, *, checkpoint: str = "best",
         clean_s = time.perf_counter() - t0
 
         def emit(negatives: str, extra_key: dict[str, Any], neg: Tensor,
-                 fields: dict[str, Any], wall: float) -> None:
+                 fields: dict[str, Any], wall: float, inputs: Optional[dict] = None) -> None:
             key = _key(t.cfg.run_id, t.checkpoint, negatives, n, tpr, {**extra_key, **opt_key})
-            row = {**t.row(key, "rejection"), **base, "negatives": negatives,
+            row = {**t.row(key, "rejection", inputs=inputs), **base, "negatives": negatives,
                    "n_negatives": int(len(neg)), "auroc": auroc(pos, neg), "fpr_at_tpr": fpr_at(neg, tau),
                    "roc": roc_points(pos, neg), **fields, "wall_s": round(wall + clean_s, 3)}
             atomic_write_json(t.out_dir / "eval" / f"{key}.json", row)
@@ -342,14 +347,12 @@ def evaluate_rejection(run_dir: Path | str, *, checkpoint: str = "best",
                         f" robust+reject {row['robust_acc_reject']:.4f}"
                         if "robust_acc_reject" in row else "")
 
-        def cached(negatives: str, extra_key: dict[str, Any]) -> bool:
+        def cached(negatives: str, extra_key: dict[str, Any], **inputs: str) -> bool:
             key = _key(t.cfg.run_id, t.checkpoint, negatives, n, tpr, {**extra_key, **opt_key})
-            path = t.out_dir / "eval" / f"{key}.json"
-            if path.exists() and not force:
-                row = read_json(path)
-                if row.get("score") == base["score"]:  # a row of an earlier score is recomputed
-                    rows.append(row)
-                    return True
+            row = t.cached(t.out_dir / "eval" / f"{key}.json", force=force, **inputs)
+            if row is not None and row.get("score") == base["score"]:  # an earlier score's
+                rows.append(row)  # row is recomputed
+                return True
             return False
 
         # PGD (the protocol's column), attacking the clean-correct points
@@ -394,12 +397,13 @@ def evaluate_rejection(run_dir: Path | str, *, checkpoint: str = "best",
                 time.perf_counter() - t1)
 
         for name, (x_ood, prov) in sets.items():
-            if cached(f"ood-{name}", {"ood": name}):
+            ood_sha = tensor_sha256(x_ood)  # the OOD set's content, not its name or folder
+            if cached(f"ood-{name}", {"ood": name}, ood_set=ood_sha):
                 continue
             t1 = time.perf_counter()
             s_ood, _ = score_batches(scored, model, x_ood.to(dev), batch_size)
             emit(f"ood-{name}", {"ood": name}, s_ood, {"ood_provenance": prov},
-                 time.perf_counter() - t1)
+                 time.perf_counter() - t1, {"ood_set": ood_sha})
     return rows
 
 

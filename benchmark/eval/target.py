@@ -18,6 +18,7 @@ Example::
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ from benchmark.config import DEFAULT_N_EXAMPLES, RunConfig, stable_hash
 from benchmark.data import Data, DataInfo, load_dataset
 from benchmark.device import resolve_device
 from benchmark.errors import NonFiniteError, UsageError
-from benchmark.store import atomic_write_json, code_version, environment, now, read_json
+from benchmark.safepath import ident_problem, identifier, inside, is_hex_digest, read_small
+from benchmark.store import (atomic_write_bytes, atomic_write_json, code_version, environment,
+                             now, read_json, read_row)
 from benchmark.validate import check_finite_model
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,7 @@ class Target:
         out_dir: where ``eval/`` and ``flags/`` go (the run folder, or the ``--out`` folder).
         config: the run folder's ``config.json`` ({} for a bare checkpoint file).
         row_extra: fields added to every row (e.g. a RobustBench zoo model's origin).
+        ckpt_sha256: SHA-256 of the checkpoint file's content (every row records it).
     """
 
     model: nn.Module
@@ -71,14 +75,39 @@ class Target:
     out_dir: Path
     config: Mapping[str, Any]
     row_extra: Mapping[str, Any] = field(default_factory=dict)
+    ckpt_sha256: str = ""
 
     def n_points(self, n_examples: Optional[int]) -> Optional[int]:
         """``n_examples``, or the profile's number of test points when it is None (``cpu``:
         1000; ``paper``: None, the whole test set)."""
         return DEFAULT_N_EXAMPLES.get(self.cfg.profile) if n_examples is None else n_examples
 
-    def row(self, key: str, kind: str, *, data_provenance: Optional[str] = None
-            ) -> dict[str, Any]:
+    def inputs(self, **extra: str) -> dict[str, str]:
+        """The SHA-256 of every input a row reads: the checkpoint, plus ``extra`` (an OOD
+        set, a corruption set)."""
+        return {"checkpoint": self.ckpt_sha256, **extra}
+
+    def cached(self, path: Path, *, force: bool = False, **extra: str
+               ) -> Optional[dict[str, Any]]:
+        """The stored row at ``path`` if it may be reused: valid, of this checkpoint label,
+        and computed on inputs with the same SHA-256 as now (:meth:`inputs`); else None.
+
+        A row written before rows recorded their inputs is reused only for a checkpoint
+        whose stamp vouched for it (:func:`retire_stale_rows`) and when no other input is
+        named: its OOD or corruption set is unknown.
+        """
+        if force or not path.exists():
+            return None
+        row = read_row(path)
+        if row is None or row.get("checkpoint") != self.checkpoint:
+            return None
+        recorded = row.get(INPUTS)
+        if recorded is None:
+            return row if not extra else None
+        return row if recorded == self.inputs(**extra) else None
+
+    def row(self, key: str, kind: str, *, data_provenance: Optional[str] = None,
+            inputs: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
         """The provenance fields every result row of this checkpoint starts with.
 
         Args:
@@ -86,6 +115,7 @@ class Target:
             kind: ``attack``, ``features``, ``corruption``, ...
             data_provenance: provenance of the data actually evaluated (default: the
                 training data's, from the checkpoint).
+            inputs: SHA-256 of the inputs read besides the checkpoint (see :meth:`inputs`).
         """
         cfg = self.cfg
         return {"schema": SCHEMA, "kind": kind, "run_id": cfg.run_id, "eval_key": key,
@@ -96,7 +126,7 @@ class Target:
                 else str(self.ckpt_path), "checkpoint_epoch": self.epoch,
                 "hparams": cfg.hparams, "env": environment(self.device),
                 "git": self.config.get("git") or code_version(), "eval_git": code_version(),
-                "created": now(), **self.row_extra}
+                "created": now(), INPUTS: self.inputs(**(inputs or {})), **self.row_extra}
 
     def test_data(self, data: Optional[Data] = None,
                   data_dir: Optional[Path | str] = None) -> Data:
@@ -137,18 +167,19 @@ def open_target(path: Path | str, checkpoint: str = "best", *, device: str | tor
     ckpt = read_checkpoint(ckpt_path)
     model, defense, cfg, info = model_from_checkpoint(ckpt)
     dev = resolve_device(device)
+    sha = file_sha256(ckpt_path)
     if path.is_dir():
         out = path
         config = read_json(path / "config.json") if (path / "config.json").exists() else {}
-        retire_stale_rows(path, checkpoint, ckpt_path)
+        retire_stale_rows(path, checkpoint, ckpt_path, sha)
         if config:
             carry_training_failure(path)
     else:
-        checkpoint = "file-" + hashlib.sha256(ckpt_path.read_bytes()).hexdigest()[:12]
+        checkpoint = "file-" + sha[:12]
         out = Path(out_dir) if out_dir else path.parent / f"{path.stem}-eval"
         config = {}
     t = Target(model.to(dev).eval(), defense, cfg, info, dev, ckpt_path, checkpoint,
-               int(ckpt.get("epoch", 0)), out, config)
+               int(ckpt.get("epoch", 0)), out, config, ckpt_sha256=sha)
     if path.is_dir():
         refuse_nondeterministic(t)
     return t
@@ -248,7 +279,7 @@ def model_target(model: nn.Module, info: DataInfo, *, name: str, eps: float, nor
     extra = {"outside": {"weights_sha256": sha, "source": source or "nn.Module (Python API)"}}
     return Target(model, OutsideDefense(randomized), cfg, info, dev,
                   Path(source) if source else Path(f"{name}.state_dict"), OUTSIDE_CHECKPOINT, 0,
-                  out, {"git": None}, row_extra=extra)
+                  out, {"git": None}, row_extra=extra, ckpt_sha256=sha)
 
 
 #: the row a run refused by evaluation leaves, so that the report shows it with its reason
@@ -307,6 +338,8 @@ def check_model(model: nn.Module, x: Tensor, *, randomized: bool = False) -> Non
 
 #: the SHA-256 of the checkpoint file a run's rows were computed on, per checkpoint label
 STAMP = "eval/.checkpoint-{}.sha256"
+#: the row field holding the SHA-256 of every input the row was computed from
+INPUTS = "inputs_sha256"
 
 
 def file_sha256(path: Path) -> str:
@@ -318,44 +351,65 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def retire_stale_rows(run_dir: Path, checkpoint: str, ckpt_path: Optional[Path], *,
+def _row_checkpoint_sha(row: Mapping[str, Any]) -> Optional[str]:
+    """The checkpoint SHA-256 a row records (:data:`INPUTS` field), if it is a valid digest."""
+    inputs = row.get(INPUTS)
+    sha = inputs.get("checkpoint") if isinstance(inputs, Mapping) else None
+    return sha if is_hex_digest(sha) else None
+
+
+def retire_stale_rows(run_dir: Path, checkpoint: str, ckpt_path: Path,
                       sha: Optional[str] = None) -> int:
     """Keep cached rows only while the checkpoint they were computed on is unchanged.
 
-    The first evaluation of a checkpoint stamps its content hash (``eval/.checkpoint-<label>
-    .sha256``). When the file's content no longer matches the stamp (retrained, replaced, or
-    overwritten by NaN weights), the rows of that checkpoint label (``eval/*.json``) and their
-    flags move to ``stale/<old hash>/``, so every command (evaluate, check, features,
-    corruptions, rejection) recomputes instead of reusing them. Rows from before stamps
-    existed are trusted once (the stamp is written then). ``sha`` (an outside model's weights
-    hash) replaces the file's. Returns the number of rows moved.
+    Each row records the SHA-256 of the checkpoint file it read (``inputs_sha256``); a row
+    written before that field existed counts as computed on the file whose hash the label's
+    stamp (``eval/.checkpoint-<label>.sha256``) holds. A row whose hash differs from the file's
+    now (retrained, replaced, overwritten by NaN weights), or that has no hash at all (no
+    field and no valid stamp), moves with its flags to ``stale/<hash prefix>/`` (or
+    ``stale/unstamped/``), so every command (evaluate, check, features, corruptions,
+    rejection) recomputes instead of reusing it.
+
+    The stamp is text from a file: it is used only if it is a regular file (a symlink is never
+    followed, it is replaced) holding a 64-hex-digit digest; anything else counts as no stamp.
+    Returns the number of rows moved.
     """
-    stamp = run_dir / STAMP.format(checkpoint)
-    sha = sha or file_sha256(ckpt_path)  # type: ignore[arg-type]
-    old = stamp.read_text().strip() if stamp.is_file() else None
+    stamp = inside(run_dir, "eval", f".checkpoint-{identifier(checkpoint, 'checkpoint label')}"
+                                    ".sha256")
+    sha = sha or file_sha256(ckpt_path)
+    text = read_small(stamp)
+    old = text.strip() if text is not None and is_hex_digest(text.strip()) else None
+    if old is None and (stamp.is_symlink() or stamp.exists()):
+        logger.warning("%s is not a regular file holding a SHA-256 digest: ignored and replaced",
+                       stamp)
     moved = 0
-    if old is not None and old != sha:
-        dest = run_dir / "stale" / old[:16]
-        for f in sorted((run_dir / "eval").glob("*.json")):
-            try:
-                row = read_json(f)
-            except Exception:  # an unreadable row is recomputed anyway
-                continue
-            if not isinstance(row, dict) or row.get("checkpoint") != checkpoint:
-                continue
-            key = str(row.get("eval_key") or f.stem)
-            for src in [f, *(run_dir / "flags").glob(f"{key}.*")]:
-                target = dest / src.parent.name / src.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src.replace(target)
-            moved += 1
-        logger.info("%s changed since its %d result row(s) were computed (sha256 %s, was %s): "
-                    "they moved to %s and are recomputed", ckpt_path or "the model", moved,
-                    sha[:12], old[:12],
-                    dest)
+    eval_dir = run_dir / "eval"
+    for f in sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []:
+        if f.is_symlink():
+            continue
+        try:
+            row = read_json(f)
+        except Exception:  # an unreadable row is recomputed anyway
+            continue
+        if row.get("checkpoint") != checkpoint or row.get("kind") == REFUSED_KIND:
+            continue
+        computed_on = _row_checkpoint_sha(row) or old
+        if computed_on == sha:
+            continue
+        dest = computed_on[:16] if computed_on else "unstamped"
+        for src in [f, *(run_dir / "flags").glob(f"{glob.escape(f.stem)}.*")]:
+            if src.is_symlink() or not src.is_file() or ident_problem(src.name, 255):
+                continue  # not a file advbench wrote: left where it is
+            target = inside(run_dir, "stale", dest, src.parent.name, src.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src.replace(target)
+        moved += 1
+    if moved:
+        logger.info("%s: %d result row(s) were not computed on its current content (sha256 %s, "
+                    "stamp %s): they moved to %s and are recomputed", ckpt_path, moved,
+                    sha[:12], old[:12] if old else "missing", run_dir / "stale")
     if old != sha:
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(sha + "\n")
+        atomic_write_bytes(stamp, (sha + "\n").encode())
     return moved
 
 

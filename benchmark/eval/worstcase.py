@@ -198,7 +198,7 @@ def write_headlines(run_dir: Path | str, checkpoint: str = "best",
             return []
     keep = ("schema", "run_id", "defense", "dataset", "data_provenance", "arch", "profile",
             "seed", "checkpoint", "checkpoint_file", "checkpoint_epoch", "hparams", "git",
-            "paper")
+            "paper", "inputs_sha256")
     common = {k: base[k] for k in keep if k in base}
     evaluated = next((r for r in rows if r.get("kind", "attack") == "attack"
                       and r.get("checkpoint") == checkpoint and r.get("data_provenance")), None)

@@ -21,6 +21,8 @@ imports robustbench. robustbench's own ``benchmark()`` stays unusable (it passes
 """
 from __future__ import annotations
 
+import hashlib
+
 import importlib
 import logging
 import re
@@ -183,10 +185,14 @@ def zoo_target(name: str, *, threat: str = "Linf", dataset: str = "cifar10",
         row_extra["paper"] = info["link"]
         row_extra["zoo"]["published"] = info
     from benchmark.device import resolve_device
+    from benchmark.eval.target import file_sha256
     dev = resolve_device(device)
+    shas = [file_sha256(f) for f in files if f.is_file()]
+    sha = shas[0] if len(shas) == 1 else hashlib.sha256("".join(shas).encode()).hexdigest()
     return Target(model=model.to(dev), defense=ZooDefense(), cfg=cfg,
                   info=dataset_info(dataset), device=dev, ckpt_path=files[0], checkpoint="zoo",
-                  epoch=0, out_dir=out, config={"git": None}, row_extra=row_extra)
+                  epoch=0, out_dir=out, config={"git": None}, row_extra=row_extra,
+                  ckpt_sha256=sha)
 
 
 def evaluate_zoo(name: str, *, threat: str = "Linf", dataset: str = "cifar10",

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.config import stable_hash
+from benchmark.safepath import identifier
 from benchmark.report.tables import TableSpec, order_labels
 
 BLOCK = ["arch", "checkpoint"]
@@ -125,15 +126,20 @@ def _index(fr: dict[str, pd.DataFrame], order: Sequence[str]) -> pd.MultiIndex:
 
 
 def _groups(records: list[dict]) -> list[tuple[str, str, str, list[dict]]]:
-    """(stem suffix, provenance text, profile, records) per dataset × provenance × profile."""
+    """(stem suffix, provenance text, profile, records) per dataset × provenance × profile.
+
+    Raises:
+        DataError: a ``dataset`` or ``profile`` that is not an identifier (it names files).
+    """
     by: dict[tuple[str, str], dict[str, list[dict]]] = {}
     for r in records:
         key = (str(r.get("dataset", "?")), str(r.get("profile") or "?"))
         by.setdefault(key, {}).setdefault(str(r.get("data_provenance") or ""), []).append(r)
     out = []
     for (dataset, profile), provs in sorted(by.items()):
+        name = [identifier(v if v != "?" else "unknown", k)  # the suffix names files
+                for k, v in (("dataset", dataset), ("profile", profile))]
         for prov, recs in sorted(provs.items()):
-            suffix = f"{dataset}_{profile}" + (f"_p{stable_hash(prov, 6)}" if len(provs) > 1
-                                               else "")
+            suffix = "_".join(name) + (f"_p{stable_hash(prov, 6)}" if len(provs) > 1 else "")
             out.append((suffix, prov, profile, recs))
     return out

@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 
 from benchmark.data import public_provenance
+from benchmark.safepath import inside
+from benchmark.safepath import write_bytes as safe_write
 from benchmark.store import RunStore, atomic_write_bytes, read_jsonl
 from benchmark.report import verdicts as vd
 from benchmark.report.stats import rankable
@@ -68,22 +70,41 @@ def _clean_record(r: dict) -> dict:
     return {k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
-def _usable_rows(path: Path) -> list[dict[str, Any]]:
-    """The valid rows of a rows.jsonl or a runs folder (:func:`benchmark.validate.row_problem`);
-    the others are summarised in one warning, or one error if no row is valid."""
-    from benchmark.errors import UsageError
-    from benchmark.validate import is_result_row, row_problem
+def valid_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of a rows.jsonl or a runs folder that pass
+    :func:`benchmark.validate.row_problem`, and the problems of the others. ``advbench report``
+    and ``advbench false-alarms`` read rows through this one function.
+
+    Raises:
+        DataError: a row whose ``dataset`` or ``profile`` cannot name a file (the line or
+            file is named): nothing is built from it.
+    """
+    from benchmark.errors import DataError
+    from benchmark.validate import path_problem, row_problem
 
     skipped: list[str] = []
     rows = []
     if not path.is_file():
-        rows = RunStore(path).rows(skipped)
+        rows = RunStore(path).rows(skipped, strict=True)
     for i, r in enumerate(read_jsonl(path, skipped) if path.is_file() else []):
+        bad_path = path_problem(r)
+        if bad_path:
+            raise DataError(f"{path} row {i + 1}: {bad_path}")
         problem = row_problem(r)
         if problem:
             skipped.append(f"row {i + 1}: {problem}")
         else:
             rows.append(r)
+    return rows, skipped
+
+
+def _usable_rows(path: Path) -> list[dict[str, Any]]:
+    """The valid rows of a rows.jsonl or a runs folder (:func:`valid_rows`); the others are
+    summarised in one warning, or one error if no row is valid."""
+    from benchmark.errors import UsageError
+    from benchmark.validate import is_result_row
+
+    rows, skipped = valid_rows(path)
     if skipped and not any(is_result_row(r) for r in rows):
         raise UsageError(f"no result rows in {path}: {len(skipped)} invalid line(s), first "
                          f"{skipped[0]}")
@@ -342,13 +363,23 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
     Returns:
         The Markdown of each table written, in order.
     """
+    from benchmark.errors import DataError
+    from benchmark.validate import path_problem
+
     out_dir = Path(out_dir)
     records = load_records(rows)
+    for i, r in enumerate(records):  # rows name files: refused before anything is written
+        problem = path_problem(r)
+        if problem:
+            raise DataError(f"row {i + 1} ({r.get('eval_key')!r:.80}): {problem}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if not records:
         logger.warning("no result rows found")
         return []
-    write_rows(records, out_dir / "rows.jsonl")
+    rows_bytes = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records
+                         ).encode()
+    limit = OUTPUT_MULTIPLE * len(rows_bytes) + OUTPUT_SLACK
+    tables: dict[str, bytes] = {}  # file name under tables/ -> bytes, written once all fit
     mds, missing = [], []
     for suffix, prov, profile, recs in _groups(records):
         fr = frames(recs)
@@ -388,12 +419,13 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
                   + to_markdown(numeric, spec, counts=counts, points=section_rule(cells),
                                 verdicts=verdicts, why=why))
             stem = f"{spec.name}_{suffix}"
-            atomic_write_bytes(out_dir / "tables" / f"{stem}.csv", to_csv(numeric).encode())
-            atomic_write_bytes(out_dir / "tables" / f"{stem}.md", md.encode())
-            atomic_write_bytes(out_dir / "tables" / f"{stem}.tex", to_latex(
+            tables[f"{stem}.csv"] = to_csv(numeric).encode()
+            tables[f"{stem}.md"] = md.encode()
+            tables[f"{stem}.tex"] = to_latex(
                 numeric, spec, tex_escape(f"{title} — {dataset}, profile {profile}. Mean ± "
                                           f"std over seeds [95% Wilson interval]; best per "
-                                          f"column in bold."), rankable(verdicts)).encode())
+                                          f"column in bold."), rankable(verdicts)).encode()
+            _within(sum(map(len, tables.values())), limit, len(rows_bytes))
             mds.append(md)
             for idx, r in wide.iterrows():
                 missing += [{"table": stem, "arch": idx[0], "checkpoint": idx[1],
@@ -407,15 +439,42 @@ def write_report(rows: pd.DataFrame | Iterable[dict], out_dir: Path | str, *,
                          "checkpoint": r.get("checkpoint"), "defense": r.get("defense"),
                          "column": "*", "reason": f"refused: {r.get('reason')}"}
                         for r in recs if r.get("kind") == "refused"]
-        if plots:
-            _figures(fr, out_dir / "plots", suffix, order)
-    atomic_write_bytes(out_dir / "tables" / "missing.csv", pd.DataFrame(
-        missing, columns=["table", "arch", "checkpoint", "defense", "column", "reason"])
-        .map(csv_text).to_csv(index=False, lineterminator="\n").encode())
-    atomic_write_bytes(out_dir / "report.md", "\n".join(mds).encode())
+    tables["missing.csv"] = pd.DataFrame(
+        missing, columns=["table", "arch", "checkpoint", "defense", "column", "reason"]
+    ).map(csv_text).to_csv(index=False, lineterminator="\n").encode()
+    report_md = "\n".join(mds).encode()
+    _within(sum(map(len, tables.values())) + len(report_md), limit, len(rows_bytes))
+    atomic_write_bytes(out_dir / "rows.jsonl", rows_bytes)
+    for name, data in tables.items():
+        safe_write(out_dir, ("tables", name), data)
+    if plots:
+        for suffix, _prov, _profile, recs in _groups(records):
+            fr = frames(recs)
+            if any(len(f) for f in fr.values()):
+                _figures(fr, inside(out_dir, "plots"), suffix, order)
+    atomic_write_bytes(out_dir / "report.md", report_md)
     from benchmark.report.html import write_page
     write_page(_groups(records), out_dir, order=order, catalog=catalog)
     return mds
+
+
+#: the report's tables may hold at most this many times the bytes of its rows (plus
+#: :data:`OUTPUT_SLACK`): a row whose text would blow them up is refused, nothing is written
+OUTPUT_MULTIPLE = 20
+OUTPUT_SLACK = 1 << 20
+
+
+def _within(size: int, limit: int, rows_size: int) -> None:
+    """Refuse an output larger than the stated multiple of its input.
+
+    Raises:
+        DataError: ``size`` exceeds ``limit``.
+    """
+    if size > limit:
+        from benchmark.errors import DataError
+        raise DataError(f"the report's tables would be {size} bytes, more than "
+                        f"{OUTPUT_MULTIPLE}× the {rows_size} bytes of its rows + "
+                        f"{OUTPUT_SLACK} bytes: refused (a row's text is too large?)")
 
 
 def score_variants(fr: dict[str, pd.DataFrame]) -> set[str]:

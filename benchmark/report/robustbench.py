@@ -28,7 +28,8 @@ from typing import Any, Mapping, Optional, Sequence
 import pandas as pd
 
 from benchmark.report.tables import TableSpec, _fixed, frames
-from benchmark.store import atomic_write_bytes
+from benchmark.safepath import identifier
+from benchmark.safepath import write_bytes as safe_write
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,10 @@ def write_model_info(records: list[dict], out_dir: Path | str, *, order: Sequenc
             info = model_info(label, row, recs, dataset=dataset, arch=arch, profile=profile,
                               provenance=prov, eps_str=eps_str, catalog=catalog,
                               n_aa=points.get((arch, ckpt), {}).get("autoattack", "?"))
-            stem = re.sub(r"[^\w.+-]+", "_", f"{label}_{arch}_{profile}").strip("_")
-            path = out_dir / dataset / "Linf" / f"{stem}.json"
-            atomic_write_bytes(path, (json.dumps(info, indent=2) + "\n").encode())
+            stem = re.sub(r"\.{2,}", "_", re.sub(r"[^A-Za-z0-9.+-]+", "_",
+                                                  f"{label}_{arch}_{profile}")
+                          ).strip("_.+-")[:200] or "model"
+            path = safe_write(out_dir, (identifier(dataset, "dataset"), "Linf", f"{stem}.json"),
+                              (json.dumps(info, indent=2) + "\n").encode())
             written.append(path)
     return written
