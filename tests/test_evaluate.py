@@ -260,3 +260,17 @@ def test_complete_stored_flags_are_reused_not_recomputed(run_dir: Path, data, tm
     (run / "eval" / f"{first['eval_key']}.json").unlink()
     with pytest.raises(AssertionError, match="the attack ran"):
         evaluate_run(run, [spec], n_examples=N, data=data, progress=False)
+
+
+def test_autoattack_row_records_its_components(run_dir, data, tmp_path) -> None:
+    run = fresh(run_dir, tmp_path)
+    spec = AttackSpec("autoattack", "autoattack", "linf", 8 / 255,
+                      {"version": "standard", "n_iter": 2, "n_queries": 5})
+    (row,) = evaluate_run(run, [spec], n_examples=N, data=data, progress=False)
+    comp = row["components"]
+    assert comp["order"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert sum(comp["broken"].values()) == round(N * (row["clean_acc"] - row["robust_acc"]))
+    flags = load_flags(run, row["eval_key"])
+    assert flags["components"] == comp["order"]
+    broken = flags["clean"] & ~flags["robust"]
+    assert torch.equal(flags["first_broken_by"] >= 0, broken) and broken.any()

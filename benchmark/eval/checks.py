@@ -735,11 +735,15 @@ class RunFlags:
         if spec.attack == "transfer" and self._transfer_model() is not None:
             atk.source_model = self._transfer_model()
         ce = predict(self.t.model, x, y, self.batch_size)[1]
+        stats: dict[str, Any] = {}
         robust, adv_ce = attack_points(self.t.model, atk, x, y, clean=clean, clean_ce=ce,
-                                       batch_size=self.batch_size)
+                                       batch_size=self.batch_size, stats=stats)
         key = eval_key(self.t.cfg.run_id, self.t.checkpoint, spec, self.n)
-        atomic_torch_save(self.t.out_dir / "flags" / f"{key}.pt", flags_payload(
-            clean, robust, adv_ce, spec.record(), self.t.checkpoint))
+        payload = flags_payload(clean, robust, adv_ce, spec.record(), self.t.checkpoint)
+        if "components" in stats:  # AutoAttack: which component first broke each point
+            payload.update(first_broken_by=stats["first_broken_by"],
+                           components=stats["components"])
+        atomic_torch_save(self.t.out_dir / "flags" / f"{key}.pt", payload)
         self.computed.append(label)
         return robust
 

@@ -120,6 +120,7 @@ def evaluate_target(t: Target, specs: Sequence[AttackSpec], *, n_examples: Optio
                                           progress=progress, desc=desc,
                                           partial=t.out_dir / "flags" / f"{key}.partial.pt",
                                           stats=extra)
+        first_by = extra.pop("first_broken_by", None)  # per sample: into the flags file
         wall = time.perf_counter() - t0 + extra.get("resumed_wall_s", 0.0)
         row = {**t.row(key, "attack", data_provenance=data.info.provenance), **spec.record(),
                "attack_hparams": dict(attack.hparams), "attack_seed": ATTACK_SEED,
@@ -129,8 +130,10 @@ def evaluate_target(t: Target, specs: Sequence[AttackSpec], *, n_examples: Optio
                "acc_on_first": prefix_stats(clean, flags, adv_ce),  # same-point tables
                **bit_fields(clean, flags)}  # any prefix, and paired tests, from rows alone
         check_row(row, f"row {path}")  # never a row without points or with NaN accuracy
-        atomic_torch_save(t.out_dir / "flags" / f"{key}.pt",
-                          flags_payload(clean, flags, adv_ce, spec.record(), t.checkpoint))
+        payload = flags_payload(clean, flags, adv_ce, spec.record(), t.checkpoint)
+        if first_by is not None:
+            payload.update(first_broken_by=first_by, components=extra["components"]["order"])
+        atomic_torch_save(t.out_dir / "flags" / f"{key}.pt", payload)
         atomic_write_json(path, row)
         logger.info("%s seed %d [%s] %s eps %s: clean %.4f robust %.4f adv_ce %.4f (%.1fs, n=%d)",
                     t.cfg.defense, t.cfg.seed, t.checkpoint, spec.label, row["eps_str"],
