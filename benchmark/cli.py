@@ -215,6 +215,10 @@ def _train_and_print(job: Any) -> None:
               help="Result folder for --checkpoint-file [<file stem>-eval beside the file].")
 @click.option("--force", is_flag=True, help="Recompute existing rows.")
 @click.option("--no-progress", is_flag=True)
+@click.option("--cascade", is_flag=True,
+              help="Headline only, for less: per norm and eps the attacks run cheapest first, "
+                   "each on the points every earlier one left robust (no single-attack "
+                   "accuracies; benchmark.eval.cascade).")
 @click.option("--ood-data-dir", default=None, type=click.Path(),
               help="--suite rejection: the folder holding the OOD source (MNIST for CIFAR-scale "
                    "runs, CIFAR-10 for MNIST-scale runs) [--data-dir]; its parent is not read.")
@@ -238,12 +242,14 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
              batch_size: Optional[int], data_dir: Optional[str], device: str,
              out: Optional[str], force: bool, no_progress: bool, zoo_name: Optional[str],
              threat: str, dataset: str, model_dir: str, download: bool, runs_dir: str,
-             profile: str, ood_data_dir: Optional[str] = None) -> None:
+             profile: str, ood_data_dir: Optional[str] = None, cascade: bool = False) -> None:
     """Attack trained runs, checkpoint files or a RobustBench model; rows go to RUN/eval."""
     from benchmark.eval.evaluate import evaluate_path, format_rows
 
     if not run_paths and not ckpt_files and not zoo_name:
         raise UsageError("give --run RUN_DIR, --checkpoint-file FILE or --robustbench NAME")
+    if cascade and (zoo_name or suite == "rejection"):
+        raise UsageError("--cascade applies to attack suites of --run / --checkpoint-file")
     if suite == "rejection":
         from benchmark.eval.rejection import evaluate_rejection, format_rejection
         if ckpt_files or zoo_name or attacks or eps:
@@ -267,7 +273,7 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
                               n_examples=n_examples, device=device,
                               batch_size=batch_size,
                               data_dir=Path(data_dir) if data_dir else None, force=force,
-                              progress=not no_progress, out_dir=out)
+                              progress=not no_progress, out_dir=out, cascade=cascade)
     click.echo(format_rows(rows))
 
 
@@ -286,10 +292,15 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
                                             "that is not stored).")
 @click.option("--source", default=None, type=click.Path(exists=True),
               help="Transfer source run folder or checkpoint [the `st` run of the protocol].")
+@click.option("--cascade", is_flag=True,
+              help="No verdicts: the headline the checks' attacks give, for less (cheapest "
+                   "first, each on the points every earlier one left robust).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (--cascade).")
 @checkpoint_options
 def check(run_paths: tuple[str, ...], eps: Optional[str], n_examples: Optional[int],
           names: Optional[str], cheap: bool, source: Optional[str], which: str,
-          batch_size: Optional[int], data_dir: Optional[str], device: str) -> None:
+          batch_size: Optional[int], data_dir: Optional[str], device: str,
+          cascade: bool = False, no_progress: bool = False) -> None:
     """Training-health and gradient-masking verdicts; rows go to RUN/eval (kind health/check)."""
     from benchmark.eval.checks import CHECKS, check_run, format_checks
     from benchmark.run.protocols import parse_eps_list
@@ -303,7 +314,13 @@ def check(run_paths: tuple[str, ...], eps: Optional[str], n_examples: Optional[i
     for path in run_paths:
         rows += check_run(path, eps=parse_eps_list(eps), n_examples=n_examples, names=chosen,
                           cheap=cheap, checkpoint=which, device=device, batch_size=batch_size,
-                          data_dir=Path(data_dir) if data_dir else None, source=source)
+                          data_dir=Path(data_dir) if data_dir else None, source=source,
+                          cascade=cascade, progress=not no_progress)
+    if cascade:
+        from benchmark.eval.evaluate import format_rows
+        click.echo(format_checks([r for r in rows if r.get("kind") in ("health", "check")]))
+        click.echo(format_rows([r for r in rows if r.get("kind") in ("cascade", "headline")]))
+        return
     click.echo(format_checks(rows))
 
 

@@ -767,9 +767,15 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
               n_examples: Optional[int] = None, names: Sequence[str] = CHECKS,
               cheap: bool = False, checkpoint: str = "best", device: str = "cpu",
               batch_size: Optional[int] = None, data: Any = None,
-              data_dir: Optional[Path] = None,
-              source: Optional[Path | str] = None) -> list[dict[str, Any]]:
+              data_dir: Optional[Path] = None, source: Optional[Path | str] = None,
+              cascade: bool = False, progress: bool = False) -> list[dict[str, Any]]:
     """Write the health row and the check rows of one run folder; return them.
+
+    With ``cascade`` no verdict is judged: the attacks the checks ``names`` would run (those
+    stored already narrow the points) run as a cascade per (norm, ε), cheapest first, each on
+    the points every earlier one left robust (:mod:`benchmark.eval.cascade`), for the headline
+    the full check would give; the health row, the cascade rows and the headline rows they
+    feed are returned.
 
     Args:
         run_dir: the run folder.
@@ -806,10 +812,12 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
     else:
         src_path, src_note = transfer_source(run_dir, t.cfg, scale)
     cache: dict[str, Any] = {}
+    asked: list[tuple[AttackSpec, int]] = []
 
     def test_points() -> tuple[Tensor, Tensor]:
         if "xy" not in cache:
-            cache["xy"] = t.test_data(data, data_dir).test.floats(dev)
+            loaded = t.test_data(data, data_dir)
+            cache["xy"], cache["provenance"] = loaded.test.floats(dev), loaded.info.provenance
             check_model(t.model, cache["xy"][0][:8], randomized=t.defense.randomized)
         return cache["xy"]
 
@@ -850,6 +858,16 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
             return cache[k]
 
         flags = RunFlags(t, rows, n, points, clean_flags, batch_size, source_model)
+        if cascade:  # which attacks the checks would run; none runs here
+            from benchmark.eval.cascade import NO_FLAGS, SpecRecorder
+            rec = SpecRecorder(flags, clean_flags)
+            checker = _LazyChecker(t.model, points, clean_flags, scale, t.cfg.profile, rec,
+                                   t.defense.randomized, src_path, batch_size)
+            for name in todo:
+                if name not in NO_FLAGS and not (name in PER_NORM and e != eps_list[0]):
+                    checker.run(e, [name], cheap=cheap)
+            asked += [(s, n) for s in rec.asked if not flags.exists(s) and (s, n) not in asked]
+            continue
         checker = _LazyChecker(t.model, points, clean_flags, scale, t.cfg.profile, flags,
                                t.defense.randomized, src_path, batch_size)
         for name in todo:
@@ -869,6 +887,18 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
                     continue
             atomic_write_json(path, row)
             out.append(row)
+    if cascade and asked:
+        from benchmark.eval.cascade import known_flags, run_cascade
+        xa, ya = test_points()
+        n_max = min(max(k for _, k in asked), len(ya))
+        clean_all, ce_all = predict(t.model, xa[:n_max], ya[:n_max], batch_size)
+        done = run_cascade(t, asked, known_flags(t.out_dir, t.checkpoint), xa, ya, clean_all,
+                           ce_all, batch_size=batch_size, force=False, progress=progress,
+                           provenance=cache["provenance"])
+        groups = {(r["norm"], r["n_examples"], round(r["eps"], 9)) for r in done}
+        heads = write_headlines(t.out_dir, t.checkpoint, base=t.row("", "headline"))
+        return out + done + [h for h in heads if (h["norm"], h["n_examples"],
+                                                  round(h["eps"], 9)) in groups]
     write_headlines(t.out_dir, t.checkpoint, base=t.row("", "headline"))  # checks' flags too
     return out
 
