@@ -21,6 +21,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from benchmark.run.cores import follow as follow_share
+
 logger = logging.getLogger(__name__)
 
 #: Square logs every this share of its query budget
@@ -63,6 +65,7 @@ def traced(aa: Any, component: str, n_points: int) -> Iterator[None]:
     def wrapper(x: Any, *args: Any, **kwargs: Any) -> Any:
         c = calls[0]
         calls[0] += 1
+        follow_share()  # a sweep's job takes the cores of jobs that ended
         left = int(x.shape[0])
         if component == "square":
             # call 0 scores the start; call q is query q, on the points not yet fooled

@@ -94,7 +94,9 @@ def checkpoint_options(f: Any) -> Any:
         click.option("--batch-size", type=POSITIVE, default=None,
                      help="Eval batch size [256 on CPU, 512-1024 on a GPU]."),
         click.option("--data-dir", default=None, type=click.Path()),
-        click.option("--device", default="auto", show_default=True, callback=device_option)]):
+        click.option("--device", default="auto", show_default=True, callback=device_option),
+        click.option("--threads", type=POSITIVE, default=None,
+                     help="torch intra-op threads [OMP_NUM_THREADS if set, else every core].")]):
         f = opt(f)
     return f
 
@@ -130,12 +132,16 @@ def checkpoint_options(f: Any) -> Any:
 @click.option("--executor-params", default=None,
               help='submitit parameters as JSON, e.g. \'{"slurm_partition": "gpu", '
                    '"timeout_min": 2880}\'.')
+@click.option("--fixed-threads", is_flag=True,
+              help="local launcher on CPU: each job keeps cores/jobs threads instead of taking "
+                   "the cores of jobs that ended (bit-identical to a rerun with the same jobs).")
 def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: str,
         hparams: Optional[str], runs_dir: str, data_dir: Optional[str], download: bool, device: str,
         no_progress: bool, attacks: Optional[str], suite: Optional[str], n_examples: Optional[int],
         checkpoints: str, batch_size: Optional[int], out: Optional[str], force: bool,
         dry_run: bool, launcher: str, parallel: Optional[int], gpus_per_job: int,
-        cluster: Optional[str], executor_params: Optional[str]) -> None:
+        cluster: Optional[str], executor_params: Optional[str],
+        fixed_threads: bool = False) -> None:
     """Train every missing run, evaluate it, and print the comparison table."""
     from benchmark.sweep import sweep
 
@@ -145,6 +151,7 @@ def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: s
                    n_examples=n_examples, checkpoints=checkpoints, batch_size=batch_size,
                    out=out, force=force, dry_run=dry_run, launcher=launcher, parallel=parallel,
                    gpus_per_job=gpus_per_job, cluster=cluster, executor_params=executor_params,
+                   share_cores=not fixed_threads,
                    on_plan=lambda planned: click.echo(planned.counts()))
     if dry_run:
         click.echo("\n".join(result.listing()))
@@ -242,9 +249,13 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
              batch_size: Optional[int], data_dir: Optional[str], device: str,
              out: Optional[str], force: bool, no_progress: bool, zoo_name: Optional[str],
              threat: str, dataset: str, model_dir: str, download: bool, runs_dir: str,
-             profile: str, ood_data_dir: Optional[str] = None, cascade: bool = False) -> None:
+             profile: str, ood_data_dir: Optional[str] = None, cascade: bool = False,
+             threads: Optional[int] = None) -> None:
     """Attack trained runs, checkpoint files or a RobustBench model; rows go to RUN/eval."""
     from benchmark.eval.evaluate import evaluate_path, format_rows
+    from benchmark.run.cores import use_all_cores
+
+    use_all_cores(threads)
 
     if not run_paths and not ckpt_files and not zoo_name:
         raise UsageError("give --run RUN_DIR, --checkpoint-file FILE or --robustbench NAME")
@@ -300,9 +311,13 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
 def check(run_paths: tuple[str, ...], eps: Optional[str], n_examples: Optional[int],
           names: Optional[str], cheap: bool, source: Optional[str], which: str,
           batch_size: Optional[int], data_dir: Optional[str], device: str,
-          cascade: bool = False, no_progress: bool = False) -> None:
+          cascade: bool = False, no_progress: bool = False,
+          threads: Optional[int] = None) -> None:
     """Training-health and gradient-masking verdicts; rows go to RUN/eval (kind health/check)."""
     from benchmark.eval.checks import CHECKS, check_run, format_checks
+    from benchmark.run.cores import use_all_cores
+
+    use_all_cores(threads)
     from benchmark.run.protocols import parse_eps_list
 
     chosen = [c.strip() for c in names.split(",") if c.strip() and c.strip() != "health"] \
