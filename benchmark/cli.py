@@ -158,6 +158,8 @@ def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: s
         return
     for md in result.tables:
         click.echo("\n" + md)
+    click.echo("\nWhere the time went (wall and CPU seconds of each job's process; jobs ran "
+               "side by side):\n\n" + result.phases)
     click.echo(f"{len(result.jobs)} jobs via {result.launcher}; tables written to "
                f"{result.out_dir}/tables; wall time {result.wall_s:.1f}s")
 

@@ -330,7 +330,10 @@ def _epoch(s: _Session, epoch: int, best: float) -> float:
     if has_eps_warmup(hp):
         record["eps_scale"] = s.defense.eps_scale  # the ε warm-up's value at the epoch's end
     if (epoch + 1) % int(hp.get("val_every", 1)) == 0 or epoch + 1 == epochs:
+        v0, vc0 = time.perf_counter(), time.process_time()
         record.update(validate(s.model, s.x_val, s.y_val, hp))
+        record.update(val_s=round(time.perf_counter() - v0, 3),
+                      val_cpu_s=round(time.process_time() - vc0, 3))
     score = record.get(str(hp.get("select_by", "val_pgd")), -math.inf)
     is_best = score >= best  # ties go to the later epoch
     best = max(best, score)
