@@ -590,16 +590,39 @@ def download(dataset: str, data_dir: str) -> None:
 @click.option("--threads", type=POSITIVE, default=None, help="torch intra-op threads [torch's].")
 @click.option("--json", "json_path", default=None, type=click.Path(),
               help="Also write the measurements as JSON.")
+@click.option("--run", "run_path", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Evaluation side on this trained run: CPU-seconds per point of each of "
+                   "--attacks, AutoAttack through advbench vs pyautoattack directly, and a full "
+                   "check (nothing written into the run).")
+@click.option("--n-examples", type=POSITIVE, default=None,
+              help="--run: first N test points [each attack's profile default].")
+@click.option("--no-check", is_flag=True, help="--run: skip the full check.")
+@click.option("--cascade", is_flag=True, help="--run: also time `check --cascade`.")
 def bench(defense: str, arch: str, dataset: str, profile: str, batch_size: int, device: str,
           steps: int, warmup: int, reps: int, amp: str, channels_last: bool, compile_: bool,
           attacks: str, eval_samples: Optional[int], hparams: Optional[str],
-          threads: Optional[int], json_path: Optional[str]) -> None:
-    """Time the training step against (k+1) forward+backward passes, and the eval attacks."""
+          threads: Optional[int], json_path: Optional[str], run_path: Optional[str] = None,
+          n_examples: Optional[int] = None, no_check: bool = False,
+          cascade: bool = False) -> None:
+    """Time the training step against (k+1) forward+backward passes, and the eval attacks;
+    with --run, the evaluation side on a trained run."""
+    import json as _json
+
     import torch
 
     from benchmark.run.bench import bench as run_bench, format_bench, to_json
     from benchmark.config import parse_hparams
 
+    if run_path:
+        from benchmark.run.bench_eval import bench_eval, format_bench_eval
+        from benchmark.run.cores import use_all_cores
+        use_all_cores(threads)
+        rec = bench_eval(run_path, attacks=attacks or "fgsm,pgd", n_examples=n_examples,
+                         device=device, check=not no_check, cascade=cascade)
+        click.echo(format_bench_eval(rec))
+        if json_path:
+            Path(json_path).write_text(_json.dumps(rec, indent=1, default=str) + "\n")
+        return
     if threads:
         torch.set_num_threads(threads)
     result = run_bench(defense, arch, dataset=dataset, profile=profile, batch_size=batch_size,
