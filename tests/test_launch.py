@@ -217,6 +217,7 @@ def test_local_jobs_on_cpu_take_the_cores_of_jobs_that_ended(
         path = Path(env[cores.ENV])
         both.wait(timeout=10)  # both running
         seen[job].append(path.read_text().strip())
+        both.wait(timeout=10)  # both have read their share
         if job == "at":  # still running after st ended
             assert st_ended.wait(timeout=10)
             seen[job].append(path.read_text().strip())
