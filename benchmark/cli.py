@@ -597,13 +597,14 @@ def download(dataset: str, data_dir: str) -> None:
 @click.option("--n-examples", type=POSITIVE, default=None,
               help="--run: first N test points [each attack's profile default].")
 @click.option("--no-check", is_flag=True, help="--run: skip the full check.")
+@click.option("--data-dir", default=None, type=click.Path(), help="--run: the run's dataset.")
 @click.option("--cascade", is_flag=True, help="--run: also time `check --cascade`.")
 def bench(defense: str, arch: str, dataset: str, profile: str, batch_size: int, device: str,
           steps: int, warmup: int, reps: int, amp: str, channels_last: bool, compile_: bool,
           attacks: str, eval_samples: Optional[int], hparams: Optional[str],
           threads: Optional[int], json_path: Optional[str], run_path: Optional[str] = None,
           n_examples: Optional[int] = None, no_check: bool = False,
-          cascade: bool = False) -> None:
+          cascade: bool = False, data_dir: Optional[str] = None) -> None:
     """Time the training step against (k+1) forward+backward passes, and the eval attacks;
     with --run, the evaluation side on a trained run."""
     import json as _json
@@ -618,7 +619,8 @@ def bench(defense: str, arch: str, dataset: str, profile: str, batch_size: int, 
         from benchmark.run.cores import use_all_cores
         use_all_cores(threads)
         rec = bench_eval(run_path, attacks=attacks or "fgsm,pgd", n_examples=n_examples,
-                         device=device, check=not no_check, cascade=cascade)
+                         device=device, check=not no_check, cascade=cascade,
+                         data_dir=Path(data_dir) if data_dir else None)
         click.echo(format_bench_eval(rec))
         if json_path:
             Path(json_path).write_text(_json.dumps(rec, indent=1, default=str) + "\n")
