@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from benchmark.run.cores import follow as follow_share
+from benchmark.cores import follow as follow_share
 
 logger = logging.getLogger(__name__)
 

@@ -255,7 +255,7 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
              threads: Optional[int] = None) -> None:
     """Attack trained runs, checkpoint files or a RobustBench model; rows go to RUN/eval."""
     from benchmark.eval.evaluate import evaluate_path, format_rows
-    from benchmark.run.cores import use_all_cores
+    from benchmark.cores import use_all_cores
 
     use_all_cores(threads)
 
@@ -317,7 +317,7 @@ def check(run_paths: tuple[str, ...], eps: Optional[str], n_examples: Optional[i
           threads: Optional[int] = None) -> None:
     """Training-health and gradient-masking verdicts; rows go to RUN/eval (kind health/check)."""
     from benchmark.eval.checks import CHECKS, check_run, format_checks
-    from benchmark.run.cores import use_all_cores
+    from benchmark.cores import use_all_cores
 
     use_all_cores(threads)
     from benchmark.run.protocols import parse_eps_list
@@ -615,8 +615,8 @@ def bench(defense: str, arch: str, dataset: str, profile: str, batch_size: int, 
     from benchmark.config import parse_hparams
 
     if run_path:
-        from benchmark.run.bench_eval import bench_eval, format_bench_eval
-        from benchmark.run.cores import use_all_cores
+        from benchmark.eval.bench_eval import bench_eval, format_bench_eval
+        from benchmark.cores import use_all_cores
         use_all_cores(threads)
         rec = bench_eval(run_path, attacks=attacks or "fgsm,pgd", n_examples=n_examples,
                          device=device, check=not no_check, cascade=cascade,

@@ -202,7 +202,7 @@ def sweep(defenses: str, dataset: str, *, arch: Optional[str] = None, profile: s
     if launcher == "serial":
         jobs = [replace(job, progress=progress) for job in jobs]
         kwargs: dict[str, Any] = {}
-    elif launcher == "local":  # on CPU the running jobs share the cores (run.cores)
+    elif launcher == "local":  # on CPU the running jobs share the cores (benchmark.cores)
         kwargs = {"parallel": parallel, "share_cores": share_cores}
     else:
         kwargs = {"folder": Path(runs_dir) / ".submitit", "cluster": cluster, "parameters": params}

@@ -74,7 +74,7 @@ def test_bench_run_measures_attacks_autoattack_against_pyautoattack_and_checks(
     import shutil
 
     from benchmark.run import protocols
-    from benchmark.run.bench_eval import bench_eval, format_bench_eval
+    from benchmark.eval.bench_eval import bench_eval, format_bench_eval
     real = protocols.attack_specs
 
     def fast(scale: str) -> dict:  # AutoAttack's schedule shortened (the test is of the tool)

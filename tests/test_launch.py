@@ -202,7 +202,7 @@ def test_local_jobs_on_cpu_take_the_cores_of_jobs_that_ended(
     running is told to use both (its thread-share file); --fixed-threads turns it off."""
     import threading
 
-    from benchmark.run import cores
+    from benchmark import cores
     seen: dict[str, list[str]] = {}
     both, st_ended = threading.Barrier(2), threading.Event()
 
@@ -248,7 +248,7 @@ def test_follow_applies_the_share_and_single_commands_use_every_core(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from benchmark.run import cores
+    from benchmark import cores
     before = torch.get_num_threads()
     share = tmp_path / "job.threads"
     try:

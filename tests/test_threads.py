@@ -11,7 +11,7 @@ from torch import nn
 from attacks.base import Norm, ThreatModel
 from attacks.pgd import PGD
 from benchmark.eval.flags import attack_points, predict
-from benchmark.run import cores
+from benchmark import cores
 
 
 def _share(path: Path, n: int) -> None:

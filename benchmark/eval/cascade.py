@@ -22,7 +22,7 @@ attacks), so no check or table ever reads it as the single attack.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from benchmark.config import same_eps, stable_hash
 from benchmark.run.protocols import AttackSpec
@@ -116,7 +116,6 @@ def run_cascade(t: Any, pending: Sequence[tuple[AttackSpec, Any]],
 
     import torch
 
-    from benchmark.eval.evaluate import _ensemble
     from benchmark.eval.flags import ATTACK_SEED, attack_points
     from benchmark.eval.worstcase import flags_payload, to_hex
     from benchmark.store import (atomic_torch_save, atomic_write_json, read_row,
@@ -149,7 +148,7 @@ def run_cascade(t: Any, pending: Sequence[tuple[AttackSpec, Any]],
                     desc = f"{t.cfg.defense} s{t.cfg.seed} {spec.label}@{spec.eps:.4g} (cascade)"
                     t0, c0, attacked = time.perf_counter(), time.process_time(), live.clone()
                     if spec.attack == "ensemble":
-                        flags, adv_ce, extra = _ensemble(t, spec, attack, x, y, live, ce, n,
+                        flags, adv_ce, extra = ensemble_flags(t, spec, attack, x, y, live, ce, n,
                                                          batch_size, progress, desc)
                     else:
                         loss = t.defense.objective() if spec.attack == "adaptive" else None
@@ -211,3 +210,38 @@ class SpecRecorder:
 #: checks that attack nothing the headline counts (gradients, repeated forwards, a readout,
 #: PGD's loss curve): a cascaded check leaves them out
 NO_FLAGS = ("zero-gradient", "unstable", "binarization", "incomplete-opt")
+
+
+def ensemble_flags(t: Any, spec: AttackSpec, attack: Any, x: Any, y: Any, clean: Any,
+                   clean_ce: Any, n: Optional[int], batch_size: int, progress: bool,
+                   desc: str) -> tuple[Any, Any, dict[str, Any]]:
+    """The ``ensemble`` column: worst case over the members, their stored flags where present
+    (same run, checkpoint and points), else a cascade of the missing ones on the points still
+    robust (:mod:`attacks.ensemble`)."""
+    import torch
+
+    from attacks.ensemble import WorstCase
+    from benchmark.eval.flags import attack_points, eval_key
+    from benchmark.store import safe_torch_load
+    state = WorstCase(clean, clean_ce)
+    stored, ran = [], []
+    for m, (label, member) in zip(attack.hparams["members"], attack.members()):
+        mspec = AttackSpec(label, m["attack"], spec.norm, spec.eps, m["hparams"])
+        mkey = eval_key(t.cfg.run_id, t.checkpoint, mspec, n)
+        mfile = t.out_dir / "flags" / f"{mkey}.pt"
+        if mfile.exists():
+            saved = safe_torch_load(mfile)
+            if torch.equal(saved["clean"], clean) and "adv_ce" in saved:
+                state.update(torch.arange(len(y)), saved["robust"], saved["adv_ce"])
+                stored.append(label)
+                continue
+        live = state.robust.clone()
+        r, c = attack_points(t.model, member, x, y, clean=live, clean_ce=state.ce,
+                             batch_size=batch_size, progress=progress, desc=f"{desc}/{label}")
+        idx = torch.nonzero(live).flatten()
+        state.update(idx, r[idx], c[idx])
+        ran.append(label)
+    flags, adv_ce = state.result()
+    resolved = {label: dict(member.hparams) for label, member in attack.members()}
+    return flags, adv_ce, {"members_from_store": stored, "members_run": ran,
+                           "member_hparams": resolved}

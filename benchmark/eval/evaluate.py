@@ -27,11 +27,11 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from attacks.ensemble import WorstCase
 from benchmark.config import RunConfig
 from benchmark.data import Data
 from benchmark.device import default_eval_batch_size
 # load_flags, predict_flags and robust_flags stay importable from here (the public flag API)
+from benchmark.eval.cascade import ensemble_flags as _ensemble
 from benchmark.eval.flags import (ATTACK_SEED, adapt_spec, attack_points, effective_n,  # noqa: F401
                                   eval_key, load_flags, predict, predict_flags, prefix_stats,
                                   robust_flags)
@@ -174,34 +174,6 @@ def _stored_flags(path: Path, clean: Tensor) -> Optional[tuple[Tensor, Tensor]]:
     except Exception:  # a damaged or foreign file: recompute, never trust it
         return None
     return (robust.to(clean.device), adv_ce.to(clean.device)) if ok else None
-
-
-def _ensemble(t: Target, spec: AttackSpec, attack: Any, x: Tensor, y: Tensor, clean: Tensor,
-              clean_ce: Tensor, n: Optional[int], batch_size: int, progress: bool,
-              desc: str) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """Worst case over the members: stored flags where present, else a cascade."""
-    state = WorstCase(clean, clean_ce)
-    stored, ran = [], []
-    for m, (label, member) in zip(attack.hparams["members"], attack.members()):
-        mspec = AttackSpec(label, m["attack"], spec.norm, spec.eps, m["hparams"])
-        mkey = eval_key(t.cfg.run_id, t.checkpoint, mspec, n)
-        mfile = t.out_dir / "flags" / f"{mkey}.pt"
-        if mfile.exists():
-            saved = safe_torch_load(mfile)
-            if torch.equal(saved["clean"], clean) and "adv_ce" in saved:
-                state.update(torch.arange(len(y)), saved["robust"], saved["adv_ce"])
-                stored.append(label)
-                continue
-        live = state.robust.clone()
-        r, c = attack_points(t.model, member, x, y, clean=live, clean_ce=state.ce,
-                             batch_size=batch_size, progress=progress, desc=f"{desc}/{label}")
-        idx = torch.nonzero(live).flatten()
-        state.update(idx, r[idx], c[idx])
-        ran.append(label)
-    flags, adv_ce = state.result()
-    resolved = {label: dict(member.hparams) for label, member in attack.members()}
-    return flags, adv_ce, {"members_from_store": stored, "members_run": ran,
-                           "member_hparams": resolved}
 
 
 def evaluate_path(path: Path | str, *, attacks: Optional[str] = None,

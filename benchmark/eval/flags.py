@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from attacks.base import Attack, Objective
 from benchmark.config import DEFAULT_N_EXAMPLES, stable_hash
-from benchmark.run.cores import follow as follow_share
+from benchmark.cores import follow as follow_share
 from benchmark.run.protocols import AttackSpec
 from benchmark.store import atomic_torch_save, safe_torch_load
 
@@ -80,7 +80,7 @@ def attack_points(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, *, cle
             logger.info("resuming %s at batch %d/%d", desc or attack.name, first, len(starts))
     for b in tqdm(range(first, len(starts)), desc=desc or attack.name, leave=False,
                   disable=not progress, unit="batch", initial=first, total=len(starts)):
-        follow_share()  # a sweep's job takes the cores of jobs that ended (run.cores)
+        follow_share()  # a sweep's job takes the cores of jobs that ended (benchmark.cores)
         idx = todo[starts[b]:starts[b] + batch_size]
         xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
         x_adv = attack(model, xb, yb, loss=loss)

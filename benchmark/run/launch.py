@@ -172,7 +172,7 @@ def launch_local(jobs: Sequence[Job], worker: Worker, *,
 
     Each subprocess is ``python -m <worker.__module__> JOB_JSON``; that module must run the
     job given on its command line. On CPU with ``share_cores`` the running jobs share the
-    cores (:class:`benchmark.run.cores.CoreShare`: a job that ends gives its cores to the
+    cores (:class:`benchmark.cores.CoreShare`: a job that ends gives its cores to the
     others); else each job keeps ``cores // parallel`` threads.
 
     Raises:
@@ -192,7 +192,7 @@ def launch_local(jobs: Sequence[Job], worker: Worker, *,
     if share_cores and not groups and parallel > 1:
         import tempfile
 
-        from benchmark.run.cores import ENV, CoreShare
+        from benchmark.cores import ENV, CoreShare
         share = CoreShare(tempfile.mkdtemp(prefix="advbench-cores-"), parallel=parallel,
                           jobs=len(jobs))
 

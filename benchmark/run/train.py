@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from attacks.base import model_mode
 from attacks.pgd import PGD
 from benchmark.run import distributed
-from benchmark.run.cores import follow as follow_share
+from benchmark.cores import follow as follow_share
 from benchmark.checkpoint import checkpoint_state, read_checkpoint, restore_training
 from benchmark.config import RunConfig, profile_defaults
 from benchmark.run.resolve import build_defense, build_model, helper_config, model_from_checkpoint
@@ -473,7 +473,7 @@ def train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer
                disable=not progress, unit="batch", dynamic_ncols=True)
     warmup = has_eps_warmup(hp)
     for step, (x, y) in enumerate(bar):
-        follow_share()  # a sweep's job takes the cores of jobs that ended (run.cores)
+        follow_share()  # a sweep's job takes the cores of jobs that ended (benchmark.cores)
         weight = 1.0
         if warmup:
             defense.set_eps_scale(eps_scale_at(hp, epoch, step, len(loader)))
