@@ -29,9 +29,19 @@ Hyperparameters (keyword-only):
     n_queries  None        override of Square's queries (None: 5000)
     =========  ==========  ==============================================================
 
-Each call runs ``AutoAttack.run_standard_evaluation`` on the batch it is given, seeded with
-the attack's seed, on the batch's device, and returns AutoAttack's x' (points AutoAttack
-fails on come back unchanged). The global torch RNG is restored afterwards (APGD reseeds it).
+Each call runs AutoAttack's cascade on the batch it is given, seeded with the attack's seed,
+on the batch's device, and returns AutoAttack's x' (points AutoAttack fails on come back
+unchanged). The global torch RNG is restored afterwards (APGD reseeds it). The cascade runs
+one component per ``run_standard_evaluation`` call (``attacks_to_run = [component]``), each
+on the points every earlier component left robust, in AutoAttack's order: that is what one
+call does internally (each component reseeds with the same seed and gets the same points in
+the same order), so x' is bit-identical to one call on a deterministic model (a test
+compares). Between components it logs the points still robust and the component's wall and
+CPU seconds, and inside each component one line per restart or target class (Square: per
+10% of its queries; :mod:`attacks.aa_trace`). :meth:`AutoAttack.breakdown` returns, for
+the last call, the components, which component first broke each point and each
+component's seconds; the evaluation writes them into the row (``components``, see
+:func:`benchmark.eval.flags.attack_points`).
 
 Deviations:
 
@@ -45,6 +55,9 @@ Deviations:
   (``flags/<eval_key>.partial.pt``, one entry per finished batch; see
   :mod:`benchmark.eval.evaluate`), which resumes to the same result because every batch is seeded
   alike.
+* A randomized defense (``rand`` version): each component's call classifies its points once
+  more before APGD reseeds, which draws from the model's randomness, so x' is not
+  bit-identical to a single ``run_standard_evaluation`` call there (still fixed by the seed).
 * The batch the harness passes is AutoAttack's batch, so for a given evaluation batch size
   the cascade is AutoAttack's own; only the split into batches can differ from one
   ``run_standard_evaluation`` call over the whole test set.
@@ -54,17 +67,21 @@ Example:
 """
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from attacks import register_attack
+from attacks.aa_trace import traced
 from attacks.base import Attack, Norm, Objective, ThreatModel, ce_objective
 from attacks.norms import fit_to_ball
 from benchmark.errors import UsageError
 
 _NORMS = {Norm.LINF: "Linf", Norm.L2: "L2", Norm.L1: "L1"}
+logger = logging.getLogger(__name__)
 _SUB_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 
 
@@ -115,13 +132,45 @@ class AutoAttack(Attack):
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, *, loss: Objective) -> Tensor:
         if loss is not ce_objective:
             raise UsageError("autoattack runs its own losses; it takes no objective")
-        if x.shape[0] == 0:
+        aa = self.build(model, x.device) if x.shape[0] else None
+        order = list(aa.attacks_to_run) if aa is not None else self._order()
+        first = torch.full((x.shape[0],), -1, dtype=torch.int8)
+        wall, cpu = [0.0] * len(order), [0.0] * len(order)
+        self._last = {"components": order, "first_broken_by": first, "wall_s": wall,
+                      "cpu_s": cpu}
+        if aa is None:
             return x
-        aa = self.build(model, x.device)
+        x_adv = x.clone()
         devices = [x.device] if x.device.type == "cuda" else []
+        live = torch.arange(x.shape[0], device=x.device)  # the first call drops wrong points
         with torch.random.fork_rng(devices=devices):
-            x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
+            for i, comp in enumerate(order):  # AutoAttack's own cascade, one component a call
+                if not len(live):
+                    break
+                t0, c0 = time.perf_counter(), time.process_time()
+                aa.attacks_to_run = [comp]
+                with traced(aa, comp, len(live)):
+                    xa, ya = aa.run_standard_evaluation(x[live], y[live], batch_size=len(live))
+                broken = (ya != y[live]).to(live.device)
+                x_adv[live[broken]] = xa[broken]
+                moved = (xa != x[live]).flatten(1).any(1)  # not moved: wrong at x itself
+                first[live[broken & moved].cpu()] = i
+                wall[i], cpu[i] = time.perf_counter() - t0, time.process_time() - c0
+                live = live[~broken]
+                logger.info("AutoAttack %s: %d broken, %d points still robust (%.1f s, %.1f "
+                            "CPU-s)", comp, int(broken.sum()), len(live), wall[i], cpu[i])
         return fit_to_ball(x, x_adv, self.threat.norm, self.threat.eps)
+
+    def _order(self) -> list[str]:
+        """The components the configured version runs (without building the model)."""
+        hp = self.hparams
+        return list(hp["attacks"]) if hp["version"] == "custom" else \
+            ["apgd-ce", "apgd-dlr"] if hp["version"] == "rand" else \
+            ["apgd-ce", "apgd-t", "fab-t", "square"]
+
+    def breakdown(self) -> Optional[dict[str, Any]]:
+        """Per-component record of the last call (see :meth:`Attack.breakdown`)."""
+        return getattr(self, "_last", None)
 
 
 @register_attack("autoattack-l2")

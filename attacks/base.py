@@ -200,6 +200,17 @@ class Attack(abc.ABC):
         check_perturbation(x, x_adv, self.threat)
         return x_adv
 
+    def breakdown(self) -> Optional[dict[str, Any]]:
+        """Per-component record of the last call, for attacks made of components run as a
+        cascade (AutoAttack); None for a single attack.
+
+        Returns:
+            ``{"components": [names in order], "first_broken_by": int8 tensor over the
+            batch (index of the component that first broke the point, -1 none),
+            "wall_s": [seconds per component], "cpu_s": [CPU-seconds per component]}``.
+        """
+        return None
+
     def record(self) -> dict[str, Any]:
         """JSON-serialisable description for result rows."""
         return {"attack": self.name, "norm": self.threat.norm.value, "eps": self.threat.eps,

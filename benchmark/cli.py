@@ -94,7 +94,9 @@ def checkpoint_options(f: Any) -> Any:
         click.option("--batch-size", type=POSITIVE, default=None,
                      help="Eval batch size [256 on CPU, 512-1024 on a GPU]."),
         click.option("--data-dir", default=None, type=click.Path()),
-        click.option("--device", default="auto", show_default=True, callback=device_option)]):
+        click.option("--device", default="auto", show_default=True, callback=device_option),
+        click.option("--threads", type=POSITIVE, default=None,
+                     help="torch intra-op threads [OMP_NUM_THREADS if set, else every core].")]):
         f = opt(f)
     return f
 
@@ -130,12 +132,16 @@ def checkpoint_options(f: Any) -> Any:
 @click.option("--executor-params", default=None,
               help='submitit parameters as JSON, e.g. \'{"slurm_partition": "gpu", '
                    '"timeout_min": 2880}\'.')
+@click.option("--fixed-threads", is_flag=True,
+              help="local launcher on CPU: each job keeps cores/jobs threads instead of taking "
+                   "the cores of jobs that ended (bit-identical to a rerun with the same jobs).")
 def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: str,
         hparams: Optional[str], runs_dir: str, data_dir: Optional[str], download: bool, device: str,
         no_progress: bool, attacks: Optional[str], suite: Optional[str], n_examples: Optional[int],
         checkpoints: str, batch_size: Optional[int], out: Optional[str], force: bool,
         dry_run: bool, launcher: str, parallel: Optional[int], gpus_per_job: int,
-        cluster: Optional[str], executor_params: Optional[str]) -> None:
+        cluster: Optional[str], executor_params: Optional[str],
+        fixed_threads: bool = False) -> None:
     """Train every missing run, evaluate it, and print the comparison table."""
     from benchmark.sweep import sweep
 
@@ -145,12 +151,15 @@ def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: s
                    n_examples=n_examples, checkpoints=checkpoints, batch_size=batch_size,
                    out=out, force=force, dry_run=dry_run, launcher=launcher, parallel=parallel,
                    gpus_per_job=gpus_per_job, cluster=cluster, executor_params=executor_params,
+                   share_cores=not fixed_threads,
                    on_plan=lambda planned: click.echo(planned.counts()))
     if dry_run:
         click.echo("\n".join(result.listing()))
         return
     for md in result.tables:
         click.echo("\n" + md)
+    click.echo("\nWhere the time went (wall and CPU seconds of each job's process; jobs ran "
+               "side by side):\n\n" + result.phases)
     click.echo(f"{len(result.jobs)} jobs via {result.launcher}; tables written to "
                f"{result.out_dir}/tables; wall time {result.wall_s:.1f}s")
 
@@ -215,6 +224,10 @@ def _train_and_print(job: Any) -> None:
               help="Result folder for --checkpoint-file [<file stem>-eval beside the file].")
 @click.option("--force", is_flag=True, help="Recompute existing rows.")
 @click.option("--no-progress", is_flag=True)
+@click.option("--cascade", is_flag=True,
+              help="Headline only, for less: per norm and eps the attacks run cheapest first, "
+                   "each on the points every earlier one left robust (no single-attack "
+                   "accuracies; benchmark.eval.cascade).")
 @click.option("--ood-data-dir", default=None, type=click.Path(),
               help="--suite rejection: the folder holding the OOD source (MNIST for CIFAR-scale "
                    "runs, CIFAR-10 for MNIST-scale runs) [--data-dir]; its parent is not read.")
@@ -252,18 +265,22 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
              threat: str, dataset: Optional[str], model_file: Optional[str],
              arch: Optional[str], name: Optional[str], randomized: bool, model_dir: str,
              download: bool, runs_dir: str, profile: str,
-             ood_data_dir: Optional[str] = None) -> None:
+             ood_data_dir: Optional[str] = None, cascade: bool = False,
+             threads: Optional[int] = None) -> None:
     """Attack trained runs, checkpoint files, a model file or a RobustBench model; rows go to
     RUN/eval."""
     from benchmark.eval.evaluate import evaluate_path, format_rows
+    from benchmark.cores import use_all_cores
+
+    use_all_cores(threads)
 
     if not run_paths and not ckpt_files and not zoo_name and not model_file:
         raise UsageError("give --run RUN_DIR, --checkpoint-file FILE, --model-file FILE or "
                          "--robustbench NAME")
     if model_file:
-        if run_paths or ckpt_files or zoo_name or suite:
+        if run_paths or ckpt_files or zoo_name or suite or cascade:
             raise UsageError("--model-file is evaluated alone (no --run, --checkpoint-file, "
-                             "--robustbench or --suite)")
+                             "--robustbench, --suite or --cascade)")
         result = _evaluate_model_file(model_file, arch, dataset, data_dir, name, eps, threat,
                                       n_examples, profile, attacks or "standard", False,
                                       randomized, None, None, device, runs_dir, batch_size,
@@ -272,6 +289,8 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
         click.echo(str(result))
         click.echo(f"rows: {result.out_dir}")
         return
+    if cascade and (zoo_name or suite == "rejection"):
+        raise UsageError("--cascade applies to attack suites of --run / --checkpoint-file")
     if suite == "rejection":
         from benchmark.eval.rejection import evaluate_rejection, format_rejection
         if ckpt_files or zoo_name or attacks or eps:
@@ -296,7 +315,7 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
                               n_examples=n_examples, device=device,
                               batch_size=batch_size,
                               data_dir=Path(data_dir) if data_dir else None, force=force,
-                              progress=not no_progress, out_dir=out)
+                              progress=not no_progress, out_dir=out, cascade=cascade)
     click.echo(format_rows(rows))
 
 
@@ -335,14 +354,23 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
               help="Transfer source: a run folder, an advbench checkpoint, or a model file "
                    "(safetensors + --source-arch, or .pt2) [the `st` run of the protocol; "
                    "none for --model-file: the transfer check is then skipped, and says so].")
+@click.option("--cascade", is_flag=True,
+              help="No verdicts: the headline the checks' attacks give, for less (cheapest "
+                   "first, each on the points every earlier one left robust).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (--cascade).")
 @checkpoint_options
 def check(run_paths: tuple[str, ...], model_file: Optional[str], arch: Optional[str],
           dataset: Optional[str], name: Optional[str], source_arch: Optional[str],
           randomized: bool, runs_dir: str, profile: str, threat: str, eps: Optional[str],
           n_examples: Optional[int], names: Optional[str], cheap: bool, source: Optional[str],
-          which: str, batch_size: Optional[int], data_dir: Optional[str], device: str) -> None:
+          which: str, batch_size: Optional[int], data_dir: Optional[str], device: str,
+          cascade: bool = False, no_progress: bool = False,
+          threads: Optional[int] = None) -> None:
     """Training-health and gradient-masking verdicts; rows go to RUN/eval (kind health/check)."""
     from benchmark.eval.checks import CHECKS, check_run, format_checks
+    from benchmark.cores import use_all_cores
+
+    use_all_cores(threads)
     from benchmark.run.protocols import parse_eps_list
 
     chosen = [c.strip() for c in names.split(",") if c.strip() and c.strip() != "health"] \
@@ -353,6 +381,8 @@ def check(run_paths: tuple[str, ...], model_file: Optional[str], arch: Optional[
     if bool(run_paths) == bool(model_file):
         raise UsageError("give --run RUN_DIR (repeatable) or --model-file FILE")
     if model_file:
+        if cascade:
+            raise UsageError("--cascade applies to --run folders")
         result = _evaluate_model_file(
             model_file, arch, dataset, data_dir, name, eps, threat, n_examples, profile,
             "fgsm,pgd" if threat == "Linf" else "standard",
@@ -365,7 +395,13 @@ def check(run_paths: tuple[str, ...], model_file: Optional[str], arch: Optional[
     for path in run_paths:
         rows += check_run(path, eps=parse_eps_list(eps), n_examples=n_examples, names=chosen,
                           cheap=cheap, checkpoint=which, device=device, batch_size=batch_size,
-                          data_dir=Path(data_dir) if data_dir else None, source=source)
+                          data_dir=Path(data_dir) if data_dir else None, source=source,
+                          cascade=cascade, progress=not no_progress)
+    if cascade:
+        from benchmark.eval.evaluate import format_rows
+        click.echo(format_checks([r for r in rows if r.get("kind") in ("health", "check")]))
+        click.echo(format_rows([r for r in rows if r.get("kind") in ("cascade", "headline")]))
+        return
     click.echo(format_checks(rows))
     for r in rows:
         if r.get("check") == "transfer" and r.get("status") == "skipped":
@@ -701,16 +737,41 @@ def download(dataset: str, data_dir: str) -> None:
 @click.option("--threads", type=POSITIVE, default=None, help="torch intra-op threads [torch's].")
 @click.option("--json", "json_path", default=None, type=click.Path(),
               help="Also write the measurements as JSON.")
+@click.option("--run", "run_path", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Evaluation side on this trained run: CPU-seconds per point of each of "
+                   "--attacks, AutoAttack through advbench vs pyautoattack directly, and a full "
+                   "check (nothing written into the run).")
+@click.option("--n-examples", type=POSITIVE, default=None,
+              help="--run: first N test points [each attack's profile default].")
+@click.option("--no-check", is_flag=True, help="--run: skip the full check.")
+@click.option("--data-dir", default=None, type=click.Path(), help="--run: the run's dataset.")
+@click.option("--cascade", is_flag=True, help="--run: also time `check --cascade`.")
 def bench(defense: str, arch: str, dataset: str, profile: str, batch_size: int, device: str,
           steps: int, warmup: int, reps: int, amp: str, channels_last: bool, compile_: bool,
           attacks: str, eval_samples: Optional[int], hparams: Optional[str],
-          threads: Optional[int], json_path: Optional[str]) -> None:
-    """Time the training step against (k+1) forward+backward passes, and the eval attacks."""
+          threads: Optional[int], json_path: Optional[str], run_path: Optional[str] = None,
+          n_examples: Optional[int] = None, no_check: bool = False,
+          cascade: bool = False, data_dir: Optional[str] = None) -> None:
+    """Time the training step against (k+1) forward+backward passes, and the eval attacks;
+    with --run, the evaluation side on a trained run."""
+    import json as _json
+
     import torch
 
     from benchmark.run.bench import bench as run_bench, format_bench, to_json
     from benchmark.config import parse_hparams
 
+    if run_path:
+        from benchmark.eval.bench_eval import bench_eval, format_bench_eval
+        from benchmark.cores import use_all_cores
+        use_all_cores(threads)
+        rec = bench_eval(run_path, attacks=attacks or "fgsm,pgd", n_examples=n_examples,
+                         device=device, check=not no_check, cascade=cascade,
+                         data_dir=Path(data_dir) if data_dir else None)
+        click.echo(format_bench_eval(rec))
+        if json_path:
+            Path(json_path).write_text(_json.dumps(rec, indent=1, default=str) + "\n")
+        return
     if threads:
         torch.set_num_threads(threads)
     result = run_bench(defense, arch, dataset=dataset, profile=profile, batch_size=batch_size,

@@ -34,8 +34,9 @@ from benchmark.eval.evaluate import evaluate_run, expected_keys
 from benchmark.run.protocols import resolve_specs
 from benchmark.run import distributed
 from benchmark.run.launch import Job, choose_launcher, launch, plan
+from benchmark.run.phases import Phases
 from benchmark.run.train import train_run
-from benchmark.store import RunStore, read_json, read_row
+from benchmark.store import RunStore, now, read_json, read_jsonl, read_row
 
 logger = logging.getLogger(__name__)
 
@@ -55,19 +56,29 @@ def run_job(job: Job) -> str:
         import submitit
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     cfg = job.cfg
+    phases, since = Phases(), now()
     data = _dataset(cfg.dataset, job.data_dir, job.download)
+    log = job.run_dir() / "train_log.jsonl"
+    skip = len(read_jsonl(log)) if log.exists() else 0
     with distributed.process_group(job.device) as env:
         run_dir = train_run(cfg, data, RunStore(job.runs_dir), device=job.device,
                             progress=job.progress)
-    if not (job.evaluate and env.is_main):
+    if not env.is_main:
         return str(run_dir)
-    specs = resolve_specs(job.attacks, data.info.scale, suite=job.suite)
-    batch = job.batch_size or default_eval_batch_size(job.device, cfg.arch)
-    for which in job.checkpoints:
-        evaluate_run(run_dir, specs, checkpoint=which, n_examples=job.n_examples,
-                     device=job.device, batch_size=batch, data=data, progress=job.progress)
-        check_run(run_dir, cheap=True, checkpoint=which, n_examples=job.n_examples,
-                  device=job.device, batch_size=batch, data=data)  # the cheap verdicts
+    phases.training(Path(run_dir) / "train_log.jsonl", skip)
+    if job.evaluate:
+        specs = resolve_specs(job.attacks, data.info.scale, suite=job.suite)
+        batch = job.batch_size or default_eval_batch_size(job.device, cfg.arch)
+        for which in job.checkpoints:
+            phases.attacks(evaluate_run(run_dir, specs, checkpoint=which,
+                                        n_examples=job.n_examples, device=job.device,
+                                        batch_size=batch, data=data, progress=job.progress),
+                           since)
+            t0, c0 = time.perf_counter(), time.process_time()
+            check_run(run_dir, cheap=True, checkpoint=which, n_examples=job.n_examples,
+                      device=job.device, batch_size=batch, data=data)  # the cheap verdicts
+            phases.add("checks (cheap)", time.perf_counter() - t0, time.process_time() - c0)
+    phases.write(Path(run_dir))
     return str(run_dir)
 
 
@@ -101,6 +112,7 @@ class SweepResult:
         tables: the Markdown of every table written.
         out_dir: the report folder.
         wall_s: seconds the sweep took.
+        phases: the time breakdown per job (:func:`benchmark.run.phases.format_phases`).
     """
 
     configs: list[Any]
@@ -108,6 +120,7 @@ class SweepResult:
     jobs: list[Job]
     launcher: str
     rows: list[dict[str, Any]] = field(default_factory=list)
+    phases: str = ""
     tables: list[str] = field(default_factory=list)
     out_dir: Optional[Path] = None
     wall_s: float = 0.0
@@ -142,7 +155,7 @@ def sweep(defenses: str, dataset: str, *, arch: Optional[str] = None, profile: s
           batch_size: Optional[int] = None, out: Optional[str] = None, force: bool = False,
           dry_run: bool = False, launcher: str = "auto", parallel: Optional[int] = None,
           gpus_per_job: int = 1, cluster: Optional[str] = None,
-          executor_params: Optional[str] = None,
+          executor_params: Optional[str] = None, share_cores: bool = True,
           on_plan: Optional[Callable[[SweepResult], None]] = None) -> SweepResult:
     """Train every missing run of the sweep, evaluate it, and write the report.
 
@@ -189,19 +202,23 @@ def sweep(defenses: str, dataset: str, *, arch: Optional[str] = None, profile: s
     if launcher == "serial":
         jobs = [replace(job, progress=progress) for job in jobs]
         kwargs: dict[str, Any] = {}
-    elif launcher == "local":
-        kwargs = {"parallel": parallel}
+    elif launcher == "local":  # on CPU the running jobs share the cores (benchmark.cores)
+        kwargs = {"parallel": parallel, "share_cores": share_cores}
     else:
         kwargs = {"folder": Path(runs_dir) / ".submitit", "cluster": cluster, "parameters": params}
     logger.info("%d jobs via %s%s", len(jobs), launcher,
                 f" ({parallel} at a time)" if launcher == "local" and parallel else "")
     launch(jobs, run_job, launcher, **kwargs)
     from benchmark.report.report import write_report
+    from benchmark.run.phases import format_phases
+    t_report = time.perf_counter()
     result.rows = collect_rows(jobs, scale)
     result.out_dir = Path(out) if out else Path(runs_dir) / "report"
     result.tables = write_report(result.rows, result.out_dir, order=DEFENSES.names(),
                                  catalog=catalog())
     result.wall_s = time.perf_counter() - t0
+    result.phases = format_phases([(j.label, j.run_dir()) for j in jobs], result.wall_s,
+                                  time.perf_counter() - t_report)
     return result
 
 

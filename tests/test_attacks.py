@@ -217,3 +217,46 @@ def test_autoattack_apgd_ce_matches_pyautoattack_called_directly(trained) -> Non
     assert torch.equal(ours, theirs)
     with torch.no_grad():
         assert (model(ours).argmax(1) != y).any(), "APGD-CE broke nothing: the test is vacuous"
+
+
+def test_autoattack_components_equal_one_call_and_record_who_broke_each_point(
+        trained, caplog) -> None:
+    """The wrapper runs AutoAttack's cascade one component a call (progress, seconds, which
+    component broke each point): x' must equal one ``run_standard_evaluation`` call."""
+    from attacks.norms import fit_to_ball
+    from benchmark.eval.flags import attack_points, predict
+    from benchmark.eval.worstcase import from_hex
+    model, x, y = trained
+    eps = 3 / 255
+    wrapper = ATTACKS.get("autoattack")(ThreatModel(Norm.LINF, eps), seed=0, n_iter=4,
+                                        n_queries=30)
+    with caplog.at_level("INFO", logger="attacks"):
+        ours = wrapper(model, x, y)
+    ref = wrapper.build(model, x.device)
+    with torch.random.fork_rng():
+        theirs, _ = ref.run_standard_evaluation(x, y, batch_size=len(y))
+    assert torch.equal(ours, fit_to_ball(x, theirs, Norm.LINF, eps))
+    rec = wrapper.breakdown()
+    assert rec["components"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    with torch.no_grad():
+        correct, fooled = model(x).argmax(1) == y, model(ours).argmax(1) != y
+    first = rec["first_broken_by"].long()
+    assert torch.equal(first >= 0, correct & fooled), "every broken point has one breaker"
+    assert len(set(first[first >= 0].tolist())) >= 2, "one component broke all: vacuous"
+    text = caplog.text
+    assert "AutoAttack apgd-t: target 9/9, restart 1/1" in text
+    assert "AutoAttack apgd-ce: restart 1/1" in text and "still robust" in text
+    assert all(f"AutoAttack {c}: " in text for c in rec["components"][:int(first.max()) + 1])
+    # through the evaluation primitive: seconds, counts and bits per component
+    clean, ce = predict(model, x, y)
+    stats: dict = {}
+    robust, _ = attack_points(model, wrapper, x, y, clean=clean, clean_ce=ce, batch_size=40,
+                              stats=stats)
+    comp = stats["components"]
+    assert comp["order"] == rec["components"] and set(comp["cpu_s"]) == set(comp["order"])
+    assert all(comp["wall_s"][c] >= 0 for c in comp["order"])
+    assert sum(comp["broken"].values()) == int(clean.sum() - robust.sum())
+    assert comp["robust_after"]["square"] == int(robust.sum())
+    for i, c in enumerate(comp["order"]):
+        bits = torch.from_numpy(from_hex(comp["first_broken_bits"][c], len(y)))
+        assert torch.equal(bits, stats["first_broken_by"] == i)

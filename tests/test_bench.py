@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -63,3 +64,35 @@ def test_bench_command_standard_training_has_one_pass(tmp_path) -> None:
     assert res.exit_code == 0, res.output
     r = json.loads(out.read_text())
     assert (r["k"], r["passes_grad"], r["eval"]) == (0, 1, [])
+
+
+def test_bench_run_measures_attacks_autoattack_against_pyautoattack_and_checks(
+        run_dir, tmp_path, monkeypatch) -> None:
+    """The evaluation side: per-attack CPU-seconds, AutoAttack through advbench vs
+    pyautoattack directly on the same points (same robust points), a check and its cascade
+    on scratch copies (the run folder is left as it was)."""
+    import shutil
+
+    from benchmark.run import protocols
+    from benchmark.eval.bench_eval import bench_eval, format_bench_eval
+    real = protocols.attack_specs
+
+    def fast(scale: str) -> dict:  # AutoAttack's schedule shortened (the test is of the tool)
+        specs = real(scale)
+        specs["autoattack"] = specs["autoattack"].with_hparams(n_iter=3, n_queries=10)
+        return specs
+    monkeypatch.setattr(protocols, "attack_specs", fast)
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval", "flags"))
+    rec = bench_eval(run, attacks="fgsm,autoattack", n_examples=8, checks=["fgsm-vs-pgd"],
+                     cascade=True)
+    assert not list(run.glob("eval/*.json")) and not list(run.glob("flags/*")), "wrote rows"
+    fgsm, aa = rec["attacks"]
+    assert fgsm["attack"] == "fgsm" and fgsm["n"] == 8 and fgsm["cpu_s"] > 0
+    assert aa["cpu_s_per_point"] == pytest.approx(aa["cpu_s"] / 8)
+    assert set(aa["components_cpu_s"]) == {"apgd-ce", "apgd-t", "fab-t", "square"}
+    d = rec["aa_direct"]
+    assert d["points"] == aa["attacked"] and d["same_robust_points"] and d["cpu_s"] > 0
+    assert rec["check"]["headlines"] == rec["check_cascade"]["headlines"] != {}
+    text = format_bench_eval(rec)
+    assert "pyautoattack called directly" in text and "cascade saving" in text

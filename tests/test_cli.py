@@ -27,6 +27,17 @@ def test_run_then_report_end_to_end(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "2 jobs: 0 done, 0 partial, 0 trained, 2 new" in res.output
     assert "| st |" in res.output and "| at |" in res.output
+    assert "Where the time went" in res.output  # the phase breakdown of each job
+    for ph in runs.glob("*/*/*/phases.json"):
+        rec = json.loads(ph.read_text())
+        by = {it["phase"]: it for it in rec["phases"]}
+        assert {"training", "validation", "attack fgsm@8/255", "attack pgd@8/255",
+                "checks (cheap)"} < set(by), sorted(by)
+        assert by["training"]["wall_s"] > 0 and by["validation"]["cpu_s"] > 0
+        assert sum(it["wall_s"] for it in rec["phases"]) == pytest.approx(rec["job_wall_s"],
+                                                                          abs=0.01)
+    assert len(list(runs.glob("*/*/*/phases.json"))) == 2
+    assert "| at/synthetic/tiny/seed0 | attack pgd@8/255 |" in res.output
     every = [json.loads(p.read_text()) for p in runs.glob("*/*/*/eval/*.json")]
     rows = [r for r in every if r.get("kind", "attack") == "attack"]
     assert len(rows) == 4

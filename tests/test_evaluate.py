@@ -260,3 +260,99 @@ def test_complete_stored_flags_are_reused_not_recomputed(run_dir: Path, data, tm
     (run / "eval" / f"{first['eval_key']}.json").unlink()
     with pytest.raises(AssertionError, match="the attack ran"):
         evaluate_run(run, [spec], n_examples=N, data=data, progress=False)
+
+
+def test_autoattack_row_records_its_components(run_dir, data, tmp_path) -> None:
+    run = fresh(run_dir, tmp_path)
+    spec = AttackSpec("autoattack", "autoattack", "linf", 8 / 255,
+                      {"version": "standard", "n_iter": 2, "n_queries": 5})
+    (row,) = evaluate_run(run, [spec], n_examples=N, data=data, progress=False)
+    comp = row["components"]
+    assert comp["order"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert sum(comp["broken"].values()) == round(N * (row["clean_acc"] - row["robust_acc"]))
+    flags = load_flags(run, row["eval_key"])
+    assert flags["components"] == comp["order"]
+    broken = flags["clean"] & ~flags["robust"]
+    assert torch.equal(flags["first_broken_by"] >= 0, broken) and broken.any()
+
+
+def test_cascade_headline_equals_the_full_runs_per_sample(run_dir, data, tmp_path) -> None:
+    """--cascade: cheapest first, each attack on what is left; the headline's per-sample
+    flags equal the full run's (batch size 1: every point's attack is seeded alike)."""
+    from benchmark.eval.worstcase import from_hex
+    eps = 8 / 255
+    aa = AttackSpec("autoattack", "autoattack", "linf", eps,
+                    {"version": "standard", "n_iter": 2, "n_queries": 5})
+    members = [AttackSpec(m["label"], m["attack"], "linf", eps, m["hparams"]) for m in MEMBERS]
+    specs = [aa, *reversed(members)]  # dearest first: the cascade must reorder
+    full_run, casc_run = fresh(run_dir, tmp_path / "full"), fresh(run_dir, tmp_path / "casc")
+    full = evaluate_run(full_run, specs, n_examples=N, data=data, progress=False, batch_size=1)
+    got = evaluate_run(casc_run, specs, n_examples=N, data=data, progress=False, batch_size=1,
+                       cascade=True)
+    rows = [r for r in got if r["kind"] == "cascade"]
+    (head,) = [r for r in got if r["kind"] == "headline"]
+    assert [r["attack"] for r in rows] == ["fgsm", "cw-s3", "pgd-s3", "autoattack"]
+    assert all("robust_acc" not in r and "cascade" in r["why"] for r in rows)
+    each = torch.stack([load_flags(full_run, r["eval_key"])["robust"] for r in full])
+    want = each.all(0)
+    assert torch.equal(torch.from_numpy(from_hex(head["robust_bits"], N)), want)
+    assert head["robust_acc"] == pytest.approx(float(want.float().mean()))
+    assert sorted(head["attacks"]) == sorted(s.label for s in specs)
+    # each attacked only what every earlier one left robust, and that saved work
+    clean = load_flags(full_run, full[0]["eval_key"])["clean"]
+    left = clean.clone()
+    for r, label in zip(rows, ["fgsm", "cw-s3", "pgd-s3", "autoattack"]):
+        assert r["points_attacked"] == int(left.sum())
+        left &= each[[s.label for s in specs].index(label)]
+    assert rows[-1]["points_attacked"] < int(clean.sum()), "nothing saved: vacuous"
+    assert len({tuple(f.tolist()) for f in each}) > 1, "attacks must disagree"
+    # a rerun reuses every cascaded row; no single-attack flags were written
+    again = evaluate_run(casc_run, specs, n_examples=N, data=data, progress=False,
+                         batch_size=1, cascade=True)
+    assert [r["eval_key"] for r in again if r["kind"] == "cascade"] == \
+        [r["eval_key"] for r in rows]
+    assert not any((casc_run / "flags" / f"{r['eval_key']}.pt").exists() for r in full)
+    # the tables: single-attack columns empty with the cascade's reason, the headline filled
+    from benchmark.report.report import write_report
+    write_report([json.loads(f.read_text()) for f in (casc_run / "eval").glob("*.json")],
+                 tmp_path / "rep", plots=False)
+    missing = (tmp_path / "rep" / "tables" / "missing.csv").read_text()
+    assert "cascaded run (--cascade): `autoattack` attacked only" in missing
+    assert "cascaded run (--cascade): `fgsm` ran first" in missing
+    acc = next((tmp_path / "rep" / "tables").glob("accuracy_*.csv")).read_text()
+    assert f"{100 * head['robust_acc']:.4f}"[:5] in acc
+
+
+def test_check_cascade_gives_the_full_checks_headline(run_dir, data, tmp_path) -> None:
+    """check --cascade: the attacks the checks would run, cascaded; the same per-sample
+    headline as the full check, and no verdict written."""
+    from benchmark.eval.checks import check_run
+    from benchmark.eval.worstcase import from_hex
+    n, names = 16, ["fgsm-vs-pgd", "more-budget"]
+    full_run, casc_run = fresh(run_dir, tmp_path / "full"), fresh(run_dir, tmp_path / "casc")
+    full = check_run(full_run, names=names, n_examples=n, data=data, batch_size=1)
+    used = sorted({a.split("@")[0] for r in full if r["kind"] == "check"
+                   for a in r["attacks_used"]})
+    got = check_run(casc_run, names=names, n_examples=n, data=data, batch_size=1, cascade=True)
+    rows = [r for r in got if r["kind"] == "cascade"]
+    assert sorted(r["attack"] for r in rows) == used == ["fgsm", "pgd", "pgd-k100", "pgd-r1",
+                                                        "pgd-r5"]
+    assert rows[0]["attack"] == "fgsm" and rows[-1]["attack"] == "pgd-r5"  # cheapest first
+    assert not list((casc_run / "eval").glob("check-*.json")), "no verdict from a cascade"
+    (head,) = [r for r in got if r["kind"] == "headline"]
+    (want,) = [json.loads(f.read_text()) for f in (full_run / "eval").glob("headline-*.json")]
+    assert head["robust_bits"] == want["robust_bits"] and head["n_examples"] == n
+    assert 0 < rows[-1]["points_attacked"] < rows[0]["points_attacked"], "nothing saved"
+    assert from_hex(head["robust_bits"], n).sum() < rows[0]["points_attacked"]
+
+
+def test_cascade_starts_from_stored_single_attack_flags(run_dir, data, tmp_path) -> None:
+    run = fresh(run_dir, tmp_path)
+    fgsm, pgd = (AttackSpec(m["label"], m["attack"], "linf", 8 / 255, m["hparams"])
+                 for m in MEMBERS[:2])
+    (single,) = evaluate_run(run, [fgsm], n_examples=N, data=data, progress=False)
+    got = evaluate_run(run, [fgsm, pgd], n_examples=N, data=data, progress=False, cascade=True)
+    assert got[0] == single  # the stored row is reused, not cascaded
+    (row,) = [r for r in got if r["kind"] == "cascade"]
+    assert row["attack"] == "pgd-s3" and row["cascade_after"] == ["fgsm"]
+    assert row["points_attacked"] == int(load_flags(run, single["eval_key"])["robust"].sum())

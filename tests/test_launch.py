@@ -192,5 +192,78 @@ def test_local_subprocesses_get_one_thread_each(tmp_path: Path,
     monkeypatch.setattr(launch, "visible_gpus", lambda: [])
     jobs = launch.plan([_cfg("st"), _cfg("at")], "cifar", requires=_needs({}),
                        runs_dir=str(tmp_path), device="cpu")
-    launch.launch(jobs, run_job, "auto")
+    launch.launch(jobs, run_job, "auto", share_cores=False)  # --fixed-threads
     assert seen == [{"module": "benchmark.sweep", "threads": "1"}] * 2
+
+
+def test_local_jobs_on_cpu_take_the_cores_of_jobs_that_ended(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two jobs on 2 cores start with 1 thread each; when the first ends, the one still
+    running is told to use both (its thread-share file); --fixed-threads turns it off."""
+    import threading
+
+    from benchmark import cores
+    seen: dict[str, list[str]] = {}
+    both, st_ended = threading.Barrier(2), threading.Event()
+
+    class Done:
+        returncode = 0
+
+    def fake_run(cmd: list[str], env: dict[str, str], **kw: Any) -> Done:
+        job = json.loads(cmd[-1])["config"]["defense"]
+        seen[job] = [env["OMP_NUM_THREADS"]]
+        if cores.ENV not in env:
+            return Done()
+        path = Path(env[cores.ENV])
+        both.wait(timeout=10)  # both running
+        seen[job].append(path.read_text().strip())
+        both.wait(timeout=10)  # both have read their share
+        if job == "at":  # still running after st ended
+            assert st_ended.wait(timeout=10)
+            seen[job].append(path.read_text().strip())
+        return Done()
+
+    real_end = cores.CoreShare.end
+
+    def end(self: Any, name: str) -> None:
+        real_end(self, name)
+        if name == jobs[0].cfg.run_id:
+            st_ended.set()
+    monkeypatch.setattr(launch.subprocess, "run", fake_run)
+    monkeypatch.setattr(launch, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(cores, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(launch, "visible_gpus", lambda: [])
+    monkeypatch.setattr(cores.CoreShare, "end", end)
+    jobs = launch.plan([_cfg("st"), _cfg("at")], "cifar", requires=_needs({}),
+                       runs_dir=str(tmp_path), device="cpu")
+    assert jobs[0].cfg.defense == "st"
+    launch.launch(jobs, run_job, "auto")
+    assert seen["st"] == ["1", "1"] and seen["at"] == ["1", "1", "2"]
+    seen.clear()
+    launch.launch(jobs, run_job, "local", parallel=2, share_cores=False)
+    assert seen == {"st": ["1"], "at": ["1"]}
+
+
+def test_follow_applies_the_share_and_single_commands_use_every_core(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from benchmark import cores
+    before = torch.get_num_threads()
+    share = tmp_path / "job.threads"
+    try:
+        monkeypatch.setenv(cores.ENV, str(share))
+        assert cores.follow() is None  # no file yet: nothing changes
+        for n in (2, 1, 3):
+            tmp = tmp_path / "t"
+            tmp.write_text(f"{n}\n")
+            tmp.replace(share)
+            assert cores.follow() == n and torch.get_num_threads() == n
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(cores, "cpu_cores", lambda: 4)
+        assert cores.use_all_cores() == 4 and torch.get_num_threads() == 4
+        assert cores.use_all_cores(2) == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert cores.use_all_cores() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -876,13 +876,17 @@ class RunFlags:
         if spec.attack == "transfer" and self._transfer_model() is not None:
             atk.source_model = self._transfer_model()
         ce = predict(self.t.model, x, y, self.batch_size)[1]
+        stats: dict[str, Any] = {}
         robust, adv_ce = attack_points(self.t.model, atk, x, y, clean=clean, clean_ce=ce,
-                                       batch_size=self.batch_size)
+                                       batch_size=self.batch_size, stats=stats)
         key = eval_key(self.t.cfg.run_id, self.t.checkpoint, spec, self.n)
         payload = flags_payload(clean, robust, adv_ce, spec.record(), self.t.checkpoint)
         dist = boundary_distances(atk, clean)
         if dist is not None:
             payload["boundary_distance"] = dist
+        if "components" in stats:  # AutoAttack: which component first broke each point
+            payload.update(first_broken_by=stats["first_broken_by"],
+                           components=stats["components"])
         atomic_torch_save(self.t.out_dir / "flags" / f"{key}.pt", payload)
         self.computed.append(label)
         return robust
@@ -907,9 +911,15 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
               n_examples: Optional[int] = None, names: Sequence[str] = CHECKS,
               cheap: bool = False, checkpoint: str = "best", device: str = "cpu",
               batch_size: Optional[int] = None, data: Any = None,
-              data_dir: Optional[Path] = None,
-              source: Optional[Path | str] = None) -> list[dict[str, Any]]:
+              data_dir: Optional[Path] = None, source: Optional[Path | str] = None,
+              cascade: bool = False, progress: bool = False) -> list[dict[str, Any]]:
     """Write the health row and the check rows of one run folder; return them.
+
+    With ``cascade`` no verdict is judged: the attacks the checks ``names`` would run (those
+    stored already narrow the points) run as a cascade per (norm, ε), cheapest first, each on
+    the points every earlier one left robust (:mod:`benchmark.eval.cascade`), for the headline
+    the full check would give; the health row, the cascade rows and the headline rows they
+    feed are returned.
 
     Args:
         run_dir: the run folder.
@@ -941,7 +951,7 @@ def check_run(run_dir: Path | str, *, eps: Optional[Sequence[float]] = None,
             src_note += "; give --source to run it"
     return out + check_target(t, eps=eps, n_examples=n_examples, names=names, cheap=cheap,
                               batch_size=batch_size, data=data, data_dir=data_dir, source=src,
-                              source_note=src_note)
+                              source_note=src_note, cascade=cascade, progress=progress)
 
 
 def load_source(source: Path, device: Any) -> nn.Module:
@@ -956,8 +966,8 @@ def check_target(t: Any, *, eps: Optional[Sequence[float]] = None,
                  n_examples: Optional[int] = None, names: Sequence[str] = CHECKS,
                  cheap: bool = False, batch_size: Optional[int] = None, data: Any = None,
                  data_dir: Optional[Path] = None, source: Any = None, source_note: str = "",
-                 overrides: Optional[Mapping[str, Mapping[str, Any]]] = None
-                 ) -> list[dict[str, Any]]:
+                 overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                 cascade: bool = False, progress: bool = False) -> list[dict[str, Any]]:
     """Write the check rows of an opened target (:mod:`benchmark.eval.target`: a run's
     checkpoint or a model advbench did not train) and its headlines; return the rows.
 
@@ -970,6 +980,7 @@ def check_target(t: Any, *, eps: Optional[Sequence[float]] = None,
             file; None skips the transfer check, and its row says why (``source_note``).
         source_note: where the source came from, or why there is none.
         overrides: attack name → hyperparameters replacing the protocol's (quick checks).
+        cascade, progress: as :func:`check_run` (no verdict; the checks' attacks as a cascade).
     """
     import time
 
@@ -986,10 +997,12 @@ def check_target(t: Any, *, eps: Optional[Sequence[float]] = None,
     scale = t.info.scale
     eps_list = list(eps) if eps else [float(t.cfg.hparams["eps"])]
     cache: dict[str, Any] = {}
+    asked: list[tuple[AttackSpec, int]] = []
 
     def test_points() -> tuple[Tensor, Tensor]:
         if "xy" not in cache:
-            cache["xy"] = t.test_data(data, data_dir).test.floats(dev)
+            loaded = t.test_data(data, data_dir)
+            cache["xy"], cache["provenance"] = loaded.test.floats(dev), loaded.info.provenance
             check_model(t.model, cache["xy"][0][:8], randomized=t.defense.randomized)
         return cache["xy"]
 
@@ -1029,6 +1042,16 @@ def check_target(t: Any, *, eps: Optional[Sequence[float]] = None,
             return cache[k]
 
         flags = RunFlags(t, rows, n, points, clean_flags, batch_size, source_model)
+        if cascade:  # which attacks the checks would run; none runs here
+            from benchmark.eval.cascade import NO_FLAGS, SpecRecorder
+            rec = SpecRecorder(flags, clean_flags)
+            checker = _LazyChecker(t.model, points, clean_flags, scale, t.cfg.profile, rec,
+                                   t.defense.randomized, source, batch_size)
+            for name in todo:
+                if name not in NO_FLAGS and not (name in PER_NORM and e != eps_list[0]):
+                    checker.run(e, [name], cheap=cheap)
+            asked += [(s, n) for s in rec.asked if not flags.exists(s) and (s, n) not in asked]
+            continue
         checker = _LazyChecker(t.model, points, clean_flags, scale, t.cfg.profile, flags,
                                t.defense.randomized, source, batch_size)
         checker.overrides = dict(overrides or {})
@@ -1050,6 +1073,18 @@ def check_target(t: Any, *, eps: Optional[Sequence[float]] = None,
                     continue
             atomic_write_json(path, row)
             out.append(row)
+    if cascade and asked:
+        from benchmark.eval.cascade import known_flags, run_cascade
+        xa, ya = test_points()
+        n_max = min(max(k for _, k in asked), len(ya))
+        clean_all, ce_all = predict(t.model, xa[:n_max], ya[:n_max], batch_size)
+        done = run_cascade(t, asked, known_flags(t.out_dir, t.checkpoint), xa, ya, clean_all,
+                           ce_all, batch_size=batch_size, force=False, progress=progress,
+                           provenance=cache["provenance"])
+        groups = {(r["norm"], r["n_examples"], round(r["eps"], 9)) for r in done}
+        heads = write_headlines(t.out_dir, t.checkpoint, base=t.row("", "headline"))
+        return out + done + [h for h in heads if (h["norm"], h["n_examples"],
+                                                  round(h["eps"], 9)) in groups]
     write_headlines(t.out_dir, t.checkpoint, base=t.row("", "headline"))  # checks' flags too
     return out
 

@@ -27,11 +27,11 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from attacks.ensemble import WorstCase
 from benchmark.config import RunConfig
 from benchmark.data import Data
 from benchmark.device import default_eval_batch_size
 # load_flags, predict_flags and robust_flags stay importable from here (the public flag API)
+from benchmark.eval.cascade import ensemble_flags as _ensemble
 from benchmark.eval.flags import (ATTACK_SEED, adapt_spec, attack_points, effective_n,  # noqa: F401
                                   eval_key, load_flags, predict, predict_flags, prefix_stats,
                                   robust_flags)
@@ -67,11 +67,14 @@ def evaluate_run(run_dir: Path | str, specs: Sequence[AttackSpec], *, checkpoint
 def evaluate_target(t: Target, specs: Sequence[AttackSpec], *, n_examples: Optional[int] = None,
                     batch_size: int = 256, data: Optional[Data] = None,
                     data_dir: Optional[Path] = None, force: bool = False,
-                    progress: bool = True) -> list[dict[str, Any]]:
+                    progress: bool = True, cascade: bool = False) -> list[dict[str, Any]]:
     """Evaluate an opened checkpoint under each spec; write flags and rows.
 
     Existing rows are reused unless ``force``. Each spec uses the first
     :func:`effective_n` test points (profile default, e.g. 1000 for ``cpu``, capped per spec).
+    With ``cascade`` the specs without a row run as a cascade for the headline only
+    (:mod:`benchmark.eval.cascade`); the cascade rows and the headline rows they feed are
+    returned after the reused rows.
     """
     check_eval_sizes(n_examples, batch_size)
     dev = t.device
@@ -98,11 +101,21 @@ def evaluate_target(t: Target, specs: Sequence[AttackSpec], *, n_examples: Optio
     check_model(t.model, x_all[:8], randomized=t.defense.randomized)
     n_max = max((len(y_all) if n is None else min(n, len(y_all))) for _, _, n, _, _ in pending)
     clean_all, ce_all = predict(t.model, x_all[:n_max], y_all[:n_max], batch_size)
+    if cascade:
+        from benchmark.eval.cascade import known_flags, run_cascade
+        done = run_cascade(t, [(spec, n) for _, spec, n, _, _ in pending],
+                           known_flags(t.out_dir, t.checkpoint), x_all, y_all,
+                           clean_all, ce_all, batch_size=batch_size, force=force,
+                           progress=progress, provenance=data.info.provenance)
+        groups = {(r["norm"], r["n_examples"], round(r["eps"], 9)) for r in done}
+        heads = [h for h in _headlines(t)
+                 if (h["norm"], h["n_examples"], round(h["eps"], 9)) in groups]
+        return [r for r in rows if r is not None] + done + heads
     for slot, spec, n, key, path in pending:
         m = len(y_all) if n is None else min(n, len(y_all))
         x, y, clean, clean_ce = x_all[:m], y_all[:m], clean_all[:m], ce_all[:m]
         desc = f"{t.cfg.defense} s{t.cfg.seed} {spec.label}@{spec.eps:.4g}"
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         extra: dict[str, Any] = {}
         attack = spec.build(seed=ATTACK_SEED)
         reused = None if force else _stored_flags(t.out_dir / "flags" / f"{key}.pt", clean)
@@ -119,17 +132,21 @@ def evaluate_target(t: Target, specs: Sequence[AttackSpec], *, n_examples: Optio
                                           progress=progress, desc=desc,
                                           partial=t.out_dir / "flags" / f"{key}.partial.pt",
                                           stats=extra)
+        first_by = extra.pop("first_broken_by", None)  # per sample: into the flags file
         wall = time.perf_counter() - t0 + extra.get("resumed_wall_s", 0.0)
         row = {**t.row(key, "attack", data_provenance=data.info.provenance), **spec.record(),
                "attack_hparams": dict(attack.hparams), "attack_seed": ATTACK_SEED,
                "n_examples": int(len(clean)), "clean_acc": float(clean.float().mean()),
                "robust_acc": float(flags.float().mean()), "adv_ce": float(adv_ce.float().mean()),
-               "wall_s": round(wall, 3), "batch_size": batch_size, **extra,
+               "wall_s": round(wall, 3), "cpu_s": round(time.process_time() - c0, 3),
+               "batch_size": batch_size, **extra,
                "acc_on_first": prefix_stats(clean, flags, adv_ce),  # same-point tables
                **bit_fields(clean, flags)}  # any prefix, and paired tests, from rows alone
         check_row(row, f"row {path}")  # never a row without points or with NaN accuracy
-        atomic_torch_save(t.out_dir / "flags" / f"{key}.pt",
-                          flags_payload(clean, flags, adv_ce, spec.record(), t.checkpoint))
+        payload = flags_payload(clean, flags, adv_ce, spec.record(), t.checkpoint)
+        if first_by is not None:
+            payload.update(first_broken_by=first_by, components=extra["components"]["order"])
+        atomic_torch_save(t.out_dir / "flags" / f"{key}.pt", payload)
         atomic_write_json(path, row)
         logger.info("%s seed %d [%s] %s eps %s: clean %.4f robust %.4f adv_ce %.4f (%.1fs, n=%d)",
                     t.cfg.defense, t.cfg.seed, t.checkpoint, spec.label, row["eps_str"],
@@ -158,34 +175,6 @@ def _stored_flags(path: Path, clean: Tensor) -> Optional[tuple[Tensor, Tensor]]:
     return (robust.to(clean.device), adv_ce.to(clean.device)) if ok else None
 
 
-def _ensemble(t: Target, spec: AttackSpec, attack: Any, x: Tensor, y: Tensor, clean: Tensor,
-              clean_ce: Tensor, n: Optional[int], batch_size: int, progress: bool,
-              desc: str) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """Worst case over the members: stored flags where present, else a cascade."""
-    state = WorstCase(clean, clean_ce)
-    stored, ran = [], []
-    for m, (label, member) in zip(attack.hparams["members"], attack.members()):
-        mspec = AttackSpec(label, m["attack"], spec.norm, spec.eps, m["hparams"])
-        mkey = eval_key(t.cfg.run_id, t.checkpoint, mspec, n)
-        mfile = t.out_dir / "flags" / f"{mkey}.pt"
-        if mfile.exists():
-            saved = safe_torch_load(mfile)
-            if torch.equal(saved["clean"], clean) and "adv_ce" in saved:
-                state.update(torch.arange(len(y)), saved["robust"], saved["adv_ce"])
-                stored.append(label)
-                continue
-        live = state.robust.clone()
-        r, c = attack_points(t.model, member, x, y, clean=live, clean_ce=state.ce,
-                             batch_size=batch_size, progress=progress, desc=f"{desc}/{label}")
-        idx = torch.nonzero(live).flatten()
-        state.update(idx, r[idx], c[idx])
-        ran.append(label)
-    flags, adv_ce = state.result()
-    resolved = {label: dict(member.hparams) for label, member in attack.members()}
-    return flags, adv_ce, {"members_from_store": stored, "members_run": ran,
-                           "member_hparams": resolved}
-
-
 def evaluate_path(path: Path | str, *, attacks: Optional[str] = None,
                   suite: Optional[str] = None, eps: Optional[str] = None,
                   checkpoint: str = "best", device: str = "cpu",
@@ -200,12 +189,16 @@ def evaluate_path(path: Path | str, *, attacks: Optional[str] = None,
 
 
 def format_rows(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown listing, one line per row: accuracies in %, CE at x', time."""
+    """Markdown listing, one line per row: accuracies in %, CE at x', time. A cascaded
+    attack's robust cell is `–` (its points attacked and broken follow), the headline's is the
+    worst case."""
     lines = ["| defense | seed | ckpt | attack | eps | n | clean | robust | adv CE | time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        robust = f"{100 * r['robust_acc']:.2f}" if "robust_acc" in r else \
+            f"– (cascade: broke {r.get('points_broken')} of {r.get('points_attacked')})"
+        wall = f"{r['wall_s']:.1f}" if "wall_s" in r else "–"
         lines.append(f"| {r['defense']} | {r['seed']} | {r['checkpoint']} | {r['attack']} | "
                      f"{r['eps_str']} | {r['n_examples']} | {100 * r['clean_acc']:.2f} | "
-                     f"{100 * r['robust_acc']:.2f} | {r.get('adv_ce', float('nan')):.4f} | "
-                     f"{r['wall_s']:.1f} |")
+                     f"{robust} | {r.get('adv_ce', float('nan')):.4f} | {wall} |")
     return "\n".join(lines) + "\n"

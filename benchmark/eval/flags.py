@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from attacks.base import Attack, Objective
 from benchmark.config import DEFAULT_N_EXAMPLES, stable_hash
+from benchmark.cores import follow as follow_share
 from benchmark.run.protocols import AttackSpec
 from benchmark.store import atomic_torch_save, safe_torch_load
 
@@ -55,22 +56,31 @@ def attack_points(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, *, cle
     Samples not in ``clean`` are not attacked: robust False, CE = ``clean_ce``. With
     ``partial``, progress is saved there and resumed from it (deleted when finished); the
     seconds spent before a resume go to ``stats["resumed_wall_s"]``.
+
+    An attack made of components (:meth:`Attack.breakdown`, AutoAttack) adds
+    ``stats["components"]`` (:func:`components_record`) and ``stats["first_broken_by"]``
+    (int8 per sample: index of the component that first broke it, -1 none).
     """
     flags, ce = clean.clone(), clean_ce.clone().float()
     todo = torch.nonzero(clean).flatten()
     starts = list(range(0, len(todo), batch_size))
     first, t0, before = 0, time.monotonic(), 0.0
     last_save = t0
+    parts: dict[str, Any] = {"names": None, "first": torch.full((len(clean),), -1,
+                                                                 dtype=torch.int8)}
     if partial is not None and partial.exists():
         state = safe_torch_load(partial)
         if torch.equal(state["clean"], clean) and state["batch_size"] == batch_size:
             first, flags, ce = int(state["done"]), state["robust"], state["adv_ce"]
             before = float(state.get("wall_s", 0.0))
+            if "components" in state:
+                parts = state["components"]
             if stats is not None:
                 stats["resumed_wall_s"] = before
             logger.info("resuming %s at batch %d/%d", desc or attack.name, first, len(starts))
     for b in tqdm(range(first, len(starts)), desc=desc or attack.name, leave=False,
                   disable=not progress, unit="batch", initial=first, total=len(starts)):
+        follow_share()  # a sweep's job takes the cores of jobs that ended (benchmark.cores)
         idx = todo[starts[b]:starts[b] + batch_size]
         xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
         x_adv = attack(model, xb, yb, loss=loss)
@@ -78,15 +88,55 @@ def attack_points(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, *, cle
             out = model(x_adv)
             flags[idx] = (out.argmax(1) == yb).cpu()
             ce[idx] = F.cross_entropy(out.float(), yb, reduction="none").cpu()
+        _add_breakdown(parts, attack.breakdown(), idx.cpu())
         if partial is not None and (b + 1 < len(starts)) and \
                 time.monotonic() - last_save >= save_every_s:
             atomic_torch_save(partial, {"clean": clean, "batch_size": batch_size, "done": b + 1,
                                         "robust": flags, "adv_ce": ce,
-                                        "wall_s": before + time.monotonic() - t0})
+                                        "wall_s": before + time.monotonic() - t0,
+                                        **({"components": parts} if parts["names"] else {})})
             last_save = time.monotonic()
     if partial is not None:
         partial.unlink(missing_ok=True)
+    if stats is not None and parts["names"]:
+        stats["components"] = components_record(parts, clean)
+        stats["first_broken_by"] = parts["first"]
     return flags, ce
+
+
+def _add_breakdown(parts: dict[str, Any], rec: Optional[dict[str, Any]], idx: Tensor) -> None:
+    """Merge one batch's :meth:`Attack.breakdown` into the evaluation's (``idx``: its points)."""
+    if rec is None:
+        return
+    if parts["names"] is None:
+        parts.update(names=list(rec["components"]), wall_s=[0.0] * len(rec["components"]),
+                     cpu_s=[0.0] * len(rec["components"]))
+    parts["first"][idx] = rec["first_broken_by"].to(torch.int8).cpu()
+    for i in range(len(parts["names"])):
+        parts["wall_s"][i] += float(rec["wall_s"][i])
+        parts["cpu_s"][i] += float(rec["cpu_s"][i])
+
+
+def components_record(parts: dict[str, Any], clean: Tensor) -> dict[str, Any]:
+    """The row's ``components`` field: per component (in the order they ran) its wall and
+    CPU seconds, the points it broke first, the points still robust after it, and
+    ``first_broken_bits`` (hex bits over the row's points, as ``robust_bits``: bit i set iff
+    this component was the first to break test point i; a point no component broke is in
+    none), so that, e.g., the AutoAttack components that break the points PGD left robust
+    are ``first_broken_bits[c] & pgd.robust_bits``."""
+    from benchmark.eval.worstcase import to_hex
+    first, left = parts["first"], int(clean.sum())
+    out: dict[str, Any] = {"order": list(parts["names"]), "wall_s": {}, "cpu_s": {},
+                           "broken": {}, "robust_after": {}, "first_broken_bits": {}}
+    for i, name in enumerate(parts["names"]):
+        hit = first == i
+        left -= int(hit.sum())
+        out["wall_s"][name] = round(parts["wall_s"][i], 3)
+        out["cpu_s"][name] = round(parts["cpu_s"][i], 3)
+        out["broken"][name] = int(hit.sum())
+        out["robust_after"][name] = left
+        out["first_broken_bits"][name] = to_hex(hit)
+    return out
 
 
 def robust_flags(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, *,

@@ -167,11 +167,13 @@ def launch_serial(jobs: Sequence[Job], worker: Worker) -> list[str]:
 
 
 def launch_local(jobs: Sequence[Job], worker: Worker, *,
-                 parallel: Optional[int] = None) -> list[str]:
+                 parallel: Optional[int] = None, share_cores: bool = True) -> list[str]:
     """Run each job as a subprocess, ``parallel`` at a time (default: one per GPU group, or 1).
 
     Each subprocess is ``python -m <worker.__module__> JOB_JSON``; that module must run the
-    job given on its command line.
+    job given on its command line. On CPU with ``share_cores`` the running jobs share the
+    cores (:class:`benchmark.cores.CoreShare`: a job that ends gives its cores to the
+    others); else each job keeps ``cores // parallel`` threads.
 
     Raises:
         AdvbenchError: some jobs failed (the others finish; each failure names its log).
@@ -186,14 +188,32 @@ def launch_local(jobs: Sequence[Job], worker: Worker, *,
         free.put(groups[i % len(groups)] if groups else None)
     threads = max(1, cpu_cores() // parallel)
     futures: dict[str, cf.Future] = {}
+    share = None
+    if share_cores and not groups and parallel > 1:
+        import tempfile
+
+        from benchmark.cores import ENV, CoreShare
+        share = CoreShare(tempfile.mkdtemp(prefix="advbench-cores-"), parallel=parallel,
+                          jobs=len(jobs))
 
     def work(job: Job) -> str:
+        try:
+            return run_one(job)
+        finally:
+            if share is not None:
+                share.end(job.cfg.run_id)  # its cores go to the jobs still running
+
+    def run_one(job: Job) -> str:
         for need in job.needs:  # queued before us (plan order), so already running or done
             if futures[need].exception() is not None:
                 raise AdvbenchError(f"job {job.label} not run: a run it needs failed")
         group = free.get()
+        name = job.cfg.run_id
         try:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            if share is not None:
+                path, first = share.start(name)
+                env.update({ENV: str(path), "OMP_NUM_THREADS": str(first)})
             if group is not None:
                 env["CUDA_VISIBLE_DEVICES"] = group
             head = [sys.executable, "-m", worker.__module__]
@@ -215,6 +235,9 @@ def launch_local(jobs: Sequence[Job], worker: Worker, *,
     with cf.ThreadPoolExecutor(max_workers=parallel) as pool:
         for job in jobs:
             futures[job.cfg.run_id] = pool.submit(work, job)
+    if share is not None:
+        import shutil
+        shutil.rmtree(share.folder, ignore_errors=True)
     return _results(jobs, [futures[j.cfg.run_id] for j in jobs])
 
 

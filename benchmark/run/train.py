@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from attacks.base import model_mode
 from attacks.pgd import PGD
 from benchmark.run import distributed
+from benchmark.cores import follow as follow_share
 from benchmark.checkpoint import checkpoint_state, read_checkpoint, restore_training
 from benchmark.config import RunConfig, profile_defaults
 from benchmark.run.resolve import build_defense, build_model, helper_config, model_from_checkpoint
@@ -329,7 +330,10 @@ def _epoch(s: _Session, epoch: int, best: float) -> float:
     if has_eps_warmup(hp):
         record["eps_scale"] = s.defense.eps_scale  # the ε warm-up's value at the epoch's end
     if (epoch + 1) % int(hp.get("val_every", 1)) == 0 or epoch + 1 == epochs:
+        v0, vc0 = time.perf_counter(), time.process_time()
         record.update(validate(s.model, s.x_val, s.y_val, hp))
+        record.update(val_s=round(time.perf_counter() - v0, 3),
+                      val_cpu_s=round(time.process_time() - vc0, 3))
     score = record.get(str(hp.get("select_by", "val_pgd")), -math.inf)
     is_best = score >= best  # ties go to the later epoch
     best = max(best, score)
@@ -469,6 +473,7 @@ def train_epoch(model: nn.Module, defense: Any, optimizer: torch.optim.Optimizer
                disable=not progress, unit="batch", dynamic_ncols=True)
     warmup = has_eps_warmup(hp)
     for step, (x, y) in enumerate(bar):
+        follow_share()  # a sweep's job takes the cores of jobs that ended (benchmark.cores)
         weight = 1.0
         if warmup:
             defense.set_eps_scale(eps_scale_at(hp, epoch, step, len(loader)))
