@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -105,8 +107,36 @@ def read_small(path: Path, limit: int = 4096) -> Optional[str]:
 def write_bytes(root: Path | str, parts: tuple[str, ...], data: bytes) -> Path:
     """Write ``data`` to ``root/parts...`` (checked by :func:`inside`) atomically, replacing a
     symlink at that name instead of following it. Returns the path."""
-    from benchmark.store import atomic_write_bytes
-
     path = inside(root, *parts)
     atomic_write_bytes(path, data)
     return path
+
+
+#: this machine's name in temp-file names (``store`` tells its own stale temp files by it)
+HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def tmp_name(path: Path) -> Path:
+    """``.<name>.<host>-<pid>.<random>.tmp`` beside ``path`` (its owner can be told later)."""
+    return path.parent / f".{path.name}.{HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same folder + ``os.replace`` (never a half-written file).
+
+    A symlink at ``path`` is replaced by the file, never written through.
+
+    The file gets the process umask's permissions (0644 under umask 022), like any other file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

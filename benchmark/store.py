@@ -21,8 +21,6 @@ import os
 import platform
 import subprocess
 import re
-import secrets
-import socket
 import time
 import warnings
 from datetime import datetime, timezone
@@ -33,12 +31,12 @@ import torch
 
 from benchmark.config import RunConfig
 from benchmark.errors import CheckpointError
+from benchmark.safepath import HOST as _HOST, atomic_write_bytes, tmp_name as _tmp_name  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 CKPT_FORMAT = "advbench-checkpoint"
 CKPT_VERSION = 1
-_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
 _TMP_OWNER = re.compile(r"\.([A-Za-z0-9]+)-(\d+)\.[0-9a-f]+\.tmp$")
 
 
@@ -47,32 +45,6 @@ class JobState(str, enum.Enum):
     PARTIAL = "partial"
     TRAINED = "trained"
     DONE = "done"
-
-
-def _tmp_name(path: Path) -> Path:
-    """``.<name>.<host>-<pid>.<random>.tmp`` beside ``path`` (its owner can be told later)."""
-    return path.parent / f".{path.name}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + ``os.replace`` (never a half-written file).
-
-    A symlink at ``path`` is replaced by the file, never written through.
-
-    The file gets the process umask's permissions (0644 under umask 022), like any other file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _pid_alive(pid: int) -> bool:
