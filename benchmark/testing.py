@@ -305,3 +305,14 @@ def masked_zoo(base: nn.Module, points: torch.Tensor) -> dict[str, tuple[nn.Modu
             "logits-x1000": (ScaledLogits(base), False),
             "detector": (DetectorHead(base, points), False),
             "one-hot-scores": (OneHotScores(base), False)}
+
+
+def templates_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` noisy 3×8×8 class templates in [0,1] (10 classes, labels ``arange(n) % 10``):
+    the fixed task of the masked-model zoo and of the tests that train a model outside
+    advbench. The templates are the same for every ``seed``; the noise is drawn from ``seed``."""
+    g = torch.Generator().manual_seed(0)
+    t = 0.5 + 0.3 * (torch.rand(10, 3, 8, 8, generator=g) - 0.5)
+    g.manual_seed(seed)
+    y = torch.arange(n) % 10
+    return (t[y] + 0.3 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1), y

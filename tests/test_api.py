@@ -20,6 +20,7 @@ from torch import nn
 import benchmark
 from benchmark.errors import UsageError
 from benchmark.testing import RoundedLogits
+from benchmark.testing import templates_data as templates
 
 EPS = 8 / 255
 N = 40
@@ -27,12 +28,6 @@ N = 40
 CHECKS = ["zero-gradient", "unbounded-eps", "fgsm-vs-pgd", "unstable", "transfer"]
 
 
-def templates(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    t = 0.5 + 0.3 * (torch.rand(10, 3, 8, 8, generator=g) - 0.5)
-    g.manual_seed(seed)
-    y = torch.arange(n) % 10
-    return (t[y] + 0.3 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1), y
 
 
 def plain_pytorch_model(seed: int = 0) -> nn.Module:

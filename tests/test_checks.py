@@ -24,7 +24,7 @@ from benchmark.eval import checks as ck
 from benchmark.eval.checks import CHECKS, FINDING, PER_NORM, Checker
 from benchmark.report.verdicts import RowVerdict, row_verdicts
 from benchmark.run.health import health_verdict, write_health
-from benchmark.testing import RoundedLogits, ScaledLogits, masked_zoo
+from benchmark.testing import RoundedLogits, ScaledLogits, masked_zoo, templates_data
 
 EPS = 8 / 255
 N_POINTS = 40
@@ -35,12 +35,6 @@ FAST = {"autoattack": {"version": "custom", "attacks": ["apgd-ce", "apgd-t", "sq
 FAST_EOT = {**FAST, "autoattack": {"version": "rand", "n_iter": 10}}
 
 
-def templates_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    t = 0.5 + 0.3 * (torch.rand(10, 3, 8, 8, generator=g) - 0.5)
-    g.manual_seed(seed)
-    y = torch.arange(n) % 10
-    return (t[y] + 0.3 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1), y
 
 
 def trained(seed: int, adversarial: bool = True) -> nn.Module:

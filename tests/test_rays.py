@@ -23,18 +23,12 @@ from attacks import ATTACKS
 from attacks.base import Norm, ThreatModel
 from attacks.pgd import PGD
 from benchmark.testing import DetectorHead, ScaledLogits
+from benchmark.testing import templates_data as _data
 
 logger = logging.getLogger(__name__)
 EPS = 8 / 255
 
 
-def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """3×8×8 noisy class templates (the masked zoo's task)."""
-    g = torch.Generator().manual_seed(0)
-    t = 0.5 + 0.3 * (torch.rand(10, 3, 8, 8, generator=g) - 0.5)
-    g.manual_seed(seed)
-    y = torch.arange(n) % 10
-    return (t[y] + 0.3 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1), y
 
 
 def _model(seed: int = 0) -> nn.Module:
