@@ -31,6 +31,7 @@ from benchmark.device import default_eval_batch_size
 from benchmark.errors import UsageError
 from benchmark.eval.checks import check_run
 from benchmark.eval.evaluate import evaluate_run, expected_keys
+from benchmark.run.cost import cost_row
 from benchmark.run.protocols import resolve_specs
 from benchmark.run import distributed
 from benchmark.run.launch import Job, choose_launcher, launch, plan
@@ -96,6 +97,15 @@ def collect_rows(jobs: Sequence[Job], scale: str) -> list[dict[str, Any]]:
         verdicts = sorted((job.run_dir() / "eval").glob("check-*.json"))  # advbench check rows
         rows += [read_json(p) for p in [job.run_dir() / "eval" / "health.json", *verdicts]
                  if p.exists()]
+        # the per-sample worst case of the attacks above (and of the checks'): the table's
+        # Headline column, which the printed table showed empty ("no headline row")
+        for p in sorted((job.run_dir() / "eval").glob("headline-*.json")):
+            row = read_row(p)
+            if row is not None and row.get("checkpoint") in job.checkpoints:
+                rows.append(row)
+        cost = cost_row(job.run_dir(), job.run_dir().parents[2])  # the cost columns
+        if cost is not None:
+            rows.append(cost)
     return rows
 
 

@@ -38,6 +38,8 @@ def test_run_then_report_end_to_end(tmp_path: Path) -> None:
                                                                           abs=0.01)
     assert len(list(runs.glob("*/*/*/phases.json"))) == 2
     assert "| at/synthetic/tiny/seed0 | attack pgd@8/255 |" in res.output
+    # the printed tables have the headline and the cost columns that `advbench report` has
+    assert "no headline row" not in res.output and "no cost row" not in res.output, res.output
     every = [json.loads(p.read_text()) for p in runs.glob("*/*/*/eval/*.json")]
     rows = [r for r in every if r.get("kind", "attack") == "attack"]
     assert len(rows) == 4
