@@ -57,6 +57,7 @@ table.board th[aria-sort=descending]::after{content:" \\25BC"}
 table.board .col1,table.board .col5,table.board .col6,table.board .col8{text-align:left}
 table.board td.col8{white-space:normal;max-width:16rem;font-size:.8rem;color:#555}
 table.board td.col5{white-space:normal;max-width:18rem}
+table.board td.col1{white-space:normal;max-width:14rem;overflow-wrap:anywhere}
 table.board tr:hover td{background:#fafbff}
 .few{font-size:.75rem;color:#777}
 .ok{color:#11772d}.bad{color:#b3261e}.warn{color:#a15c00}.why{display:block;font-size:.78rem;
