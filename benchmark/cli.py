@@ -132,16 +132,18 @@ def checkpoint_options(f: Any) -> Any:
 @click.option("--executor-params", default=None,
               help='submitit parameters as JSON, e.g. \'{"slurm_partition": "gpu", '
                    '"timeout_min": 2880}\'.')
-@click.option("--fixed-threads", is_flag=True,
-              help="local launcher on CPU: each job keeps cores/jobs threads instead of taking "
-                   "the cores of jobs that ended (bit-identical to a rerun with the same jobs).")
+@click.option("--share-cores/--fixed-threads", default=False, show_default=True,
+              help="local launcher on CPU: --share-cores lets running jobs take the cores of "
+                   "jobs that ended (faster; on CPU the convolution's last bits then depend on "
+                   "timing); the default keeps each job on cores/jobs threads, so a rerun "
+                   "repeats bit for bit.")
 def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: str,
         hparams: Optional[str], runs_dir: str, data_dir: Optional[str], download: bool, device: str,
         no_progress: bool, attacks: Optional[str], suite: Optional[str], n_examples: Optional[int],
         checkpoints: str, batch_size: Optional[int], out: Optional[str], force: bool,
         dry_run: bool, launcher: str, parallel: Optional[int], gpus_per_job: int,
         cluster: Optional[str], executor_params: Optional[str],
-        fixed_threads: bool = False) -> None:
+        share_cores: bool = False) -> None:
     """Train every missing run, evaluate it, and print the comparison table."""
     from benchmark.sweep import sweep
 
@@ -151,7 +153,7 @@ def run(defenses: str, dataset: str, arch: Optional[str], profile: str, seeds: s
                    n_examples=n_examples, checkpoints=checkpoints, batch_size=batch_size,
                    out=out, force=force, dry_run=dry_run, launcher=launcher, parallel=parallel,
                    gpus_per_job=gpus_per_job, cluster=cluster, executor_params=executor_params,
-                   share_cores=not fixed_threads,
+                   share_cores=share_cores,
                    on_plan=lambda planned: click.echo(planned.counts()))
     if dry_run:
         click.echo("\n".join(result.listing()))
