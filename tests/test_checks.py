@@ -25,6 +25,7 @@ from benchmark.eval.checks import CHECKS, FINDING, PER_NORM, Checker
 from benchmark.report.verdicts import RowVerdict, row_verdicts
 from benchmark.run.health import health_verdict, write_health
 from benchmark.testing import RoundedLogits, ScaledLogits, masked_zoo, templates_data
+from benchmark.testing import templates_mlp as trained
 
 EPS = 8 / 255
 N_POINTS = 40
@@ -35,25 +36,6 @@ FAST = {"autoattack": {"version": "custom", "attacks": ["apgd-ce", "apgd-t", "sq
 FAST_EOT = {**FAST, "autoattack": {"version": "rand", "n_iter": 10}}
 
 
-
-
-def trained(seed: int, adversarial: bool = True) -> nn.Module:
-    """An MLP trained with PGD-5 adversarial training at ε = 0.03 (clean ~94%, PGD ~56%), or
-    with plain CE (``adversarial=False``: the non-robust ``st`` model)."""
-    x, y = templates_data(1000, 1)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    attack = PGD(ThreatModel(Norm.LINF, 0.03), steps=5, rel_step_size=0.5, seed=0)
-    for _ in range(15):
-        for i in range(0, 1000, 100):
-            xa = attack(model, x[i:i + 100], y[i:i + 100]) if adversarial else x[i:i + 100]
-            model.train()
-            loss = F.cross_entropy(model(xa), y[i:i + 100])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
 
 
 def adversarially_trained(seed: int) -> nn.Module:

@@ -16,14 +16,13 @@ import types
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from attacks import ATTACKS
 from attacks.base import Norm, ThreatModel
-from attacks.pgd import PGD
 from benchmark.testing import DetectorHead, ScaledLogits
 from benchmark.testing import templates_data as _data
+from benchmark.testing import templates_mlp
 
 logger = logging.getLogger(__name__)
 EPS = 8 / 255
@@ -33,20 +32,7 @@ EPS = 8 / 255
 
 def _model(seed: int = 0) -> nn.Module:
     """An MLP adversarially trained (PGD-5, ε = 0.03) on the templates."""
-    x, y = _data(1000, 1)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    attack = PGD(ThreatModel(Norm.LINF, 0.03), steps=5, rel_step_size=0.5, seed=0)
-    for _ in range(15):
-        for i in range(0, 1000, 100):
-            xa = attack(model, x[i:i + 100], y[i:i + 100])
-            model.train()
-            loss = F.cross_entropy(model(xa), y[i:i + 100])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return templates_mlp(seed)
 
 
 def _rays(queries: int, **hp: object):  # noqa: ANN202
