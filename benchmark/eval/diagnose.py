@@ -83,10 +83,9 @@ def zero_gradient_share(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, flo
             "grad_l1": _median(norms)}
 
 
-def _robust(model: nn.Module, attack: Any, x: Tensor, y: Tensor, loss: Any) -> tuple[Tensor, Tensor]:
-    """(robust flags, x') of ``attack`` maximising ``loss``; x' = x where clean is wrong."""
-    with torch.no_grad():
-        clean = model(x).argmax(1) == y
+def _robust(model: nn.Module, attack: Any, x: Tensor, y: Tensor, loss: Any, clean: Tensor
+            ) -> tuple[Tensor, Tensor]:
+    """(robust flags, x') of ``attack`` maximising ``loss``; x' = x where ``clean`` is False."""
     x_adv = x.clone()
     if bool(clean.any()):
         x_adv[clean] = attack(model, x[clean], y[clean], loss=loss)
@@ -102,8 +101,10 @@ def loss_comparison(model: nn.Module, attack: Any, x: Tensor, y: Tensor
         accuracies by loss (``worst`` included), robust flags by loss, and CE's x'.
     """
     flags, x_ce = {}, x
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
     for name, objective in OBJECTIVES.items():
-        flags[name], x_adv = _robust(model, attack, x, y, objective)
+        flags[name], x_adv = _robust(model, attack, x, y, objective, clean)
         if name == "ce":
             x_ce = x_adv
     flags["worst"] = torch.stack(list(flags.values())).all(0)
