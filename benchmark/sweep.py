@@ -165,7 +165,7 @@ def sweep(defenses: str, dataset: str, *, arch: Optional[str] = None, profile: s
           batch_size: Optional[int] = None, out: Optional[str] = None, force: bool = False,
           dry_run: bool = False, launcher: str = "auto", parallel: Optional[int] = None,
           gpus_per_job: int = 1, cluster: Optional[str] = None,
-          executor_params: Optional[str] = None, share_cores: bool = True,
+          executor_params: Optional[str] = None, share_cores: bool = False,
           on_plan: Optional[Callable[[SweepResult], None]] = None) -> SweepResult:
     """Train every missing run of the sweep, evaluate it, and write the report.
 
@@ -212,7 +212,7 @@ def sweep(defenses: str, dataset: str, *, arch: Optional[str] = None, profile: s
     if launcher == "serial":
         jobs = [replace(job, progress=progress) for job in jobs]
         kwargs: dict[str, Any] = {}
-    elif launcher == "local":  # on CPU the running jobs share the cores (benchmark.cores)
+    elif launcher == "local":  # share_cores: running jobs take freed cores (benchmark.cores)
         kwargs = {"parallel": parallel, "share_cores": share_cores}
     else:
         kwargs = {"folder": Path(runs_dir) / ".submitit", "cluster": cluster, "parameters": params}
