@@ -204,7 +204,7 @@ def diagnose_run(run_dir: Path | str, *, checkpoint: str = "best", n_examples: i
     path = run_dir / "diagnose" / f"{stable_hash(settings)}.json"
     if path.is_file() and not path.is_symlink() and not force:
         stored = read_json(path)
-        if {k: stored.get(k) for k in settings} == settings:
+        if isinstance(stored, dict) and {k: stored.get(k) for k in settings} == settings:
             return stored
     t0 = time.process_time()
     data = t.test_data(data_dir=data_dir)
