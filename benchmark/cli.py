@@ -674,6 +674,57 @@ def diagnose(run_paths: tuple[str, ...], n_examples: int, train_points: int,
     click.echo(format_diagnoses(results))
 
 
+@cli.command()
+@click.option("--runs-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Runs folder holding the variants and the reference runs.")
+@click.option("--dataset", required=True, help="Dataset of the rows, e.g. mnist.")
+@click.option("--defense", default="adv-dpnp", show_default=True, help="The ablated defense.")
+@click.option("--reference", default="at", show_default=True, help="The baseline defense.")
+@click.option("--arch", default=None, help="Backbone of the rows (default: any).")
+@click.option("--attacks", default=",".join(("fgsm", "pgd", "cw", "autoattack")),
+              show_default=True, help="Attacks of the per-sample worst case.")
+@click.option("--checkpoint", "which", default="best", show_default=True,
+              type=click.Choice(["best", "last"]))
+@click.option("--out", default=None, type=click.Path(), help="Also write the table here (.md).")
+@click.option("--json", "json_out", default=None, type=click.Path(),
+              help="Also write the numbers as one JSON list.")
+def ablation(runs_dir: str, dataset: str, defense: str, reference: str, arch: Optional[str],
+             attacks: str, which: str, out: Optional[str], json_out: Optional[str]) -> None:
+    """Ablation table: each hyperparameter variant of a defense against its full method and AT."""
+    from benchmark.config import OPTIONAL_HPARAMS
+    from benchmark.report.ablation import collect, summarise, to_markdown
+    from benchmark.report.report import load_records
+    from benchmark.safepath import atomic_write_bytes
+    from benchmark.store import atomic_write_json
+    from defenses import DEFENSES
+
+    for name in (defense, reference):
+        if name not in DEFENSES:
+            raise UsageError(f"unknown defense {name!r} (advbench list defenses)")
+    names = [a.strip() for a in attacks.split(",") if a.strip()]
+    if not names:
+        raise UsageError("--attacks is empty")
+    cls = DEFENSES.get(defense)
+    defaults = {**OPTIONAL_HPARAMS, **cls.default_hparams, **cls.optional_hparams}
+    records = load_records(Path(runs_dir))
+    archs = sorted({str(r.get("arch")) for r in records if r.get("dataset") == dataset
+                    and r.get("defense") in (defense, reference)})
+    if arch is None and len(archs) > 1:
+        raise UsageError(f"rows of several backbones ({', '.join(archs)}): pass --arch")
+    variants = collect(records, defense=defense, reference=reference,
+                       defaults=defaults, dataset=dataset, arch=arch, checkpoint=which)
+    if not any(v.headline(names) for v in variants):
+        raise UsageError(f"no {defense}/{reference} run in {runs_dir} on {dataset} has rows of "
+                         f"every attack of {','.join(names)}")
+    rows = summarise(variants, names, reference)
+    text = to_markdown(rows, names, title=f"{defense} ablations on {dataset} ({which} checkpoint)")
+    if out:
+        atomic_write_bytes(Path(out), text.encode())
+    if json_out:
+        atomic_write_json(Path(json_out), rows)
+    click.echo(text, nl=False)
+
+
 @cli.command(name="list")
 @click.argument("what", type=click.Choice(["defenses", "attacks", "datasets", "archs", "suites"]),
                 default="defenses")

@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
 # Issue 28 on MNIST (small-cnn, the committed protocol: cpu profile, 4,000 training digits,
-# 8 epochs, PGD-5 step 0.15 training attack). Every stage is resumable: `advbench run` skips
-# finished runs and stored rows, so rerunning this script continues where it stopped.
-#   RUNS (default /work/runs28)  DATA (default /work/data)
+# 8 epochs, PGD-5 step 0.15 training attack). A queue of single runs, two at a time (one per
+# core, one thread each, so every run repeats bit for bit), ordered seed by seed so that every
+# variant has seed 0 before any has seed 2. Every job is resumable: `advbench run` skips finished
+# runs and stored rows, so rerunning this script continues where it stopped.
+#   RUNS (default /work/runs28)  DATA (default /work/data)  WORKERS (default 2)
 set -euo pipefail
 RUNS=${RUNS:-/work/runs28}
 DATA=${DATA:-/work/data}
-EVAL=(--attacks fgsm,pgd,cw,autoattack --n-examples 100 --launcher local --jobs 2 --no-progress)
-run() { advbench run --dataset mnist --data-dir "$DATA" --runs-dir "$RUNS" "${EVAL[@]}" "$@"; }
+WORKERS=${WORKERS:-2}
+export OMP_NUM_THREADS=1 RUNS DATA
 P='"train_subset": 4000'
-# 1. the committed pair again (with checkpoints, for diagnose), then seeds 2-4
-run --defenses at,adv-dpnp --seeds 0,1 --hparams "{$P}"
-advbench diagnose --n-examples 100 --data-dir "$DATA" \
-    --run "$(ls -d "$RUNS"/mnist/at/* | head -1)" --run "$(ls -d "$RUNS"/mnist/adv-dpnp/* | head -1)" || true
-run --defenses at,adv-dpnp --seeds 2,3,4 --hparams "{$P}"
-# 2. the remedy: a scale-free training attack (deviation from the paper, off by default)
-run --defenses adv-dpnp --seeds 0,1,2 --hparams "{$P, \"train_attack_loss\": \"margin\"}"
-# 3. one-at-a-time ablations of the full method
-for H in '"lambda_dpp": 0.0' '"lambda_dnp": 0.0' '"lambda_dfa": 0.0' '"dual_branch": false' '"alpha": 10.0'; do
-    run --defenses adv-dpnp --seeds 0,1,2 --hparams "{$P, $H}"
-done
+jobs() {
+    for S in 0 1 2; do
+        echo "at $S {$P}"
+        echo "adv-dpnp $S {$P}"
+        echo "adv-dpnp $S {$P, \"train_attack_loss\": \"margin\"}"      # the remedy (off by default)
+        for H in '"lambda_dpp": 0.0' '"lambda_dnp": 0.0' '"lambda_dfa": 0.0' \
+                 '"dual_branch": false' '"alpha": 10.0'; do
+            echo "adv-dpnp $S {$P, $H}"                                  # one-at-a-time ablations
+        done
+    done
+    for S in 3 4; do echo "at $S {$P}"; echo "adv-dpnp $S {$P}"; done
+}
+one() {  # "DEFENSE SEED HPARAMS"
+    local d s h; read -r d s h <<< "$1"
+    advbench run --dataset mnist --data-dir "$DATA" --runs-dir "$RUNS" --launcher serial \
+        --attacks fgsm,pgd,cw,autoattack --n-examples 100 --no-progress \
+        --defenses "$d" --seeds "$s" --hparams "$h" > /dev/null || echo "FAILED: $d $s $h" >&2
+}
+export -f one
+jobs | xargs -d '\n' -n 1 -P "$WORKERS" bash -c 'one "$1"' _
