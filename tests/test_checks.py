@@ -149,6 +149,16 @@ def test_the_model_built_to_pass_c_passes_it_and_is_still_caught(zoo: dict) -> N
     assert got["verdict"].reliable == "no" and got["verdict"].mark(True, "headline") == "†"
 
 
+def test_a_declared_randomized_defense_never_escalates(zoo: dict) -> None:
+    """The dithered quantisation is declared randomized: the table's PGD has no EOT, so its
+    (j), failing on more than half of the tasks, stays a weak-attack finding (it is caught by
+    (c), (d) and (f) instead)."""
+    (j,) = [r for r in zoo["dithered-quantised-input"]["results"] if r.name == "binarization"]
+    assert j.status == "fail" and j.value > ck.MASKING_EFFECT["binarization"], j.detail
+    assert ck.excess_test(j.extra["failed"], j.extra["feasible"], 0.5) < ck.ALPHA
+    assert j.finding == "weak-attack" and "escalated" not in j.extra and j.doubts == ["pgd"]
+
+
 def test_an_overwhelming_weak_attack_finding_is_a_masking_one() -> None:
     """The escalation rule (MASKING_EFFECT): issue 30's model (AutoAttack breaks 61 of the 94
     points PGD left robust; PGD fails 100 of 100 binarized tasks) is masking (†, headline);

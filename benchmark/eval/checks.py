@@ -141,8 +141,8 @@ CHECK_VERSIONS["zero-gradient"] = 2
 #: known to exist), by the exact one-sided binomial test against this share at
 #: :data:`ALPHA`, on a defense not declared randomized (whose PGD lacks EOT by design). Such a
 #: gradient attack is not merely weak: its gradients mislead. Honest runs stay far below
-#: (results/README.md, every trained MNIST and CIFAR-10-JPEG run with a headline above 0:
-#: (a) at most 0.30, 17 of 56 on the 3-epoch mnist5k AT; (g) at most 0.038, 1 of 26; (j) 0
+#: (results/runs, every healthy MNIST and CIFAR-10-JPEG run with a headline above 0: (a) at
+#: most 0.30, 17 of 56 on the 3-epoch mnist5k AT; (g) at most 0.038, 1 of 26; (j) 0
 #: failures in 91-100 tasks). Not the per-norm (a)-ℓ2/ℓ1: the paper's PGD-ℓ1 misses 59 of 60
 #: on honest MNIST AT
 MASKING_EFFECT: dict[str, float] = {"aa-vs-pgd": 0.5, "fgsm-vs-pgd": 0.25,
