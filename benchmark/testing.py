@@ -279,6 +279,28 @@ class DetectorHead(nn.Module):
         return out + self.boost * flagged * top
 
 
+
+class NearDataDetector(nn.Module):
+    """:class:`DetectorHead` built to pass check (c) (issue 30's third-party model): the gate
+    is active only on inputs within ℓ∞ distance ``radius`` of a ``known`` clean point (and not
+    on the point itself), so gradient attacks stall inside the ε-ball while the large-ε
+    attacks of check (c), which leave that neighbourhood, meet the base's honest gradients
+    and succeed. Decisions are the base's everywhere; the clean points' gradients are the
+    base's, so check (f) sees nothing either."""
+
+    def __init__(self, base: nn.Module, known: torch.Tensor, radius: float = 16 / 255,
+                 boost: float = 1000.0) -> None:
+        super().__init__()
+        self.base, self.radius, self.boost = base, radius, boost
+        self.register_buffer("known", known.flatten(1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        dist = torch.cdist(x.flatten(1), self.known.to(x.dtype), p=float("inf")).min(1).values
+        gate = ((dist > 1e-6) & (dist <= self.radius)).to(out.dtype).unsqueeze(1)
+        top = torch.nn.functional.one_hot(out.argmax(1), out.shape[1]).to(out.dtype)
+        return out + self.boost * gate * top
+
 class OneHotScores(nn.Module):
     """Scores that carry only the decision: ``scale`` × one-hot of the base's prediction.
     Decisions are the base's; gradients are zero and every score-based search (Square's
@@ -295,6 +317,52 @@ class OneHotScores(nn.Module):
         return self.scale * hot + 0.0 * out  # in the graph, with a zero gradient
 
 
+
+class UnrolledPurifier(nn.Module):
+    """An unrolled iterative purifier with vanishing gradients (Athalye et al. 2018, §4.3 and
+    §5.3: PixelDefend's and Defense-GAN's purification loops, whose gradients vanish or explode
+    when unrolled): ``steps`` iterations that pull every pixel towards the nearest of
+    ``levels`` grey levels with a steep sigmoid, x ← (⌊Lx⌋ + σ(s·(frac(Lx) − ½)))/L. Each step
+    is smooth and its output stays within 1/(2L) of its input, but its derivative at a pixel
+    already near a level is about s·e^(−s/2), so the input gradient vanishes geometrically
+    with the steps (a vanishing, not a zero-derivative, mask: unlike :class:`QuantisedInput`
+    nothing in it is non-differentiable). Measured on the zoo's points: with 4 steps the
+    median gradient entry is ~4e-32 but not 0, and sign-gradient PGD is *not* fooled (a
+    vanishing magnitude does not change a sign); with the default 8 it underflows to exactly
+    0 in float32 on half of the points."""
+
+    def __init__(self, base: nn.Module, levels: int = 8, steepness: float = 40.0,
+                 steps: int = 8) -> None:
+        super().__init__()
+        self.base, self.levels, self.steepness, self.steps = base, levels, steepness, steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.steps):
+            scaled = x * self.levels
+            low = torch.floor(scaled).detach()
+            x = (low + torch.sigmoid(self.steepness * (scaled - low - 0.5))) / self.levels
+        return self.base(x)
+
+
+class DitheredQuantisedInput(nn.Module):
+    """A randomised, non-differentiable input transformation: bit-depth reduction to
+    ``levels`` grey levels with fresh uniform dither at every forward, x → round(Lx + u)/L,
+    u ~ U(−½, ½) per pixel. The randomised input transformations of Guo et al. 2018 and Xie et
+    al. 2018 (random resize-and-pad) need both BPDA and EOT (Athalye et al. 2018, §4.1-§4.2,
+    §5.2): the gradient is zero (``round``) *and* stochastic in input space (unlike
+    :class:`RandomizedLogits`, whose noise sits on the logits). The zoo declares it randomized,
+    as its author would: EOT is run, and it must still be caught, since EOT over zero
+    gradients is zero."""
+
+    def __init__(self, base: nn.Module, levels: int = 8) -> None:
+        super().__init__()
+        self.base, self.levels = base, levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dither = torch.rand_like(x) - 0.5
+        return self.base((torch.round(x * self.levels + dither) / self.levels).clamp(0, 1))
+
+
 def masked_zoo(base: nn.Module, points: torch.Tensor) -> dict[str, tuple[nn.Module, bool]]:
     """Constructed masked models around one trained ``base``: name → (model, declared
     randomized). ``points`` are the evaluation's clean inputs (the detector's lookup)."""
@@ -304,7 +372,10 @@ def masked_zoo(base: nn.Module, points: torch.Tensor) -> dict[str, tuple[nn.Modu
             "randomized-eot": (RandomizedLogits(base), True),
             "logits-x1000": (ScaledLogits(base), False),
             "detector": (DetectorHead(base, points), False),
-            "one-hot-scores": (OneHotScores(base), False)}
+            "one-hot-scores": (OneHotScores(base), False),
+            "unrolled-purifier": (UnrolledPurifier(base), False),
+            "dithered-quantised-input": (DitheredQuantisedInput(base), True),
+            "near-data-detector": (NearDataDetector(base, points), False)}
 
 
 def templates_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

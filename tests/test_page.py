@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from benchmark.cli import cli
+from benchmark.eval.checks import CHECK_VERSIONS
 from benchmark.report.html import board, paper_link, reliability
 from benchmark.report.report import _groups, load_records
 
@@ -117,14 +118,17 @@ def test_paper_links_and_reliability_marks() -> None:
         "https://openreview.net/forum?id=rklOg6EFwS"
     assert paper_link("-") is None
     rows = [{"kind": "health", "run_id": "a", "verdict": "ok", "healthy": True},
-            {"kind": "check", "run_id": "a", "check": "zero-gradient", "check_version": 1,
+            {"kind": "check", "run_id": "a", "check": "zero-gradient",
+             "check_version": CHECK_VERSIONS["zero-gradient"],
              "status": "pass"},
-            {"kind": "check", "run_id": "a", "check": "aa-vs-pgd", "check_version": 1,
+            {"kind": "check", "run_id": "a", "check": "aa-vs-pgd",
+             "check_version": CHECK_VERSIONS["aa-vs-pgd"],
              "status": "fail", "value": 0.3, "threshold": 0.2, "letter": "a", "eps_str": "0.3",
              "detail": "AutoAttack breaks 9 of 30"},
             {"kind": "health", "run_id": "b", "verdict": "did-not-train", "seed": 1,
              "reasons": ["final training accuracy 10.0% is within 5 points of chance"]},
-            {"kind": "check", "run_id": "c", "check": "zero-gradient", "check_version": 1,
+            {"kind": "check", "run_id": "c", "check": "zero-gradient",
+             "check_version": CHECK_VERSIONS["zero-gradient"],
              "status": "fail",
              "detail": "40% of points have a zero input gradient"}]
     mark, why = reliability(rows, ["a"])  # the cell says what it means (issue 30)

@@ -14,6 +14,7 @@ from scipy.stats import binomtest, norm
 
 from benchmark.eval.worstcase import (from_hex, headline, headline_groups, to_hex, worst_case,
                                       write_headlines)
+from benchmark.eval.checks import CHECK_VERSIONS
 from benchmark.report import stats
 
 N = 48
@@ -231,7 +232,8 @@ def test_an_unreliable_row_is_never_ranked_or_bold_above_reliable_ones(tmp_path:
     common = {k: rows[0][k] for k in ("dataset", "arch", "profile", "checkpoint", "hparams",
                                       "data_provenance", "eps", "eps_str")}
     rows += [{**common, "kind": "check", "defense": d, "seed": 0, "run_id": d,
-              "eval_key": f"c-{d}", "check": "zero-gradient", "check_version": 1,
+              "eval_key": f"c-{d}", "check": "zero-gradient",
+              "check_version": CHECK_VERSIONS["zero-gradient"],
               "letter": "f", "status": s,
               "value": v, "threshold": 0.05, "detail": "masked" if s == "fail" else "ok"}
              for d, s, v in (("st", "fail", 0.9), ("at", "pass", 0.0), ("trades", "pass", 0.0))]
@@ -321,7 +323,8 @@ def _checked(rows: list[dict], verdicts: dict[str, tuple[str, str, float]]) -> l
     common = {k: rows[0][k] for k in ("dataset", "arch", "profile", "checkpoint", "hparams",
                                       "data_provenance", "eps", "eps_str", "n_examples")}
     return rows + [{**common, "kind": "check", "defense": d, "seed": 0, "run_id": d,
-                    "eval_key": f"c-{d}-{c}", "check": c, "check_version": 1, "letter": "f",
+                    "eval_key": f"c-{d}-{c}", "check": c,
+                    "check_version": CHECK_VERSIONS[c], "letter": "f",
                     "status": s, "value": v, "threshold": 0.05, "detail": "d"}
                    for d, (c, s, v) in verdicts.items()]
 

@@ -31,6 +31,10 @@ check  name                     doubts                                 mark
 (l)    ``noise``                every white-box cell and the headline  † masking
 =====  =======================  =====================================  ==================
 
+A failed (a) (ℓ∞), (g) or (j) row whose ``finding`` is ``masking`` (``escalated``: the attack
+failed on more than :data:`benchmark.eval.checks.MASKING_EFFECT` of its cases) doubts every
+white-box cell and the headline (†) like the masking checks.
+
 A check row written by another version of its check's rule (``check_version`` differs from
 :data:`benchmark.eval.checks.CHECK_VERSIONS`, or is absent) is *stale*: it never marks,
 unranks or passes a row; the footnotes list it apart with the command that renews it.
