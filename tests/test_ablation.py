@@ -131,3 +131,23 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
                                    "mnist", *args])
     assert res.exit_code == 2, res.output
     assert needle in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_feature_metrics_are_averaged_per_condition_and_geometry_read_once(records):
+    recs, _ = records
+    feats = []
+    for seed, fdr in ((0, 1.0), (1, 3.0)):
+        for cond, scale in (("clean", 1.0), ("pgd20", 4.0)):
+            feats.append({"kind": "features", "dataset": "mnist", "arch": "small-cnn",
+                          "checkpoint": "best", "defense": "adv-dpnp", "run_id": f"f{seed}",
+                          "seed": seed, "hparams": {"train_subset": 4000}, "condition": cond,
+                          "fdr": fdr * scale, "afs": 0.1, "scr": 1.5,
+                          "mean_sep": 88.0 + seed + (cond == "pgd20"), "min_sep": 80.0})
+    rows = _by_label(summarise(collect(recs + feats, defense="adv-dpnp", reference="at",
+                                       defaults=DEFAULTS, dataset="mnist"), ATTACKS))
+    full = rows["full method"]
+    assert full["fdr_clean"] == pytest.approx(2.0) and full["fdr_pgd20"] == pytest.approx(8.0)
+    assert full["mean_sep"] == pytest.approx(88.5)     # the clean rows' only
+    assert "fdr_clean" not in rows["lambda_dpp=0.0"]
+    assert "| fdr_clean |" in to_markdown(list(rows.values()), ATTACKS).replace(
+        "fdr_clean | afs_clean", "fdr_clean |")

@@ -31,6 +31,7 @@ from benchmark.report.stats import ALPHA, mcnemar, pair_seeds, wilson
 
 STANDARD = ("fgsm", "pgd", "cw", "autoattack")
 FEATURES = ("fdr", "afs", "scr")
+GEOMETRY = ("mean_sep", "min_sep")  # angles between class centres: the same in both conditions
 
 
 @dataclass
@@ -115,9 +116,10 @@ def collect(records: Iterable[Mapping[str, Any]], *, defense: str, reference: st
         v = out.setdefault((r["defense"], lab), Variant(r["defense"], lab))
         seed, n = int(r.get("seed", 0)), int(r.get("n_examples", 0))
         if r.get("kind") == "features":
-            for m in FEATURES:
+            for m in FEATURES + (GEOMETRY if r.get("condition") == "clean" else ()):
                 if r.get(m) is not None:
-                    v.features.setdefault(f"{m}_{r.get('condition')}", []).append(float(r[m]))
+                    name = m if m in GEOMETRY else f"{m}_{r.get('condition')}"
+                    v.features.setdefault(name, []).append(float(r[m]))
             continue
         if eps is not None and not math.isclose(float(r["eps"]), eps, rel_tol=1e-6):
             continue
@@ -193,8 +195,8 @@ def _test(r: Mapping[str, Any], name: str) -> str:
 def to_markdown(rows: Sequence[Mapping[str, Any]], attacks: Sequence[str] = STANDARD,
                 title: str = "") -> str:
     """The ablation table (accuracies in %, headline mean ± std over seeds [pooled Wilson])."""
-    feats = [m for m in (f"{f}_{c}" for c in ("clean", "pgd20") for f in FEATURES)
-             if any(m in r for r in rows)]
+    feats = [m for m in [f"{f}_{c}" for c in ("clean", "pgd20") for f in FEATURES]
+             + list(GEOMETRY) if any(m in r for r in rows)]
     head = (["variant", "seeds", "clean", *attacks, "headline", "vs full method", "vs AT"]
             + feats)
     lines = ([f"**{title}**", ""] if title else []) + [
@@ -210,7 +212,9 @@ def to_markdown(rows: Sequence[Mapping[str, Any]], attacks: Sequence[str] = STAN
               "points; mean ± std over seeds [95% Wilson interval of the seeds' points pooled]. "
               "Tests: exact McNemar on the headline flags, seeds paired by index, `b/c` = points "
               "only this row / only the other row keeps; Δ = seed-paired mean difference "
-              "(points) with a 95% t interval over the common seeds."]
+              "(points) with a 95% t interval over the common seeds."
+              + (" Feature metrics (Table 4, `advbench features`): mean over the seeds that "
+                 "have them; MeanSep/MinSep in degrees." if feats else "")]
     miss = [(r["variant"], m) for r in rows for m in r["missing"]]
     if miss:
         lines += ["", "Missing attack rows (those seeds are left out): "
