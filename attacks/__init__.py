@@ -13,7 +13,7 @@ register_attack = ATTACKS.register
 
 # built-ins, imported for their registration side effect (timm style); order = listing order
 from attacks import (fgsm, pgd, cw, ensemble, autoattack, adaptive, square,  # noqa: E402,F401
-                     transfer, apgd, rays)
+                     transfer, apgd, rays, bpda)
 
 __all__ = ["ATTACKS", "Attack", "Norm", "Objective", "ThreatModel", "ce_objective",
            "check_perturbation", "eps_to_str", "model_mode", "parse_eps", "register_attack"]

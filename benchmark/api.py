@@ -60,8 +60,8 @@ def evaluate_model(model: nn.Module, *, dataset: Optional[str] = None,
                    randomized: bool = False, source: Optional[nn.Module | str | Path] = None,
                    device: str | torch.device = "cpu", name: str = "model",
                    arch: Optional[str] = None, runs_dir: Optional[str | Path] = None, profile: str = "paper",
-                   batch_size: Optional[int] = None, progress: bool = False
-                   ) -> EvaluationResult:
+                   batch_size: Optional[int] = None, progress: bool = False,
+                   objective: Any = None) -> EvaluationResult:
     """Attack a model, run the gradient-masking checks, and return advbench's verdict.
 
     Args:
@@ -91,6 +91,11 @@ def evaluate_model(model: nn.Module, *, dataset: Optional[str] = None,
         profile: the report section the rows go to (``paper`` or ``cpu``).
         batch_size: attack batch (default: sized for the device).
         progress: show progress bars.
+        objective: the model's own attack objective, ``loss(model, x', x, y) -> Tensor[N]``
+            (an adaptive attack declared by its author): check (n) ``adaptive`` runs PGD on it
+            and its flags enter the headline. A non-differentiable input preprocessing is
+            declared in the model itself, by wrapping it in
+            :class:`attacks.bpda.NonDifferentiable` (check (m), BPDA).
 
     Returns:
         The :class:`~benchmark.api_result.EvaluationResult`.
@@ -107,7 +112,7 @@ def evaluate_model(model: nn.Module, *, dataset: Optional[str] = None,
                             n_examples=n_examples, attacks=attacks, checks=checks,
                             randomized=randomized, source=source, device=device, name=name,
                             arch=arch, runs_dir=runs_dir, profile=profile,
-                            batch_size=batch_size, progress=progress)
+                            batch_size=batch_size, progress=progress, objective=objective)
 
 
 def evaluate_on_data(model: nn.Module, data: Data, *, threat_model: str = "Linf",
@@ -117,8 +122,8 @@ def evaluate_on_data(model: nn.Module, data: Data, *, threat_model: str = "Linf"
                      device: str | torch.device = "cpu", name: str = "model",
                      arch: Optional[str] = None, runs_dir: Optional[str | Path] = None,
                      profile: str = "paper", batch_size: Optional[int] = None,
-                     progress: bool = False, model_source: Optional[str] = None
-                     ) -> EvaluationResult:
+                     progress: bool = False, model_source: Optional[str] = None,
+                     objective: Any = None) -> EvaluationResult:
     """:func:`evaluate_model` on loaded test data (``data.test``); ``model_source`` (a model
     file's path) is recorded in the rows. ``advbench evaluate/check --model-file`` call this."""
     from benchmark.device import default_eval_batch_size
@@ -139,7 +144,7 @@ def evaluate_on_data(model: nn.Module, data: Data, *, threat_model: str = "Linf"
     eps = float(attack_specs(info.scale)[PAPER_ATTACK[norm]].eps) if eps is None else eps
     t = model_target(model, info, name=name, eps=eps, norm=norm, arch=arch, profile=profile,
                      randomized=randomized, device=device, runs_dir=runs_dir,
-                     source=model_source)
+                     source=model_source, objective=objective)
     n = len(data.test) if n_examples is None else min(n_examples, len(data.test))
     check_outputs(t.model, data, t.device, info.num_classes)
     specs = resolve_specs(STANDARD[norm] if attacks == "standard" else attacks, info.scale,

@@ -347,7 +347,8 @@ def evaluate(run_paths: tuple[str, ...], ckpt_files: tuple[str, ...], attacks: O
               help="Comma list of checks [all]: (a) aa-vs-pgd, aa-vs-pgd-l2, aa-vs-pgd-l1, "
                    "(b) eps-monotone, (c) unbounded-eps, (d) square, transfer, (e) more-budget, "
                    "(f) zero-gradient, (g) fgsm-vs-pgd, (h) incomplete-opt, (i) unstable, "
-                   "(j) binarization, (k) rays, (l) noise; 'health' for the training-health "
+                   "(j) binarization, (k) rays, (l) noise, (m) bpda, (n) adaptive; 'health' "
+                   "for the training-health "
                    "verdict only (always written). A stale check row (older check version) is "
                    "recomputed.")
 @click.option("--cheap", is_flag=True, help="Only what `advbench run` checks (nothing costly "

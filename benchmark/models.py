@@ -45,14 +45,19 @@ class Network(nn.Module):
         mean: per-channel mean used to normalise inputs in [0,1].
         std: per-channel std.
         neck: optional shape-preserving module applied to the backbone's maps.
+        preprocess: optional shape-preserving input preprocessing on [0,1] inputs, before
+            the normalisation (a defense's :meth:`~defenses.Defense.make_preprocess`; wrapped
+            in :class:`attacks.bpda.NonDifferentiable` when it has no useful gradient).
     """
 
     def __init__(self, backbone: Backbone, head: nn.Module, *, mean: Sequence[float],
-                 std: Sequence[float], neck: Optional[nn.Module] = None) -> None:
+                 std: Sequence[float], neck: Optional[nn.Module] = None,
+                 preprocess: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.neck = neck
         self.head = head
+        self.preprocess = preprocess
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
@@ -61,6 +66,8 @@ class Network(nn.Module):
 
     def maps(self, x: Tensor) -> Tensor:
         """Backbone feature maps of x (before the neck)."""
+        if self.preprocess is not None:
+            x = self.preprocess(x)
         return self.backbone.forward_maps(self.normalize(x))
 
     def features(self, x: Tensor) -> Tensor:

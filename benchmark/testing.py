@@ -409,3 +409,31 @@ def templates_mlp(seed: int, adversarial: bool = True) -> nn.Module:
             loss.backward()
             opt.step()
     return model.eval()
+
+
+# ------------------------------------------------- declared preprocessing / attack (issue 30)
+class Quantise(nn.Module):
+    """Inputs rounded to ``levels`` grey levels: ``round(x·levels)/levels`` (zero derivative)."""
+
+    def __init__(self, levels: int = 4) -> None:
+        super().__init__()
+        self.levels = levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * self.levels) / self.levels
+
+
+def declared_quantised(base: nn.Module, levels: int = 4) -> nn.Module:
+    """``base`` behind an input quantisation declared non-differentiable
+    (:class:`attacks.bpda.NonDifferentiable`): the shattered-gradient model of
+    :class:`QuantisedInput`, declared, so that ``advbench check`` attacks it with BPDA."""
+    from attacks.bpda import NonDifferentiable
+    return nn.Sequential(NonDifferentiable(Quantise(levels)), base)
+
+
+def surrogate_objective(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor,
+                        y: torch.Tensor) -> torch.Tensor:
+    """A declared adaptive objective for :class:`RoundedLogits`: cross-entropy on the logits
+    before the rounding (``model.base``), which its author knows and a generic attack does
+    not see."""
+    return torch.nn.functional.cross_entropy(model.base(x_adv).float(), y, reduction="none")

@@ -111,12 +111,23 @@ class Defense(abc.ABC):
         """Optional shape-preserving module on the backbone's last feature maps."""
         return None
 
+    def make_preprocess(self, info: DataInfo) -> Optional[nn.Module]:
+        """Optional shape-preserving preprocessing of the [0,1] inputs (default none).
+
+        A preprocessing without a useful gradient (quantisation, JPEG, thermometer encoding)
+        must be declared by wrapping it in :class:`attacks.bpda.NonDifferentiable`:
+        ``advbench check`` then attacks the model with BPDA (check (m), identity backward
+        through it) and BPDA's flags enter the headline.
+        """
+        return None
+
     def build_model(self, arch: str, info: DataInfo) -> models.Network:
-        """Backbone of ``arch`` with this defense's head and neck."""
+        """Backbone of ``arch`` with this defense's head, neck and preprocessing."""
         backbone = models.create_backbone(arch, info.in_channels)
         return models.Network(backbone, self.make_head(backbone.feature_dim, info.num_classes),
                               mean=info.mean, std=info.std,
-                              neck=self.make_neck(backbone.map_channels, info.num_classes))
+                              neck=self.make_neck(backbone.map_channels, info.num_classes),
+                              preprocess=self.make_preprocess(info))
 
     # ---------------------------------------------------------------- training
     def attack_for_training(self) -> Attack:
@@ -208,6 +219,12 @@ class Defense(abc.ABC):
         Returns ``loss(model, x_adv, x, y) -> Tensor[N]``; default cross-entropy on x'.
         """
         return ce_objective
+
+    def declares_adaptive_attack(self) -> bool:
+        """Whether the defense declares an attack of its own: ``advbench check`` then runs
+        PGD on :meth:`objective` (the ``adaptive`` column, check (n)) into the headline.
+        True when the subclass overrides :meth:`objective` (adv-dpnp's Table 8 loss)."""
+        return type(self).objective is not Defense.objective
 
     def rejection_score(self, model: nn.Module, x: Tensor) -> Tensor:
         """Per-sample rejection score r(x) (higher = more suspicious; reject when r > τ).

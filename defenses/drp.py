@@ -143,7 +143,7 @@ class DeepRepulsivePrototypes(Defense):
         backbone = EmbeddingBackbone(models.create_backbone(arch, info.in_channels),
                                      int(self.hparams["proto_dim"]))
         return models.Network(backbone, RepulsiveHead(self.prototypes), mean=info.mean,
-                              std=info.std)
+                              std=info.std, preprocess=self.make_preprocess(info))
 
     def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
                       step: int) -> StepOutput:

@@ -216,6 +216,9 @@ def test_a_weak_attack_finding_marks_only_pgd(zoo: dict) -> None:
 
 def test_check_rows_record_their_test(zoo: dict) -> None:
     for r in zoo["at"]["results"]:
+        if r.status == "skipped":  # (m), (n): nothing declared
+            assert r.name in ("bpda", "adaptive"), r
+            continue
         assert r.p_value is not None and 0 <= r.p_value <= 1 and r.test, r
         assert r.passed == (r.value <= r.threshold + ck.JUDGE_TOL or r.p_value >= ck.ALPHA)
 

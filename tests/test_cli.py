@@ -47,7 +47,7 @@ def test_run_then_report_end_to_end(tmp_path: Path) -> None:
     assert {r["check"] for r in every if r["kind"] == "check"} == {  # run's cheap checks
         "aa-vs-pgd", "aa-vs-pgd-l2", "aa-vs-pgd-l1", "eps-monotone", "unbounded-eps",
         "more-budget", "zero-gradient", "fgsm-vs-pgd", "square", "transfer", "incomplete-opt",
-        "unstable", "binarization", "rays", "noise"}
+        "unstable", "binarization", "rays", "noise", "bpda", "adaptive"}
     judged = [r for r in every if r["kind"] == "check" and r["status"] != "skipped"]
     assert judged and all(isinstance(r["p_value"], float) and r["alpha"] == 0.01 and
                           r["finding"] in ("masking", "weak-attack") for r in judged)

@@ -36,7 +36,7 @@ def attack_cost(attack: str, hp: Mapping[str, Any]) -> float:
     hyperparameters declare; the cascade's order, not a measurement."""
     if attack == "fgsm":
         return 1.0
-    if attack in ("pgd", "cw", "adaptive", "transfer"):
+    if attack in ("pgd", "cw", "adaptive", "transfer", "bpda"):
         return float(hp.get("steps", 20)) * float(hp.get("restarts", 1))
     if attack.startswith("apgd"):
         return float(hp.get("n_iter", 100)) * float(hp.get("n_restarts", 1))

@@ -57,6 +57,14 @@ check  name                value (test)                                      eff
                            robust that random noise breaks (uniform random
                            signs ±ε, many draws; McNemar): noise must never
                            beat gradients (Carlini et al. 2019, §5.2)
+(m)    ``bpda``            for a model that declares a non-differentiable    > 0.10  weak
+                           preprocessing: share of the points every other            gradient
+                           gradient attack left robust that BPDA (identity           attacks
+                           backward) breaks (McNemar); else skipped
+(n)    ``adaptive``        for a defense that declares its own attack        > 0.10  weak
+                           objective: share of the points every standard             gradient
+                           gradient attack left robust that PGD on that              attacks
+                           objective breaks (McNemar); else skipped
 =====  ==================  ================================================  ======  =========
 
 A ``masking`` finding doubts every white-box cell and the headline (†); a ``weak-attack``
@@ -89,7 +97,7 @@ points and its flags stored under the same key as ``advbench evaluate`` would (n
 written, so tables do not change). Which rows were reused is recorded in ``reused``.
 
 Cheap subset (``advbench run``): (a) and (e) only from existing rows, (b), (c), (f), (g), (h),
-(i); never AutoAttack, Square or the transfer source.
+(i), (l), and (m), (n) where declared; never AutoAttack, Square or the transfer source.
 """
 from __future__ import annotations
 
@@ -122,7 +130,7 @@ THRESHOLDS: dict[str, tuple[str, float]] = {
     "square": ("d", 0.10), "transfer": ("d", 0.10), "more-budget": ("e", 0.05),
     "zero-gradient": ("f", 0.05), "fgsm-vs-pgd": ("g", 0.05), "incomplete-opt": ("h", 0.10),
     "unstable": ("i", 0.05), "binarization": ("j", 0.10), "rays": ("k", 0.10),
-    "noise": ("l", 0.05)}
+    "noise": ("l", 0.05), "bpda": ("m", 0.10), "adaptive": ("n", 0.10)}
 CHECKS = tuple(THRESHOLDS)
 #: version of each check's rule, written into every row it writes (``check_version``); bump a
 #: check's number whenever its rule (value, test, minimum effect, finding or the attacks it
@@ -148,7 +156,8 @@ CHECK_VERSIONS["zero-gradient"] = 2
 MASKING_EFFECT: dict[str, float] = {"aa-vs-pgd": 0.5, "fgsm-vs-pgd": 0.25,
                                     "binarization": 0.5}
 CHEAP = ("aa-vs-pgd", "aa-vs-pgd-l2", "aa-vs-pgd-l1", "eps-monotone", "unbounded-eps",
-         "more-budget", "zero-gradient", "fgsm-vs-pgd", "incomplete-opt", "unstable", "noise")
+         "more-budget", "zero-gradient", "fgsm-vs-pgd", "incomplete-opt", "unstable", "noise",
+         "bpda", "adaptive")
 #: significance level of every check's exact one-sided test
 ALPHA = 0.01
 #: what a failed check says: ``masking`` (gradients are broken: every white-box cell and the
@@ -158,7 +167,8 @@ FINDING: dict[str, str] = {
     "eps-monotone": "weak-attack", "unbounded-eps": "masking", "square": "masking",
     "transfer": "masking", "more-budget": "weak-attack", "zero-gradient": "masking",
     "fgsm-vs-pgd": "weak-attack", "incomplete-opt": "weak-attack", "unstable": "masking",
-    "binarization": "weak-attack", "rays": "masking", "noise": "masking"}
+    "binarization": "weak-attack", "rays": "masking", "noise": "masking",
+    "bpda": "weak-attack", "adaptive": "weak-attack"}
 #: the attack labels a weak-attack check doubts by default (rows may narrow them: ``doubts``)
 WEAK_CELLS: dict[str, tuple[str, ...]] = {
     "aa-vs-pgd": ("pgd",), "aa-vs-pgd-l2": ("pgd-l2",), "aa-vs-pgd-l1": ("pgd-l1",),
@@ -376,6 +386,37 @@ def unbounded(worst: Tensor, plain: float, eps: float) -> CheckResult:
                         f"{100 * plain:.1f}%)", n, unbounded_eps=eps, robust=k, plain_acc=plain)
 
 
+def eps_curve(points: Sequence[tuple[float, Tensor]], chance: float
+              ) -> tuple[dict[str, float], Optional[float]]:
+    """Accuracy versus ε up to chance (Carlini et al. 2019's checklist), from the flags check
+    (c) already computed: per ε (ascending), the accuracy of the per-sample worst case over
+    every attack at every ε′ ≤ ε (so it never rises), and the smallest ε at which it is at most
+    ``chance`` (None: not reached on the grid)."""
+    worst: Optional[Tensor] = None
+    curve: dict[str, float] = {}
+    at: Optional[float] = None
+    for e, flags in sorted(points, key=lambda p: p[0]):
+        worst = flags.cpu().bool() if worst is None else worst & flags.cpu().bool()
+        acc = float(worst.float().mean())
+        curve[format_eps(e)] = acc
+        if at is None and acc <= chance + JUDGE_TOL:
+            at = float(e)
+    return curve, at
+
+
+def with_curve(res: CheckResult, points: Sequence[tuple[float, Tensor]], chance: float
+               ) -> CheckResult:
+    """Check (c)'s result with the accuracy-versus-ε curve (``eps_curve``), the ε at which
+    it reaches chance (``eps_at_chance``) and ``chance`` recorded, and said in its detail."""
+    curve, at = eps_curve(points, chance)
+    res.extra.update(eps_curve=curve, eps_at_chance=at, chance=chance)
+    text = ", ".join(f"{k} {100 * v:.1f}" for k, v in curve.items())
+    reach = f"at chance ({100 * chance:.1f}%) from ε={format_eps(at)}" if at is not None \
+        else f"never at chance ({100 * chance:.1f}%) up to ε={list(curve)[-1]}"
+    res.detail += f"; accuracy vs ε (worst case over ε′ ≤ ε, %): {text}; {reach}"
+    return res
+
+
 def more_budget(pairs: Sequence[tuple[str, Tensor, str, Tensor]], n: int,
                 doubts: Sequence[str] = ()) -> CheckResult:
     """Check (e): ``pairs`` of (base label, flags, stronger label, flags); the value is the
@@ -578,6 +619,30 @@ def decision_gap(score: Tensor, decision: Tensor, labels: Sequence[str],
     return res
 
 
+def declares_adaptive(defense: Any) -> bool:
+    """Whether ``defense`` declares its own attack objective (the hook of check (n)): an
+    advbench defense that overrides :meth:`~defenses.Defense.objective` (adv-dpnp's Table 8
+    loss), or an outside model given ``objective=`` (``benchmark.evaluate_model``)."""
+    fn = getattr(defense, "declares_adaptive_attack", None)
+    return bool(fn()) if callable(fn) else False
+
+
+def cell_labels(labels: Sequence[str]) -> list[str]:
+    """Attack labels as table cells name them (AutoAttack's gradient part is its cell)."""
+    return sorted({"autoattack" if lab == "autoattack-apgd" else lab for lab in labels})
+
+
+def beyond_gradients(name: str, wb: Tensor, labels: Sequence[str], other: Tensor,
+                     what: str) -> CheckResult:
+    """Checks (m), (n): share of the points every other gradient attack left robust that
+    ``other`` (BPDA, the defense's adaptive attack) breaks; a weak-attack finding on those
+    attacks' cells (the headline holds ``other``'s flags, so it is not doubted)."""
+    res = per_sample_gap(name, wb, other, what, "every other gradient attack",
+                         cell_labels(labels))
+    res.extra["white_box"] = list(labels)
+    return res
+
+
 # ------------------------------------------------------------------- the driver
 FlagSource = Callable[[AttackSpec], Tensor]
 
@@ -598,6 +663,8 @@ class Checker:
         no_source: why there is no transfer source (said in the skipped row).
         existing: whether a spec's flags are already stored (the cheap subset uses only those).
         batch_size: attack batch.
+        defense: the run's defense (its ``objective`` is the adaptive attack's loss, check
+            (n)); None: no declared attack.
     """
 
     model: nn.Module
@@ -612,6 +679,7 @@ class Checker:
     existing: Callable[[AttackSpec], bool] = lambda spec: False
     batch_size: int = 256
     no_source: str = ""
+    defense: Any = None
 
     def __post_init__(self) -> None:
         from benchmark.eval.flags import predict
@@ -645,7 +713,8 @@ class Checker:
                     atk.source_model = source
                 self._cache[key] = attack_points(self.model, atk, self.x, self.y,
                                                  clean=self.clean, clean_ce=torch.zeros(len(
-                                                     self.y)), batch_size=self.batch_size)[0]
+                                                     self.y)), batch_size=self.batch_size,
+                                                 loss=attack_objective(spec, self.defense))[0]
                 dist = boundary_distances(atk, self.clean)
                 if dist is not None:
                     self.__dict__.setdefault("_dist", {})[key] = dist
@@ -661,10 +730,17 @@ class Checker:
     def acc(self, spec: AttackSpec) -> float:
         return float(self.robust(spec).float().mean())
 
-    def white_box(self, eps: float, cheap: bool = False) -> tuple[Tensor, list[str]]:
+    def num_classes(self) -> int:
+        """The model's number of classes (its output width on one point; eval mode)."""
+        with torch.no_grad():
+            return int(self.model(self.x[:1]).shape[1])
+
+    def white_box(self, eps: float, cheap: bool = False,
+                  exclude: Sequence[str] = ()) -> tuple[Tensor, list[str]]:
         """Per-sample worst case over every gradient attack at ``eps`` (l∞) on these points:
         the table's PGD and FGSM, AutoAttack's gradient part, and every other white-box attack
-        that already ran here (this checker's and the run's stored rows); with the labels."""
+        that already ran here (this checker's and the run's stored rows), but the registered
+        attacks in ``exclude``; with the labels."""
         specs = [self.spec("pgd", eps), self.spec("fgsm", eps)]
         aa = self.spec("autoattack", eps)
         if aa.hparams.get("version") == "rand":  # APGD-CE/DLR with EOT: no black-box part
@@ -674,6 +750,7 @@ class Checker:
         known = list(self.__dict__.get("_specs", {}).values()) + list(self.stored(eps))
         for s in known:
             if s.norm == "linf" and np.isclose(s.eps, eps) and s.attack not in BLACK_BOX and \
+                    s.attack not in exclude and \
                     not (s.attack == "autoattack" and _has_black_box(s)) and s not in specs:
                 specs.append(s)
         flags = [self.robust(s) for s in specs]
@@ -709,10 +786,12 @@ class Checker:
             elif name == "unbounded-eps":
                 e = UNBOUNDED_EPS[self.scale]
                 top = self.spec("pgd-fig4", e)
-                below = [self.robust(self.spec("pgd-fig4", g))
-                         for g in SUITE_EPS["fig4"][self.scale] if g <= e]
+                grid = [g for g in SUITE_EPS["fig4"][self.scale] if g <= e]
+                below = [self.robust(self.spec("pgd-fig4", g)) for g in grid]
                 worst = worst_case([self.robust(top), self.robust(pgd), *below])
-                out.append(unbounded(worst, self.acc(top), e))
+                out.append(with_curve(unbounded(worst, self.acc(top), e),
+                                      [*zip(grid, below), (pgd.eps, self.robust(pgd)),
+                                       (e, self.robust(top))], 1.0 / self.num_classes()))
             elif name in ("square", "transfer"):
                 if cheap:
                     out.append(skipped(name, "not in the cheap subset (advbench check)"))
@@ -762,6 +841,24 @@ class Checker:
                                      "every gradient attack")
                 res.extra.update(white_box=labels, draws=draws)
                 out.append(res)
+            elif name == "bpda":
+                from attacks.bpda import declares_nondifferentiable
+                if not declares_nondifferentiable(self.model):
+                    out.append(skipped(name, "the model declares no non-differentiable "
+                                             "preprocessing (attacks.bpda.NonDifferentiable)"))
+                    continue
+                wb, labels = self.white_box(eps, cheap, exclude=("bpda",))
+                out.append(beyond_gradients(name, wb, labels,
+                                            self.robust(self.spec("bpda", eps)), "BPDA"))
+            elif name == "adaptive":
+                if not declares_adaptive(self.defense):
+                    out.append(skipped(name, "the defense declares no attack objective of its "
+                                             "own (Defense.objective)"))
+                    continue
+                wb, labels = self.white_box(eps, cheap, exclude=("adaptive",))
+                out.append(beyond_gradients(name, wb, labels,
+                                            self.robust(self.spec("adaptive", eps)),
+                                            "the defense's adaptive attack"))
             elif name == "more-budget":
                 pairs, weaker = [], []
                 for base_label, fmt, default in (("pgd", "pgd-k{}", MORE_STEPS),
@@ -848,6 +945,12 @@ class Checker:
         from benchmark.run.protocols import resolve_specs
         spec = resolve_specs(label, self.scale)[0].with_eps(eps)
         return spec.with_hparams(**self.overrides.get(spec.attack, {}))
+
+
+def attack_objective(spec: AttackSpec, defense: Any) -> Any:
+    """The loss an attack of ``spec`` maximises: the defense's own objective for the
+    ``adaptive`` attack (as ``advbench evaluate`` hands it over), else None (CE)."""
+    return defense.objective() if spec.attack == "adaptive" and defense is not None else None
 
 
 def _source_label(source: Any) -> Optional[str]:
@@ -946,7 +1049,8 @@ class RunFlags:
         ce = predict(self.t.model, x, y, self.batch_size)[1]
         stats: dict[str, Any] = {}
         robust, adv_ce = attack_points(self.t.model, atk, x, y, clean=clean, clean_ce=ce,
-                                       batch_size=self.batch_size, stats=stats)
+                                       batch_size=self.batch_size, stats=stats,
+                                       loss=attack_objective(spec, self.t.defense))
         key = eval_key(self.t.cfg.run_id, self.t.checkpoint, spec, self.n)
         payload = flags_payload(clean, robust, adv_ce, spec.record(), self.t.checkpoint)
         dist = boundary_distances(atk, clean)
@@ -1114,14 +1218,14 @@ def check_target(t: Any, *, eps: Optional[Sequence[float]] = None,
             from benchmark.eval.cascade import NO_FLAGS, SpecRecorder
             rec = SpecRecorder(flags, clean_flags)
             checker = _LazyChecker(t.model, points, clean_flags, scale, t.cfg.profile, rec,
-                                   t.defense.randomized, source, batch_size)
+                                   t.defense.randomized, source, batch_size, t.defense)
             for name in todo:
                 if name not in NO_FLAGS and not (name in PER_NORM and e != eps_list[0]):
                     checker.run(e, [name], cheap=cheap)
             asked += [(s, n) for s in rec.asked if not flags.exists(s) and (s, n) not in asked]
             continue
         checker = _LazyChecker(t.model, points, clean_flags, scale, t.cfg.profile, flags,
-                               t.defense.randomized, source, batch_size)
+                               t.defense.randomized, source, batch_size, t.defense)
         checker.overrides = dict(overrides or {})
         checker.no_source = source_note
         for name in todo:
@@ -1194,11 +1298,12 @@ class _LazyChecker(Checker):
 
     def __init__(self, model: nn.Module, points: Callable, clean: Callable, scale: str,
                  profile: str, flags: RunFlags, randomized: bool, source: Any,
-                 batch_size: int) -> None:
+                 batch_size: int, defense: Any = None) -> None:
         self.model, self._points, self._clean_fn = model, points, clean
         self.scale, self.profile, self.flags, self.randomized = scale, profile, flags, randomized
         self.overrides, self.transfer_source, self.batch_size = {}, source, batch_size
         self.existing = flags.exists
+        self.defense = defense
         self._cache = {}
 
     @property

@@ -192,16 +192,22 @@ class OutsideDefense:
     Args:
         randomized: the model's forward is random on purpose (AutoAttack's ``rand`` version,
             EOT); otherwise a nondeterministic forward is refused.
+        objective: the model's own attack objective, ``loss(model, x', x, y) -> Tensor[N]``
+            (declared: ``advbench check`` runs PGD on it into the headline, check (n)); None:
+            none declared, the adaptive column is PGD on cross-entropy.
     """
 
-    def __init__(self, randomized: bool = False) -> None:
+    def __init__(self, randomized: bool = False, objective: Any = None) -> None:
         self.randomized = bool(randomized)
+        self._objective = objective
 
     def objective(self) -> Any:
-        """The adaptive attack's loss: cross-entropy (an outside model brings no training
-        loss)."""
+        """The adaptive attack's loss: the declared one, else cross-entropy."""
         from attacks.base import ce_objective
-        return ce_objective
+        return self._objective or ce_objective
+
+    def declares_adaptive_attack(self) -> bool:
+        return self._objective is not None
 
     def class_centers(self, model: nn.Module) -> None:
         return None
@@ -230,7 +236,7 @@ def state_sha256(model: nn.Module) -> str:
 def model_target(model: nn.Module, info: DataInfo, *, name: str, eps: float, norm: str = "linf",
                  arch: Optional[str] = None, profile: str = "paper", randomized: bool = False,
                  device: str | torch.device = "cpu", runs_dir: Optional[Path | str] = None,
-                 source: Optional[str] = None) -> Target:
+                 source: Optional[str] = None, objective: Any = None) -> Target:
     """Open a model that advbench did not train (a plain ``nn.Module``, or one built from a
     model file) for evaluation: the same :class:`Target` a checkpoint gives.
 
@@ -252,6 +258,7 @@ def model_target(model: nn.Module, info: DataInfo, *, name: str, eps: float, nor
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         runs_dir: where rows go (None: a temporary folder).
         source: where the model came from (a file path), recorded in every row.
+        objective: the model's own attack objective (:class:`OutsideDefense`), or None.
 
     Raises:
         UsageError: a name that is not a plain label, an unknown profile, a non-positive ε.
@@ -277,7 +284,7 @@ def model_target(model: nn.Module, info: DataInfo, *, name: str, eps: float, nor
     out.mkdir(parents=True, exist_ok=True)
     retire_stale_rows(out, OUTSIDE_CHECKPOINT, None, sha=sha)
     extra = {"outside": {"weights_sha256": sha, "source": source or "nn.Module (Python API)"}}
-    return Target(model, OutsideDefense(randomized), cfg, info, dev,
+    return Target(model, OutsideDefense(randomized, objective), cfg, info, dev,
                   Path(source) if source else Path(f"{name}.state_dict"), OUTSIDE_CHECKPOINT, 0,
                   out, {"git": None}, row_extra=extra, ckpt_sha256=sha)
 

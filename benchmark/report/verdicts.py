@@ -5,7 +5,7 @@ Reads the ``health`` rows (:mod:`benchmark.run.health`) and ``check`` rows
 label in an arch × checkpoint section, averaged over seeds) its marks:
 
 * ‡ on every cell when one of the row's runs did not train healthily (verdict ``nan``,
-  ``did-not-train`` or ``incomplete``), with a footnote giving the verdict and its reasons,
+  ``did-not-train``, ``robust-above-clean`` or ``incomplete``), with a footnote giving the verdict and its reasons,
   and when the row's clean accuracy is more than :data:`BEHIND_AT_POINTS` below AT's in the
   same section (trained, but under-trained at this budget: issue 12's yardstick);
 * marks only on the cells a failed check doubts (the row's ``doubts``/``finding``, else the
@@ -29,6 +29,11 @@ check  name                     doubts                                 mark
 (j)    ``binarization``         ``pgd``                                § attack weak
 (k)    ``rays``                 every white-box cell and the headline  † masking
 (l)    ``noise``                every white-box cell and the headline  † masking
+(m)    ``bpda``                 the other gradient attacks (its row's  § attack weak
+                                ``doubts``; BPDA is in the headline)
+(n)    ``adaptive``             the other gradient attacks (its row's  § attack weak
+                                ``doubts``; the adaptive attack is in
+                                the headline)
 =====  =======================  =====================================  ==================
 
 A failed (a) (ℓ∞), (g) or (j) row whose ``finding`` is ``masking`` (``escalated``: the attack
@@ -81,7 +86,8 @@ MAPPING: dict[str, tuple[str, tuple[str, ...]]] = {
     "more-budget": ("weak-attack", ("pgd", "pgd-r1")), "zero-gradient": ("masking", ()),
     "fgsm-vs-pgd": ("weak-attack", ("pgd",)), "incomplete-opt": ("weak-attack", ("pgd",)),
     "unstable": ("masking", ()), "binarization": ("weak-attack", ("pgd",)),
-    "rays": ("masking", ()), "noise": ("masking", ())}
+    "rays": ("masking", ()), "noise": ("masking", ()),
+    "bpda": ("weak-attack", ("pgd", "fgsm")), "adaptive": ("weak-attack", ("pgd", "fgsm"))}
 
 
 def finding(row: dict) -> tuple[str, frozenset[str]]:

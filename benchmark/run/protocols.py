@@ -8,6 +8,8 @@ label          CIFAR/SVHN scale (paper)                           MNIST scale
 =============  =================================================  =================================
 fgsm           l∞ ε 8/255, one step of ε (Table 2)                ε 0.3
 pgd            l∞ ε 8/255, 20 steps, step 1/255 (Table 1)         ε 0.3, 40 steps, step 0.01 (Fig 2)
+bpda           pgd's budget, identity backward through declared       same as pgd
+               non-differentiable preprocessing (Athalye et al. 2018)
 pgd-l2         l2 ε 128/255, 20 steps, step 16/255 (Table 1)      ε 2, 100 steps, step 0.05 (*)
 pgd-l1         l1 ε 2000/255, 100 steps, step 50/255, sparse      ε 10, 100 steps, step 0.5 (*)
                top-1% step (Table 1)
@@ -120,6 +122,7 @@ def attack_specs(scale: str) -> dict[str, AttackSpec]:
     specs = [
         AttackSpec("fgsm", "fgsm", "linf", eps),
         AttackSpec("pgd", "pgd", "linf", eps, linf),
+        AttackSpec("bpda", "bpda", "linf", eps, linf),
         AttackSpec("pgd-l2", "pgd", "l2", l2[0], l2[1]),
         AttackSpec("pgd-l1", "pgd", "l1", l1[0], l1[1]),
         AttackSpec("apgd-l2", "apgd-l2", "l2", l2[0]),
