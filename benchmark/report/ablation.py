@@ -40,6 +40,7 @@ class Variant:
 
     defense: str
     label: str
+    hparams: dict[str, Any] = field(default_factory=dict)
     clean: dict[int, np.ndarray] = field(default_factory=dict)
     robust: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     features: dict[str, list[float]] = field(default_factory=dict)
@@ -70,6 +71,26 @@ def _hp_key(hp: Mapping[str, Any]) -> str:
     return json.dumps(dict(hp), sort_keys=True, default=str)
 
 
+def _baseline(rows: Sequence[Mapping[str, Any]], defense: str, defaults: Mapping[str, Any]
+              ) -> dict[str, Any]:
+    """The full method's value of every key: the defense's default where it has one, else the
+    value most of its runs hold (a protocol key such as ``train_attack_steps``)."""
+    runs = {r.get("run_id"): r.get("hparams") or {} for r in rows if r.get("defense") == defense}
+    out = dict(defaults)
+    for k in sorted({k for hp in runs.values() for k in hp} - set(defaults)):
+        vals = [json.dumps(hp.get(k), sort_keys=True, default=str) for hp in runs.values()]
+        out[k] = json.loads(max(sorted(set(vals)), key=vals.count))
+    return out
+
+
+def _varied(rows: Sequence[Mapping[str, Any]], defense: str, base: Mapping[str, Any]
+            ) -> list[str]:
+    """The keys whose value differs between the runs of ``defense``."""
+    runs = [r.get("hparams") or {} for r in rows if r.get("defense") == defense]
+    return [k for k in sorted(base) if len({json.dumps(hp.get(k, base[k]), default=str)
+                                            for hp in runs}) > 1]
+
+
 def _label(hp: Mapping[str, Any], varied: Sequence[str], defaults: Mapping[str, Any]) -> str:
     diff = [k for k in varied if hp.get(k, defaults.get(k)) != defaults.get(k)]
     return "full method" if not diff else ", ".join(f"{k}={hp.get(k, defaults.get(k))}"
@@ -97,23 +118,19 @@ def collect(records: Iterable[Mapping[str, Any]], *, defense: str, reference: st
     if eps is None:
         pgd = [float(r["eps"]) for r in attack_rows if r.get("attack") == "pgd"]
         eps = max(set(pgd), key=pgd.count) if pgd else None
-    hps = {r["run_id"]: r.get("hparams") or {} for r in rows if r.get("defense") == defense}
-    keys = sorted({k for hp in hps.values() for k in hp} | set(defaults))
-    varied = [k for k in keys if len({json.dumps(hp.get(k, defaults.get(k)), default=str)
-                                      for hp in hps.values()}) > 1]
-    ref_hps = {_hp_key(r.get("hparams") or {}): r.get("hparams") or {} for r in rows
-               if r.get("defense") == reference}
-    ref_varied = [k for k in sorted({k for hp in ref_hps.values() for k in hp})
-                  if len({json.dumps(hp.get(k), default=str) for hp in ref_hps.values()}) > 1]
+    base = _baseline(rows, defense, defaults)
+    varied = _varied(rows, defense, base)
+    ref_base = _baseline(rows, reference, {})
+    ref_varied = _varied(rows, reference, ref_base)
     out: dict[tuple, Variant] = {}
     for r in attack_rows + [r for r in rows if r.get("kind") == "features"]:
         hp = r.get("hparams") or {}
         if r["defense"] == reference:
-            lab = reference + (" [" + ", ".join(f"{k}={hp.get(k)}" for k in ref_varied) + "]"
-                               if ref_varied else "")
+            lab = _label(hp, ref_varied, ref_base)
+            lab = reference if lab == "full method" else f"{reference} [{lab}]"
         else:
-            lab = _label(hp, varied, defaults)
-        v = out.setdefault((r["defense"], lab), Variant(r["defense"], lab))
+            lab = _label(hp, varied, base)
+        v = out.setdefault((r["defense"], lab), Variant(r["defense"], lab, dict(hp)))
         seed, n = int(r.get("seed", 0)), int(r.get("n_examples", 0))
         if r.get("kind") == "features":
             for m in FEATURES + (GEOMETRY if r.get("condition") == "clean" else ()):
@@ -146,16 +163,29 @@ def _mean_diff(a: Mapping[int, np.ndarray], b: Mapping[int, np.ndarray]
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half), len(d)
 
 
+def _matching(v: Variant, refs: Sequence[Variant], attacks: Sequence[str]) -> Optional[Variant]:
+    """The reference variant trained like ``v``: the fewest differing shared keys (the
+    training attack of a variant meets AT with the same training attack), then most seeds."""
+    if not refs:
+        return None
+
+    def cost(r: Variant) -> tuple[int, int]:
+        shared = set(r.hparams) & set(v.hparams)
+        return (sum(json.dumps(r.hparams[k], default=str) != json.dumps(v.hparams[k], default=str)
+                    for k in shared), -len(r.headline(attacks)))
+    return min(refs, key=cost)
+
+
 def summarise(variants: Sequence[Variant], attacks: Sequence[str] = STANDARD,
               reference: str = "at") -> list[dict[str, Any]]:
     """One dict per variant with the numbers the table shows (accuracies in percent)."""
     full = next((v for v in variants if v.label == "full method"), None)
     refs = [v for v in variants if v.defense == reference]
-    ref = max(refs, key=lambda v: len(v.headline(attacks))) if refs else None
     full_h = full.headline(attacks) if full else {}
-    ref_h = ref.headline(attacks) if ref else {}
     out = []
     for v in variants:
+        ref = _matching(v, refs, attacks)
+        ref_h = ref.headline(attacks) if ref else {}
         h = v.headline(attacks)
         accs = [100 * f.mean() for _, f in sorted(h.items())]
         k, n = sum(int(f.sum()) for f in h.values()), sum(len(f) for f in h.values())
@@ -174,6 +204,7 @@ def summarise(variants: Sequence[Variant], attacks: Sequence[str] = STANDARD,
             if other and h and v is not base:
                 a, b = pair_seeds(h, other)
                 row[f"only_this_vs_{name}"], row[f"only_{name}"], row[f"p_{name}"] = mcnemar(a, b)
+                row[f"{name}_variant"] = base.label
                 row[f"diff_{name}"], row[f"diff_{name}_lo"], row[f"diff_{name}_hi"], \
                     row[f"diff_{name}_seeds"] = _mean_diff(h, other)
         out.append(row)
@@ -187,7 +218,9 @@ def _num(v: Any, d: int = 1) -> str:
 def _test(r: Mapping[str, Any], name: str) -> str:
     if f"p_{name}" not in r:
         return "–"
-    return (f"{r[f'only_this_vs_{name}']}/{r[f'only_{name}']}, p = {r[f'p_{name}']:.2g}; "
+    against = r.get(f"{name}_variant", "")
+    tag = f"against {against}: " if name == "at" and "[" in against else ""
+    return (tag + f"{r[f'only_this_vs_{name}']}/{r[f'only_{name}']}, p = {r[f'p_{name}']:.2g}; "
             f"Δ {_num(r[f'diff_{name}'])} [{_num(r[f'diff_{name}_lo'])}, "
             f"{_num(r[f'diff_{name}_hi'])}]")
 

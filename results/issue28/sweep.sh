@@ -18,8 +18,8 @@ jobs() {
     # ablations at seed 0, then their seeds 1 and 2
     for S in 0 1 2; do echo "at $S {$P}"; echo "adv-dpnp $S {$P}"; done
     # the paper's MNIST training attack (PGD-40, step 0.01) instead of the cpu profile's PGD-5
-    # (step 0.15): does Adv-DPNP's PGD-AutoAttack gap come from the coarse training attack?
-    for D in at adv-dpnp; do echo "$D 0 {$P, $PAPER}"; done
+    # (step 0.15): does Adv-DPNP's PGD-AutoAttack gap come from the coarse training attack? (3 seeds)
+    for S in 0 1 2; do for D in at adv-dpnp; do echo "$D $S {$P, $PAPER}"; done; done
     echo "adv-dpnp 0 {$P, \"train_attack_loss\": \"margin\"}"        # the remedy (off by default)
     ABL=('"lambda_dpp": 0.0' '"lambda_dnp": 0.0' '"lambda_dfa": 0.0' '"dual_branch": false'
          '"alpha": 10.0')                                                 # one-at-a-time ablations
