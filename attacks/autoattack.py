@@ -43,6 +43,11 @@ the last call, the components, which component first broke each point and each
 component's seconds; the evaluation writes them into the row (``components``, see
 :func:`benchmark.eval.flags.attack_points`).
 
+Parameters: the whole cascade runs with the model's parameters frozen
+(:func:`attacks.base.input_grads_only`), so FAB's ``.backward()`` computes the input gradient
+only (pyautoattack called directly also computes the weight gradients it then discards, about
+a quarter of a small CNN's backward) and leaves ``p.grad`` untouched; x' is bit-identical.
+
 Deviations:
 
 * x' is passed through :func:`attacks.norms.fit_to_ball`, which removes fp32 rounding (a
@@ -76,7 +81,7 @@ from torch import Tensor, nn
 
 from attacks import register_attack
 from attacks.aa_trace import traced
-from attacks.base import Attack, Norm, Objective, ThreatModel, ce_objective
+from attacks.base import Attack, Norm, Objective, ThreatModel, ce_objective, input_grads_only
 from attacks.norms import fit_to_ball
 from benchmark.errors import UsageError
 
@@ -143,7 +148,7 @@ class AutoAttack(Attack):
         x_adv = x.clone()
         devices = [x.device] if x.device.type == "cuda" else []
         live = torch.arange(x.shape[0], device=x.device)  # the first call drops wrong points
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), input_grads_only(model):
             for i, comp in enumerate(order):  # AutoAttack's own cascade, one component a call
                 if not len(live):
                     break

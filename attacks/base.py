@@ -131,6 +131,28 @@ def model_mode(model: nn.Module, *, train: bool) -> Iterator[nn.Module]:
             m.training = flag
 
 
+@contextlib.contextmanager
+def input_grads_only(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily set ``requires_grad=False`` on every parameter of ``model`` (restored after).
+
+    For evaluation attacks, which need gradients w.r.t. the input only. ``torch.autograd.grad``
+    w.r.t. the input already skips the weight gradients, but a ``.backward()`` on the input
+    (pyautoattack's FAB) computes and accumulates them into ``p.grad``; frozen parameters
+    skip that work (about a quarter of a small CNN's backward) and leave ``p.grad`` alone.
+    The input gradients are computed by the same kernels, so x' is unchanged
+    (``tests/test_attacks.py`` compares bit for bit). Not for the training attack: the
+    training step needs the parameters' flags as they are (DDP, ``torch.compile`` guards).
+    """
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
 def ce_objective(model: nn.Module, x_adv: Tensor, x: Tensor, y: Tensor) -> Tensor:
     """Default objective: per-sample cross-entropy of the model's logits."""
     return F.cross_entropy(model(x_adv), y, reduction="none")

@@ -783,8 +783,9 @@ def download(dataset: str, data_dir: str) -> None:
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16"]))
 @click.option("--channels-last", is_flag=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the training model.")
-@click.option("--attacks", default="fgsm,pgd", show_default=True,
-              help="Evaluation attacks to time ('' for none).")
+@click.option("--attacks", default=None,
+              help="Evaluation attacks to time ('' for none) [fgsm,pgd; with --run the default "
+                   "suite and AutoAttack: fgsm,pgd,autoattack].")
 @click.option("--eval-samples", type=POSITIVE, default=None,
               help="Samples per attack [batch size].")
 @click.option("--hparams", default=None, help="JSON hyperparameter overrides.")
@@ -800,12 +801,15 @@ def download(dataset: str, data_dir: str) -> None:
 @click.option("--no-check", is_flag=True, help="--run: skip the full check.")
 @click.option("--data-dir", default=None, type=click.Path(), help="--run: the run's dataset.")
 @click.option("--cascade", is_flag=True, help="--run: also time `check --cascade`.")
+@click.option("--ab-reps", type=NON_NEGATIVE, default=3, show_default=True,
+              help="--run: interleaved pairs of AutoAttack through advbench vs pyautoattack "
+                   "directly (median ratio; 0 skips the comparison).")
 def bench(defense: str, arch: str, dataset: str, profile: str, batch_size: int, device: str,
           steps: int, warmup: int, reps: int, amp: str, channels_last: bool, compile_: bool,
-          attacks: str, eval_samples: Optional[int], hparams: Optional[str],
+          attacks: Optional[str], eval_samples: Optional[int], hparams: Optional[str],
           threads: Optional[int], json_path: Optional[str], run_path: Optional[str] = None,
           n_examples: Optional[int] = None, no_check: bool = False,
-          cascade: bool = False, data_dir: Optional[str] = None) -> None:
+          cascade: bool = False, data_dir: Optional[str] = None, ab_reps: int = 3) -> None:
     """Time the training step against (k+1) forward+backward passes, and the eval attacks;
     with --run, the evaluation side on a trained run."""
     import json as _json
@@ -819,8 +823,9 @@ def bench(defense: str, arch: str, dataset: str, profile: str, batch_size: int, 
         from benchmark.eval.bench_eval import bench_eval, format_bench_eval
         from benchmark.cores import use_all_cores
         use_all_cores(threads)
-        rec = bench_eval(run_path, attacks=attacks or "fgsm,pgd", n_examples=n_examples,
-                         device=device, check=not no_check, cascade=cascade,
+        rec = bench_eval(run_path, attacks="fgsm,pgd,autoattack" if attacks is None else
+                         attacks or "fgsm,pgd", n_examples=n_examples, device=device,
+                         check=not no_check, cascade=cascade, ab_reps=ab_reps,
                          data_dir=Path(data_dir) if data_dir else None)
         click.echo(format_bench_eval(rec))
         if json_path:
@@ -830,7 +835,8 @@ def bench(defense: str, arch: str, dataset: str, profile: str, batch_size: int, 
         torch.set_num_threads(threads)
     result = run_bench(defense, arch, dataset=dataset, profile=profile, batch_size=batch_size,
                        device=device, steps=steps, warmup=warmup, reps=reps, amp=amp,
-                       channels_last=channels_last, compile=compile_, attacks=attacks or None,
+                       channels_last=channels_last, compile=compile_,
+                       attacks="fgsm,pgd" if attacks is None else attacks or None,
                        eval_samples=eval_samples, hparams=parse_hparams(hparams))
     click.echo(format_bench(result))
     if json_path:

@@ -230,11 +230,16 @@ def test_autoattack_components_equal_one_call_and_record_who_broke_each_point(
     eps = 3 / 255
     wrapper = ATTACKS.get("autoattack")(ThreatModel(Norm.LINF, eps), seed=0, n_iter=4,
                                         n_queries=30)
+    model.zero_grad(set_to_none=True)
     with caplog.at_level("INFO", logger="attacks"):
         ours = wrapper(model, x, y)
+    # the cascade runs with frozen parameters: FAB's .backward() leaves no weight gradients
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
     ref = wrapper.build(model, x.device)
     with torch.random.fork_rng():
         theirs, _ = ref.run_standard_evaluation(x, y, batch_size=len(y))
+    assert any(p.grad is not None for p in model.parameters()), "FAB never ran: vacuous"
+    model.zero_grad(set_to_none=True)
     assert torch.equal(ours, fit_to_ball(x, theirs, Norm.LINF, eps))
     rec = wrapper.breakdown()
     assert rec["components"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
@@ -260,3 +265,33 @@ def test_autoattack_components_equal_one_call_and_record_who_broke_each_point(
     for i, c in enumerate(comp["order"]):
         bits = torch.from_numpy(from_hex(comp["first_broken_bits"][c], len(y)))
         assert torch.equal(bits, stats["first_broken_by"] == i)
+
+
+def test_attack_points_attacks_with_frozen_parameters_and_the_same_flags(trained) -> None:
+    """attack_points freezes the parameters while the attack runs (input gradients only)
+    and gives bit for bit the flags and CE of the same attack run with them trainable."""
+    import torch.nn.functional as F
+
+    from benchmark.eval.flags import attack_points, predict
+    model, x, y = trained
+    seen: list[bool] = []
+
+    def spy(m: nn.Module, xa: torch.Tensor, x0: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+        seen.append(any(p.requires_grad for p in m.parameters()))
+        return F.cross_entropy(m(xa), yy, reduction="none")
+    atk = PGD(ThreatModel(Norm.LINF, 3 / 255), steps=5, seed=0)
+    clean, ce = predict(model, x, y)
+    robust, adv_ce = attack_points(model, atk, x, y, clean=clean, clean_ce=ce, batch_size=40,
+                                   loss=spy)
+    assert seen and not any(seen), "parameters required grad during the attack"
+    assert all(p.requires_grad for p in model.parameters()), "flags not restored"
+    ref_robust, ref_ce = clean.clone(), ce.clone()
+    idx = torch.nonzero(clean).flatten()
+    for i in range(0, len(idx), 40):  # the same batches, parameters trainable
+        b = idx[i:i + 40]
+        with torch.no_grad():
+            out = model(atk(model, x[b], y[b]))
+        ref_robust[b], ref_ce[b] = out.argmax(1) == y[b], F.cross_entropy(out, y[b],
+                                                                           reduction="none")
+    assert torch.equal(robust, ref_robust) and torch.equal(adv_ce, ref_ce)
+    assert 0 < int(robust.sum()) < int(clean.sum()), "all or nothing broken: vacuous"

@@ -85,7 +85,7 @@ def test_bench_run_measures_attacks_autoattack_against_pyautoattack_and_checks(
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval", "flags"))
     rec = bench_eval(run, attacks="fgsm,autoattack", n_examples=8, checks=["fgsm-vs-pgd"],
-                     cascade=True)
+                     cascade=True, ab_reps=2)
     assert not list(run.glob("eval/*.json")) and not list(run.glob("flags/*")), "wrote rows"
     fgsm, aa = rec["attacks"]
     assert fgsm["attack"] == "fgsm" and fgsm["n"] == 8 and fgsm["cpu_s"] > 0
@@ -93,6 +93,11 @@ def test_bench_run_measures_attacks_autoattack_against_pyautoattack_and_checks(
     assert set(aa["components_cpu_s"]) == {"apgd-ce", "apgd-t", "fab-t", "square"}
     d = rec["aa_direct"]
     assert d["points"] == aa["attacked"] and d["same_robust_points"] and d["cpu_s"] > 0
+    # interleaved A/B: two pairs, each advbench run against a direct one, median ratio
+    assert len(d["ours_cpu_s"]) == len(d["direct_cpu_s"]) == len(d["ratios"]) == 2
+    assert d["ratio_cpu"] == pytest.approx(sum(d["ratios"]) / 2)
+    assert d["ratios"][0] == pytest.approx(d["ours_cpu_s"][0] / d["direct_cpu_s"][0])
     assert rec["check"]["headlines"] == rec["check_cascade"]["headlines"] != {}
     text = format_bench_eval(rec)
     assert "pyautoattack called directly" in text and "cascade saving" in text
+    assert "interleaved" in text and "load average" in text

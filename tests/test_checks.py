@@ -787,3 +787,34 @@ def test_random_noise_beating_every_gradient_attack_is_a_masking_finding(
     monkeypatch.setattr(Checker, "white_box", lambda self, eps, cheap=False: (clean, ["pgd"]))
     (res,) = Checker(plain, x, y, "cifar", overrides=FAST).run(0.2, ["noise"])
     assert res.status == "fail" and res.extra["draws"] == ck.NOISE_DRAWS["cpu"], res.detail
+
+
+def test_run_checks_compute_the_clean_predictions_once_for_every_attack_they_run(
+        tmp_path: Path, run_dir: Path, monkeypatch) -> None:
+    """eps-monotone runs PGD at every grid ε: the points' clean CE is computed once, not once
+    per attack, and the stored CE of an unattacked (clean-wrong) point is that CE."""
+    import shutil
+
+    from benchmark.eval import flags as fl
+    from benchmark.store import safe_torch_load
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval", "flags"))
+    calls: list[int] = []
+    real = fl.predict
+
+    def counting(model, x, y, batch_size=256):  # noqa: ANN001, ANN202
+        calls.append(len(y))
+        return real(model, x, y, batch_size)
+    monkeypatch.setattr(fl, "predict", counting)
+    ck.check_run(run, names=["eps-monotone"], n_examples=16)
+    stored = sorted((run / "flags").glob("*.pt"))
+    assert len(stored) >= 3, "too few attacks: vacuous"
+    assert len(calls) <= 2, f"{len(calls)} clean passes for {len(stored)} attacks"
+    from benchmark.eval.target import open_target
+    t = open_target(run, "best")
+    x, y = t.test_data(None, None).test.floats(t.device)
+    clean, ce = real(t.model, x[:16], y[:16])
+    assert not bool(clean.all()), "every point correct: the CE check is vacuous"
+    for f in stored:
+        saved = safe_torch_load(f)
+        assert torch.equal(saved["adv_ce"][~clean], ce[~clean])

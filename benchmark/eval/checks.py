@@ -989,6 +989,7 @@ class RunFlags:
         self._transfer_model = transfer_model
         self.reused: list[str] = []
         self.computed: list[str] = []
+        self._clean_ce: Optional[Tensor] = None  # clean CE of the points, once for all specs
 
     def _flag_file(self, spec: AttackSpec) -> Optional[tuple[Path, str]]:
         from benchmark.eval.flags import eval_key
@@ -1046,7 +1047,9 @@ class RunFlags:
         atk = spec.build(seed=0)
         if spec.attack == "transfer" and self._transfer_model() is not None:
             atk.source_model = self._transfer_model()
-        ce = predict(self.t.model, x, y, self.batch_size)[1]
+        if self._clean_ce is None:
+            self._clean_ce = predict(self.t.model, x, y, self.batch_size)[1]
+        ce = self._clean_ce
         stats: dict[str, Any] = {}
         robust, adv_ce = attack_points(self.t.model, atk, x, y, clean=clean, clean_ce=ce,
                                        batch_size=self.batch_size, stats=stats,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from attacks.base import Attack, Objective
+from attacks.base import Attack, Objective, input_grads_only
 from benchmark.config import DEFAULT_N_EXAMPLES, stable_hash
 from benchmark.cores import follow as follow_share
 from benchmark.run.protocols import AttackSpec
@@ -53,7 +53,9 @@ def attack_points(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, *, cle
                   stats: Optional[dict[str, Any]] = None) -> tuple[Tensor, Tensor]:
     """Attack the samples flagged in ``clean``; return per-sample (robust flags, CE at x').
 
-    Samples not in ``clean`` are not attacked: robust False, CE = ``clean_ce``. With
+    Samples not in ``clean`` are not attacked: robust False, CE = ``clean_ce``. The attack
+    runs with the model's parameters frozen (:func:`attacks.base.input_grads_only`: no weight
+    gradients, same x'). With
     ``partial``, progress is saved there and resumed from it (deleted when finished); the
     seconds spent before a resume go to ``stats["resumed_wall_s"]``.
 
@@ -83,7 +85,8 @@ def attack_points(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, *, cle
         follow_share()  # a sweep's job takes the cores of jobs that ended (benchmark.cores)
         idx = todo[starts[b]:starts[b] + batch_size]
         xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
-        x_adv = attack(model, xb, yb, loss=loss)
+        with input_grads_only(model):  # weight gradients are never needed here
+            x_adv = attack(model, xb, yb, loss=loss)
         with torch.no_grad():
             out = model(x_adv)
             flags[idx] = (out.argmax(1) == yb).cpu()
