@@ -245,3 +245,25 @@ def test_check_c_records_the_curve_down_to_chance(base: nn.Module, points: tuple
     assert at is not None and at <= 0.5 and "at chance (10.0%) from ε=" in res.detail
     (masked,) = ck.Checker(RoundedLogits(base), x, y, "cifar").run(EPS, ["unbounded-eps"])
     assert masked.extra["eps_at_chance"] is None and "never at chance" in masked.detail
+
+
+def test_an_outside_models_rows_are_keyed_by_its_objective(tmp_path: Path) -> None:
+    """Rows of an outside model attacked with one objective are never reused for another:
+    each objective (and none) gets its own run folder; the same objective the same one."""
+    from benchmark.eval.target import model_target
+    from benchmark.testing import TINY_INFO
+
+    def margin(model, x_adv, x, y):
+        return model(x_adv).gather(1, y[:, None])[:, 0]
+
+    def ce(model, x_adv, x, y):
+        return torch.nn.functional.cross_entropy(model(x_adv), y, reduction="none")
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+
+    def run_dir(objective):
+        return model_target(net, TINY_INFO, name="mine", eps=8 / 255, runs_dir=tmp_path,
+                            objective=objective).out_dir
+
+    dirs = [run_dir(None), run_dir(margin), run_dir(ce), run_dir(margin)]
+    assert len({dirs[0], dirs[1], dirs[2]}) == 3 and dirs[1] == dirs[3]

@@ -233,6 +233,24 @@ def state_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def objective_sha256(objective: Any) -> str:
+    """SHA-256 of an attack objective's code (module, qualified name and source, else its
+    bytecode and constants): what keys the rows of an outside model attacked with it, so that
+    rows computed with another objective are never reused. Values a closure captures are not
+    read: give a changed objective a new name or code."""
+    import inspect
+
+    fn = getattr(objective, "__func__", objective)
+    try:
+        text = inspect.getsource(fn)
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        text = repr((code.co_code, code.co_consts, code.co_names)) if code is not None \
+            else repr(type(fn))
+    label = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    return hashlib.sha256(f"{label}\n{text}".encode()).hexdigest()
+
+
 def model_target(model: nn.Module, info: DataInfo, *, name: str, eps: float, norm: str = "linf",
                  arch: Optional[str] = None, profile: str = "paper", randomized: bool = False,
                  device: str | torch.device = "cpu", runs_dir: Optional[Path | str] = None,
@@ -276,9 +294,11 @@ def model_target(model: nn.Module, info: DataInfo, *, name: str, eps: float, nor
     dev = resolve_device(device)
     model = model.to(dev).eval()
     sha = state_sha256(model)
+    hparams: dict[str, Any] = {"eps": float(eps), "norm": norm, "outside": True}
+    if objective is not None:  # another objective, another run folder: no row is reused
+        hparams["objective_sha256"] = objective_sha256(objective)
     cfg = RunConfig(defense=name, dataset=info.name, arch=arch or type(model).__name__,
-                    profile=profile, seed=0,
-                    hparams={"eps": float(eps), "norm": norm, "outside": True})
+                    profile=profile, seed=0, hparams=hparams)
     out = Path(runs_dir) / info.name / name / cfg.run_id if runs_dir is not None \
         else Path(tempfile.mkdtemp(prefix="advbench-model-"))
     out.mkdir(parents=True, exist_ok=True)
