@@ -2,16 +2,19 @@
 
 ``advbench ablation`` reads the rows of a runs folder and builds one table per (dataset,
 arch): a row per hyperparameter variant of ``--defense`` (the *full method* is the variant
-whose varied keys all hold the defense's defaults) and a row for the reference defense (AT).
+whose varied keys all hold the defense's defaults, or for a protocol key such as
+``train_attack_steps`` the value most of its runs hold) and a row per variant of the reference
+defense (AT).
 Every row uses the same per-sample worst case over the same attacks (default FGSM, PGD-40,
 C&W, AutoAttack), recomputed from each attack row's ``robust_bits``, so a run whose stored
 headline covers more attacks (``advbench check`` adds some) is compared on equal terms.
 
 Per row: the seeds, clean and per-attack robust accuracy (mean over seeds), the headline
 (mean ± std over seeds) with its pooled 95% Wilson interval, exact McNemar tests of the
-headline flags against the full method and against AT (seeds paired by seed index,
+headline flags against the full method and against the AT variant trained the same way
+(the fewest differing hyperparameters, e.g. the same training attack; seeds paired by seed index,
 discordant counts summed: :func:`benchmark.report.stats.pair_seeds`), the seed-paired mean
-difference to AT with a 95% Student-t interval over the common seeds, and the feature-space
+difference to each with a 95% Student-t interval over the common seeds, and the feature-space
 metrics of Table 4 (FDR, AFS, SCR on clean and PGD-20 features) where ``advbench features``
 wrote them. A variant that lacks an attack row on some seed is listed with what is missing,
 never averaged over fewer attacks.
@@ -67,10 +70,6 @@ class Variant:
         return 100 * float(f[:n].mean())
 
 
-def _hp_key(hp: Mapping[str, Any]) -> str:
-    return json.dumps(dict(hp), sort_keys=True, default=str)
-
-
 def _baseline(rows: Sequence[Mapping[str, Any]], defense: str, defaults: Mapping[str, Any]
               ) -> dict[str, Any]:
     """The full method's value of every key: the defense's default where it has one, else the
@@ -100,12 +99,12 @@ def _label(hp: Mapping[str, Any], varied: Sequence[str], defaults: Mapping[str, 
 def collect(records: Iterable[Mapping[str, Any]], *, defense: str, reference: str,
             defaults: Mapping[str, Any], dataset: str, arch: Optional[str] = None,
             eps: Optional[float] = None, checkpoint: str = "best") -> list[Variant]:
-    """Group attack and feature rows into variants (reference first, then the full method,
-    then the ablations in the order their keys first appear).
+    """Group attack and feature rows into variants (the reference's first, then the full
+    method, then the other variants by label).
 
     Args:
         records: rows (``benchmark.report.report.load_records``).
-        defense: the ablated defense; reference: the baseline defense (one variant).
+        defense: the ablated defense; reference: the baseline defense.
         defaults: the defense's default hyperparameters (incl. optional ones).
         dataset, arch, checkpoint: which rows; eps: the attacks' ε (default: PGD's most
             common ε among the rows).
@@ -163,30 +162,31 @@ def _mean_diff(a: Mapping[int, np.ndarray], b: Mapping[int, np.ndarray]
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half), len(d)
 
 
-def _matching(v: Variant, refs: Sequence[Variant], attacks: Sequence[str]) -> Optional[Variant]:
-    """The reference variant trained like ``v``: the fewest differing shared keys (the
-    training attack of a variant meets AT with the same training attack), then most seeds."""
+def _matching(v: Variant, refs: Sequence[tuple[Variant, Mapping[int, np.ndarray]]]
+              ) -> tuple[Optional[Variant], Mapping[int, np.ndarray]]:
+    """The reference variant trained like ``v`` and its headline flags: the fewest differing
+    shared keys (a variant meets AT with the same training attack), then the most seeds."""
     if not refs:
-        return None
+        return None, {}
 
-    def cost(r: Variant) -> tuple[int, int]:
+    def cost(ref: tuple[Variant, Mapping[int, np.ndarray]]) -> tuple[int, int]:
+        r, heads = ref
         shared = set(r.hparams) & set(v.hparams)
         return (sum(json.dumps(r.hparams[k], default=str) != json.dumps(v.hparams[k], default=str)
-                    for k in shared), -len(r.headline(attacks)))
+                    for k in shared), -len(heads))
     return min(refs, key=cost)
 
 
 def summarise(variants: Sequence[Variant], attacks: Sequence[str] = STANDARD,
               reference: str = "at") -> list[dict[str, Any]]:
     """One dict per variant with the numbers the table shows (accuracies in percent)."""
-    full = next((v for v in variants if v.label == "full method"), None)
-    refs = [v for v in variants if v.defense == reference]
-    full_h = full.headline(attacks) if full else {}
+    heads = [v.headline(attacks) for v in variants]
+    full, full_h = next(((v, h) for v, h in zip(variants, heads) if v.label == "full method"),
+                        (None, {}))
+    refs = [(v, h) for v, h in zip(variants, heads) if v.defense == reference]
     out = []
-    for v in variants:
-        ref = _matching(v, refs, attacks)
-        ref_h = ref.headline(attacks) if ref else {}
-        h = v.headline(attacks)
+    for v, h in zip(variants, heads):
+        ref, ref_h = _matching(v, refs)
         accs = [100 * f.mean() for _, f in sorted(h.items())]
         k, n = sum(int(f.sum()) for f in h.values()), sum(len(f) for f in h.values())
         lo, hi = wilson(k, n) if n else (math.nan, math.nan)
