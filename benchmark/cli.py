@@ -692,7 +692,7 @@ def diagnose(run_paths: tuple[str, ...], n_examples: int, train_points: int,
 def ablation(runs_dir: str, dataset: str, defense: str, reference: str, arch: Optional[str],
              attacks: str, which: str, out: Optional[str], json_out: Optional[str]) -> None:
     """Ablation table: each hyperparameter variant of a defense against its full method and AT."""
-    from benchmark.config import OPTIONAL_HPARAMS
+    from benchmark.config import optional_defaults
     from benchmark.report.ablation import collect, summarise, to_markdown
     from benchmark.report.report import load_records
     from benchmark.safepath import atomic_write_bytes
@@ -706,7 +706,7 @@ def ablation(runs_dir: str, dataset: str, defense: str, reference: str, arch: Op
     if not names:
         raise UsageError("--attacks is empty")
     cls = DEFENSES.get(defense)
-    defaults = {**OPTIONAL_HPARAMS, **cls.default_hparams, **cls.optional_hparams}
+    defaults = {**cls.default_hparams, **optional_defaults(cls)}
     records = load_records(Path(runs_dir))
     archs = sorted({str(r.get("arch")) for r in records if r.get("dataset") == dataset
                     and r.get("defense") in (defense, reference)})

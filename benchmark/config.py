@@ -66,6 +66,12 @@ PROFILES: dict[str, dict[str, Any]] = {"paper": PAPER, "cpu": CPU}
 #:   test of whether a cross-entropy training attack is what fails Adv-DPNP.
 OPTIONAL_HPARAMS: dict[str, Any] = {"train_attack_loss": "ce"}
 
+
+def optional_defaults(cls: type) -> dict[str, Any]:
+    """The optional hyperparameters a defense class accepts, with their defaults: the
+    harness's (:data:`OPTIONAL_HPARAMS`) and the class's own ``optional_hparams``."""
+    return {**OPTIONAL_HPARAMS, **getattr(cls, "optional_hparams", {})}
+
 #: per-scale overrides (MNIST: ε = 0.3, step 0.01, 40 steps, paper Figure 2 protocol; no
 #: augmentation, as in Madry et al.'s and TRADES's MNIST protocols: a random crop of 28×28
 #: digits cost AT about 30 points of clean accuracy at the cpu budget)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from attacks.base import Attack, Norm, ThreatModel, lp_norms
-from benchmark.config import OPTIONAL_HPARAMS, merge_hparams, profile_defaults
+from benchmark.config import merge_hparams, optional_defaults, profile_defaults
 from benchmark.data import DataInfo
 
 TINY_INFO = DataInfo("synthetic", 10, 3, 8, (0.5,) * 3, (0.25,) * 3, "cifar", crop_pad=1)
@@ -35,7 +35,7 @@ def make_defense(cls: type, *, info: DataInfo = TINY_INFO,
     base = profile_defaults("cpu", info.scale, info.name)
     base.update({"train_attack_steps": 2, "train_step_size": 2 / 255})
     hp = merge_hparams(base, cls.default_hparams, user=hparams,
-                       optional={**OPTIONAL_HPARAMS, **getattr(cls, "optional_hparams", {})})
+                       optional=optional_defaults(cls))
     return cls(hp, threat=ThreatModel(Norm.LINF, float(hp["eps"])), num_classes=info.num_classes)
 
 

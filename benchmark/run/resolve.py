@@ -21,7 +21,7 @@ from torch import nn
 from attacks.base import Norm, ThreatModel
 from benchmark.checkpoint import read_checkpoint, resolve_checkpoint
 from benchmark.config import (ARCH_OVERRIDES, ARCH_PROFILE_OVERRIDES, DEFAULT_ARCH, PROFILES,
-                              OPTIONAL_HPARAMS, RunConfig, merge_hparams, parse_hparams,
+                              RunConfig, merge_hparams, optional_defaults, parse_hparams,
                               profile_defaults)
 from benchmark.data import DataInfo, dataset_info
 from benchmark.errors import AdvbenchError, CheckpointError, UsageError
@@ -51,7 +51,7 @@ def resolve_run_config(defense: str, dataset: str, *, profile: str = "cpu",
     hp = merge_hparams(base, cls.default_hparams, cls.dataset_hparams.get(dataset, {}),
                        cls.arch_hparams.get(arch, {}), user=user_hparams,
                        choices=getattr(cls, "hparam_choices", None),
-                       optional={**OPTIONAL_HPARAMS, **getattr(cls, "optional_hparams", {})})
+                       optional=optional_defaults(cls))
     return RunConfig(defense=defense, dataset=dataset, arch=arch, profile=profile, seed=seed,
                      hparams=hp)
 
@@ -70,12 +70,12 @@ def sweep_configs(defenses: Sequence[str], dataset: str, *, profile: str = "cpu"
     if scale is None:
         scale = dataset_info(dataset).scale
     user = parse_hparams(hparams)
-    known_all = set(profile_defaults(profile, scale, dataset)) | set(OPTIONAL_HPARAMS)
+    protocol = set(profile_defaults(profile, scale, dataset))
     used: set[str] = set()
     cfgs = []
     for name in defenses:
         cls = _defenses().get(name)
-        known = known_all | set(cls.default_hparams) | set(getattr(cls, "optional_hparams", {}))
+        known = protocol | set(cls.default_hparams) | set(optional_defaults(cls))
         mine = user if len(defenses) == 1 else {k: v for k, v in user.items() if k in known}
         used |= set(mine)
         for seed in seeds:
