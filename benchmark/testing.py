@@ -9,6 +9,7 @@ Example (in a plugin's own tests)::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import random
 import signal
@@ -27,6 +28,38 @@ from benchmark.data import DataInfo
 
 TINY_INFO = DataInfo("synthetic", 10, 3, 8, (0.5,) * 3, (0.25,) * 3, "cifar", crop_pad=1)
 MNIST_INFO = DataInfo("mnist-like", 10, 1, 28, (0.1307,), (0.3081,), "mnist", flip=False)
+
+
+@dataclasses.dataclass
+class CliResult:
+    """Exit status, stdout and stderr of one in-process ``advbench`` call (:func:`run_cli`)."""
+
+    code: int
+    out: str
+    err: str
+
+    @property
+    def lines(self) -> list[str]:
+        """The non-blank lines of stderr."""
+        return [ln for ln in self.err.splitlines() if ln.strip()]
+
+
+def run_cli(*args: str) -> CliResult:
+    """``advbench -q ARGS`` in this process (no interpreter start-up): its exit status (as
+    ``sys.exit`` would give it) and what it printed."""
+    import contextlib
+    import io
+
+    from benchmark.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(["-q", *args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return CliResult(code, out.getvalue(), err.getvalue())
 
 
 def make_defense(cls: type, *, info: DataInfo = TINY_INFO,

@@ -7,10 +7,8 @@ subprocess. Every case records (clean error, traceback, wrong exit status, data 
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import gzip
-import io
 import math
 import json
 import os
@@ -27,40 +25,16 @@ from typing import Callable, Optional
 import pytest
 import torch
 
-from benchmark.cli import main
 from benchmark.run.resolve import resolve_run_config
 from benchmark.data import load_dataset
 from benchmark.store import RunStore, append_jsonl, read_jsonl
 from benchmark.run.train import train_run
-from benchmark.testing import wait_for_epochs
+from benchmark.testing import CliResult as Result, run_cli as advbench, wait_for_epochs
 
 HP = {"epochs": 2, "lr_milestones": [1], "train_attack_steps": 1, "val_attack_steps": 1,
       "batch_size": 64, "train_subset": 128, "val_size": 32}
 TOTALS = {"cases": 0, "clean errors": 0, "tracebacks": 0, "wrong exit statuses": 0,
           "data lost": 0}
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def lines(self) -> list[str]:
-        return [ln for ln in self.err.splitlines() if ln.strip()]
-
-
-def advbench(*args: str) -> Result:
-    """``advbench ARGS`` in this process: exit status, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(["-q", *args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return Result(code, out.getvalue(), err.getvalue())
 
 
 def files(root: Path) -> set[str]:

@@ -9,7 +9,6 @@ unrestricted fallback; TorchScript) are refused with exit 2 and the marker never
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import subprocess
@@ -17,7 +16,6 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -27,29 +25,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 import benchmark
-from benchmark.cli import main
 from benchmark.data import load_dataset
 from benchmark.eval.worstcase import from_hex
 from benchmark.models import create
+from benchmark.testing import run_cli as advbench
 
 N = 40
-
-
-class Result(NamedTuple):
-    code: int
-    out: str
-    err: str
-
-
-def advbench(*args: str) -> Result:
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(["-q", *args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return Result(code, out.getvalue(), err.getvalue())
 
 
 def train_plain(model: nn.Module, epochs: int = 6) -> nn.Module:
