@@ -422,6 +422,22 @@ def templates_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (t[y] + 0.3 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1), y
 
 
+def train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float,
+                batch_size: int) -> nn.Module:
+    """Train ``model`` as a user's own script would, with no advbench training code: plain
+    cross-entropy, SGD with momentum 0.9, batches in order. Returns it in eval mode."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    for _ in range(epochs):
+        for i in range(0, len(y), batch_size):
+            loss = torch.nn.functional.cross_entropy(model(x[i:i + batch_size]),
+                                                     y[i:i + batch_size])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
 def templates_mlp(seed: int, adversarial: bool = True) -> nn.Module:
     """An MLP on :func:`templates_data` trained with PGD-5 adversarial training at ε = 0.03
     (clean ~94%, PGD ~56%), or with plain CE (``adversarial=False``: the non-robust ``st``

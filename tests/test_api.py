@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
 import benchmark
 from benchmark.errors import UsageError
-from benchmark.testing import RoundedLogits
+from benchmark.testing import RoundedLogits, train_plain
 from benchmark.testing import templates_data as templates
 
 EPS = 8 / 255
@@ -35,14 +34,7 @@ def plain_pytorch_model(seed: int = 0) -> nn.Module:
     x, y = templates(1000, 1)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(192, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(10):
-        for i in range(0, 1000, 100):
-            loss = F.cross_entropy(model(x[i:i + 100]), y[i:i + 100])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return train_plain(model, x, y, epochs=10, lr=0.1, batch_size=100)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
@@ -28,37 +27,29 @@ import benchmark
 from benchmark.data import load_dataset
 from benchmark.eval.worstcase import from_hex
 from benchmark.models import create
-from benchmark.testing import run_cli as advbench
+from benchmark.testing import run_cli as advbench, train_plain
 
 N = 40
 
 
-def train_plain(model: nn.Module, epochs: int = 6) -> nn.Module:
-    """A plain PyTorch loop on the synthetic training split (no advbench training code)."""
+def synthetic_plain(model: nn.Module) -> nn.Module:
+    """``model`` trained by a plain PyTorch loop on the synthetic training split."""
     x, y = load_dataset("synthetic").train.floats()
     torch.manual_seed(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
-    for _ in range(epochs):
-        for i in range(0, len(y), 64):
-            loss = F.cross_entropy(model(x[i:i + 64]), y[i:i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return train_plain(model, x, y, epochs=6, lr=0.05, batch_size=64)
 
 
 @pytest.fixture(scope="module")
 def tiny() -> nn.Module:
     info = load_dataset("synthetic").info
-    return train_plain(create("tiny", num_classes=10, in_channels=3, mean=info.mean,
-                              std=info.std))
+    return synthetic_plain(create("tiny", num_classes=10, in_channels=3, mean=info.mean,
+                                  std=info.std))
 
 
 @pytest.fixture(scope="module")
 def mlp() -> nn.Module:
-    return train_plain(nn.Sequential(nn.Flatten(), nn.Linear(192, 64), nn.ReLU(),
-                                     nn.Linear(64, 10)))
+    return synthetic_plain(nn.Sequential(nn.Flatten(), nn.Linear(192, 64), nn.ReLU(),
+                                         nn.Linear(64, 10)))
 
 
 def export_pt2(model: nn.Module, path: Path) -> Path:
