@@ -13,7 +13,9 @@ Layout (DomainBed's hashed job folders)::
 """
 from __future__ import annotations
 
+import contextlib
 import enum
+import fcntl
 import io
 import json
 import logging
@@ -81,6 +83,33 @@ def clean_tmp(folder: Path, *, max_age_s: float = 86400.0) -> list[Path]:
     if removed:
         logger.info("removed %d orphan temp file(s) in %s", len(removed), folder)
     return removed
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path, what: str) -> Iterator[bool]:
+    """Hold an exclusive lock on ``lock_path`` (created if missing) for the ``with`` block.
+
+    The OS releases it when the process dies, so a killed job never blocks the next one. A
+    second process (another launcher, another sweep on the same runs folder) waits here and
+    then may find the work done: the block receives True when it had to wait, and the caller
+    then re-reads its result. On a file system without locks it warns and continues unlocked.
+
+    Args:
+        lock_path: the lock file (kept; its content is irrelevant).
+        what: what is being done, for the log line of a process that has to wait.
+    """
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    waited = False
+    with open(lock_path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process %s", what)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            waited = True
+        except OSError as exc:
+            logger.warning("cannot lock %s (%s); continuing unlocked", lock_path, exc)
+        yield waited  # closing the file releases the lock
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

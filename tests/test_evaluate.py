@@ -71,6 +71,46 @@ def test_existing_rows_are_reused(run_dir: Path, data, tmp_path: Path, monkeypat
     assert evaluate_run(run, specs, n_examples=N, data=data, progress=False) == first
 
 
+def test_a_row_another_process_is_computing_is_awaited_and_reused(run_dir: Path, data,
+                                                                  tmp_path: Path, monkeypatch) -> None:
+    """Two evaluations of the same run (two sweeps or launchers on one runs folder) never run
+    the same attack twice: the second waits on the row's lock and reuses the first's row."""
+    import threading
+
+    import benchmark.eval.evaluate as ev
+
+    run = fresh(run_dir, tmp_path)
+    spec = attack_specs("cifar")["fgsm"]
+    real, calls = ev.attack_points, []
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        entered.set()
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "attack_points", slow)
+    out: dict[str, list] = {}
+
+    def job() -> None:
+        out[threading.current_thread().name] = evaluate_run(run, [spec], n_examples=N, data=data,
+                                                            progress=False)
+
+    first = threading.Thread(target=job, name="first")
+    first.start()
+    assert entered.wait(60)
+    second = threading.Thread(target=job, name="second")
+    second.start()
+    second.join(1.0)
+    assert second.is_alive(), "the second evaluation did not wait for the first"
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert calls == ["first"], "the same row was computed twice"
+    assert out["second"] == out["first"] and out["first"][0]["attack"] == "fgsm"
+
+
 def test_ensemble_from_stored_flags_is_and_of_members(run_dir, data, tmp_path) -> None:
     run = fresh(run_dir, tmp_path)
     eps = 8 / 255

@@ -38,7 +38,8 @@ from benchmark.eval.flags import (ATTACK_SEED, adapt_spec, attack_points, effect
 from benchmark.eval.target import Target, check_model, open_target
 from benchmark.eval.worstcase import bit_fields, flags_payload, write_headlines
 from benchmark.run.protocols import AttackSpec, parse_eps_list, resolve_specs
-from benchmark.store import (atomic_torch_save, atomic_write_json, clean_tmp, safe_torch_load)
+from benchmark.store import (atomic_torch_save, atomic_write_json, clean_tmp, exclusive,
+                             safe_torch_load)
 from benchmark.validate import check_eval_sizes, check_row
 
 logger = logging.getLogger(__name__)
@@ -112,46 +113,53 @@ def evaluate_target(t: Target, specs: Sequence[AttackSpec], *, n_examples: Optio
                  if (h["norm"], h["n_examples"], round(h["eps"], 9)) in groups]
         return [r for r in rows if r is not None] + done + heads
     for slot, spec, n, key, path in pending:
-        m = len(y_all) if n is None else min(n, len(y_all))
-        x, y, clean, clean_ce = x_all[:m], y_all[:m], clean_all[:m], ce_all[:m]
-        desc = f"{t.cfg.defense} s{t.cfg.seed} {spec.label}@{spec.eps:.4g}"
-        t0, c0 = time.perf_counter(), time.process_time()
-        extra: dict[str, Any] = {}
-        attack = spec.build(seed=ATTACK_SEED)
-        reused = None if force else _stored_flags(t.out_dir / "flags" / f"{key}.pt", clean)
-        if reused is not None:  # e.g. AutoAttack flags that `advbench check` computed
-            flags, adv_ce = reused
-            extra["flags_reused"] = True
-        elif spec.attack == "ensemble":
-            flags, adv_ce, extra = _ensemble(t, spec, attack, x, y, clean, clean_ce, n,
-                                             batch_size, progress, desc)
-        else:
-            objective = t.defense.objective() if spec.attack == "adaptive" else None
-            flags, adv_ce = attack_points(t.model, attack, x, y, clean=clean, clean_ce=clean_ce,
-                                          batch_size=batch_size, loss=objective,
-                                          progress=progress, desc=desc,
-                                          partial=t.out_dir / "flags" / f"{key}.partial.pt",
-                                          stats=extra)
-        first_by = extra.pop("first_broken_by", None)  # per sample: into the flags file
-        wall = time.perf_counter() - t0 + extra.get("resumed_wall_s", 0.0)
-        row = {**t.row(key, "attack", data_provenance=data.info.provenance), **spec.record(),
-               "attack_hparams": dict(attack.hparams), "attack_seed": ATTACK_SEED,
-               "n_examples": int(len(clean)), "clean_acc": float(clean.float().mean()),
-               "robust_acc": float(flags.float().mean()), "adv_ce": float(adv_ce.float().mean()),
-               "wall_s": round(wall, 3), "cpu_s": round(time.process_time() - c0, 3),
-               "batch_size": batch_size, **extra,
-               "acc_on_first": prefix_stats(clean, flags, adv_ce),  # same-point tables
-               **bit_fields(clean, flags)}  # any prefix, and paired tests, from rows alone
-        check_row(row, f"row {path}")  # never a row without points or with NaN accuracy
-        payload = flags_payload(clean, flags, adv_ce, spec.record(), t.checkpoint)
-        if first_by is not None:
-            payload.update(first_broken_by=first_by, components=extra["components"]["order"])
-        atomic_torch_save(t.out_dir / "flags" / f"{key}.pt", payload)
-        atomic_write_json(path, row)
-        logger.info("%s seed %d [%s] %s eps %s: clean %.4f robust %.4f adv_ce %.4f (%.1fs, n=%d)",
-                    t.cfg.defense, t.cfg.seed, t.checkpoint, spec.label, row["eps_str"],
-                    row["clean_acc"], row["robust_acc"], row["adv_ce"], wall, m)
-        rows[slot] = row
+        # another process (a second sweep, launcher or `evaluate` on the same runs folder) may
+        # be computing this very row: wait for it and reuse its row instead of repeating it
+        with exclusive(t.out_dir / "eval" / f".{key}.lock", f"evaluating {path}") as waited:
+            done = t.cached(path) if waited and not force else None
+            if done is not None:
+                rows[slot] = done
+                continue
+            m = len(y_all) if n is None else min(n, len(y_all))
+            x, y, clean, clean_ce = x_all[:m], y_all[:m], clean_all[:m], ce_all[:m]
+            desc = f"{t.cfg.defense} s{t.cfg.seed} {spec.label}@{spec.eps:.4g}"
+            t0, c0 = time.perf_counter(), time.process_time()
+            extra: dict[str, Any] = {}
+            attack = spec.build(seed=ATTACK_SEED)
+            reused = None if force else _stored_flags(t.out_dir / "flags" / f"{key}.pt", clean)
+            if reused is not None:  # e.g. AutoAttack flags that `advbench check` computed
+                flags, adv_ce = reused
+                extra["flags_reused"] = True
+            elif spec.attack == "ensemble":
+                flags, adv_ce, extra = _ensemble(t, spec, attack, x, y, clean, clean_ce, n,
+                                                 batch_size, progress, desc)
+            else:
+                objective = t.defense.objective() if spec.attack == "adaptive" else None
+                flags, adv_ce = attack_points(t.model, attack, x, y, clean=clean, clean_ce=clean_ce,
+                                              batch_size=batch_size, loss=objective,
+                                              progress=progress, desc=desc,
+                                              partial=t.out_dir / "flags" / f"{key}.partial.pt",
+                                              stats=extra)
+            first_by = extra.pop("first_broken_by", None)  # per sample: into the flags file
+            wall = time.perf_counter() - t0 + extra.get("resumed_wall_s", 0.0)
+            row = {**t.row(key, "attack", data_provenance=data.info.provenance), **spec.record(),
+                   "attack_hparams": dict(attack.hparams), "attack_seed": ATTACK_SEED,
+                   "n_examples": int(len(clean)), "clean_acc": float(clean.float().mean()),
+                   "robust_acc": float(flags.float().mean()), "adv_ce": float(adv_ce.float().mean()),
+                   "wall_s": round(wall, 3), "cpu_s": round(time.process_time() - c0, 3),
+                   "batch_size": batch_size, **extra,
+                   "acc_on_first": prefix_stats(clean, flags, adv_ce),  # same-point tables
+                   **bit_fields(clean, flags)}  # any prefix, and paired tests, from rows alone
+            check_row(row, f"row {path}")  # never a row without points or with NaN accuracy
+            payload = flags_payload(clean, flags, adv_ce, spec.record(), t.checkpoint)
+            if first_by is not None:
+                payload.update(first_broken_by=first_by, components=extra["components"]["order"])
+            atomic_torch_save(t.out_dir / "flags" / f"{key}.pt", payload)
+            atomic_write_json(path, row)
+            logger.info("%s seed %d [%s] %s eps %s: clean %.4f robust %.4f adv_ce %.4f (%.1fs, n=%d)",
+                        t.cfg.defense, t.cfg.seed, t.checkpoint, spec.label, row["eps_str"],
+                        row["clean_acc"], row["robust_acc"], row["adv_ce"], wall, m)
+            rows[slot] = row
     _headlines(t)
     return [r for r in rows if r is not None]
 

@@ -15,7 +15,6 @@ step runs under DistributedDataParallel; see :mod:`benchmark.run.distributed`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import math
 import random
@@ -43,7 +42,7 @@ from benchmark.errors import NonFiniteError, UsageError
 from benchmark.run.health import (FAILURE_FILE, DivergedError, kept_note, record_failure,
                                   record_nonfinite, write_health)
 from benchmark.store import (RunStore, append_jsonl, atomic_torch_save, atomic_write_json,
-                             clean_tmp, code_version, environment, now, read_jsonl, write_jsonl)
+                             clean_tmp, exclusive, code_version, environment, now, read_jsonl, write_jsonl)
 from benchmark.validate import check_finite_model
 from defenses.base import StepOutput
 
@@ -97,21 +96,13 @@ def maybe_compile(model: nn.Module, hp: Mapping[str, Any]) -> nn.Module:
 
 @contextlib.contextmanager
 def _run_lock(run_dir: Path, enabled: bool = True) -> Any:
-    """Exclusive lock on a run folder (released by the OS if the process dies), so that two
+    """Exclusive lock on a run folder (:func:`benchmark.store.exclusive`), so that two
     launcher jobs needing the same run (e.g. HAT's ``st`` helper) never train it twice."""
     if not enabled:
         yield
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for another process training %s", run_dir)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except OSError as exc:  # a file system without locks: the launchers' ordering remains
-            logger.warning("cannot lock %s (%s); continuing unlocked", run_dir, exc)
-        yield  # closing the file releases the lock
+    with exclusive(run_dir / ".lock", f"training {run_dir}"):
+        yield
 
 
 @torch.no_grad()
