@@ -6,6 +6,7 @@
 # runs and stored rows, so rerunning this script continues where it stopped.
 #   RUNS (default /work/runs28)  DATA (default /work/data)  WORKERS (default 2)
 set -euo pipefail
+command -v advbench > /dev/null || { echo "sweep.sh: advbench is not on PATH (activate the venv)" >&2; exit 2; }
 RUNS=${RUNS:-/work/runs28}
 DATA=${DATA:-/work/data}
 WORKERS=${WORKERS:-2}
@@ -18,17 +19,22 @@ jobs() {
     # ablations at seed 0, then their seeds 1 and 2
     for S in 0 1 2; do echo "at $S {$P}"; echo "adv-dpnp $S {$P}"; done
     # the paper's MNIST training attack (PGD-40, step 0.01) instead of the cpu profile's PGD-5
-    # (step 0.15): does Adv-DPNP's PGD-AutoAttack gap come from the coarse training attack? (3 seeds)
-    for S in 0 1 2; do for D in at adv-dpnp; do echo "$D $S {$P, $PAPER}"; done; done
+    # (step 0.15): does Adv-DPNP's PGD-AutoAttack gap come from the coarse training attack? (seeds 0
+    # and 1 here; seed 2, ~7x the cost of a PGD-5 run, last)
+    for S in 0 1; do for D in at adv-dpnp; do echo "$D $S {$P, $PAPER}"; done; done
     echo "adv-dpnp 0 {$P, \"train_attack_loss\": \"margin\"}"        # the remedy (off by default)
     ABL=('"lambda_dpp": 0.0' '"lambda_dnp": 0.0' '"lambda_dfa": 0.0' '"dual_branch": false'
          '"alpha": 10.0')                                                 # one-at-a-time ablations
     for H in "${ABL[@]}"; do echo "adv-dpnp 0 {$P, $H}"; done
+    # all three extra terms off: L = (CE(x) + CE(x'))/2 on the prototype head (what is left of eq. 7)
+    NONE='"lambda_dpp": 0.0, "lambda_dnp": 0.0, "lambda_dfa": 0.0'
+    for S in 0 1 2; do echo "adv-dpnp $S {$P, $NONE}"; done
     for S in 3 4; do echo "at $S {$P}"; echo "adv-dpnp $S {$P}"; done
     for S in 1 2; do
         echo "adv-dpnp $S {$P, \"train_attack_loss\": \"margin\"}"
         for H in "${ABL[@]}"; do echo "adv-dpnp $S {$P, $H}"; done
     done
+    for D in at adv-dpnp; do echo "$D 2 {$P, $PAPER}"; done
 }
 one() {  # "DEFENSE SEED HPARAMS"
     local d s h; read -r d s h <<< "$1"
