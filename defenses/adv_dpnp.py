@@ -35,10 +35,12 @@ Hyperparameters:
                          zero gap (the paper does not fix it; gradient ≤ 1/(2√g))
     ==========  =======  ======================================================
 
-Ablation switch (optional: absent from the run id while it keeps its default):
+Ablation switches (optional: absent from the run id while they keep their default):
 ``dual_branch`` (true): false lets the adversarial terms move the prototypes too (C instead of
 sg C in DPP(x') and p(x')), the "without the dual-branch detach" row of the issue-28
-ablations; the paper's method is true. The other ablations are the weights above set to 0
+ablations; the paper's method is true. ``clean_branch`` (true): false drops DPP(x) and the
+halving, L = λ_DNP·DNP + mean_i [DPP(x'_i) + λ_DFA·DFA], so with every λ = 0 and no dual
+branch it is Madry AT on this prototype head (issue 28's control for the clean term). The other ablations are the weights above set to 0
 (λ_DPP = 0 keeps the CE inside DPP and drops only the alignment pull) and ``alpha``.
 
 Decisions where the paper is silent (there is no official code to deviate from):
@@ -137,10 +139,11 @@ def dfa(clean_logits: Tensor, adv_logits: Tensor) -> Tensor:
 
 def adv_dpnp_loss(features: Tensor, adv_features: Tensor, y: Tensor, prototypes: Tensor, *,
                   alpha: float, lambda_dpp: float, lambda_dnp: float,
-                  lambda_dfa: float, dnp_guard: float = SQRT_GUARD, dual_branch: bool = True
-                  ) -> tuple[Tensor, dict[str, Tensor]]:
+                  lambda_dfa: float, dnp_guard: float = SQRT_GUARD, dual_branch: bool = True,
+                  clean_branch: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """Eq. (7) with the dual-branch gradient routing (``dual_branch=False``: the ablation
-    without it, where the adversarial terms also reach the prototypes).
+    without it, where the adversarial terms also reach the prototypes; ``clean_branch=False``:
+    without DPP(x) and the halving that averaged it with DPP(x')).
 
     Returns:
         The scalar loss and its parts (batch means, still attached to the graph).
@@ -152,7 +155,9 @@ def adv_dpnp_loss(features: Tensor, adv_features: Tensor, y: Tensor, prototypes:
     align = dfa(prototype_logits(features, prototypes, alpha),
                 prototype_logits(adv_features, frozen, alpha))
     repel = dnp(prototypes, dnp_guard)
-    loss = lambda_dnp * repel + (dpp_clean + dpp_adv + lambda_dfa * align).mean() / 2
+    per_sample = dpp_adv + lambda_dfa * align
+    loss = lambda_dnp * repel + ((dpp_clean + per_sample).mean() / 2 if clean_branch
+                                 else per_sample.mean())
     return loss, {"dpp_clean": dpp_clean.mean(), "dpp_adv": dpp_adv.mean(),
                   "dfa": align.mean(), "dnp": repel}
 
@@ -197,7 +202,7 @@ class AdvDPNP(PrototypeDefense):
     default_hparams = {"alpha": 40.0, "lambda_dpp": 0.1, "lambda_dnp": 0.1, "lambda_dfa": 2.0,
                        "dnp_guard": SQRT_GUARD}
     dataset_hparams = {"cifar100": {"lambda_dpp": 0.3, "lambda_dnp": 3.0, "lambda_dfa": 2.4}}
-    optional_hparams = {"dual_branch": True}
+    optional_hparams = {"dual_branch": True, "clean_branch": True}
 
     def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
                       step: int) -> StepOutput:
@@ -207,7 +212,8 @@ class AdvDPNP(PrototypeDefense):
         loss, parts = adv_dpnp_loss(features, adv_features, y, head.prototypes,
                                     **self._weights("lambda_dpp", "lambda_dnp", "lambda_dfa",
                                                     "dnp_guard"),
-                                    dual_branch=bool(self.hparams.get("dual_branch", True)))
+                                    dual_branch=bool(self.hparams.get("dual_branch", True)),
+                                    clean_branch=bool(self.hparams.get("clean_branch", True)))
         return StepOutput(loss, detached(**parts), head(adv_features).detach())
 
     def objective(self) -> Objective:

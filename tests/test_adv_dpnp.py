@@ -287,3 +287,30 @@ def test_dual_branch_is_an_optional_hparam_outside_the_run_id() -> None:
     assert same.run_id == base.run_id
     off = resolve_run_config("adv-dpnp", "synthetic", user_hparams={"dual_branch": False})
     assert off.hparams["dual_branch"] is False and off.run_id != base.run_id
+
+
+def test_without_clean_branch_it_is_at_on_the_prototype_head() -> None:
+    """``clean_branch=False``: L = λ_DNP·DNP + mean(DPP(x') + λ_DFA·DFA), no halving; with every
+    λ = 0 and no dual branch, CE(x') on the prototype logits with gradient on C (Madry AT)."""
+    defense, model, x, _, y = _model_and_batch()
+    C, a = model.head.prototypes, KW["alpha"]
+    f, fa = model.features(x), model.features(torch.rand_like(x))  # x' far from x: DPP(x) ≠ DPP(x')
+    full, parts = adv_dpnp_loss(f, fa, y, C, **KW)
+    off, _ = adv_dpnp_loss(f, fa, y, C, **KW, clean_branch=False)
+    expected = KW["lambda_dnp"] * parts["dnp"] + parts["dpp_adv"] + KW["lambda_dfa"] * parts["dfa"]
+    assert off.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert off.item() != pytest.approx(full.item(), rel=1e-3)
+    zero = {"alpha": a, "lambda_dpp": 0.0, "lambda_dnp": 0.0, "lambda_dfa": 0.0}
+    at, _ = adv_dpnp_loss(f, fa, y, C, **zero, clean_branch=False, dual_branch=False)
+    ref = F.cross_entropy(fa @ C.t() / a, y)
+    assert at.item() == pytest.approx(ref.item(), rel=1e-6)
+    g, g_ref = (torch.autograd.grad(v, [C, *model.parameters()], retain_graph=True, allow_unused=True)
+                for v in (at, ref))
+    for u, v in zip(g, g_ref):
+        assert (u is None) == (v is None) and (u is None or torch.allclose(u, v, atol=1e-6))
+    assert torch.count_nonzero(g[0]) > 0
+    # the clean forward pass gets no gradient at all
+    g_clean = torch.autograd.grad(at, f, allow_unused=True)[0]
+    assert g_clean is None or not g_clean.any()
+    cfg = resolve_run_config("adv-dpnp", "synthetic", user_hparams={"clean_branch": False})
+    assert cfg.run_id != resolve_run_config("adv-dpnp", "synthetic").run_id

@@ -29,6 +29,10 @@ jobs() {
     # all three extra terms off: L = (CE(x) + CE(x'))/2 on the prototype head (what is left of eq. 7)
     NONE='"lambda_dpp": 0.0, "lambda_dnp": 0.0, "lambda_dfa": 0.0'
     for S in 0 1 2; do echo "adv-dpnp $S {$P, $NONE}"; done
+    # and without the clean term either: Madry AT on the prototype head (is it the head or the
+    # clean half of the loss that costs robustness against AT?)
+    HEAD='"clean_branch": false, "dual_branch": false'
+    for S in 0 1 2; do echo "adv-dpnp $S {$P, $NONE, $HEAD}"; done
     for S in 3 4; do echo "at $S {$P}"; echo "adv-dpnp $S {$P}"; done
     for S in 1 2; do
         echo "adv-dpnp $S {$P, \"train_attack_loss\": \"margin\"}"
