@@ -1294,8 +1294,9 @@ def test_false_alarms_reads_the_rows_report_accepts(tmp_path: Path) -> None:
     ok = {"kind": "check", "check": "cheap", "defense": "st", "status": "pass", "seed": 0,
           "run_id": "r1", "checkpoint": "best", "dataset": "synthetic", "n_examples": 10}
     bad = {**ok, "run_id": "r2", "status": "fail", "n_examples": 0}
-    from benchmark.eval.checks import CHECKS
+    from benchmark.eval.checks import CHECK_VERSIONS, CHECKS
     ok["check"] = bad["check"] = next(iter(CHECKS))
+    ok["check_version"] = bad["check_version"] = CHECK_VERSIONS[ok["check"]]
     (tmp_path / "rows.jsonl").write_text(json.dumps(ok) + "\n" + json.dumps(bad) + "\n")
     res = advbench("false-alarms", "--rows", str(tmp_path / "rows.jsonl"))
     assert res.code == 0, res.err

@@ -611,15 +611,23 @@ def test_a_value_exactly_at_the_threshold_passes_despite_float32_rounding() -> N
 def test_false_alarm_summary_counts_failures_and_doubted_headlines() -> None:
     from benchmark.eval.checks import false_alarms
 
+    from benchmark.eval.checks import CHECK_VERSIONS
+
     def row(defense: str, seed: int, check: str, status: str, **kw: Any) -> dict:
         return {"kind": "check", "defense": defense, "seed": seed, "run_id": f"{defense}{seed}",
-                "checkpoint": "best", "check": check, "status": status, **kw}
+                "checkpoint": "best", "check": check, "status": status,
+                "check_version": CHECK_VERSIONS[check], **kw}
 
     rows = [row("at", 0, "aa-vs-pgd", "fail"), row("at", 0, "zero-gradient", "pass"),
             row("at", 1, "aa-vs-pgd", "pass"), row("at", 1, "square", "fail"),
             row("st", 0, "square", "skipped"), row("st", 0, "zero-gradient", "pass"),
-            row("oc", 0, "zero-gradient", "fail")]
+            row("oc", 0, "zero-gradient", "fail"),
+            # an older rule's failure is no evidence: left out, counted in the note
+            row("st", 1, "unbounded-eps", "fail", check_version=None),
+            row("st", 1, "zero-gradient", "fail", check_version=CHECK_VERSIONS["zero-gradient"] - 1)]
     text = false_alarms(rows, ["st", "at"])
+    assert "Left out: 2 judged row(s) written by an older version of their check (runs: st 1)" in text
+    assert "(c) unbounded-eps" not in text
     lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
     assert lines["(a) aa-vs-pgd"].endswith("| weak-attack | – | 1/2 | 1/2 |")
     assert lines["(d) square"].endswith("| masking | – | 1/1 | 1/1 |")  # skipped rows not judged

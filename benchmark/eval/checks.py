@@ -1385,11 +1385,14 @@ def false_alarms(rows: Sequence[Mapping[str, Any]], defenses: Sequence[str] = HO
 
     For every check: how many of the judged (pass/fail) rows of each defense failed; and per
     defense how many runs had their headline doubted (a failed masking check) out of the runs
-    with at least one judged check. Every failure here is a false alarm if the defenses are
+    with at least one judged check. Rows of an older check version (:func:`is_stale`) are left
+    out and counted in a note. Every failure here is a false alarm if the defenses are
     honest; a weak-attack finding is not one on the headline (it doubts PGD's cell only).
     """
-    judged = [r for r in rows if r.get("kind") == "check" and r.get("defense") in defenses
+    honest = [r for r in rows if r.get("kind") == "check" and r.get("defense") in defenses
               and r.get("status") in ("pass", "fail")]
+    judged = [r for r in honest if not is_stale(r)]  # a verdict of a replaced rule is no evidence
+    stale = [r for r in honest if is_stale(r)]
     names = [c for c in CHECKS if any(r.get("check") == c for r in judged)]
     head = "| check | finding | " + " | ".join(defenses) + " | all |"
     lines = [head, "|---|---|" + "---:|" * (len(defenses) + 1)]
@@ -1413,6 +1416,12 @@ def false_alarms(rows: Sequence[Mapping[str, Any]], defenses: Sequence[str] = HO
         f"{sum(runs[d].values())}/{len(runs[d])}" if runs.get(d) else "–" for d in defenses)
         + f" | {sum(tot)}/{len(tot)} |")
     seeds = sorted({str(r.get("seed")) for r in judged})
+    note = ""
+    if stale:
+        per = ", ".join(f"{d} {len({r.get('run_id') for r in stale if r['defense'] == d})}"
+                        for d in defenses if any(r["defense"] == d for r in stale))
+        note = (f"\nLeft out: {len(stale)} judged row(s) written by an older version of their "
+                f"check (runs: {per}); `advbench check --run RUN` renews them.\n")
     return (f"False alarms on honest defenses ({', '.join(defenses)}; seeds "
-            f"{', '.join(seeds) or '–'}): failed/judged check rows, α = {ALPHA:g}.\n\n"
-            + "\n".join(lines) + "\n")
+            f"{', '.join(seeds) or '–'}): failed/judged check rows of the current check "
+            f"versions, α = {ALPHA:g}.\n\n" + "\n".join(lines) + "\n" + note)
