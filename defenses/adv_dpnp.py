@@ -212,8 +212,8 @@ class AdvDPNP(PrototypeDefense):
         loss, parts = adv_dpnp_loss(features, adv_features, y, head.prototypes,
                                     **self._weights("lambda_dpp", "lambda_dnp", "lambda_dfa",
                                                     "dnp_guard"),
-                                    dual_branch=bool(self.hparams.get("dual_branch", True)),
-                                    clean_branch=bool(self.hparams.get("clean_branch", True)))
+                                    dual_branch=bool(self.option("dual_branch")),
+                                    clean_branch=bool(self.option("clean_branch")))
         return StepOutput(loss, detached(**parts), head(adv_features).detach())
 
     def objective(self) -> Objective:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from attacks.base import Attack, Objective, ThreatModel, ce_objective, model_mode
 from benchmark import models
+from benchmark.config import optional_defaults
 from benchmark.data import DataInfo
 from benchmark.errors import UsageError
 
@@ -164,6 +165,11 @@ class Defense(abc.ABC):
             return x.detach().clone()
         return attack(model, x, y, loss=self._training_objective(loss))
 
+    def option(self, name: str) -> Any:
+        """An optional hyperparameter's value: the run's, else its default
+        (:func:`benchmark.config.optional_defaults`; absent from a run that keeps it)."""
+        return self.hparams[name] if name in self.hparams else optional_defaults(type(self))[name]
+
     def _training_objective(self, loss: Optional[Objective]) -> Optional[Objective]:
         """``loss``, or for a CE training attack (``loss`` None) the objective named by the
         optional ``train_attack_loss`` (``ce`` by default; ``margin``/``dlr`` deviate from
@@ -173,7 +179,7 @@ class Defense(abc.ABC):
             UsageError: ``train_attack_loss`` set for a defense whose training attack maximises
                 its own objective (TRADES's KL, ...), which it would silently not change.
         """
-        name = str(self.hparams.get("train_attack_loss", "ce"))
+        name = str(self.option("train_attack_loss"))
         if name == "ce":
             return loss
         if loss is not None:
