@@ -226,6 +226,14 @@ def _train(cfg: RunConfig, data: Data, store: RunStore, run_dir: Path,
     _finish(s, best)
 
 
+def seeded_build(cfg: RunConfig, info: DataInfo) -> tuple[Any, nn.Module]:
+    """Seed, then build the defense and its model exactly as a run starts (same RNG draws):
+    the model at its initialisation, e.g. to measure how far training moved it."""
+    seed_everything(cfg.seed)
+    defense = build_defense(cfg, info)
+    return defense, build_model(defense, cfg, info)
+
+
 def _setup(cfg: RunConfig, data: Data, run_dir: Path, helpers: Mapping[str, nn.Module],
            env: distributed.DistEnv, *, device: str, progress: bool, sync_bn: bool) -> _Session:
     """Write config.json, seed, and build defense, model, optimizer, loader and validation
@@ -242,9 +250,8 @@ def _setup(cfg: RunConfig, data: Data, run_dir: Path, helpers: Mapping[str, nn.M
                 **({"distributed": {"world_size": env.world_size, "sync_bn": sync_bn}}
                    if env.active else {})})
 
-    seed_everything(cfg.seed)
-    defense = build_defense(cfg, data.info)
-    model = build_model(defense, cfg, data.info).to(dev)
+    defense, model = seeded_build(cfg, data.info)
+    model = model.to(dev)
     if env.active and sync_bn:
         model = distributed.convert_sync_bn(model, dev)
     if hp.get("channels_last"):

@@ -1,9 +1,9 @@
 """How far Adv-DPNP's prototypes move from their random start, per run (issue 28).
 
 For every adv-dpnp run folder with a checkpoint under RUNS/mnist/adv-dpnp: the prototypes at
-initialisation (rebuilt exactly: the trainer seeds, then builds defense and model, and so does
-this script) and after training; the mean / min angle between prototypes (MeanSep / MinSep of
-the prototypes themselves) and how many degrees each prototype turned. Writes JSON lines.
+initialisation (rebuilt exactly by the trainer's own `seeded_build`) and after training; the
+mean / min angle between prototypes (MeanSep / MinSep of the
+prototypes themselves) and how many degrees each prototype turned. Writes JSON lines.
 
     python results/issue28/prototype_drift.py /work/runs28 > results/issue28/prototype_drift.jsonl
 """
@@ -17,8 +17,7 @@ import torch
 
 from benchmark.config import RunConfig
 from benchmark.data import DataInfo
-from benchmark.run.resolve import build_defense, build_model
-from benchmark.run.train import seed_everything
+from benchmark.run.train import seeded_build
 from benchmark.store import safe_torch_load
 
 KEYS = ("lambda_dpp", "lambda_dnp", "lambda_dfa", "alpha", "dual_branch", "clean_branch",
@@ -40,8 +39,7 @@ def main(runs: Path) -> None:
         c = json.loads((run / "config.json").read_text())
         cfg = RunConfig.from_dict(c)
         info = DataInfo(**{k: v for k, v in c["data"].items() if k in DataInfo.__dataclass_fields__})
-        seed_everything(cfg.seed)
-        model = build_model(build_defense(cfg, info), cfg, info)
+        model = seeded_build(cfg, info)[1]
         c0 = next(p for n, p in model.named_parameters() if "prototypes" in n).detach().float()
         state = safe_torch_load(run / "ckpt_best.pt")
         c1 = next(v for k, v in (state.get("model") or state).items() if "prototypes" in k).float()
