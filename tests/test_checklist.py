@@ -104,6 +104,40 @@ def test_bpda_breaks_a_declared_quantiser_and_the_headline_falls_to_it(
     assert skip.status == "skipped" and "declares no non-differentiable" in skip.detail
 
 
+def test_masking_checks_read_bpdas_gradient_on_a_declared_preprocessing(
+        base: nn.Module, points: tuple) -> None:
+    """(c) and (f) read the gradient the headline's BPDA follows when the model declares its
+    preprocessing: the declared quantiser passes both (BPDA reaches chance at ε = 0.5, its
+    straight-through gradient is nowhere zero), while the same quantiser undeclared fails both
+    (its raw gradient is zero), and a declared preprocessing that BPDA's identity does not
+    approximate (an inversion undone inside the network: the model is ``base``, but the
+    identity backward flips the gradient's sign) still fails (c)."""
+    from benchmark.testing import QuantisedInput
+    x, y = points
+    names = ["unbounded-eps", "zero-gradient"]
+
+    def run(model: nn.Module) -> dict[str, Any]:
+        return {r.name: r for r in ck.Checker(model, x, y, "cifar").run(EPS, names)}
+
+    declared = run(declared_quantised(base))
+    assert all(declared[n].status == "pass" for n in names), [declared[n].detail for n in names]
+    assert all(declared[n].extra["gradient"] == "bpda" for n in names)
+    assert "through BPDA" in declared["unbounded-eps"].detail
+    assert declared["unbounded-eps"].extra["eps_at_chance"] is not None
+    undeclared = run(QuantisedInput(base))
+    assert all(undeclared[n].status == "fail" for n in names), [undeclared[n].detail
+                                                                  for n in names]
+    assert all("gradient" not in undeclared[n].extra for n in names)
+    class Invert(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return 1 - t
+
+    # the same function as ``base``, but BPDA follows the gradient with its sign flipped
+    inverted = run(nn.Sequential(NonDifferentiable(Invert()), Invert(), base))
+    assert inverted["unbounded-eps"].status == "fail", inverted["unbounded-eps"].detail
+    assert inverted["unbounded-eps"].finding == "masking"
+
+
 def test_a_defense_declares_its_preprocessing_in_its_network() -> None:
     """``Defense.make_preprocess`` goes into the network before the normalisation, so a run's
     model declares it and BPDA sees it."""
