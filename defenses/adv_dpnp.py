@@ -40,7 +40,11 @@ Ablation switches (optional: absent from the run id while they keep their defaul
 sg C in DPP(x') and p(x')), the "without the dual-branch detach" row of the issue-28
 ablations; the paper's method is true. ``clean_branch`` (true): false drops DPP(x) and the
 halving, L = λ_DNP·DNP + mean_i [DPP(x'_i) + λ_DFA·DFA], so with every λ = 0 and no dual
-branch it is Madry AT on this prototype head (issue 28's control for the clean term). The other ablations are the weights above set to 0
+branch it is Madry AT on this prototype head (issue 28's control for the clean term).
+``prototype_lr_scale`` (1): the prototypes' lr is the scheduled lr times this factor. With
+z = f·Cᵀ/α, CE's gradient on C is α times smaller than on a bias-free linear head's rows, so at
+the protocol's lr the prototypes barely turn; α gives them the step a linear head's row gets
+(issue 28's learnable-head control; the paper has no such factor). The other ablations are the weights above set to 0
 (λ_DPP = 0 keeps the CE inside DPP and drops only the alignment pull) and ``alpha``.
 
 Decisions where the paper is silent (there is no official code to deviate from):
@@ -202,7 +206,15 @@ class AdvDPNP(PrototypeDefense):
     default_hparams = {"alpha": 40.0, "lambda_dpp": 0.1, "lambda_dnp": 0.1, "lambda_dfa": 2.0,
                        "dnp_guard": SQRT_GUARD}
     dataset_hparams = {"cifar100": {"lambda_dpp": 0.3, "lambda_dnp": 3.0, "lambda_dfa": 2.4}}
-    optional_hparams = {"dual_branch": True, "clean_branch": True}
+    optional_hparams = {"dual_branch": True, "clean_branch": True, "prototype_lr_scale": 1.0}
+
+    def param_groups(self, model: nn.Module) -> Optional[list[dict[str, Any]]]:
+        scale = float(self.option("prototype_lr_scale"))
+        if scale == 1.0:
+            return None  # the protocol's single group, as the paper trains
+        protos = prototype_head(model).prototypes
+        rest = [p for p in model.parameters() if p.requires_grad and p is not protos]
+        return [{"params": rest}, {"params": [protos], "lr_scale": scale}]
 
     def training_step(self, model: nn.Module, x: Tensor, y: Tensor, *, epoch: int,
                       step: int) -> StepOutput:

@@ -314,3 +314,41 @@ def test_without_clean_branch_it_is_at_on_the_prototype_head() -> None:
     assert g_clean is None or not g_clean.any()
     cfg = resolve_run_config("adv-dpnp", "synthetic", user_hparams={"clean_branch": False})
     assert cfg.run_id != resolve_run_config("adv-dpnp", "synthetic").run_id
+
+
+def test_prototype_lr_scale_scales_only_the_prototypes_step() -> None:
+    """``prototype_lr_scale`` (issue 28's learnable-head control): the default keeps the
+    protocol's single optimizer group (and the run id); a factor s gives the prototypes, and
+    only them, s times the first SGD step on the same gradients."""
+    from benchmark.run.train import make_optimizer
+    hp = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0}
+    steps = {}
+    for scale in (1.0, 40.0):
+        torch.manual_seed(0)
+        defense = make_defense(AdvDPNP, hparams={**KW, "prototype_lr_scale": scale})
+        model = defense.build_model("tiny", TINY_INFO).train()
+        groups = defense.param_groups(model)
+        assert (groups is None) == (scale == 1.0)
+        if groups:
+            ids = [id(p) for g in groups for p in g["params"]]
+            assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each exactly once
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = make_optimizer(model, hp, defense)
+        torch.manual_seed(1)
+        x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 1, 0])
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        steps[scale] = {name: p.detach() - b for (name, p), b in
+                        zip(model.named_parameters(), before)}
+    proto = "head.prototypes"
+    # (differences of float32 values of size ~1: compared to 1e-5)
+    assert torch.allclose(steps[40.0][proto], 40.0 * steps[1.0][proto], rtol=1e-3, atol=1e-5)
+    assert steps[1.0][proto].abs().sum() > 0
+    for name, d in steps[1.0].items():
+        if name != proto:
+            assert torch.equal(steps[40.0][name], d), name
+    base = resolve_run_config("adv-dpnp", "synthetic")
+    assert resolve_run_config("adv-dpnp", "synthetic",
+                              user_hparams={"prototype_lr_scale": 1.0}).run_id == base.run_id
+    assert resolve_run_config("adv-dpnp", "synthetic",
+                              user_hparams={"prototype_lr_scale": 40.0}).run_id != base.run_id

@@ -38,6 +38,9 @@ jobs() {
         echo "adv-dpnp $S {$P, \"train_attack_loss\": \"margin\"}"
         for H in "${ABL[@]}"; do echo "adv-dpnp $S {$P, $H}"; done
     done
+    # the same control with prototypes that learn: lr × α for C, the step a linear head's row
+    # gets (CE's gradient on C is α times smaller); is it the frozen random head?
+    for S in 0 1; do echo "adv-dpnp $S {$P, $NONE, $HEAD, \"prototype_lr_scale\": 40.0}"; done
     for D in at adv-dpnp; do echo "$D 2 {$P, $PAPER}"; done
 }
 one() {  # "DEFENSE SEED HPARAMS"
