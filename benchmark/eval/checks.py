@@ -692,13 +692,16 @@ class Checker:
     defense: Any = None
 
     def __post_init__(self) -> None:
-        from attacks.bpda import declares_nondifferentiable
         from benchmark.eval.flags import predict
         self.clean = predict(self.model, self.x, self.y, self.batch_size)[0]
         self._cache: dict[str, Tensor] = {}
-        #: the model declares a non-differentiable preprocessing: (c) and (f) read BPDA's
-        #: gradient (the module docstring)
-        self.declared = declares_nondifferentiable(self.model)
+
+    @property
+    def declared(self) -> bool:
+        """The model declares a non-differentiable preprocessing: (c) and (f) read BPDA's
+        gradient (the module docstring)."""
+        from attacks.bpda import declares_nondifferentiable
+        return declares_nondifferentiable(self.model)
 
     def sweep_spec(self, eps: float) -> AttackSpec:
         """Check (c)'s attack at ``eps`` of the Figure 4 grid: PGD, or on a model that
