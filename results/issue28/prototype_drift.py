@@ -21,7 +21,7 @@ from benchmark.run.train import seeded_build
 from benchmark.store import safe_torch_load
 
 KEYS = ("lambda_dpp", "lambda_dnp", "lambda_dfa", "alpha", "dual_branch", "clean_branch",
-        "train_attack_steps", "train_attack_loss")
+        "train_attack_steps", "train_attack_loss", "prototype_lr_scale")
 
 
 def angles(c: torch.Tensor) -> tuple[float, float]:
