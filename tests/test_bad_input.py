@@ -386,9 +386,6 @@ def _imgfolder(t: Path) -> None:
 
 def record(*, clean: bool, traceback: bool, wrong: bool, lost: bool) -> None:
     TOTALS["cases"] += 1
-    if not clean:
-        with open("/tmp/unclean.txt", "a") as fh:
-            fh.write(f"{os.environ.get('PYTEST_CURRENT_TEST')} tb={traceback} wrong={wrong} lost={lost}\n")
     TOTALS["clean errors"] += clean
     TOTALS["tracebacks"] += traceback
     TOTALS["wrong exit statuses"] += wrong
