@@ -44,8 +44,9 @@ branch it is Madry AT on this prototype head (issue 28's control for the clean t
 ``prototype_lr_scale`` (1): the prototypes' lr is the scheduled lr times this factor. With
 z = f·Cᵀ/α, CE's gradient on C is α times smaller than on a bias-free linear head's rows, so at
 the protocol's lr the prototypes barely turn; α gives them the step a linear head's row gets
-(issue 28's learnable-head control; the paper has no such factor). The other ablations are the weights above set to 0
-(λ_DPP = 0 keeps the CE inside DPP and drops only the alignment pull) and ``alpha``.
+(issue 28's learnable-head control; the paper has no such factor). The other ablations are
+the weights above set to 0 (λ_DPP = 0 keeps the CE inside DPP and drops only the alignment
+pull) and ``alpha``.
 
 Decisions where the paper is silent (there is no official code to deviate from):
 clean and adversarial batches go through the network in two separate forward passes (each

@@ -609,9 +609,7 @@ def test_a_value_exactly_at_the_threshold_passes_despite_float32_rounding() -> N
 
 
 def test_false_alarm_summary_counts_failures_and_doubted_headlines() -> None:
-    from benchmark.eval.checks import false_alarms
-
-    from benchmark.eval.checks import CHECK_VERSIONS
+    from benchmark.eval.checks import CHECK_VERSIONS, false_alarms
 
     def row(defense: str, seed: int, check: str, status: str, **kw: Any) -> dict:
         return {"kind": "check", "defense": defense, "seed": seed, "run_id": f"{defense}{seed}",

@@ -42,7 +42,8 @@ from benchmark.errors import NonFiniteError, UsageError
 from benchmark.run.health import (FAILURE_FILE, DivergedError, kept_note, record_failure,
                                   record_nonfinite, write_health)
 from benchmark.store import (RunStore, append_jsonl, atomic_torch_save, atomic_write_json,
-                             clean_tmp, exclusive, code_version, environment, now, read_jsonl, write_jsonl)
+                             clean_tmp, code_version, environment, exclusive, now, read_jsonl,
+                             write_jsonl)
 from benchmark.validate import check_finite_model
 from defenses.base import StepOutput
 
